@@ -1,0 +1,282 @@
+"""ROI shapes -> polygons -> partial label maps, and the rules that turn ROI names into classes.
+
+Coordinates follow ImageJ: x to the right, y down, pixel (x, y) covers the square [x, x+1) x [y, y+1).
+A pixel belongs to a shape when its centre lies inside (even-odd rule), which is the rule of ImageJ's
+``PolygonFiller`` behind ``Roi.getMask()``. Label maps use -1 for "unlabelled" (ignored by the loss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+UNLABELLED = -1
+BACKGROUND_NAMES = ("background", "bg")
+IGNORE_NAME = "ignore"
+_SEPARATORS = re.compile(r"[\s\-_.:,;#/]+")
+
+
+@dataclass
+class Shape:
+    """One annotation shape, independent of where it came from (RoiSet.zip, ImageJ, a simulation).
+
+    Attributes
+    ----------
+    name : str
+        The ROI name; its first word gives the class.
+    kind : str
+        ``polygon`` (also freehand/traced), ``rect``, ``oval`` or ``composite``.
+    polygons : list of ndarray, each of shape (N, 2)
+        Vertices as (x, y) in ImageJ pixel-corner coordinates. ``rect`` and ``oval`` hold one
+        4-vertex bounding box polygon; ``composite`` holds sub-paths combined by the even-odd rule.
+    position : int
+        1-based slice the shape labels; 0 = no position (every plane, allowed only on request).
+    group : int
+        ImageJ ROI group number (0 = none).
+    """
+
+    name: str
+    kind: str
+    polygons: list
+    position: int = 0
+    group: int = 0
+
+
+@dataclass
+class Labels:
+    """Partial labels of an image.
+
+    Attributes
+    ----------
+    labels : ndarray of int16, shape (Z, Y, X)
+        Class index per pixel, -1 where unlabelled.
+    classes : list of str
+        Class names in index order; ``background`` is always index 0.
+    warnings : list of str
+        Things the user should know (clipped shapes, conflicts).
+    """
+
+    labels: np.ndarray
+    classes: list
+    warnings: list = field(default_factory=list)
+
+    def digest(self) -> str:
+        """SHA-256 of the label map and class names (identifies the annotations used)."""
+        h = hashlib.sha256()
+        h.update(",".join(self.classes).encode())
+        h.update(str(self.labels.shape).encode())
+        h.update(np.ascontiguousarray(self.labels, dtype="<i2").tobytes())
+        return h.hexdigest()
+
+
+def class_of(name: str) -> str | None:
+    """Class token of a ROI name, or None when the name carries no class.
+
+    The class is the part before the first separator (space, ``-``, ``_``, ...), lower-cased, with
+    trailing digits removed: ``cell-3``, ``Cell_2``, ``cell 12`` and ``cell3`` are all ``cell``; ``bg``
+    is ``background``. Names made only of digits and separators (ImageJ's automatic ``0123-0456``) carry
+    no class.
+    """
+    token = _SEPARATORS.split((name or "").strip(), maxsplit=1)[0].lower().rstrip("0123456789")
+    if not token:
+        return None
+    return "background" if token in BACKGROUND_NAMES else token
+
+
+def order_classes(names) -> list:
+    """Background first, then the other class names alphabetically."""
+    names = set(names) - {IGNORE_NAME}
+    rest = sorted(names - {"background"})
+    return ["background"] + rest
+
+
+def fill_polygons(polygons, height: int, width: int, x0: int = 0, y0: int = 0) -> np.ndarray:
+    """Boolean mask of the pixels whose centres lie inside the polygons (even-odd rule).
+
+    Parameters
+    ----------
+    polygons : list of ndarray, each of shape (N, 2)
+        Closed polygons as (x, y) vertices; several polygons combine by the even-odd rule, so a
+        polygon inside another makes a hole.
+    height, width : int
+        Size of the mask.
+    x0, y0 : int
+        Image coordinates of the mask's top-left pixel.
+
+    Returns
+    -------
+    ndarray of bool, shape (height, width)
+    """
+    parity = np.zeros((height, width + 1), dtype=np.int32)
+    for poly in polygons:
+        p = np.asarray(poly, dtype=np.float64).reshape(-1, 2) - (x0, y0)
+        if len(p) < 3:
+            continue
+        xa, ya = p[:, 0], p[:, 1]
+        xb, yb = np.roll(xa, -1), np.roll(ya, -1)
+        keep = ya != yb
+        xa, ya, xb, yb = xa[keep], ya[keep], xb[keep], yb[keep]
+        if xa.size == 0:
+            continue
+        lo = max(0, int(np.floor(min(ya.min(), yb.min()))))
+        hi = min(height, int(np.ceil(max(ya.max(), yb.max()))) + 1)
+        if lo >= hi:
+            continue
+        yc = np.arange(lo, hi, dtype=np.float64)[:, None] + 0.5
+        ymin, ymax = np.minimum(ya, yb), np.maximum(ya, yb)
+        # Half-open rule in y, so a vertex shared by two edges is counted once.
+        hit = (yc >= ymin) & (yc < ymax)
+        t = (yc - ya) / (yb - ya)
+        xc = xa + t * (xb - xa)
+        rows, cols = np.nonzero(hit)
+        # A crossing at x toggles every pixel whose centre (c + 0.5) is at or right of x.
+        first = np.clip(np.ceil(xc[rows, cols] - 0.5), 0, width).astype(np.int64)
+        np.add.at(parity, (rows + lo, first), 1)
+    return (np.cumsum(parity, axis=1)[:, :width] % 2).astype(bool)
+
+
+def shape_mask(shape: Shape, height: int, width: int) -> np.ndarray:
+    """Boolean mask of one shape on an image of the given size (parts outside are clipped)."""
+    if shape.kind in ("rect", "oval"):
+        box = np.asarray(shape.polygons[0], dtype=np.float64)
+        left, top = box.min(axis=0)
+        right, bottom = box.max(axis=0)
+        if shape.kind == "rect":
+            xs = np.arange(width) + 0.5
+            ys = np.arange(height) + 0.5
+            return ((ys >= top) & (ys < bottom))[:, None] & ((xs >= left) & (xs < right))[None, :]
+        cx, cy = (left + right) / 2, (top + bottom) / 2
+        rx, ry = max((right - left) / 2, 1e-9), max((bottom - top) / 2, 1e-9)
+        xs = (np.arange(width) + 0.5 - cx) / rx
+        ys = (np.arange(height) + 0.5 - cy) / ry
+        return ys[:, None] ** 2 + xs[None, :] ** 2 < 1.0
+    if shape.kind in ("polygon", "composite"):
+        return fill_polygons(shape.polygons, height, width)
+    raise UserError(f"ROI '{shape.name}' is a {shape.kind} ROI; only area ROIs can label pixels")
+
+
+def _bounds(shape: Shape):
+    pts = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in shape.polygons])
+    return pts.min(axis=0), pts.max(axis=0)
+
+
+def rasterize(
+    shapes,
+    image_shape,
+    classes=None,
+    all_slices: bool = False,
+    group_names=None,
+) -> Labels:
+    """Turn annotation shapes into a partial label map.
+
+    Parameters
+    ----------
+    shapes : list of Shape
+        The ROIs. Their names (or group names) give their classes, see :func:`class_of`.
+    image_shape : tuple of int
+        (Z, Y, X) of the image the ROIs belong to.
+    classes : list of str, optional
+        The allowed classes in index order (e.g. from a model being refined). Any other class is an
+        error. By default the classes found are used, background first.
+    all_slices : bool
+        Let a ROI without slice position label every plane of a stack (otherwise an error).
+    group_names : dict of int to str, optional
+        Names of ImageJ ROI groups, used for ROIs whose own name carries no class.
+
+    Returns
+    -------
+    Labels
+
+    Raises
+    ------
+    UserError
+        Empty ROI set, unnamed or unknown classes, only one class, shapes outside the image,
+        zero-area shapes, slices beyond the stack.
+    """
+    nz, h, w = image_shape
+    if not shapes:
+        raise UserError("the ROI set is empty: outline at least one cell and one background area")
+    group_names = {int(k): v for k, v in (group_names or {}).items()}
+    named = []
+    unnamed = []
+    for s in shapes:
+        cls = class_of(s.name)
+        if cls is None and s.group and s.group in group_names:
+            cls = class_of(group_names[s.group])
+        if cls is None:
+            unnamed.append(s.name or "<no name>")
+        named.append(cls)
+    if unnamed:
+        raise UserError(
+            f"{len(unnamed)} ROI(s) have no class name: {', '.join(repr(n) for n in unnamed[:20])}. "
+            "Rename them in the ROI Manager, e.g. 'cell-1', 'background' (or 'bg'), 'ignore'."
+        )
+    found = [c for c in named if c != IGNORE_NAME]
+    if classes is None:
+        classes = order_classes(found)
+    else:
+        classes = list(classes)
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            bad = [s.name for s, c in zip(shapes, named) if c in unknown]
+            raise UserError(
+                f"unknown class(es) {', '.join(unknown)} in ROI(s) {', '.join(repr(n) for n in bad[:20])}; "
+                f"the allowed classes are {', '.join(classes)} (plus 'ignore')"
+            )
+    if len(set(found)) < 2:
+        raise UserError(
+            f"only one class is annotated ({', '.join(sorted(set(found))) or 'none'}); "
+            "outline at least two classes, e.g. some cells and some background"
+        )
+    labels = np.full((nz, h, w), UNLABELLED, dtype=np.int16)
+    claimed = np.zeros((nz, h, w), dtype=np.int16)  # 1 + class index of the first claim, per pixel
+    conflict = np.zeros((nz, h, w), dtype=bool)
+    ignore = np.zeros((nz, h, w), dtype=bool)
+    warnings = []
+    for s, cls in zip(shapes, named):
+        if s.position > nz:
+            raise UserError(f"ROI '{s.name}' is on slice {s.position} but the image has {nz} slice(s)")
+        if s.position == 0 and nz > 1 and not all_slices:
+            raise UserError(
+                f"ROI '{s.name}' has no slice position but the image is a stack of {nz} slices; "
+                "add the ROI on its slice (ROI Manager: More > Options > Associate with slices) "
+                "or allow it to label every slice (--all-slices)"
+            )
+        (xmin, ymin), (xmax, ymax) = _bounds(s)
+        if xmax <= 0 or ymax <= 0 or xmin >= w or ymin >= h:
+            raise UserError(
+                f"ROI '{s.name}' lies entirely outside the {w}x{h} image (x {xmin:g}..{xmax:g}, y {ymin:g}..{ymax:g})"
+            )
+        mask = shape_mask(s, h, w)
+        if not mask.any():
+            raise UserError(f"ROI '{s.name}' covers no pixel (zero area); delete or redraw it")
+        if xmin < 0 or ymin < 0 or xmax > w or ymax > h:
+            warnings.append(f"ROI '{s.name}' extends beyond the image and was clipped")
+        planes = range(nz) if s.position == 0 else [s.position - 1]
+        for z in planes:
+            if cls == IGNORE_NAME:
+                ignore[z] |= mask
+                continue
+            k = classes.index(cls) + 1
+            prev = claimed[z]
+            conflict[z] |= mask & (prev != 0) & (prev != k)
+            prev[mask & (prev == 0)] = k
+    labels[:] = claimed - 1
+    n_conflict = int(conflict.sum())
+    if n_conflict:
+        warnings.append(f"{n_conflict} pixel(s) claimed by ROIs of different classes were left unlabelled")
+    labels[conflict | ignore] = UNLABELLED
+    present = set(np.unique(labels)) - {UNLABELLED}
+    if len(present) < 2:
+        raise UserError("after removing 'ignore' areas and conflicts fewer than two classes remain labelled")
+    for msg in warnings:
+        log.warning(msg)
+    return Labels(labels=labels, classes=classes, warnings=warnings)

@@ -1,0 +1,359 @@
+"""The ``tem-ij`` command line: ``demo``, ``train``, ``predict``.
+
+Heavy imports (torch, tifffile, ...) happen after argument parsing so that ``--help`` is instant.
+Bad input ends with a one-line message on stderr and exit status 2; an interrupted training (Ctrl-C)
+saves the best model so far and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("tem_ij_plugin")
+
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``tem-ij``."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tem-ij",
+        description="Learn to segment TEM images from a few partially annotated patches.",
+    )
+    parser.add_argument("--version", action="version", version=f"tem-ij {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train and predict on a built-in synthetic TEM image, write a figure")
+    demo.add_argument("-o", "--output", default="tem-ij-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--minutes", type=float, default=1.5, help="training budget (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
+
+    tr = sub.add_parser("train", help="train a model from an image and its ImageJ ROIs")
+    tr.add_argument("image", nargs="?", help="2-D image or Z stack (TIFF; PNG for 2-D)")
+    tr.add_argument("--rois", help="ImageJ RoiSet.zip or .roi; ROI names give the classes")
+    tr.add_argument("-o", "--output", help="model file to write (e.g. cells.model)")
+    tr.add_argument("--init", metavar="MODEL", help="warm start from an earlier model (next annotation round)")
+    tr.add_argument("--max-minutes", type=float, help="wall-clock training budget (default from config: 10)")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
+    tr.add_argument("--seed", type=int, help="random seed (default from config: 0)")
+    tr.add_argument("--config", metavar="FILE", help="YAML or JSON settings (see --print-config)")
+    tr.add_argument("--print-config", action="store_true", help="print the effective settings as YAML and exit")
+    tr.add_argument("--classes", help="comma-separated allowed classes in order, e.g. background,cell,mito")
+    tr.add_argument("--val-patches", type=int, help="annotated patches held out for validation (default: ~20%%)")
+    tr.add_argument(
+        "--all-slices", action="store_true", help="let ROIs without a slice position label every slice of a stack"
+    )
+    tr.add_argument(
+        "--group-names", metavar="N=NAME,...", help="class names of ImageJ ROI groups, e.g. 1=cell,2=background"
+    )
+
+    pr = sub.add_parser("predict", help="probability maps (or labels) of an image or stack")
+    pr.add_argument("model", help="model file from 'tem-ij train'")
+    pr.add_argument("image", help="2-D image or Z stack")
+    pr.add_argument("-o", "--output", required=True, help="output TIFF")
+    pr.add_argument(
+        "--output-type",
+        "--output-kind",
+        dest="kind",
+        choices=["probabilities", "labels"],
+        default="probabilities",
+        help="float32 probabilities per class, or the argmax label image",
+    )
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
+    pr.add_argument("--tile", type=int, default=256, help="tile side in pixels (default: %(default)s)")
+    pr.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default: %(default)s)")
+    pr.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: %(default)s)")
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("tem_ij_plugin")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _check_output(path: str, inputs) -> Path:
+    """Refuse outputs that would overwrite an input or cannot be written, before any slow work."""
+    from .errors import UserError
+
+    out = Path(path)
+    for p in inputs:
+        if p and _same_file(out, p):
+            raise UserError(
+                f"the output {out} is also an input; choose another output name (inputs are never overwritten)"
+            )
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {out}: the folder {parent} is not writable")
+    if out.is_dir():
+        raise UserError(f"cannot write {out}: it is a folder")
+    return out
+
+
+class TrainReporter:
+    """Training progress: a tqdm bar on a terminal, a log line every few seconds otherwise."""
+
+    def __init__(self, interactive: bool | None = None, every_s: float = 15.0):
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.every_s = every_s
+        self.bar = None
+        self.last = 0.0
+
+    def __call__(self, ev: dict) -> None:
+        def fmt(v):
+            return "-" if v is None else f"{v:.3f}"
+
+        fields = {
+            "loss": fmt(ev["train_loss"]),
+            "val": fmt(ev["val_score"]),
+            "best": fmt(ev["best_score"]),
+            "backtracks": ev["backtracks"],
+        }
+        if self.interactive:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=ev["max_iterations"], desc="training", unit="it", dynamic_ncols=True)
+            self.bar.n = ev["iteration"]
+            self.bar.set_postfix(fields, refresh=True)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            log.info(
+                "iteration %d  %.0f/%.0f s  loss %s  val %s  best %s  backtracks %d",
+                ev["iteration"],
+                ev["elapsed_s"],
+                ev["max_seconds"],
+                fields["loss"],
+                fields["val"],
+                fields["best"],
+                ev["backtracks"],
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _parse_group_names(text):
+    from .errors import UserError
+
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        num, sep, name = item.partition("=")
+        if not sep or not num.strip().isdigit() or not name.strip():
+            raise UserError(f"--group-names expects N=NAME pairs like 1=cell,2=background; got {item!r}")
+        out[int(num)] = name.strip()
+    return out
+
+
+def _settings(args):
+    from .config import Settings, load_settings
+
+    s = load_settings(args.config) if args.config else Settings()
+    if args.max_minutes is not None:
+        if args.max_minutes <= 0:
+            from .errors import UserError
+
+            raise UserError("--max-minutes must be positive")
+        s.train.max_minutes = args.max_minutes
+    if args.seed is not None:
+        s.train.seed = args.seed
+    if args.val_patches is not None:
+        s.train.validation_patches = args.val_patches
+    return s
+
+
+def _with_cancel_on_sigint(work):
+    """Run ``work(cancel)``; the first Ctrl-C sets ``cancel`` (graceful stop), a second one interrupts."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return work(cancel), cancel
+
+    def handler(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        log.warning("stopping after this step; the best model so far will be saved (Ctrl-C again to abort)")
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        return work(cancel), cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def cmd_train(args) -> int:
+    from .config import dump_settings
+    from .errors import UserError
+
+    settings = _settings(args)
+    if args.print_config:
+        sys.stdout.write(dump_settings(settings))
+        return 0
+    if not args.image or not args.rois or not args.output:
+        raise UserError("train needs IMAGE, --rois FILE and -o MODEL (or --print-config)")
+    out = _check_output(args.output, [args.image, args.rois, args.init, args.config])
+
+    from .annotations import rasterize
+    from .io import read_image, read_rois
+    from .modelio import load_model, save_model
+    from .predict import resolve_device
+    from .train import train
+
+    device = resolve_device(args.device)
+    image = read_image(args.image)
+    shapes = read_rois(args.rois)
+    init = load_model(args.init) if args.init else None
+    classes = [c.strip().lower() for c in args.classes.split(",")] if args.classes else None
+    if init is not None:
+        if classes is not None and classes != init.classes:
+            raise UserError(f"--classes {','.join(classes)} differ from the --init model's {','.join(init.classes)}")
+        classes = init.classes
+    labels = rasterize(
+        shapes,
+        image.data.shape,
+        classes=classes,
+        all_slices=args.all_slices,
+        group_names=_parse_group_names(args.group_names),
+    )
+    log.info(
+        "image %s %s %s; classes %s; %d ROI(s)",
+        args.image,
+        "x".join(map(str, image.data.shape)),
+        image.data.dtype,
+        ", ".join(labels.classes),
+        len(shapes),
+    )
+    reporter = TrainReporter()
+    try:
+        result, cancel = _with_cancel_on_sigint(
+            lambda c: train(
+                image.data,
+                labels,
+                settings,
+                init=init,
+                device=str(device),
+                progress=reporter,
+                cancel=c,
+                calibration=image.calibration.as_dict(),
+            )
+        )
+    finally:
+        reporter.close()
+    save_model(out, result.model)
+    last = result.model.meta["history"]["rounds"][-1]
+    print(
+        f"saved {out}: {last['iterations']} iterations in {last['duration_s']:.0f} s ({result.stop_reason}); "
+        f"best validation score {last['best_score']:.3f} at iteration {last['best_iteration']}; "
+        f"{len(result.train_patches)} training / {len(result.val_patches)} validation patches"
+    )
+    return EXIT_CANCELLED if cancel.is_set() else 0
+
+
+def cmd_predict(args) -> int:
+    from .errors import UserError
+
+    out = _check_output(args.output, [args.model, args.image])
+    if args.tile < 32 or args.overlap < 0 or args.overlap >= args.tile or args.batch_size < 1:
+        raise UserError("need --tile >= 32, 0 <= --overlap < --tile and --batch-size >= 1")
+    from .io import read_image, write_hyperstack
+    from .modelio import load_model
+    from .predict import predict_stack, resolve_device
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
+    image = read_image(args.image)
+    total = image.data.shape[0]
+
+    def progress(ev):
+        log.info("slice %d/%d done (%.1f s)", ev["done"], ev["total"], ev["elapsed_s"])
+
+    start = time.perf_counter()
+    probs, _ = _with_cancel_on_sigint(
+        lambda c: predict_stack(
+            model.net,
+            image.data,
+            model.normalization,
+            device,
+            args.tile,
+            args.overlap,
+            args.batch_size,
+            progress=progress if total > 1 else None,
+            cancel=c,
+        )
+    )
+    if args.kind == "labels":
+        import numpy as np
+
+        data = probs.argmax(axis=1).astype(np.uint8 if len(model.classes) < 256 else np.uint16)
+        write_hyperstack(out, data, image.calibration)
+    else:
+        write_hyperstack(out, probs, image.calibration, channel_names=model.classes)
+    print(
+        f"wrote {out}: {args.kind} of {total} slice(s), classes {', '.join(model.classes)} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(Path(args.output), minutes=args.minutes, seed=args.seed, device=args.device)
+    print(report)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``tem-ij``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args.verbose, args.quiet)
+    from .errors import Cancelled, UserError
+
+    try:
+        return {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo}[args.command](args)
+    except UserError as exc:
+        print(f"tem-ij {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (Cancelled, KeyboardInterrupt):
+        print(f"tem-ij {args.command}: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""A recurrent U-Net: one U-Net applied T times, each step seeing the previous step's softmax.
+
+Recurrence follows the output-feedback variant of Wang et al. 2019 (Recurrent U-Net): the weights
+are shared across steps and every step's logits are returned so that the loss can supervise each
+of them (deep supervision, later steps weighted more).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _groups(channels: int, max_groups: int) -> int:
+    """Largest divisor of ``channels`` not above ``max_groups`` (GroupNorm needs a divisor)."""
+    g = min(max_groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by GroupNorm and ReLU."""
+
+    def __init__(self, cin: int, cout: int, norm_groups: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(cout, norm_groups), cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(cout, norm_groups), cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """Plain U-Net with max-pool down, bilinear up and concatenated skips.
+
+    Parameters
+    ----------
+    in_channels : int
+        Input channels.
+    out_channels : int
+        Output channels (logits).
+    depth : int
+        Number of resolution levels (``depth - 1`` poolings).
+    base_channels : int
+        Channels at the first level; doubled per level.
+    norm_groups : int
+        Maximum GroupNorm groups.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, depth: int, base_channels: int, norm_groups: int):
+        super().__init__()
+        widths = [base_channels * 2**i for i in range(depth)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.down.append(ConvBlock(cin, w, norm_groups))
+            cin = w
+        self.up = nn.ModuleList()
+        for w_skip in reversed(widths[:-1]):
+            self.up.append(ConvBlock(cin + w_skip, w_skip, norm_groups))
+            cin = w_skip
+        self.head = nn.Conv2d(cin, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+class RecurrentUNet(nn.Module):
+    """U-Net with output feedback over ``steps`` iterations and shared weights.
+
+    Parameters
+    ----------
+    in_channels : int
+        Image channels (1 for greyscale TEM).
+    n_classes : int
+        Number of classes (output channels).
+    depth : int
+        U-Net levels; the input size must be divisible by ``2 ** (depth - 1)``.
+    base_channels : int
+        Channels at the first level.
+    steps : int
+        Recurrent steps T; ``steps=1`` is a plain U-Net.
+    norm_groups : int
+        Maximum GroupNorm groups (GroupNorm keeps tiny batches stable).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        n_classes: int = 2,
+        depth: int = 4,
+        base_channels: int = 16,
+        steps: int = 3,
+        norm_groups: int = 8,
+    ):
+        super().__init__()
+        if steps < 1 or depth < 1 or base_channels < 1 or n_classes < 2:
+            raise ValueError("steps, depth and base_channels must be >= 1 and n_classes >= 2")
+        self.in_channels = in_channels
+        self.n_classes = n_classes
+        self.depth = depth
+        self.steps = steps
+        feedback = n_classes if steps > 1 else 0
+        self.unet = UNet(in_channels + feedback, n_classes, depth, base_channels, norm_groups)
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (self.depth - 1)
+
+    def forward(self, x: torch.Tensor, all_steps: bool = False):
+        """Run the recurrence.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (B, in_channels, H, W)
+            Normalised image.
+        all_steps : bool
+            Return the list of every step's logits (for deep supervision) instead of the last.
+
+        Returns
+        -------
+        torch.Tensor of shape (B, n_classes, H, W), or a list of ``steps`` such tensors.
+        """
+        if self.steps == 1:
+            out = self.unet(x)
+            return [out] if all_steps else out
+        b, _, h, w = x.shape
+        # Step 0 sees a uniform prior, so every step runs the same network on the same kind of input.
+        probs = x.new_full((b, self.n_classes, h, w), 1.0 / self.n_classes)
+        outs = []
+        for _ in range(self.steps):
+            logits = self.unet(torch.cat([x, probs], dim=1))
+            outs.append(logits)
+            probs = torch.softmax(logits, dim=1)
+        return outs if all_steps else outs[-1]

@@ -1,0 +1,99 @@
+"""The annotation patch grid: which grid cells hold labels, and the train/validation split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .annotations import UNLABELLED
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One grid cell: plane ``z``, pixel box ``[y0, y1) x [x0, x1)``."""
+
+    z: int
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+
+    @property
+    def grid_index(self) -> tuple:
+        return (self.z, self.y0, self.x0)
+
+    def as_list(self) -> list:
+        return [self.z, self.y0, self.x0, self.y1, self.x1]
+
+    def overlaps(self, z: int, y0: int, x0: int, y1: int, x1: int) -> bool:
+        return z == self.z and y0 < self.y1 and self.y0 < y1 and x0 < self.x1 and self.x0 < x1
+
+
+def grid(shape, size: int) -> list:
+    """Every grid cell of a (Z, Y, X) image; cells at the right/bottom edge may be smaller."""
+    nz, h, w = shape
+    return [
+        Patch(z, y, x, min(y + size, h), min(x + size, w))
+        for z in range(nz)
+        for y in range(0, h, size)
+        for x in range(0, w, size)
+    ]
+
+
+def annotated_patches(labels: np.ndarray, size: int) -> list:
+    """Grid cells of a (Z, Y, X) label map that hold at least one labelled pixel."""
+    return [p for p in grid(labels.shape, size) if (labels[p.z, p.y0 : p.y1, p.x0 : p.x1] != UNLABELLED).any()]
+
+
+def default_validation_count(n_patches: int) -> int:
+    """About 20 % of the annotated patches, at least one once there are three or more."""
+    if n_patches < 3:
+        return 0
+    return max(1, int(round(0.2 * n_patches)))
+
+
+def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_classes: int):
+    """Choose validation patches; the rest train.
+
+    The split is random (seeded) but keeps every class present in the training patches, and
+    prefers validation patches that hold more than one class so that the score is informative.
+
+    Returns
+    -------
+    (train, val) : tuple of lists of Patch
+    """
+    n = len(patches)
+    if n == 0:
+        raise UserError("no annotated patch found")
+    n_val = default_validation_count(n) if n_val is None else n_val
+    if n_val >= n:
+        raise UserError(f"{n_val} validation patches requested but only {n} patch(es) are annotated")
+    if n_val == 0:
+        return list(patches), []
+    rng = np.random.default_rng(seed)
+
+    def classes_in(ps):
+        found = set()
+        for p in ps:
+            found |= set(np.unique(labels[p.z, p.y0 : p.y1, p.x0 : p.x1]).tolist())
+        return found - {UNLABELLED}
+
+    every = classes_in(patches)
+    multi = [i for i, p in enumerate(patches) if len(classes_in([p])) > 1]
+    best = None
+    for _ in range(200):
+        order = rng.permutation(n)
+        # Multi-class patches first: a one-class validation patch cannot tell the classes apart.
+        order = sorted(order, key=lambda i: (i not in multi, rng.random()))
+        val_idx = set(order[:n_val])
+        train = [p for i, p in enumerate(patches) if i not in val_idx]
+        if classes_in(train) == every:
+            best = val_idx
+            break
+        if best is None:
+            best = val_idx
+    val = [p for i, p in enumerate(patches) if i in best]
+    train = [p for i, p in enumerate(patches) if i not in best]
+    return train, val

@@ -1,0 +1,72 @@
+"""Tiles as pure data, a blending window and stitching (numpy only, no torch).
+
+A :class:`Tile` says which window of the (padded) image a network input covers; :func:`stitch`
+adds weighted tile outputs into an accumulator so that overlapping tiles blend smoothly and
+non-overlapping parts are copied exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Window ``[y0, y0 + size) x [x0, x0 + size)`` of an image padded to ``(height, width)``."""
+
+    y0: int
+    x0: int
+    size: int
+
+
+def _starts(length: int, tile: int, step: int) -> list:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, step))
+    starts.append(length - tile)
+    return starts
+
+
+def tile_specs(height: int, width: int, tile: int, overlap: int) -> list:
+    """Tiles covering a ``height`` x ``width`` image (which must be at least ``tile`` on each side).
+
+    Neighbouring tiles overlap by at least ``overlap`` pixels; the last row/column is shifted back
+    to end at the border, so no tile reaches past the image.
+    """
+    if height < tile or width < tile:
+        raise ValueError("pad the image to at least one tile before tiling")
+    if not 0 <= overlap < tile:
+        raise ValueError("overlap must be >= 0 and smaller than the tile")
+    step = tile - overlap
+    return [Tile(y, x, tile) for y in _starts(height, tile, step) for x in _starts(width, tile, step)]
+
+
+def blend_window(tile: int, overlap: int) -> np.ndarray:
+    """Weights of shape (tile, tile): 1 in the interior, a raised-cosine ramp over ``overlap`` pixels
+    at the borders, never zero (so image borders, covered by one tile only, keep their values)."""
+    w = np.ones(tile, dtype=np.float32)
+    if overlap > 0:
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
+        w[:overlap] = ramp
+        w[tile - overlap :] = ramp[::-1]
+    return np.outer(w, w).astype(np.float32)
+
+
+def stitch(accumulator: np.ndarray, weights: np.ndarray, tile: Tile, values: np.ndarray, window: np.ndarray) -> None:
+    """Add ``values`` of shape (C, size, size) weighted by ``window`` into the accumulators in place."""
+    ys = slice(tile.y0, tile.y0 + tile.size)
+    xs = slice(tile.x0, tile.x0 + tile.size)
+    accumulator[:, ys, xs] += values * window
+    weights[ys, xs] += window
+
+
+def pad_amounts(height: int, width: int, tile: int, multiple: int) -> tuple:
+    """Bottom/right padding so that the image is at least one tile and a multiple of ``multiple``."""
+
+    def need(n):
+        target = max(n, tile)
+        return (-target) % multiple + target - n
+
+    return need(height), need(width)

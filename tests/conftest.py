@@ -1,0 +1,64 @@
+"""Shared fixtures: small synthetic TEM images with real TIFF and RoiSet.zip files on disk."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tem_ij_plugin.config import Settings
+
+ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tiny_settings(iterations: int = 12) -> Settings:
+    """Settings for a model small and quick enough for unit tests."""
+    s = Settings()
+    s.model.depth = 2
+    s.model.base_channels = 8
+    s.model.steps = 2
+    s.train.max_iterations = iterations
+    s.train.batch_size = 2
+    s.train.crop_size = 64
+    s.train.eval_every = 4
+    s.train.min_iterations = 0
+    s.patches.size = 128
+    return s
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """A 256x256 synthetic TEM image, its truth and partial polygon annotations on four 128 px patches."""
+    from tem_ij_plugin.synthetic import SYNTHETIC_CLASSES, make_tem_image, simulate_annotations
+
+    image, truth = make_tem_image(256, 256, seed=3, cell_radius=30)
+    rng = np.random.default_rng(0)
+    boxes = [(0, 0, 128, 128), (0, 128, 128, 256), (128, 0, 256, 128), (128, 128, 256, 256)]
+    shapes = simulate_annotations(truth, boxes, SYNTHETIC_CLASSES, rng)
+    return image, truth, shapes
+
+
+@pytest.fixture()
+def files(tmp_path, synthetic):
+    """The synthetic image as image.tif and its annotations as RoiSet.zip in a temporary folder."""
+    from tem_ij_plugin.io import Calibration, write_hyperstack, write_rois
+
+    image, _, shapes = synthetic
+    img = tmp_path / "image.tif"
+    write_hyperstack(img, image[None], Calibration(0.005, 0.005, "µm"))
+    rois = tmp_path / "RoiSet.zip"
+    write_rois(rois, shapes)
+    cfg = tmp_path / "tiny.yaml"
+    from tem_ij_plugin.config import dump_settings
+
+    cfg.write_text(dump_settings(tiny_settings()))
+    return {"image": img, "rois": rois, "config": cfg, "dir": tmp_path}

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+
+from tem_ij_plugin.augment import Augmenter
+from tem_ij_plugin.tiling import blend_window, pad_amounts, stitch, tile_specs
+
+
+@pytest.mark.parametrize("shape, tile, overlap", [((100, 130), 32, 8), ((64, 64), 64, 0), ((70, 257), 48, 47)])
+def test_tile_stitch_round_trip_is_exact(shape, tile, overlap):
+    rng = np.random.default_rng(0)
+    img = rng.random((2,) + shape).astype(np.float32)
+    acc = np.zeros_like(img)
+    wsum = np.zeros(shape, np.float32)
+    window = blend_window(tile, overlap)
+    specs = tile_specs(*shape, tile, overlap)
+    for t in specs:
+        stitch(acc, wsum, t, img[:, t.y0 : t.y0 + tile, t.x0 : t.x0 + tile], window)
+    assert np.allclose(acc / wsum, img, atol=1e-6)
+    assert all(t.y0 + tile <= shape[0] and t.x0 + tile <= shape[1] for t in specs)
+
+
+def test_window_positive_and_ramped():
+    w = blend_window(64, 16)
+    assert w.min() > 0 and w[32, 32] == 1 and w[0, 32] < 0.05
+
+
+def test_pad_amounts():
+    assert pad_amounts(100, 300, 256, 8) == (156, 4)
+    with pytest.raises(ValueError):
+        tile_specs(10, 10, 32, 0)
+
+
+def test_geometry_keeps_image_and_labels_aligned():
+    # Labels derived from the image: after augmentation the label must still match the image.
+    g = torch.Generator().manual_seed(1)
+    yy, xx = torch.meshgrid(torch.arange(120), torch.arange(120), indexing="ij")
+    img = ((((yy // 15) + (xx // 15)) % 2).float())[None, None].repeat(4, 1, 1, 1)
+    lab = img[:, 0].long()
+    lab[:, :, :30] = -1
+    aug = Augmenter(64, elastic_alpha=4, rotation_deg=30, scale=0.2)
+    out_img, out_lab = aug.geometry(img, lab, g)
+    assert out_img.shape == (4, 1, 64, 64) and out_lab.shape == (4, 64, 64)
+    known = out_lab >= 0
+    crisp = (out_img[:, 0] < 0.1) | (out_img[:, 0] > 0.9)
+    agree = (out_lab[known & crisp] == (out_img[:, 0][known & crisp] > 0.5).long()).float().mean()
+    assert agree > 0.99
+    assert set(out_lab.unique().tolist()) <= {-1, 0, 1} and (out_lab == -1).any()
+
+
+def test_augmentation_is_seeded():
+    x = torch.rand(3, 1, 100, 100)
+    y = torch.randint(-1, 2, (3, 100, 100))
+    aug = Augmenter(48)
+    a = aug(x, y, torch.Generator().manual_seed(5))
+    b = aug(x, y, torch.Generator().manual_seed(5))
+    c = aug(x, y, torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+
+
+def test_input_size_covers_rotation_and_zoom():
+    aug = Augmenter(192, scale=0.15, elastic_alpha=6)
+    assert aug.input_size() >= 192 * 1.414 * 1.15

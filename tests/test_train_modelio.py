@@ -1,0 +1,169 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_settings
+
+from tem_ij_plugin.annotations import rasterize
+from tem_ij_plugin.errors import ModelFileError, UserError
+from tem_ij_plugin.modelio import FORMAT_VERSION, load_model, read_metadata, save_model
+from tem_ij_plugin.patches import Patch, annotated_patches, default_validation_count, split
+from tem_ij_plugin.predict import predict_stack
+from tem_ij_plugin.train import _expanded_box, mean_iou, train
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic):
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    events = []
+    res = train(image[None], labels, tiny_settings(12), device="cpu", progress=events.append)
+    return image, labels, res, events
+
+
+def test_train_returns_best_model_with_history(trained):
+    image, labels, res, events = trained
+    rnd = res.model.meta["history"]["rounds"][-1]
+    assert res.stop_reason == "max iterations" and rnd["iterations"] == 12
+    assert len(res.val_patches) == 1 and len(res.train_patches) == 3
+    assert rnd["curves"]["val_iteration"] == [4, 8, 12]
+    assert rnd["best_iteration"] in (4, 8, 12) and 0 <= rnd["best_score"] <= 1
+    assert res.model.meta["annotations_sha256"] == labels.digest()
+    assert res.model.classes == ["background", "cell"]
+    assert [e["iteration"] for e in events] == list(range(1, 13))
+    assert events[-1]["best_score"] is not None
+
+
+def test_train_does_not_modify_inputs(synthetic):
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    img_copy, lab_copy = image.copy(), labels.labels.copy()
+    train(image[None], labels, tiny_settings(2), device="cpu")
+    assert np.array_equal(image, img_copy) and np.array_equal(labels.labels, lab_copy)
+
+
+def test_same_seed_same_model(synthetic):
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    a = train(image[None], labels, tiny_settings(6), device="cpu").model.net.state_dict()
+    b = train(image[None], labels, tiny_settings(6), device="cpu").model.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cancel_leaves_valid_model(synthetic):
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    cancel = threading.Event()
+
+    def progress(ev):
+        if ev["iteration"] == 3:
+            cancel.set()
+
+    res = train(image[None], labels, tiny_settings(100), device="cpu", progress=progress, cancel=cancel)
+    assert res.stop_reason == "cancelled"
+    assert res.model.meta["history"]["rounds"][-1]["iterations"] == 3
+    probs = predict_stack(res.model.net, image[None], res.model.normalization, torch.device("cpu"))
+    assert probs.shape == (1, 2) + image.shape and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
+def test_backtracking_and_early_stopping(synthetic):
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    s = tiny_settings(400)
+    s.train.eval_every = 1
+    s.train.patience = 1
+    s.train.backtracks = 2
+    s.train.smoothing = 0.0
+    res = train(image[None], labels, s, device="cpu")
+    rnd = res.model.meta["history"]["rounds"][-1]
+    assert res.stop_reason == "early stopping" and rnd["backtracks"] == 2 and rnd["iterations"] < 400
+
+
+def test_warm_start_continues_history_and_checks_classes(trained, synthetic):
+    image, labels, res, _ = trained
+    res2 = train(image[None], labels, tiny_settings(2), init=res.model, device="cpu")
+    assert len(res2.model.meta["history"]["rounds"]) == 2
+    other = rasterize(synthetic[2], (1,) + image.shape, classes=["background", "cell", "mito"])
+    with pytest.raises(UserError, match="starting model has classes background, cell"):
+        train(image[None], other, tiny_settings(2), init=res.model, device="cpu")
+
+
+def test_missing_device_is_an_error(trained):
+    image, labels, _, _ = trained
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        train(image[None], labels, tiny_settings(1), device="cuda")
+
+
+def test_model_file_round_trip(tmp_path, trained):
+    image, _, res, _ = trained
+    p = tmp_path / "m.model"
+    save_model(p, res.model)
+    m = load_model(p)
+    assert m.classes == res.model.classes and m.meta["format_version"] == FORMAT_VERSION
+    sd1, sd2 = res.model.net.state_dict(), m.net.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    assert "torch" in m.meta["versions"] and m.meta["history"]["rounds"][0]["curves"]["train_loss"]
+
+
+def test_bad_model_files(tmp_path, trained):
+    from safetensors.torch import save_file
+
+    _, _, res, _ = trained
+    good = tmp_path / "good.model"
+    save_model(good, res.model)
+    data = good.read_bytes()
+    (tmp_path / "trunc.model").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated or corrupt"):
+        load_model(tmp_path / "trunc.model")
+    (tmp_path / "short.model").write_bytes(b"abc")
+    with pytest.raises(ModelFileError, match="too short"):
+        load_model(tmp_path / "short.model")
+    (tmp_path / "random.model").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(ModelFileError, match="not a tem_ij_plugin model"):
+        load_model(tmp_path / "random.model")
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ModelFileError, match="not a tem_ij_plugin model"):
+        load_model(tmp_path / "foreign.safetensors")
+    newer = tmp_path / "newer.model"
+    res.model.meta["format_version"] = FORMAT_VERSION + 1
+    try:
+        from tem_ij_plugin import modelio
+
+        state = {k: v.contiguous() for k, v in res.model.net.state_dict().items()}
+        meta = dict(res.model.meta, format=modelio.FORMAT)
+        save_file(state, str(newer), metadata={"tem_ij_plugin": __import__("json").dumps(meta)})
+    finally:
+        res.model.meta.pop("format_version")
+    with pytest.raises(ModelFileError, match="newer tem_ij_plugin"):
+        read_metadata(newer)
+
+
+def test_split_keeps_classes_and_holds_out():
+    labels = np.full((1, 512, 512), -1, np.int16)
+    labels[0, :10, :10] = 0
+    labels[0, :10, 300:310] = 1
+    labels[0, 300:310, :10] = 0
+    labels[0, 300:310, 300:310] = 1
+    labels[0, 310:320, 300:310] = 0
+    patches = annotated_patches(labels, 256)
+    assert len(patches) == 4 and default_validation_count(4) == 1 and default_validation_count(2) == 0
+    train_p, val_p = split(labels, patches, None, 0, 2)
+    assert len(val_p) == 1 and val_p[0].grid_index == (0, 256, 256), "the only two-class patch validates"
+    with pytest.raises(UserError, match="only 4 patch"):
+        split(labels, patches, 4, 0, 2)
+
+
+def test_training_crops_never_reach_validation_patches():
+    p = Patch(0, 256, 256, 512, 512)
+    val = [Patch(0, 0, 256, 256, 512), Patch(0, 256, 0, 512, 256), Patch(0, 0, 0, 256, 256)]
+    y0, x0, y1, x1 = _expanded_box(p, 32, (1, 1024, 1024), val)
+    assert not any(v.overlaps(0, y0, x0, y1, x1) for v in val)
+    assert (y1, x1) == (544, 544) and y0 == 256 and x0 == 256
+
+
+def test_mean_iou():
+    conf = np.array([[8, 2], [0, 10]])
+    assert mean_iou(conf) == pytest.approx((8 / 10 + 10 / 12) / 2)
