@@ -26,6 +26,11 @@ class ModelConfig(_Strict):
     base_channels: int = Field(16, ge=4, le=128, description="Channels at the first level, doubled per level.")
     steps: int = Field(3, ge=1, le=6, description="Recurrent steps T (1 = plain U-Net).")
     norm_groups: int = Field(8, ge=1, description="Maximum GroupNorm groups.")
+    feedback: Literal["input", "head"] = Field(
+        "input",
+        description="Where the previous softmax re-enters: 'input' re-runs the whole U-Net per step, "
+        "'head' only its finest decoder block (much cheaper per step).",
+    )
 
 
 class AugmentConfig(_Strict):

@@ -98,7 +98,8 @@ def run_demo(
             f"tem-ij demo: {size}x{size} synthetic TEM image, {len(shapes)} polygons on {len(chosen)} patches "
             f"({len(train_p)} training, {len(val_p)} validation), {int((lab2d >= 0).sum())} labelled pixels "
             f"({(lab2d >= 0).mean():.1%} of the image)",
-            f"training: {rounds['iterations']} iterations, {rounds['duration_s']:.0f} s, stopped by {result.stop_reason}, "
+            f"training: {rounds['iterations']} iterations, {rounds['duration_s']:.0f} s, "
+            f"stopped by {result.stop_reason}, "
             f"{rounds['backtracks']} backtrack(s), best validation mIoU {rounds['best_score']:.3f}",
             f"IoU vs ground truth (background, cell): whole image {iou_all[0]:.3f}, {iou_all[1]:.3f}; "
             f"unlabelled pixels only {iou_unlabelled[0]:.3f}, {iou_unlabelled[1]:.3f}; "

@@ -70,6 +70,7 @@ def build_network(arch: dict):
         base_channels=int(arch["base_channels"]),
         steps=int(arch["steps"]),
         norm_groups=int(arch.get("norm_groups", 8)),
+        feedback=str(arch.get("feedback", "input")),
     )
 
 
@@ -139,13 +140,13 @@ def load_model(path: str | os.PathLike, device="cpu") -> TrainedModel:
     ModelFileError
         Truncated, foreign, corrupt or newer-format files.
     """
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
     try:
         state = load_file(str(path), device=str(device))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFileError(f"{path}: the weights are truncated or corrupt ({exc})") from exc
     try:
         net = build_network(meta["architecture"])

@@ -41,9 +41,9 @@ def test_class_weights_balance():
     assert torch.allclose(class_weights([900, 100], 0.0), torch.ones(2))
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_recurrent_unet_shapes(steps):
-    net = RecurrentUNet(1, 3, depth=3, base_channels=8, steps=steps)
+@pytest.mark.parametrize("steps, feedback", [(1, "input"), (3, "input"), (3, "head")])
+def test_recurrent_unet_shapes(steps, feedback):
+    net = RecurrentUNet(1, 3, depth=3, base_channels=8, steps=steps, feedback=feedback)
     x = torch.randn(2, 1, 40, 48)
     outs = net(x, all_steps=True)
     assert len(outs) == steps and all(o.shape == (2, 3, 40, 48) for o in outs)
@@ -51,8 +51,11 @@ def test_recurrent_unet_shapes(steps):
     assert net.size_multiple == 4
 
 
-def test_recurrence_feeds_back():
+@pytest.mark.parametrize("feedback", ["input", "head"])
+def test_recurrence_feeds_back(feedback):
     torch.manual_seed(0)
-    net = RecurrentUNet(1, 2, depth=2, base_channels=4, steps=3).eval()
+    net = RecurrentUNet(1, 2, depth=2, base_channels=4, steps=3, feedback=feedback).eval()
     outs = net(torch.randn(1, 1, 16, 16), all_steps=True)
     assert not torch.allclose(outs[0], outs[2]), "later steps see the earlier softmax"
+    with pytest.raises(ValueError):
+        RecurrentUNet(1, 2, depth=2, feedback="middle")

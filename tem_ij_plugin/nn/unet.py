@@ -49,9 +49,19 @@ class UNet(nn.Module):
         Channels at the first level; doubled per level.
     norm_groups : int
         Maximum GroupNorm groups.
+    last_extra : int
+        Extra channels concatenated to the input of the finest decoder block (see :meth:`head`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, depth: int, base_channels: int, norm_groups: int):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        depth: int,
+        base_channels: int,
+        norm_groups: int,
+        last_extra: int = 0,
+    ):
         super().__init__()
         widths = [base_channels * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
@@ -60,22 +70,37 @@ class UNet(nn.Module):
             self.down.append(ConvBlock(cin, w, norm_groups))
             cin = w
         self.up = nn.ModuleList()
-        for w_skip in reversed(widths[:-1]):
-            self.up.append(ConvBlock(cin + w_skip, w_skip, norm_groups))
+        for i, w_skip in enumerate(reversed(widths[:-1])):
+            extra = last_extra if i == depth - 2 else 0
+            self.up.append(ConvBlock(cin + w_skip + extra, w_skip, norm_groups))
             cin = w_skip
-        self.head = nn.Conv2d(cin, out_channels, 1)
+        self.out = nn.Conv2d(cin, out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything up to the finest decoder block: its concatenated input, shape (B, C', H, W)."""
         skips = []
         for i, block in enumerate(self.down):
             if i:
                 x = F.max_pool2d(x, 2)
             x = block(x)
             skips.append(x)
-        for block, skip in zip(self.up, reversed(skips[:-1])):
+        skips = skips[::-1]
+        for i, block in enumerate(self.up):
+            skip = skips[i + 1]
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = block(torch.cat([x, skip], dim=1))
-        return self.head(x)
+            x = torch.cat([x, skip], dim=1)
+            if i < len(self.up) - 1:
+                x = block(x)
+        return x
+
+    def head(self, trunk: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The finest decoder block and the 1x1 output, optionally seeing ``extra`` channels."""
+        if extra is not None:
+            trunk = torch.cat([trunk, extra], dim=1)
+        return self.out(self.up[-1](trunk))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
 
 
 class RecurrentUNet(nn.Module):
@@ -88,13 +113,18 @@ class RecurrentUNet(nn.Module):
     n_classes : int
         Number of classes (output channels).
     depth : int
-        U-Net levels; the input size must be divisible by ``2 ** (depth - 1)``.
+        U-Net levels (at least 2); the input size must be divisible by ``2 ** (depth - 1)``.
     base_channels : int
         Channels at the first level.
     steps : int
         Recurrent steps T; ``steps=1`` is a plain U-Net.
     norm_groups : int
         Maximum GroupNorm groups (GroupNorm keeps tiny batches stable).
+    feedback : str
+        Where the previous step's softmax re-enters. ``"input"``: the whole U-Net runs again on
+        image + softmax (Wang et al. 2019), T times the cost of one pass. ``"head"``: the encoder and
+        coarse decoder run once and only the finest decoder block re-runs on its features + softmax,
+        so each extra step costs a fraction of a pass.
     """
 
     def __init__(
@@ -105,16 +135,27 @@ class RecurrentUNet(nn.Module):
         base_channels: int = 16,
         steps: int = 3,
         norm_groups: int = 8,
+        feedback: str = "input",
     ):
         super().__init__()
-        if steps < 1 or depth < 1 or base_channels < 1 or n_classes < 2:
-            raise ValueError("steps, depth and base_channels must be >= 1 and n_classes >= 2")
+        if steps < 1 or depth < 2 or base_channels < 1 or n_classes < 2:
+            raise ValueError("need steps >= 1, depth >= 2, base_channels >= 1 and n_classes >= 2")
+        if feedback not in ("input", "head"):
+            raise ValueError("feedback must be 'input' or 'head'")
         self.in_channels = in_channels
         self.n_classes = n_classes
         self.depth = depth
         self.steps = steps
-        feedback = n_classes if steps > 1 else 0
-        self.unet = UNet(in_channels + feedback, n_classes, depth, base_channels, norm_groups)
+        self.feedback = feedback
+        fb = n_classes if steps > 1 else 0
+        self.unet = UNet(
+            in_channels + (fb if feedback == "input" else 0),
+            n_classes,
+            depth,
+            base_channels,
+            norm_groups,
+            last_extra=fb if feedback == "head" else 0,
+        )
 
     @property
     def size_multiple(self) -> int:
@@ -141,9 +182,13 @@ class RecurrentUNet(nn.Module):
         b, _, h, w = x.shape
         # Step 0 sees a uniform prior, so every step runs the same network on the same kind of input.
         probs = x.new_full((b, self.n_classes, h, w), 1.0 / self.n_classes)
+        trunk = self.unet.trunk(x) if self.feedback == "head" else None
         outs = []
         for _ in range(self.steps):
-            logits = self.unet(torch.cat([x, probs], dim=1))
+            if trunk is None:
+                logits = self.unet(torch.cat([x, probs], dim=1))
+            else:
+                logits = self.unet.head(trunk, probs.to(trunk.dtype))
             outs.append(logits)
-            probs = torch.softmax(logits, dim=1)
+            probs = torch.softmax(logits.float(), dim=1).to(x.dtype)
         return outs if all_steps else outs[-1]
