@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--tasks", default="membrane,profiles")
     ap.add_argument("--patches", type=int, default=15)
-    ap.add_argument("--steps", default="default,1", help="recurrent steps to compare ('default' = config default)")
+    ap.add_argument("--steps", default="default,3", help="recurrent steps to compare ('default' = config default)")
     ap.add_argument("--minutes", type=float, default=None, help="training budget (default: config default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-rf", action="store_true")

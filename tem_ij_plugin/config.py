@@ -24,7 +24,13 @@ class ModelConfig(_Strict):
 
     depth: int = Field(4, ge=2, le=6, description="U-Net levels (depth - 1 poolings).")
     base_channels: int = Field(16, ge=4, le=128, description="Channels at the first level, doubled per level.")
-    steps: int = Field(3, ge=1, le=6, description="Recurrent steps T (1 = plain U-Net).")
+    steps: int = Field(
+        1,
+        ge=1,
+        le=6,
+        description="Recurrent steps T (1 = plain U-Net). T=3 was less accurate per minute of 2-core CPU "
+        "training on ISBI (see README benchmarks); worth trying on a GPU.",
+    )
     norm_groups: int = Field(8, ge=1, description="Maximum GroupNorm groups.")
     feedback: Literal["input", "head"] = Field(
         "input",
@@ -74,7 +80,7 @@ class TrainConfig(_Strict):
     )
     eval_every: int = Field(25, ge=1, description="Iterations between validations.")
     smoothing: float = Field(0.6, ge=0, lt=1, description="EMA factor of the validation score.")
-    patience: int = Field(8, ge=1, description="Validations without improvement before backtracking.")
+    patience: int = Field(6, ge=1, description="Validations without improvement before backtracking.")
     backtracks: int = Field(3, ge=0, description="How often to reload the best model with a lower rate.")
     backtrack_lr_factor: float = Field(0.3, gt=0, lt=1, description="Learning-rate factor per backtrack.")
     min_iterations: int = Field(150, ge=0, description="No early stop before this many iterations.")

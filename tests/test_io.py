@@ -91,3 +91,27 @@ def test_corrupt_roiset(tmp_path):
         z.writestr("a.roi", b"not a roi")
     with pytest.raises(UserError, match="not a readable ImageJ ROI"):
         read_rois(tmp_path / "other.zip")
+
+
+def _path(pts):
+    ops = [0, *pts[0]]
+    for p in pts[1:]:
+        ops += [1, *p]
+    return ops + [4]
+
+
+def test_composite_roi_with_hole(tmp_path):
+    from tem_ij_plugin.annotations import shape_mask
+
+    outer = [(0, 0), (10, 0), (10, 10), (0, 10)]
+    inner = [(3, 3), (6, 3), (6, 6), (3, 6)]
+    mc = np.array(_path(outer) + _path(inner), np.float32)
+    roi = roifile.ImagejRoi(
+        roitype=roifile.ROI_TYPE.RECT, left=0, top=0, right=10, bottom=10, name="cell-ring", multi_coordinates=mc
+    )
+    roi.shape_roi_size = len(mc)
+    roi.tofile(tmp_path / "ring.roi")
+    (shape,) = read_rois(tmp_path / "ring.roi")
+    assert shape.kind == "composite" and len(shape.polygons) == 2
+    mask = shape_mask(shape, 12, 12)
+    assert mask.sum() == 100 - 9 and not mask[3:6, 3:6].any() and mask[0:3, 0:10].all()

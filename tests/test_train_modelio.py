@@ -167,3 +167,15 @@ def test_training_crops_never_reach_validation_patches():
 def test_mean_iou():
     conf = np.array([[8, 2], [0, 10]])
     assert mean_iou(conf) == pytest.approx((8 / 10 + 10 / 12) / 2)
+
+
+def test_image_smaller_than_one_patch_trains_and_predicts(synthetic):
+    image, _, shapes = synthetic
+    small = image[:90, :100]
+    labels = rasterize(
+        [s for s in shapes if s.polygons[0].max(0)[0] < 100 and s.polygons[0].max(0)[1] < 90], (1,) + small.shape
+    )
+    res = train(small[None], labels, tiny_settings(3), device="cpu")
+    assert res.val_patches == [] and len(res.train_patches) == 1
+    probs = predict_stack(res.model.net, small[None], res.model.normalization, torch.device("cpu"), tile=256)
+    assert probs.shape == (1, 2, 90, 100)
