@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train and predict on a built-in synthetic TEM image, write a figure")
-    demo.add_argument("-o", "--output", default="tem-ij-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("-o", "--out", default="tem-ij-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--minutes", type=float, default=1.5, help="training budget (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model from an image and its ImageJ ROIs")
     tr.add_argument("image", nargs="?", help="2-D image or Z stack (TIFF; PNG for 2-D)")
     tr.add_argument("--rois", help="ImageJ RoiSet.zip or .roi; ROI names give the classes")
-    tr.add_argument("-o", "--output", help="model file to write (e.g. cells.model)")
+    tr.add_argument("-o", "--out", help="model file to write (e.g. cells.model)")
     tr.add_argument("--init", metavar="MODEL", help="warm start from an earlier model (next annotation round)")
     tr.add_argument("--max-minutes", type=float, help="wall-clock training budget (default from config: 10)")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
@@ -63,10 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="probability maps (or labels) of an image or stack")
     pr.add_argument("model", help="model file from 'tem-ij train'")
     pr.add_argument("image", help="2-D image or Z stack")
-    pr.add_argument("-o", "--output", required=True, help="output TIFF")
+    pr.add_argument("-o", "--out", required=True, help="output TIFF")
     pr.add_argument(
-        "--output-type",
-        "--output-kind",
+        "--output",
         dest="kind",
         choices=["probabilities", "labels"],
         default="probabilities",
@@ -221,9 +220,9 @@ def cmd_train(args) -> int:
     if args.print_config:
         sys.stdout.write(dump_settings(settings))
         return 0
-    if not args.image or not args.rois or not args.output:
+    if not args.image or not args.rois or not args.out:
         raise UserError("train needs IMAGE, --rois FILE and -o MODEL (or --print-config)")
-    out = _check_output(args.output, [args.image, args.rois, args.init, args.config])
+    out = _check_output(args.out, [args.image, args.rois, args.init, args.config])
 
     from .annotations import rasterize
     from .io import read_image, read_rois
@@ -284,7 +283,7 @@ def cmd_train(args) -> int:
 def cmd_predict(args) -> int:
     from .errors import UserError
 
-    out = _check_output(args.output, [args.model, args.image])
+    out = _check_output(args.out, [args.model, args.image])
     if args.tile < 32 or args.overlap < 0 or args.overlap >= args.tile or args.batch_size < 1:
         raise UserError("need --tile >= 32, 0 <= --overlap < --tile and --batch-size >= 1")
     from .io import read_image, write_hyperstack
@@ -330,7 +329,7 @@ def cmd_predict(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    report = run_demo(Path(args.output), minutes=args.minutes, seed=args.seed, device=args.device)
+    report = run_demo(Path(args.out), minutes=args.minutes, seed=args.seed, device=args.device)
     print(report)
     return 0
 

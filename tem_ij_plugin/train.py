@@ -81,13 +81,13 @@ def _expanded_box(p: Patch, context: int, shape, avoid: list) -> tuple:
 class _Sampler:
     """Draws training crops around the training patches, never touching validation patches."""
 
-    def __init__(self, image, labels, train, val, context, src_size, device, seed):
+    def __init__(self, image, norm, labels, train, val, context, src_size, device, seed):
         self.src = src_size
         half = src_size // 2 + 1
         self.regions = []
         for p in train:
             y0, x0, y1, x1 = _expanded_box(p, context, image.shape, val)
-            img = np.pad(image[p.z, y0:y1, x0:x1], half, mode="reflect")
+            img = np.pad(norm(image[p.z, y0:y1, x0:x1]), half, mode="reflect")
             lab = np.pad(labels[p.z, y0:y1, x0:x1], half, mode="reflect")
             # Centres: anywhere in the box, or (more often) on a labelled pixel of the patch itself.
             ly, lx = np.nonzero(labels[p.z, p.y0 : p.y1, p.x0 : p.x1] != UNLABELLED)
@@ -121,7 +121,7 @@ class _Sampler:
 class _Validator:
     """Mean IoU over classes on the labelled pixels of the validation patches."""
 
-    def __init__(self, image, labels, val, context, n_classes):
+    def __init__(self, image, norm, labels, val, context, n_classes):
         self.items = []
         self.n_classes = n_classes
         _, h, w = image.shape
@@ -130,7 +130,8 @@ class _Validator:
             y1, x1 = min(h, p.y1 + context), min(w, p.x1 + context)
             lab = labels[p.z, p.y0 : p.y1, p.x0 : p.x1]
             keep = lab != UNLABELLED
-            self.items.append((image[p.z, y0:y1, x0:x1], (p.y0 - y0, p.x0 - x0), keep, lab[keep].astype(np.int64)))
+            region = norm(image[p.z, y0:y1, x0:x1])
+            self.items.append((region, (p.y0 - y0, p.x0 - x0), keep, lab[keep].astype(np.int64)))
 
     def __call__(self, net, device, precision) -> float:
         conf = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
@@ -222,11 +223,15 @@ def train(
         p.requires_grad_(False)
 
     lo, hi = normalization_range(image)
-    norm_image = normalize(image, lo, hi)
+
+    # Only the regions around annotated patches are normalised: a large stack is never copied whole.
+    def norm(a):
+        return normalize(a, lo, hi)
+
     augmenter = Augmenter(tc.crop_size, **s.augment.model_dump())
     src = augmenter.input_size()
-    sampler = _Sampler(norm_image, labels.labels, train_p, val_p, tc.context, src, dev, tc.seed)
-    validator = _Validator(norm_image, labels.labels, val_p, tc.context, n_classes) if val_p else None
+    sampler = _Sampler(image, norm, labels.labels, train_p, val_p, tc.context, src, dev, tc.seed)
+    validator = _Validator(image, norm, labels.labels, val_p, tc.context, n_classes) if val_p else None
     counts = np.bincount(
         np.concatenate([labels.labels[p.z, p.y0 : p.y1, p.x0 : p.x1].ravel() for p in train_p]) + 1,
         minlength=n_classes + 1,
