@@ -119,7 +119,7 @@ def make_tem_image(
     # Membranes: a dark band on the inside edge of every cell.
     membrane = (truth > 0) & ~ndi.binary_erosion(truth > 0, iterations=2)
     density_map[membrane] += 0.38
-    illumination = 1.0 + 0.15 * _smooth_noise(rng, (h, w), max(h, w) / 4)
+    illumination = 1.0 + 0.08 * _smooth_noise(rng, (h, w), max(h, w) / 3)
     intensity = np.exp(-1.6 * density_map) * illumination
     intensity = ndi.gaussian_filter(intensity, 0.8)
     counts = rng.poisson(np.clip(intensity, 0, None) * 60.0) / 60.0
