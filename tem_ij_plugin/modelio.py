@@ -44,6 +44,12 @@ class TrainedModel:
         return dict(self.meta["normalization"])
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def software_versions() -> dict:
     """Versions recorded in every model file."""
     import numpy
@@ -86,6 +92,8 @@ def save_model(path: str | os.PathLike, model: TrainedModel) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     try:
         save_file(state, str(tmp), metadata={_KEY: json.dumps(meta)})
+        # safetensors creates the file private (0600); give it the permissions any new file gets.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -227,3 +227,47 @@ def test_import_is_light():
         timeout=60,
     )
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_ctrl_c_saves_best_model_and_exits_130(files):
+    import signal
+    import time
+
+    from tem_ij_plugin.modelio import load_model
+
+    cfg = files["dir"] / "long.yaml"
+    cfg.write_text(
+        "train:\n  max_iterations: 100000\n  eval_every: 2\n  min_iterations: 0\n"
+        "model:\n  depth: 2\n  base_channels: 8\npatches:\n  size: 128\n"
+    )
+    out = files["dir"] / "interrupted.model"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tem_ij_plugin",
+            "train",
+            str(files["image"]),
+            "--rois",
+            str(files["rois"]),
+            "-o",
+            str(out),
+            "--config",
+            str(cfg),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Wait until training runs (its first log line), then interrupt like a user pressing Ctrl-C.
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        if "iteration" in line or time.monotonic() > deadline:
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "cancelled" in stdout and "Traceback" not in stderr
+    model = load_model(out)
+    assert model.meta["history"]["rounds"][-1]["stop_reason"] == "cancelled"
