@@ -272,9 +272,10 @@ def cmd_train(args) -> int:
         reporter.close()
     save_model(out, result.model)
     last = result.model.meta["history"]["rounds"][-1]
+    best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
     print(
         f"saved {out}: {last['iterations']} iterations in {last['duration_s']:.0f} s ({result.stop_reason}); "
-        f"best validation score {last['best_score']:.3f} at iteration {last['best_iteration']}; "
+        f"best {last['score']} {best} at iteration {last['best_iteration']}; "
         f"{len(result.train_patches)} training / {len(result.val_patches)} validation patches"
     )
     return EXIT_CANCELLED if cancel.is_set() else 0

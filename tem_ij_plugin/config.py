@@ -65,6 +65,9 @@ class TrainConfig(_Strict):
     crop_size: int = Field(192, ge=32, description="Training crop side in pixels.")
     context: int = Field(32, ge=0, description="Image context around a training patch that crops may use.")
     learning_rate: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(
+        0.99, ge=0, lt=1, description="Decay of the weight average that is validated and saved (0 = off)."
+    )
     weight_decay: float = Field(1e-4, ge=0)
     class_balance: float = Field(
         0.5,

@@ -241,8 +241,6 @@ def train(
 
     lr = tc.learning_rate
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=tc.weight_decay)
-    # Warm up the weight average quickly, then let it average over ~1/(1-decay) steps.
-    ema_decay = 0.99
 
     curves = {"iteration": [], "train_loss": [], "val_iteration": [], "val_score": [], "smoothed_score": []}
     best = {"score": -np.inf, "iteration": 0, "state": _state(ema)}
@@ -295,7 +293,8 @@ def train(
         loss.backward()
         opt.step()
         it += 1
-        d = min(ema_decay, (1 + it) / (10 + it))
+        # Warm up the weight average quickly, then let it average over ~1/(1-decay) steps.
+        d = min(tc.ema_decay, (1 + it) / (10 + it))
         with torch.no_grad():
             for pe, pn in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pn, 1 - d)
@@ -339,7 +338,7 @@ def train(
                     "lr": lr,
                 }
             )
-    if it and (not curves["val_iteration"] or curves["val_iteration"][-1] != it):
+    if not curves["val_iteration"] or curves["val_iteration"][-1] != it:
         evaluate()
     elapsed = time.perf_counter() - start
     ema.load_state_dict(best["state"])
@@ -363,7 +362,7 @@ def train(
             "duration_s": round(elapsed, 1),
             "stop_reason": stop_reason,
             "best_iteration": best["iteration"],
-            "best_score": float(best["score"]),
+            "best_score": float(best["score"]) if np.isfinite(best["score"]) else None,
             "score": "validation mIoU (smoothed)" if validator else "negative training loss (no validation patches)",
             "backtracks": backtracks,
             "device": str(dev),

@@ -179,3 +179,14 @@ def test_image_smaller_than_one_patch_trains_and_predicts(synthetic):
     assert res.val_patches == [] and len(res.train_patches) == 1
     probs = predict_stack(res.model.net, small[None], res.model.normalization, torch.device("cpu"), tile=256)
     assert probs.shape == (1, 2, 90, 100)
+
+
+def test_cancel_before_first_step_still_gives_a_scored_model(synthetic):
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    cancel = threading.Event()
+    cancel.set()
+    res = train(image[None], labels, tiny_settings(10), device="cpu", cancel=cancel)
+    rnd = res.model.meta["history"]["rounds"][-1]
+    assert res.stop_reason == "cancelled" and rnd["iterations"] == 0
+    assert rnd["best_score"] is not None and rnd["curves"]["val_iteration"] == [0]
