@@ -143,24 +143,32 @@ def fill_polygons(polygons, height: int, width: int, x0: int = 0, y0: int = 0) -
     return (np.cumsum(parity, axis=1)[:, :width] % 2).astype(bool)
 
 
+def _local_mask(shape: Shape, height: int, width: int):
+    """``(rows, cols, mask)``: the shape's mask within its bounding box, clipped to the image."""
+    (xmin, ymin), (xmax, ymax) = _bounds(shape)
+    x0, y0 = max(0, int(np.floor(xmin))), max(0, int(np.floor(ymin)))
+    x1, y1 = min(width, int(np.ceil(xmax)) + 1), min(height, int(np.ceil(ymax)) + 1)
+    rows, cols = slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
+    hh, ww = rows.stop - y0, cols.stop - x0
+    if shape.kind in ("rect", "oval"):
+        xs = np.arange(x0, x0 + ww) + 0.5
+        ys = np.arange(y0, y0 + hh) + 0.5
+        if shape.kind == "rect":
+            return rows, cols, ((ys >= ymin) & (ys < ymax))[:, None] & ((xs >= xmin) & (xs < xmax))[None, :]
+        cx, cy = (xmin + xmax) / 2, (ymin + ymax) / 2
+        rx, ry = max((xmax - xmin) / 2, 1e-9), max((ymax - ymin) / 2, 1e-9)
+        return rows, cols, ((ys - cy) / ry)[:, None] ** 2 + ((xs - cx) / rx)[None, :] ** 2 < 1.0
+    if shape.kind in ("polygon", "composite"):
+        return rows, cols, fill_polygons(shape.polygons, hh, ww, x0, y0)
+    raise UserError(f"ROI '{shape.name}' is a {shape.kind} ROI; only area ROIs can label pixels")
+
+
 def shape_mask(shape: Shape, height: int, width: int) -> np.ndarray:
     """Boolean mask of one shape on an image of the given size (parts outside are clipped)."""
-    if shape.kind in ("rect", "oval"):
-        box = np.asarray(shape.polygons[0], dtype=np.float64)
-        left, top = box.min(axis=0)
-        right, bottom = box.max(axis=0)
-        if shape.kind == "rect":
-            xs = np.arange(width) + 0.5
-            ys = np.arange(height) + 0.5
-            return ((ys >= top) & (ys < bottom))[:, None] & ((xs >= left) & (xs < right))[None, :]
-        cx, cy = (left + right) / 2, (top + bottom) / 2
-        rx, ry = max((right - left) / 2, 1e-9), max((bottom - top) / 2, 1e-9)
-        xs = (np.arange(width) + 0.5 - cx) / rx
-        ys = (np.arange(height) + 0.5 - cy) / ry
-        return ys[:, None] ** 2 + xs[None, :] ** 2 < 1.0
-    if shape.kind in ("polygon", "composite"):
-        return fill_polygons(shape.polygons, height, width)
-    raise UserError(f"ROI '{shape.name}' is a {shape.kind} ROI; only area ROIs can label pixels")
+    rows, cols, local = _local_mask(shape, height, width)
+    mask = np.zeros((height, width), dtype=bool)
+    mask[rows, cols] = local
+    return mask
 
 
 def _bounds(shape: Shape):
@@ -236,11 +244,8 @@ def rasterize(
             f"only one class is annotated ({', '.join(sorted(set(found))) or 'none'}); "
             "outline at least two classes, e.g. some cells and some background"
         )
-    labels = np.full((nz, h, w), UNLABELLED, dtype=np.int16)
-    claimed = np.zeros((nz, h, w), dtype=np.int16)  # 1 + class index of the first claim, per pixel
-    conflict = np.zeros((nz, h, w), dtype=bool)
-    ignore = np.zeros((nz, h, w), dtype=bool)
     warnings = []
+    prepared = []
     for s, cls in zip(shapes, named):
         if s.position > nz:
             raise UserError(f"ROI '{s.name}' is on slice {s.position} but the image has {nz} slice(s)")
@@ -255,27 +260,40 @@ def rasterize(
             raise UserError(
                 f"ROI '{s.name}' lies entirely outside the {w}x{h} image (x {xmin:g}..{xmax:g}, y {ymin:g}..{ymax:g})"
             )
-        mask = shape_mask(s, h, w)
+        rows, cols, mask = _local_mask(s, h, w)
         if not mask.any():
             raise UserError(f"ROI '{s.name}' covers no pixel (zero area); delete or redraw it")
         if xmin < 0 or ymin < 0 or xmax > w or ymax > h:
             warnings.append(f"ROI '{s.name}' extends beyond the image and was clipped")
-        planes = range(nz) if s.position == 0 else [s.position - 1]
-        for z in planes:
-            if cls == IGNORE_NAME:
-                ignore[z] |= mask
+        k = -1 if cls == IGNORE_NAME else classes.index(cls)
+        prepared.append((s.position, k, rows, cols, mask))
+
+    # One plane at a time, so that only the label stack itself is ever as large as the image.
+    labels = np.full((nz, h, w), UNLABELLED, dtype=np.int16)
+    n_conflict = 0
+    present = set()
+    for z in range(nz):
+        mine = [p for p in prepared if p[0] in (0, z + 1)]
+        if not mine:
+            continue
+        claimed = np.zeros((h, w), dtype=np.int16)  # 1 + class index of the first claim
+        conflict = np.zeros((h, w), dtype=bool)
+        ignore = np.zeros((h, w), dtype=bool)
+        for _, k, rows, cols, mask in mine:
+            if k < 0:
+                ignore[rows, cols] |= mask
                 continue
-            k = classes.index(cls) + 1
-            prev = claimed[z]
-            conflict[z] |= mask & (prev != 0) & (prev != k)
-            prev[mask & (prev == 0)] = k
-    labels[:] = claimed - 1
-    n_conflict = int(conflict.sum())
+            prev = claimed[rows, cols]
+            conflict[rows, cols] |= mask & (prev != 0) & (prev != k + 1)
+            prev[mask & (prev == 0)] = k + 1
+        n_conflict += int(conflict.sum())
+        plane = labels[z]
+        plane[:] = claimed - 1
+        plane[conflict | ignore] = UNLABELLED
+        present |= set(np.unique(plane).tolist())
     if n_conflict:
         warnings.append(f"{n_conflict} pixel(s) claimed by ROIs of different classes were left unlabelled")
-    labels[conflict | ignore] = UNLABELLED
-    present = set(np.unique(labels)) - {UNLABELLED}
-    if len(present) < 2:
+    if len(present - {UNLABELLED}) < 2:
         raise UserError("after removing 'ignore' areas and conflicts fewer than two classes remain labelled")
     for msg in warnings:
         log.warning(msg)

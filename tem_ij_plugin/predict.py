@@ -27,6 +27,9 @@ def normalization_range(data: np.ndarray, low: float = 1.0, high: float = 99.8, 
     flat = data.reshape(-1)
     step = max(1, flat.size // max_samples)
     sample = flat[::step].astype(np.float32)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return 0.0, 1.0
     lo, hi = np.percentile(sample, [low, high])
     if hi <= lo:
         hi = lo + 1.0
@@ -34,8 +37,9 @@ def normalization_range(data: np.ndarray, low: float = 1.0, high: float = 99.8, 
 
 
 def normalize(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``[lo, hi]`` to ``[0, 1]`` as float32 (values outside stay outside; nothing is clipped)."""
-    return ((data.astype(np.float32) - lo) / (hi - lo)).astype(np.float32, copy=False)
+    """Map ``[lo, hi]`` to ``[0, 1]`` as float32 (values outside stay outside; NaN/inf become 0)."""
+    out = (data.astype(np.float32) - lo) / (hi - lo)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -61,3 +61,14 @@ def test_augmentation_is_seeded():
 def test_input_size_covers_rotation_and_zoom():
     aug = Augmenter(192, scale=0.15, elastic_alpha=6)
     assert aug.input_size() >= 192 * 1.414 * 1.15
+
+
+def test_normalization_ignores_nan_and_constant_images():
+    from tem_ij_plugin.predict import normalization_range, normalize
+
+    a = np.linspace(0, 100, 10001, dtype=np.float32).reshape(1, 1, -1)
+    a[0, 0, :50] = np.nan
+    lo, hi = normalization_range(a)
+    assert np.isfinite([lo, hi]).all() and hi > lo
+    assert np.isfinite(normalize(a, lo, hi)).all()
+    assert normalization_range(np.full((4, 4), 7.0)) == (7.0, 8.0)
