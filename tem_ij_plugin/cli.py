@@ -177,19 +177,21 @@ def _parse_group_names(text):
 
 
 def _settings(args):
+    from pydantic import ValidationError
+
     from .config import Settings, load_settings
+    from .errors import UserError
 
     s = load_settings(args.config) if args.config else Settings()
-    if args.max_minutes is not None:
-        if args.max_minutes <= 0:
-            from .errors import UserError
-
-            raise UserError("--max-minutes must be positive")
-        s.train.max_minutes = args.max_minutes
-    if args.seed is not None:
-        s.train.seed = args.seed
-    if args.val_patches is not None:
-        s.train.validation_patches = args.val_patches
+    overrides = {"max_minutes": args.max_minutes, "seed": args.seed, "validation_patches": args.val_patches}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        try:
+            setattr(s.train, key, value)
+        except ValidationError as exc:
+            option = {"max_minutes": "--max-minutes", "seed": "--seed", "validation_patches": "--val-patches"}[key]
+            raise UserError(f"{option} {value}: {exc.errors()[0]['msg']}") from exc
     return s
 
 
@@ -329,7 +331,10 @@ def cmd_predict(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .errors import UserError
 
+    if args.minutes <= 0:
+        raise UserError("--minutes must be positive")
     report = run_demo(Path(args.out), minutes=args.minutes, seed=args.seed, device=args.device)
     print(report)
     return 0

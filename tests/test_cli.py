@@ -271,3 +271,11 @@ def test_ctrl_c_saves_best_model_and_exits_130(files):
     assert "cancelled" in stdout and "Traceback" not in stderr
     model = load_model(out)
     assert model.meta["history"]["rounds"][-1]["stop_reason"] == "cancelled"
+
+
+@pytest.mark.parametrize("option, value", [("--max-minutes", "0"), ("--val-patches", "-1")])
+def test_invalid_option_values_are_exit_2(files, capsys, option, value):
+    code, _, err = run(
+        capsys, "train", files["image"], "--rois", files["rois"], "-o", files["dir"] / "m.model", option, value
+    )
+    assert code == 2 and option in err and "Traceback" not in err
