@@ -86,7 +86,9 @@ class TrainConfig(_Strict):
     patience: int = Field(6, ge=1, description="Validations without improvement before backtracking.")
     backtracks: int = Field(3, ge=0, description="How often to reload the best model with a lower rate.")
     backtrack_lr_factor: float = Field(0.3, gt=0, lt=1, description="Learning-rate factor per backtrack.")
-    min_iterations: int = Field(150, ge=0, description="No early stop before this many iterations.")
+    min_iterations: int = Field(
+        150, ge=0, description="Warm-up: validations before this iteration neither count as best nor as stalls."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA that supports it, fp32 elsewhere."
     )

@@ -265,6 +265,8 @@ def train(
         curves["val_iteration"].append(it)
         curves["val_score"].append(round(score, 5))
         curves["smoothed_score"].append(round(smoothed, 5))
+        if it < tc.min_iterations:
+            return  # an early, barely trained score must not become the best to backtrack to
         if smoothed > best["score"] + 1e-4:
             best.update(score=smoothed, iteration=it, state=_state(ema))
             bad = 0
@@ -340,6 +342,8 @@ def train(
             )
     if not curves["val_iteration"] or curves["val_iteration"][-1] != it:
         evaluate()
+    if not np.isfinite(best["score"]):  # stopped during warm-up: the latest weights are all there is
+        best.update(score=smoothed, iteration=it, state=_state(ema))
     elapsed = time.perf_counter() - start
     ema.load_state_dict(best["state"])
     ema.cpu()

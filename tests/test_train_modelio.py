@@ -190,3 +190,12 @@ def test_cancel_before_first_step_still_gives_a_scored_model(synthetic):
     rnd = res.model.meta["history"]["rounds"][-1]
     assert res.stop_reason == "cancelled" and rnd["iterations"] == 0
     assert rnd["best_score"] is not None and rnd["curves"]["val_iteration"] == [0]
+
+
+def test_no_best_model_from_the_warm_up(synthetic):
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    s = tiny_settings(12)
+    s.train.min_iterations = 8
+    rnd = train(image[None], labels, s, device="cpu").model.meta["history"]["rounds"][-1]
+    assert rnd["curves"]["val_iteration"] == [4, 8, 12] and rnd["best_iteration"] in (8, 12)
