@@ -183,14 +183,17 @@ def _settings(args):
     from .errors import UserError
 
     s = load_settings(args.config) if args.config else Settings()
-    overrides = {"max_minutes": args.max_minutes, "seed": args.seed, "validation_patches": args.val_patches}
-    for key, value in overrides.items():
+    overrides = {
+        "--max-minutes": ("max_minutes", args.max_minutes),
+        "--seed": ("seed", args.seed),
+        "--val-patches": ("validation_patches", args.val_patches),
+    }
+    for option, (key, value) in overrides.items():
         if value is None:
             continue
         try:
             setattr(s.train, key, value)
         except ValidationError as exc:
-            option = {"max_minutes": "--max-minutes", "seed": "--seed", "validation_patches": "--val-patches"}[key]
             raise UserError(f"{option} {value}: {exc.errors()[0]['msg']}") from exc
     return s
 

@@ -243,7 +243,7 @@ def train(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=tc.weight_decay)
 
     curves = {"iteration": [], "train_loss": [], "val_iteration": [], "val_score": [], "smoothed_score": []}
-    best = {"score": -np.inf, "iteration": 0, "state": _state(ema)}
+    best = {"score": -np.inf, "iteration": 0, "state": None}  # set by evaluate() or after the loop
     smoothed = None
     bad = 0
     backtracks = 0
