@@ -60,27 +60,66 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-names", metavar="N=NAME,...", help="class names of ImageJ ROI groups, e.g. 1=cell,2=background"
     )
 
-    pr = sub.add_parser("predict", help="probability maps (or labels) of an image or stack")
+    pr = sub.add_parser(
+        "predict",
+        help="probability maps (or labels) of an image or stack",
+        description="Predict an image or stack plane by plane (bounded memory). Output type from the suffix: "
+        ".tif ImageJ hyperstack, .btf BigTIFF, .zarr OME-Zarr. Ctrl-C keeps the finished planes in NAME.partial.* "
+        "and the same command with --resume completes them.",
+    )
     pr.add_argument("model", help="model file from 'tem-ij train'")
-    pr.add_argument("image", help="2-D image or Z stack")
-    pr.add_argument("-o", "--out", required=True, help="output TIFF")
+    pr.add_argument("image", help="2-D image, Z/T stack or hyperstack (TIFF; PNG for 2-D)")
+    pr.add_argument("-o", "--out", required=True, help="output: .tif, .btf (BigTIFF) or .zarr (OME-Zarr)")
     pr.add_argument(
         "--output",
         dest="kind",
-        choices=["probabilities", "labels"],
+        choices=["probabilities", "labels", "both"],
         default="probabilities",
-        help="float32 probabilities per class, or the argmax label image",
+        help="probabilities per class (default), the argmax label image, or both (labels to NAME_labels.*)",
     )
+    pr.add_argument(
+        "--dtype",
+        choices=["float32", "uint8", "uint16"],
+        default="float32",
+        help="probabilities as float32 (default) or scaled to 0..255 / 0..65535 (4x / 2x smaller)",
+    )
+    pr.add_argument("--classes", help="comma-separated classes to write (probabilities), e.g. cell")
+    pr.add_argument("--channel", type=int, help="1-based channel to segment in a multichannel hyperstack")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
-    pr.add_argument("--tile", type=int, default=256, help="tile side in pixels (default: %(default)s)")
-    pr.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default: %(default)s)")
-    pr.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: %(default)s)")
+    pr.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="auto: onnxruntime on the CPU when installed ([onnx] extra), else torch (default: auto)",
+    )
+    pr.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="auto: bf16 on CUDA, fp32 elsewhere; reduced precision is checked against fp32 (default: auto)",
+    )
+    pr.add_argument("--tile", type=int, help="tile side in pixels (default: 512 on CPU, 1024 on GPU)")
+    pr.add_argument("--overlap", type=int, help="tile overlap (default: twice the receptive-field radius, >= 32)")
+    pr.add_argument("--batch-size", type=int, help="tiles per forward pass (default: 1 on CPU, 4 on GPU)")
+    pr.add_argument("--resume", action="store_true", help="complete an interrupted prediction to the same output")
     return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever ``sys.stderr`` is at the time (it may be replaced, e.g. by an embedding host)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger("tem_ij_plugin")
     root.handlers[:] = [handler]
@@ -286,49 +325,90 @@ def cmd_train(args) -> int:
     return EXIT_CANCELLED if cancel.is_set() else 0
 
 
+class PredictReporter:
+    """Prediction progress: a tqdm bar on a terminal, a log line every few seconds otherwise."""
+
+    def __init__(self, interactive: bool | None = None, every_s: float = 10.0):
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.every_s = every_s
+        self.bar = None
+        self.last = 0.0
+
+    def __call__(self, ev: dict) -> None:
+        frac = ev["done"] + (ev["tiles_done"] / ev["tiles_total"] if ev["tiles_done"] < ev["tiles_total"] else 0)
+        if self.interactive:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=ev["total"], desc="predicting", unit="plane", dynamic_ncols=True)
+            self.bar.n = round(frac, 2)
+            self.bar.set_postfix({"MP/s": f"{ev['megapixels_per_s']:.2f}"}, refresh=True)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every_s or ev["done"] == ev["total"] and ev["tiles_done"] == ev["tiles_total"]:
+            self.last = now
+            log.info(
+                "plane %d/%d, tiles %d/%d, %.2f MP/s, %.0f s elapsed, ETA %.0f s",
+                ev["plane"],
+                ev["planes"],
+                ev["tiles_done"],
+                ev["tiles_total"],
+                ev["megapixels_per_s"],
+                ev["elapsed_s"],
+                ev["eta_s"],
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def cmd_predict(args) -> int:
-    from .errors import UserError
+    from .apply import PredictJob, labels_path
+    from .errors import Cancelled, UserError
+    from .stackio import output_format
 
-    out = _check_output(args.out, [args.model, args.image])
-    if args.tile < 32 or args.overlap < 0 or args.overlap >= args.tile or args.batch_size < 1:
-        raise UserError("need --tile >= 32, 0 <= --overlap < --tile and --batch-size >= 1")
-    from .io import read_image, write_hyperstack
-    from .modelio import load_model
-    from .predict import predict_stack, resolve_device
-
-    device = resolve_device(args.device)
-    model = load_model(args.model, device=device)
-    image = read_image(args.image)
-    total = image.data.shape[0]
-
-    def progress(ev):
-        log.info("slice %d/%d done (%.1f s)", ev["done"], ev["total"], ev["elapsed_s"])
-
-    start = time.perf_counter()
-    probs, _ = _with_cancel_on_sigint(
-        lambda c: predict_stack(
-            model.net,
-            image.data,
-            model.normalization,
-            device,
-            args.tile,
-            args.overlap,
-            args.batch_size,
-            progress=progress if total > 1 else None,
-            cancel=c,
+    out = Path(args.out)
+    output_format(out)
+    for o in [out, labels_path(out)] if args.kind == "both" else [out]:
+        _check_output(o, [args.model, args.image])
+    if args.tile is not None and args.tile < 32:
+        raise UserError("--tile must be at least 32")
+    if args.overlap is not None and (args.overlap < 0 or (args.tile and args.overlap >= args.tile)):
+        raise UserError("need 0 <= --overlap < --tile")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    classes = [c.strip().lower() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    job = PredictJob(
+        args.model,
+        args.image,
+        out,
+        kind=args.kind,
+        dtype=args.dtype,
+        classes=classes,
+        channel=args.channel,
+        device=args.device,
+        backend=args.backend,
+        precision=args.precision,
+        tile=args.tile,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        resume=args.resume,
+    )
+    reporter = PredictReporter()
+    try:
+        report, _ = _with_cancel_on_sigint(lambda c: job.run(progress=reporter, cancel=c))
+    except Cancelled:
+        reporter.close()
+        print(
+            f"tem-ij predict: cancelled with {job.planes_done} of {job.n_planes} plane(s) written to "
+            f"{', '.join(map(str, job.partial_files))}; run the same command with --resume to complete it",
+            file=sys.stderr,
         )
-    )
-    if args.kind == "labels":
-        import numpy as np
-
-        data = probs.argmax(axis=1).astype(np.uint8 if len(model.classes) < 256 else np.uint16)
-        write_hyperstack(out, data, image.calibration)
-    else:
-        write_hyperstack(out, probs, image.calibration, channel_names=model.classes)
-    print(
-        f"wrote {out}: {args.kind} of {total} slice(s), classes {', '.join(model.classes)} "
-        f"({time.perf_counter() - start:.1f} s)"
-    )
+        return EXIT_CANCELLED
+    finally:
+        reporter.close()
+    print(report)
     return 0
 
 

@@ -31,7 +31,13 @@ class ModelConfig(_Strict):
         description="Recurrent steps T (1 = plain U-Net). T=3 was less accurate per minute of 2-core CPU "
         "training on ISBI (see README benchmarks); worth trying on a GPU.",
     )
-    norm_groups: int = Field(8, ge=1, description="Maximum GroupNorm groups.")
+    norm: Literal["batch", "group"] = Field(
+        "batch",
+        description="Normalisation layers. 'batch': fixed statistics at inference, so predictions do not "
+        "depend on tile size or position (seam-free, folds into the convolutions). 'group': per-tile "
+        "statistics (a 1024-pixel tile and 256-pixel tiles gave different maps).",
+    )
+    norm_groups: int = Field(8, ge=1, description="Maximum GroupNorm groups (norm: group only).")
     feedback: Literal["input", "head"] = Field(
         "input",
         description="Where the previous softmax re-enters: 'input' re-runs the whole U-Net per step, "

@@ -75,81 +75,196 @@ def _rgb_error(path: Path) -> UserError:
     )
 
 
-def read_image(path: str | os.PathLike) -> Image:
-    """Read a 2-D image or Z stack as (Z, Y, X) with its calibration.
+def read_image(path: str | os.PathLike, channel: int | None = None) -> Image:
+    """Read a 2-D image or stack as (planes, Y, X) with its calibration.
 
     Supports 8/16-bit integer and float TIFF (ImageJ or plain, BigTIFF included) and greyscale PNG.
+    Hyperstacks with T and Z are read plane by plane in ImageJ's order (Z fastest); see
+    :class:`PlaneReader` for channels.
 
     Raises
     ------
     UserError
-        Missing or unreadable file, colour or multichannel images, unsupported pixel types.
+        Missing or unreadable file, colour images, unsupported pixel types, several channels
+        without ``channel``.
     """
-    path = Path(path)
-    _check_readable(path)
-    suffix = path.suffix.lower()
-    cal = Calibration()
-    labels: list = []
-    if suffix in _TIFF:
-        import tifffile
+    with PlaneReader(path, channel=channel) as r:
+        data = np.stack([r.read(i) for i in range(r.n_planes)])
+        return Image(data=data, calibration=r.calibration, slice_labels=r.slice_labels, path=Path(path))
 
-        try:
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                axes = series.axes
-                data = series.asarray()
-                page = tif.pages[0]
-                meta = tif.imagej_metadata or {}
-                cal = _tiff_calibration(page, meta)
-                labels = list(meta.get("Labels", []) or [])
-                photometric = getattr(page, "photometric", None)
-        except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
-            raise UserError(f"{path} is not a readable TIFF file: {exc}") from exc
-        if photometric is not None and int(photometric) == 2 or "S" in axes:
-            raise _rgb_error(path)
-        data = _to_zyx(data, axes, path)
-    elif suffix in _OTHER:
+
+class PlaneReader:
+    """The 2-D planes of a greyscale image or stack, read one at a time so memory stays bounded.
+
+    Uncompressed contiguous TIFF data (ImageJ stacks, including ImageJ files over 4 GB) is read with
+    one positioned read per plane; other TIFFs one page at a time.
+
+    Parameters
+    ----------
+    path : path-like
+        TIFF (ImageJ, plain, BigTIFF) or a 2-D PNG/JPEG/BMP.
+    channel : int, optional
+        1-based channel of a multichannel hyperstack (required when it has several channels).
+
+    Attributes
+    ----------
+    n_planes : int
+    plane_shape : tuple of int
+        (Y, X).
+    dtype : numpy.dtype
+    stack_axes : str
+        The axes the planes run over, ``""`` (2-D), ``"Z"``, ``"T"`` or ``"TZ"``.
+    stack_shape : tuple of int
+        Length of each stack axis (its product is ``n_planes``).
+    calibration : Calibration
+    slice_labels : list of str
+        One per plane where the file had labels, else empty.
+    """
+
+    def __init__(self, path: str | os.PathLike, channel: int | None = None):
+        self.path = Path(path)
+        _check_readable(self.path)
+        self._tif = None
+        self._fh = None
+        self._array = None
+        self.calibration = Calibration()
+        self.slice_labels: list = []
+        suffix = self.path.suffix.lower()
+        if suffix in _TIFF:
+            self._open_tiff(channel)
+        elif suffix in _OTHER:
+            self._open_other()
+        else:
+            raise UserError(f"{self.path}: unsupported image format '{suffix}'; use TIFF (or PNG for a 2-D image)")
+        if self.dtype.kind not in "uif" or self.dtype == np.bool_:
+            raise UserError(f"{self.path}: unsupported pixel type {self.dtype}; use 8/16-bit or 32-bit float")
+        if self.n_planes == 0 or 0 in self.plane_shape:
+            raise UserError(f"{self.path} contains no pixels")
+
+    def _open_other(self) -> None:
         import imageio.v3 as iio
 
         try:
-            data = np.asarray(iio.imread(path))
+            data = np.asarray(iio.imread(self.path))
         except Exception as exc:  # imageio raises many types for a broken file
-            raise UserError(f"{path} is not a readable image: {exc}") from exc
+            raise UserError(f"{self.path} is not a readable image: {exc}") from exc
         if data.ndim == 3:
             if data.shape[-1] in (3, 4) and not all(np.array_equal(data[..., 0], data[..., i]) for i in range(1, 3)):
-                raise _rgb_error(path)
+                raise _rgb_error(self.path)
             data = data[..., 0]
-        data = data[None]
-    else:
-        raise UserError(f"{path}: unsupported image format '{suffix}'; use TIFF (or PNG for a 2-D image)")
-    if data.dtype.kind not in "uif" or data.dtype == np.bool_:
-        raise UserError(f"{path}: unsupported pixel type {data.dtype}; use 8/16-bit or 32-bit float")
-    if data.size == 0:
-        raise UserError(f"{path} contains no pixels")
-    return Image(data=data, calibration=cal, slice_labels=labels, path=path)
+        self._array = data[None]
+        self.n_planes, self.plane_shape, self.dtype = 1, data.shape, data.dtype
+        self.stack_axes, self.stack_shape = "", ()
 
+    def _open_tiff(self, channel: int | None) -> None:
+        import tifffile
 
-def _to_zyx(data: np.ndarray, axes: str, path: Path) -> np.ndarray:
-    """Reduce a TIFF series to (Z, Y, X); axes other than Z, Y, X must have length 1."""
-    keep = []
-    for i, ax in enumerate(axes):
-        if ax in "YX":
-            continue
-        if data.shape[i] == 1:
-            continue
-        keep.append(ax)
-    if len(keep) > 1 or (keep and keep[0] == "C"):
-        raise UserError(
-            f"{path} has axes {axes} with shape {data.shape}; expected a greyscale image or one Z (or T) stack. "
-            "Split channels in Fiji (Image > Color > Split Channels) and save the channel to segment"
-        )
-    squeeze = tuple(i for i, ax in enumerate(axes) if ax not in "YX" and ax not in keep)
-    data = data.squeeze(axis=squeeze) if squeeze else data
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3:
-        raise UserError(f"{path}: cannot interpret axes {axes} as a Z stack")
-    return data
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            series = self._tif.series[0]
+            axes, shape = series.axes, tuple(series.shape)
+            page = self._tif.pages[0]
+            meta = self._tif.imagej_metadata or {}
+            self.calibration = _tiff_calibration(page, meta)
+            photometric = getattr(page, "photometric", None)
+        except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
+            self.close()
+            raise UserError(f"{self.path} is not a readable TIFF file: {exc}") from exc
+        if photometric is not None and int(photometric) == 2 or "S" in axes:
+            self.close()
+            raise _rgb_error(self.path)
+        if not axes.endswith("YX"):
+            self.close()
+            raise UserError(f"{self.path}: cannot read axes {axes} as 2-D planes")
+        self.dtype = np.dtype(series.dtype)
+        self.plane_shape = shape[-2:]
+        self._lead_shape = shape[:-2]
+        fixed = {}
+        stack = []
+        for i, (ax, n) in enumerate(zip(axes[:-2], self._lead_shape)):
+            if ax == "C" and n > 1:
+                if channel is None:
+                    self.close()
+                    raise UserError(
+                        f"{self.path} has {n} channels (axes {axes}, shape {shape}); choose the channel to "
+                        f"segment with --channel 1..{n} (or split channels in Fiji: Image > Color > Split Channels)"
+                    )
+                if not 1 <= channel <= n:
+                    self.close()
+                    raise UserError(f"--channel {channel} is out of range: {self.path} has channels 1..{n}")
+                fixed[i] = channel - 1
+            elif n > 1:
+                stack.append((i, "T" if ax == "T" else "Z"))
+            else:
+                fixed[i] = 0
+        names = "".join(a for _, a in stack)
+        if names not in ("", "Z", "T", "TZ"):
+            self.close()
+            raise UserError(
+                f"{self.path} has axes {axes} with shape {shape}; expected a 2-D image, a Z or T stack, or a "
+                "T x Z hyperstack (plus an optional channel axis chosen with --channel)"
+            )
+        self.stack_axes = names
+        self._stack_dims = [i for i, _ in stack]
+        self.stack_shape = tuple(self._lead_shape[i] for i in self._stack_dims)
+        self._fixed = fixed
+        self.n_planes = int(np.prod(self.stack_shape, dtype=np.int64))
+        self._n_pages = int(np.prod(self._lead_shape, dtype=np.int64))
+        labels = list(meta.get("Labels", []) or [])
+        if len(labels) == self._n_pages:
+            self.slice_labels = [labels[self._page(i)] for i in range(self.n_planes)]
+        self._series = series
+        self._offset = series.dataoffset
+        self._byteorder = self._tif.byteorder
+        if self._offset is None and len(series.pages) != self._n_pages:
+            log.warning("%s: planes are not stored one per page; reading the whole file into memory", self.path)
+            self._array = series.asarray().reshape((-1,) + self.plane_shape)
+
+    def _page(self, i: int) -> int:
+        """Index in the file's page order (channel fixed) of plane ``i``."""
+        pos = np.unravel_index(i, self.stack_shape) if self.stack_shape else ()
+        index = [0] * len(self._lead_shape)
+        for dim, p in zip(self._stack_dims, pos):
+            index[dim] = int(p)
+        for dim, v in self._fixed.items():
+            index[dim] = v
+        return int(np.ravel_multi_index(index, self._lead_shape)) if self._lead_shape else 0
+
+    def read(self, i: int) -> np.ndarray:
+        """Plane ``i`` (0-based, in the order of :attr:`stack_axes`) as a (Y, X) array."""
+        if not 0 <= i < self.n_planes:
+            raise IndexError(f"plane {i} of {self.n_planes}")
+        if self._array is not None:
+            return self._array[self._page(i) if self._tif is not None else i]
+        page = self._page(i)
+        try:
+            if self._offset is not None:
+                count = self.plane_shape[0] * self.plane_shape[1]
+                dtype = self.dtype.newbyteorder(self._byteorder)
+                if self._fh is None:
+                    self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
+                buf = os.pread(self._fh.fileno(), count * dtype.itemsize, self._offset + page * count * dtype.itemsize)
+                if len(buf) < count * dtype.itemsize:
+                    raise OSError(f"file ends inside plane {i + 1} (truncated?)")
+                return np.frombuffer(buf, dtype).reshape(self.plane_shape).astype(self.dtype, copy=False)
+            return self._tif.asarray(key=page, series=0).reshape(self.plane_shape)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read plane {i + 1} of {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Release the file handles."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tif is not None:
+            self._tif.close()
+            self._tif = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _tiff_calibration(page, meta: dict) -> Calibration:

@@ -77,6 +77,8 @@ def build_network(arch: dict):
         steps=int(arch["steps"]),
         norm_groups=int(arch.get("norm_groups", 8)),
         feedback=str(arch.get("feedback", "input")),
+        # Files written before BatchNorm became the default have no "norm" entry.
+        norm=str(arch.get("norm", "group")),
     )
 
 

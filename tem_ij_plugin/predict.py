@@ -1,20 +1,31 @@
-"""Tiled inference of a trained network on 2-D images and Z stacks.
+"""Tiled inference of a trained network on 2-D images and stacks: backends, precision, bounded memory.
 
 Images are normalised by robust percentiles, padded (reflect) to whole tiles, cut into overlapping
-tiles (:mod:`tem_ij_plugin.tiling`), run in batches and blended back with a raised-cosine window, so
-tile borders leave no seams.
+tiles (:mod:`tem_ij_plugin.tiling`), run in batches and blended back with a raised-cosine window whose
+overlap covers the network's effective receptive field, so tile borders leave no seams. Stacks are
+processed one plane at a time: the next plane is read while the current one is computed and the
+previous one is written, so memory does not grow with the number of planes.
+
+Backends: ``torch`` (eager, channels_last, BatchNorm folded into the convolutions, optional bf16/fp16
+autocast that is checked against fp32 on the first tile) and ``onnx`` (onnxruntime on the CPU, from
+the optional extra ``tem-ij-plugin[onnx]``).
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import logging
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .errors import Cancelled
+from .errors import Cancelled, ModelFileError, UserError
 from .tiling import blend_window, pad_amounts, stitch, tile_specs
 
 log = logging.getLogger(__name__)
@@ -79,61 +90,417 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@torch.no_grad()
-def predict_plane(
+PRECISION_TOLERANCE = 0.02  # largest probability change accepted from bf16/fp16 instead of fp32
+
+
+def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
+    """An inference copy of ``net`` with every BatchNorm folded into the convolution before it.
+
+    The input network is not modified. GroupNorm layers are left as they are.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = copy.deepcopy(net).eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.Sequential):
+            for i in range(len(module) - 1):
+                conv, bn = module[i], module[i + 1]
+                if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+                    module[i] = fuse_conv_bn_eval(conv, bn)
+                    module[i + 1] = torch.nn.Identity()
+    return net
+
+
+def effective_receptive_field(net: torch.nn.Module, fraction: float = 0.99, size: int = 256, seed: int = 0) -> int:
+    """Radius (pixels) of the square around an output pixel that holds ``fraction`` of its input gradient.
+
+    The effective receptive field of Luo et al. (2016): the gradient of the centre pixel's class
+    margin with respect to a textured input, averaged over a few inputs. Input beyond this radius
+    barely changes the output, so a tile overlap of twice the radius hides tile borders.
+    """
+    net = copy.deepcopy(net).float().cpu().eval()
+    mult = getattr(net, "size_multiple", 1)
+    size = int(np.ceil(size / mult) * mult)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((4, 1, size, size), generator=gen).requires_grad_(True)
+    out = net(x)
+    c = size // 2
+    (out[:, -1, c, c] - out[:, 0, c, c]).sum().backward()
+    g = x.grad.abs().sum(dim=(0, 1)).numpy()
+    total = g.sum()
+    if total <= 0:
+        return 0
+    yy, xx = np.indices(g.shape)
+    radius = np.maximum(np.abs(yy - c), np.abs(xx - c))
+    mass = np.bincount(radius.ravel(), weights=g.ravel())
+    return int(np.searchsorted(np.cumsum(mass), fraction * total))
+
+
+def onnx_available() -> bool:
+    """Whether onnxruntime and onnx (extra ``[onnx]``) can be imported."""
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Softmax(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.softmax(self.net(x), dim=1)
+
+
+class TorchBackend:
+    """Probabilities from the network in torch on ``device`` (tensors in, tensors out, on the device)."""
+
+    name = "torch"
+
+    def __init__(self, net: torch.nn.Module, device: torch.device, precision: str = "fp32"):
+        self.device = device
+        self.precision = precision
+        self.net = _Softmax(net).to(device).eval().to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast_context(self.device, self.precision):
+            return self.net(x).float()
+
+
+class OnnxBackend:
+    """Probabilities from onnxruntime on the CPU (numpy in, numpy out).
+
+    The network (with its softmax) is exported to ONNX in memory; its outputs are checked against
+    torch on a test input and must agree within 1e-4.
+    """
+
+    name = "onnx"
+    precision = "fp32"
+
+    def __init__(self, net: torch.nn.Module, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.onnx_bytes = export_onnx(net)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x) -> np.ndarray:
+        x = x.numpy() if isinstance(x, torch.Tensor) else x
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def export_onnx(net: torch.nn.Module, size: int = 64) -> bytes:
+    """The network with a softmax on its output as ONNX bytes (batch, height and width dynamic)."""
+    net = copy.deepcopy(net).float().cpu().eval()
+    mult = getattr(net, "size_multiple", 1)
+    size = int(np.ceil(size / mult) * mult)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of torch.export, which needs onnxscript and
+        # has no advantage for this plain convolutional graph; its tracer warnings are expected.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Softmax(net),
+            (torch.zeros(1, net.in_channels, size, size),),
+            buf,
+            dynamo=False,
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "probabilities": {0: "batch"}},
+            opset_version=17,
+        )
+    return buf.getvalue()
+
+
+def default_tiling(device: torch.device, halo: int, multiple: int) -> tuple:
+    """(tile, overlap, batch) per device: large tiles amortise the overlap; GPUs take larger batches."""
+    overlap = max(32, int(np.ceil(2 * halo / multiple) * multiple))
+    if device.type == "cpu":
+        tile, batch = 512, 1
+    else:
+        tile, batch = 1024, 4
+    return max(tile, 4 * overlap), overlap, batch
+
+
+@dataclass
+class TileEvent:
+    """One batch of tiles done (passed to the ``on_batch`` callback of :meth:`Predictor.plane`)."""
+
+    tiles_done: int
+    tiles_total: int
+    pixels: int
+
+
+class Predictor:
+    """Tiled, blended prediction of 2-D planes with a chosen backend.
+
+    Build it with :func:`make_predictor`. Attributes ``tile``, ``overlap``, ``batch_size``,
+    ``backend`` (``torch`` or ``onnx``), ``precision`` and ``halo`` (the effective receptive field
+    radius) say what it does.
+    """
+
+    def __init__(self, backend, n_classes, multiple, tile, overlap, batch_size, halo, device):
+        self.backend = backend
+        self.n_classes = n_classes
+        self.multiple = multiple
+        self.tile = int(np.ceil(tile / multiple) * multiple)
+        self.overlap = min(overlap, self.tile - multiple)
+        self.batch_size = batch_size
+        self.halo = halo
+        self.device = device
+
+    @property
+    def precision(self) -> str:
+        return self.backend.precision
+
+    def describe(self) -> str:
+        """One line for logs: backend, precision, device, tiling."""
+        return (
+            f"{self.backend.name} {self.precision} on {self.device}, tiles {self.tile} px with {self.overlap} px "
+            f"overlap (receptive-field radius {self.halo} px), batch {self.batch_size}"
+        )
+
+    def plane(self, image: np.ndarray, on_batch=None, cancel=None) -> np.ndarray:
+        """Class probabilities of one normalised 2-D image.
+
+        Parameters
+        ----------
+        image : ndarray of float32, shape (H, W)
+        on_batch : callable, optional
+            Called with a :class:`TileEvent` after each batch of tiles.
+        cancel : threading.Event, optional
+            Checked between batches; raises :class:`Cancelled` when set.
+
+        Returns
+        -------
+        ndarray of float32, shape (C, H, W)
+        """
+        h, w = image.shape
+        mult = self.multiple
+        # A small image needs no tile bigger than itself.
+        tile = min(self.tile, int(np.ceil(max(h, w) / mult) * mult))
+        overlap = min(self.overlap, tile - mult)
+        ph, pw = pad_amounts(h, w, tile, mult)
+        padded = np.pad(image, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
+        tiles = tile_specs(padded.shape[0], padded.shape[1], tile, overlap)
+        on_device = isinstance(self.backend, TorchBackend)
+        if on_device:
+            src = torch.from_numpy(padded)
+            if self.device.type == "cuda":
+                src = src.pin_memory()
+            # The whole plane goes to the device once; tiles are cut and blended there.
+            src = src.to(self.device, non_blocking=True)
+            window = torch.from_numpy(blend_window(tile, overlap)).to(self.device)
+            acc = torch.zeros((self.n_classes,) + padded.shape, dtype=torch.float32, device=self.device)
+            wsum = torch.zeros(padded.shape, dtype=torch.float32, device=self.device)
+            stack = torch.stack
+        else:
+            src, window = padded, blend_window(tile, overlap)
+            acc = np.zeros((self.n_classes,) + padded.shape, dtype=np.float32)
+            wsum = np.zeros(padded.shape, dtype=np.float32)
+            stack = np.stack
+        for i in range(0, len(tiles), self.batch_size):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            chunk = tiles[i : i + self.batch_size]
+            x = stack([src[t.y0 : t.y0 + t.size, t.x0 : t.x0 + t.size] for t in chunk])[:, None]
+            probs = self.backend(x)
+            for t, p in zip(chunk, probs):
+                stitch(acc, wsum, t, p, window)
+            if on_batch is not None:
+                on_batch(TileEvent(min(i + self.batch_size, len(tiles)), len(tiles), len(chunk) * tile * tile))
+        out = acc[:, :h, :w] / wsum[:h, :w]
+        return out.cpu().numpy() if on_device else out
+
+
+def _check_reduced_precision(net, device, precision, probe: np.ndarray) -> str:
+    """``precision`` if it stays within :data:`PRECISION_TOLERANCE` of fp32 on ``probe``, else ``fp32``."""
+    x = torch.from_numpy(np.ascontiguousarray(probe))[None, None]
+    ref = TorchBackend(net, device, "fp32")(x)
+    low = TorchBackend(net, device, precision)(x)
+    diff = float((ref - low).abs().max())
+    if diff > PRECISION_TOLERANCE:
+        log.info("%s differs from fp32 by %.3f on a test tile; using fp32", precision, diff)
+        return "fp32"
+    log.debug("%s vs fp32 on a test tile: max probability difference %.4f", precision, diff)
+    return precision
+
+
+def _cpu_bf16_fast() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 pays off."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def make_predictor(
     net: torch.nn.Module,
-    image: np.ndarray,
     device: torch.device,
-    tile: int = 256,
-    overlap: int = 32,
-    batch_size: int = 4,
+    backend: str = "auto",
     precision: str = "auto",
-    cancel=None,
-) -> np.ndarray:
-    """Class probabilities of one normalised 2-D image.
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int | None = None,
+    probe: np.ndarray | None = None,
+) -> Predictor:
+    """A :class:`Predictor` for ``net`` with the fastest correct path unless told otherwise.
 
     Parameters
     ----------
-    net : torch.nn.Module
-        A network with ``n_classes`` and ``size_multiple`` attributes, in eval mode.
-    image : ndarray of float32, shape (H, W)
-        Normalised image.
+    net : RecurrentUNet
+        Trained network (not modified: BatchNorm is folded into a copy).
     device : torch.device
-    tile, overlap, batch_size : int
-        Tiling; the tile is rounded up to the network's size multiple.
+    backend : str
+        ``auto`` (onnxruntime on the CPU when installed, else torch), ``torch`` or ``onnx``.
     precision : str
-        ``auto``, ``fp32``, ``bf16`` or ``fp16``.
-    cancel : threading.Event, optional
-        Checked between batches; raises :class:`Cancelled` when set.
-
-    Returns
-    -------
-    ndarray of float32, shape (C, H, W)
-        Softmax probabilities.
+        ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16`` or ``fp16``. Reduced
+        precision is checked on ``probe`` against fp32 and dropped if a probability moves by more
+        than 0.02.
+    tile, overlap, batch_size : int, optional
+        Tiling; defaults per device (:func:`default_tiling`), the overlap at least twice the
+        effective receptive field radius.
+    probe : ndarray, optional
+        A normalised 2-D crop of the image, used to check reduced precision.
     """
-    h, w = image.shape
-    mult = net.size_multiple
-    tile = int(np.ceil(tile / mult) * mult)
-    overlap = min(overlap, tile - mult)
-    ph, pw = pad_amounts(h, w, tile, mult)
-    padded = np.pad(image, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
-    H, W = padded.shape
-    tiles = tile_specs(H, W, tile, overlap)
-    window = blend_window(tile, overlap)
-    acc = np.zeros((net.n_classes, H, W), dtype=np.float32)
-    wsum = np.zeros((H, W), dtype=np.float32)
-    src = torch.from_numpy(padded)
-    for i in range(0, len(tiles), batch_size):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
-        chunk = tiles[i : i + batch_size]
-        x = torch.stack([src[t.y0 : t.y0 + t.size, t.x0 : t.x0 + t.size] for t in chunk])[:, None]
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, precision):
-            probs = torch.softmax(net(x).float(), dim=1).cpu().numpy()
-        for t, p in zip(chunk, probs):
-            stitch(acc, wsum, t, p, window)
-    return (acc / wsum)[:, :h, :w]
+    if backend not in ("auto", "torch", "onnx"):
+        raise UserError(f"unknown backend '{backend}'; use auto, torch or onnx")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
+    infer = fold_batchnorm(net).float()
+    halo = effective_receptive_field(infer)
+    d_tile, d_overlap, d_batch = default_tiling(device, halo, net.size_multiple)
+    tile = tile or d_tile
+    overlap = d_overlap if overlap is None else overlap
+    batch_size = batch_size or d_batch
+    runner = None
+    if backend == "onnx":
+        if device.type != "cpu":
+            raise UserError("the onnx backend runs on the CPU; use --backend torch for a GPU")
+        if precision not in ("auto", "fp32"):
+            raise UserError("the onnx backend computes in fp32; use --backend torch for bf16/fp16")
+        if not onnx_available():
+            raise UserError("the onnx backend needs onnxruntime and onnx: pip install 'tem-ij-plugin[onnx]'")
+        runner = OnnxBackend(infer)
+    elif backend == "auto" and device.type == "cpu" and precision in ("auto", "fp32") and onnx_available():
+        try:
+            runner = OnnxBackend(infer)
+        except Exception as exc:  # any export/runtime failure: torch computes the same result
+            log.warning("onnxruntime unavailable for this model (%s); using torch", exc)
+    if runner is None:
+        if precision == "auto":
+            if device.type == "cuda":
+                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            else:
+                precision = "fp32"
+        if precision != "fp32" and probe is not None:
+            precision = _check_reduced_precision(infer, device, precision, probe)
+        runner = TorchBackend(infer, device, precision)
+    return Predictor(runner, net.n_classes, net.size_multiple, tile, overlap, batch_size, halo, device)
+
+
+def check_normalization(normalization: dict) -> dict:
+    """The model's normalisation if this version can apply it, else a :class:`ModelFileError`."""
+    method = normalization.get("method")
+    if method != "percentile":
+        raise ModelFileError(
+            f"the model normalises images with '{method}', which this version of tem_ij_plugin does not know; "
+            "update tem_ij_plugin or retrain the model"
+        )
+    return normalization
+
+
+def sampled_range(read, n_planes: int, normalization: dict, max_planes: int = 16):
+    """Percentile range of a stack from up to ``max_planes`` evenly spaced planes (bounded memory)."""
+    norm = check_normalization(normalization)
+    idx = np.unique(np.linspace(0, n_planes - 1, min(n_planes, max_planes)).round().astype(int))
+    per_plane = max(1, 2_000_000 // len(idx))
+    samples = []
+    for i in idx:
+        flat = np.asarray(read(int(i))).reshape(-1)
+        samples.append(flat[:: max(1, flat.size // per_plane)])
+    return normalization_range(np.concatenate(samples), norm.get("low", 1.0), norm.get("high", 99.8))
+
+
+def predict_planes(
+    predictor: Predictor, read, n_planes: int, lo: float, hi: float, sink, skip=(), progress=None, cancel=None
+):
+    """Predict planes one by one and hand each to ``sink(i, probabilities)``.
+
+    The next plane is read and the previous one handed to ``sink`` in background threads while the
+    current one is computed; at most one plane waits on each side, so memory stays bounded.
+
+    Parameters
+    ----------
+    predictor : Predictor
+    read : callable
+        ``read(i)`` returns plane ``i`` as a 2-D array.
+    n_planes : int
+    lo, hi : float
+        Normalisation range (see :func:`sampled_range`).
+    sink : callable
+        ``sink(i, probs)`` with probs of shape (C, Y, X); runs in a writer thread.
+    skip : collection of int
+        Planes already done (``--resume``).
+    progress : callable, optional
+        Receives dicts with ``stage="predict"``, ``plane``, ``planes``, ``tiles_done``, ``tiles_total``,
+        ``done`` and ``total`` (planes, including skipped ones), ``elapsed_s``, ``megapixels_per_s``
+        and ``eta_s``.
+    cancel : threading.Event, optional
+        Checked between tile batches; raises :class:`Cancelled` after the pending write finished.
+    """
+    todo = [i for i in range(n_planes) if i not in set(skip)]
+    start = time.perf_counter()
+    pixels = 0
+    done_before = n_planes - len(todo)
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        pending = None
+        nxt = reader.submit(read, todo[0]) if todo else None
+        try:
+            for k, i in enumerate(todo):
+                plane = nxt.result()
+                nxt = reader.submit(read, todo[k + 1]) if k + 1 < len(todo) else None
+
+                def on_batch(ev, i=i, k=k):
+                    nonlocal pixels
+                    pixels += ev.pixels
+                    if progress is None:
+                        return
+                    elapsed = time.perf_counter() - start
+                    frac = (k + ev.tiles_done / ev.tiles_total) / len(todo)
+                    progress(
+                        {
+                            "stage": "predict",
+                            "plane": i + 1,
+                            "planes": n_planes,
+                            "tiles_done": ev.tiles_done,
+                            "tiles_total": ev.tiles_total,
+                            "done": done_before + k + (ev.tiles_done == ev.tiles_total),
+                            "total": n_planes,
+                            "elapsed_s": elapsed,
+                            "megapixels_per_s": pixels / 1e6 / max(elapsed, 1e-9),
+                            "eta_s": elapsed * (1 - frac) / max(frac, 1e-9),
+                        }
+                    )
+
+                probs = predictor.plane(normalize(plane, lo, hi), on_batch, cancel)
+                if pending is not None:
+                    pending.result()  # surfaces a write error before more work is done
+                pending = writer.submit(sink, i, probs)
+            if pending is not None:
+                pending.result()
+        except BaseException:
+            if pending is not None and not pending.done():
+                pending.result()  # finish (or fail) the plane being written, so the state stays true
+            raise
 
 
 def predict_stack(
@@ -141,27 +508,41 @@ def predict_stack(
     data: np.ndarray,
     normalization: dict,
     device: torch.device,
-    tile: int = 256,
-    overlap: int = 32,
-    batch_size: int = 4,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int | None = None,
     precision: str = "auto",
     progress=None,
     cancel=None,
+    backend: str = "torch",
 ) -> np.ndarray:
-    """Probabilities of every plane of a (Z, Y, X) stack, normalised as the model was trained.
+    """Probabilities of every plane of an in-memory (Z, Y, X) stack, normalised as the model was trained.
 
     Returns
     -------
     ndarray of float32, shape (Z, C, Y, X)
     """
-    lo, hi = normalization_range(data, normalization.get("low", 1.0), normalization.get("high", 99.8))
-    net.eval()
+    lo, hi = sampled_range(lambda i: data[i], data.shape[0], normalization)
+    pred = make_predictor(net, device, backend, precision, tile, overlap, batch_size, probe=None)
     out = np.empty((data.shape[0], net.n_classes) + data.shape[1:], dtype=np.float32)
-    start = time.perf_counter()
-    for z in range(data.shape[0]):
-        out[z] = predict_plane(net, normalize(data[z], lo, hi), device, tile, overlap, batch_size, precision, cancel)
-        if progress is not None:
-            progress(
-                {"stage": "predict", "done": z + 1, "total": data.shape[0], "elapsed_s": time.perf_counter() - start}
-            )
+
+    def sink(i, probs):
+        out[i] = probs
+
+    predict_planes(pred, lambda i: data[i], data.shape[0], lo, hi, sink, progress=progress, cancel=cancel)
     return out
+
+
+@torch.no_grad()
+def predict_plane(net: torch.nn.Module, image: np.ndarray, device: torch.device, precision: str = "fp32") -> np.ndarray:
+    """Probabilities of one small normalised 2-D image in a single pass (training's validation).
+
+    The image is padded to the network's size multiple; the network is used as it is (no copy).
+    """
+    h, w = image.shape
+    ph, pw = pad_amounts(h, w, 1, net.size_multiple)
+    x = torch.from_numpy(np.pad(image, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge"))
+    x = x[None, None].to(device).contiguous(memory_format=torch.channels_last)
+    with autocast_context(device, precision):
+        probs = torch.softmax(net(x).float(), dim=1)
+    return probs[0, :, :h, :w].cpu().numpy()

@@ -136,7 +136,7 @@ class _Validator:
     def __call__(self, net, device, precision) -> float:
         conf = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
         for img, (oy, ox), keep, truth in self.items:
-            probs = predict_plane(net, img, device, tile=max(img.shape), overlap=0, precision=precision)
+            probs = predict_plane(net, img, device, precision)
             pred = probs[:, oy : oy + keep.shape[0], ox : ox + keep.shape[1]].argmax(0)[keep]
             conf += np.bincount(truth * self.n_classes + pred, minlength=self.n_classes**2).reshape(conf.shape)
         return mean_iou(conf)
@@ -300,6 +300,12 @@ def train(
         with torch.no_grad():
             for pe, pn in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pn, 1 - d)
+            # BatchNorm statistics are averaged like the weights they belong to.
+            for be, bn in zip(ema.buffers(), net.buffers()):
+                if be.is_floating_point():
+                    be.lerp_(bn, 1 - d)
+                else:
+                    be.copy_(bn)
         lv = float(loss.detach())
         loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
         curves["iteration"].append(it)

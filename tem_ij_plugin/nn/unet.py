@@ -20,16 +20,24 @@ def _groups(channels: int, max_groups: int) -> int:
     return g
 
 
-class ConvBlock(nn.Sequential):
-    """Two 3x3 convolutions, each followed by GroupNorm and ReLU."""
+def _norm(kind: str, channels: int, max_groups: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(_groups(channels, max_groups), channels)
+    raise ValueError(f"unknown normalisation '{kind}' (batch or group)")
 
-    def __init__(self, cin: int, cout: int, norm_groups: int):
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by a normalisation and ReLU."""
+
+    def __init__(self, cin: int, cout: int, norm_groups: int, norm: str = "batch"):
         super().__init__(
             nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.GroupNorm(_groups(cout, norm_groups), cout),
+            _norm(norm, cout, norm_groups),
             nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.GroupNorm(_groups(cout, norm_groups), cout),
+            _norm(norm, cout, norm_groups),
             nn.ReLU(inplace=True),
         )
 
@@ -48,7 +56,9 @@ class UNet(nn.Module):
     base_channels : int
         Channels at the first level; doubled per level.
     norm_groups : int
-        Maximum GroupNorm groups.
+        Maximum GroupNorm groups (``norm="group"`` only).
+    norm : str
+        ``"batch"`` or ``"group"`` (see :class:`RecurrentUNet`).
     last_extra : int
         Extra channels concatenated to the input of the finest decoder block (see :meth:`head`).
     """
@@ -61,18 +71,19 @@ class UNet(nn.Module):
         base_channels: int,
         norm_groups: int,
         last_extra: int = 0,
+        norm: str = "batch",
     ):
         super().__init__()
         widths = [base_channels * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
         cin = in_channels
         for w in widths:
-            self.down.append(ConvBlock(cin, w, norm_groups))
+            self.down.append(ConvBlock(cin, w, norm_groups, norm))
             cin = w
         self.up = nn.ModuleList()
         for i, w_skip in enumerate(reversed(widths[:-1])):
             extra = last_extra if i == depth - 2 else 0
-            self.up.append(ConvBlock(cin + w_skip + extra, w_skip, norm_groups))
+            self.up.append(ConvBlock(cin + w_skip + extra, w_skip, norm_groups, norm))
             cin = w_skip
         self.out = nn.Conv2d(cin, out_channels, 1)
 
@@ -119,7 +130,12 @@ class RecurrentUNet(nn.Module):
     steps : int
         Recurrent steps T; ``steps=1`` is a plain U-Net.
     norm_groups : int
-        Maximum GroupNorm groups (GroupNorm keeps tiny batches stable).
+        Maximum GroupNorm groups (``norm="group"`` only).
+    norm : str
+        ``"batch"`` (default): BatchNorm, whose fixed statistics at inference make the network
+        translation-equivariant, so a tile's prediction does not depend on the tile size or position
+        (seam-free tiling) and folds into the convolutions. ``"group"``: GroupNorm, whose per-tile
+        statistics make predictions depend on the tile size (models of version 0.1 use it).
     feedback : str
         Where the previous step's softmax re-enters. ``"input"``: the whole U-Net runs again on
         image + softmax (Wang et al. 2019), T times the cost of one pass. ``"head"``: the encoder and
@@ -136,6 +152,7 @@ class RecurrentUNet(nn.Module):
         steps: int = 3,
         norm_groups: int = 8,
         feedback: str = "input",
+        norm: str = "batch",
     ):
         super().__init__()
         if steps < 1 or depth < 2 or base_channels < 1 or n_classes < 2:
@@ -147,6 +164,7 @@ class RecurrentUNet(nn.Module):
         self.depth = depth
         self.steps = steps
         self.feedback = feedback
+        self.norm = norm
         fb = n_classes if steps > 1 else 0
         self.unet = UNet(
             in_channels + (fb if feedback == "input" else 0),
@@ -155,6 +173,7 @@ class RecurrentUNet(nn.Module):
             base_channels,
             norm_groups,
             last_extra=fb if feedback == "head" else 0,
+            norm=norm,
         )
 
     @property

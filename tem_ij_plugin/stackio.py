@@ -1,0 +1,309 @@
+"""Outputs written one plane at a time: ImageJ TIFF, BigTIFF and OME-Zarr, resumable.
+
+A writer is created at its full size under a ``.partial`` name, filled plane by plane (each plane
+goes straight to its place in the file, so memory does not grow with the stack) and moved to its
+final name only when every plane is written. A JSON file next to the output records which planes
+are done, so an interrupted prediction can be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .io import Calibration
+
+IMAGEJ_LIMIT = 2**32 - 2**25  # ImageJ TIFFs store 32-bit offsets; keep a margin for the metadata
+TIFF_SUFFIXES = (".tif", ".tiff")
+BIGTIFF_SUFFIXES = (".btf", ".tf8", ".tf2")
+ZARR_SUFFIXES = (".zarr",)
+
+
+def output_format(path: Path) -> str:
+    """``imagej``, ``bigtiff`` or ``zarr`` from the file name; anything else is a :class:`UserError`."""
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return "imagej"
+    if suffix in BIGTIFF_SUFFIXES:
+        return "bigtiff"
+    if suffix in ZARR_SUFFIXES:
+        return "zarr"
+    raise UserError(
+        f"{path}: unknown output type '{suffix}'; use .tif (ImageJ TIFF), .btf (BigTIFF, for outputs over "
+        "4 GB) or .zarr (OME-Zarr)"
+    )
+
+
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written until it is complete: ``name.partial.tif`` for ``name.tif``."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+@dataclass
+class Layout:
+    """Shape of an output: planes over ``stack_axes`` (``""``, ``Z``, ``T``, ``TZ``), then channels, Y, X.
+
+    ``channels`` is None for a label image (no channel axis).
+    """
+
+    stack_axes: str
+    stack_shape: tuple
+    channels: int | None
+    plane_shape: tuple
+    dtype: np.dtype
+
+    @property
+    def n_planes(self) -> int:
+        return int(np.prod(self.stack_shape, dtype=np.int64))
+
+    @property
+    def plane_bytes(self) -> int:
+        return (self.channels or 1) * self.plane_shape[0] * self.plane_shape[1] * np.dtype(self.dtype).itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return self.n_planes * self.plane_bytes
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+class TiffPlaneWriter:
+    """ImageJ hyperstack (``imagej=True``) or BigTIFF, pre-allocated and filled plane by plane."""
+
+    def __init__(self, path: Path, layout: Layout, calibration: Calibration, labels=None, resume=False, big=False):
+        import tifffile
+
+        self.path, self.layout, self.big = path, layout, big
+        self.work = partial_path(path)
+        self._dtype = np.dtype(layout.dtype).newbyteorder("<")
+        if not big and layout.total_bytes > IMAGEJ_LIMIT:
+            raise UserError(
+                f"the output would be {_human(layout.total_bytes)}, over the 4 GB limit of ImageJ TIFF files; "
+                f"write {path.with_suffix('.btf').name} (BigTIFF) or {path.with_suffix('.zarr').name} (OME-Zarr), "
+                "or use --dtype uint8 (4x smaller than float32) or --classes to keep fewer channels"
+            )
+        if resume and self.work.exists():
+            with tifffile.TiffFile(self.work) as tif:
+                series = tif.series[0]
+                if tuple(series.shape) != self.shape or series.dataoffset is None:
+                    raise UserError(f"{self.work} does not match this prediction; delete it to start over")
+                self.offset = series.dataoffset
+        else:
+            axes = layout.stack_axes + ("C" if layout.channels else "") + "YX"
+            cal = calibration
+            meta: dict = {"axes": axes}
+            if not big:
+                meta.update(unit=cal.unit.replace("µ", "\\u00B5"), spacing=cal.z_spacing)
+                if layout.channels:
+                    meta["mode"] = "grayscale"
+                if labels:
+                    meta["Labels"] = list(labels)
+            try:
+                self.offset, _ = tifffile.imwrite(
+                    self.work,
+                    shape=self.shape,
+                    dtype=self._dtype,
+                    imagej=not big,
+                    bigtiff=big,
+                    byteorder="<",
+                    photometric="minisblack",  # never RGB, even with 3 or 4 classes
+                    resolution=(1.0 / cal.pixel_width, 1.0 / cal.pixel_height),
+                    metadata=meta,
+                    returnoffset=True,
+                )
+            except OSError as exc:
+                self.work.unlink(missing_ok=True)
+                raise UserError(f"cannot create {self.work}: {exc.strerror or exc}") from exc
+        self._fh = open(self.work, "r+b")  # noqa: SIM115 - closed in close()
+
+    @property
+    def shape(self) -> tuple:
+        lay = self.layout
+        return tuple(lay.stack_shape) + ((lay.channels,) if lay.channels else ()) + tuple(lay.plane_shape)
+
+    def write(self, i: int, plane: np.ndarray) -> None:
+        """Write plane ``i`` (shape (C, Y, X), or (Y, X) for labels) in place."""
+        data = np.ascontiguousarray(plane, dtype=self._dtype)
+        self._fh.seek(self.offset + i * self.layout.plane_bytes)
+        self._fh.write(memoryview(data).cast("B"))
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def finish(self) -> None:
+        """Close and move the complete file to its final name."""
+        self.close()
+        os.replace(self.work, self.path)
+
+
+_OME_UNITS = {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "nm": "nanometer", "mm": "millimeter"}
+
+
+class ZarrPlaneWriter:
+    """OME-Zarr 0.4 (Zarr v2 layout, one resolution level, uncompressed chunks), filled plane by plane.
+
+    Axes follow OME-Zarr's order: ``t``, ``c``, ``z``, ``y``, ``x`` (those present).
+    """
+
+    CHUNK = 1024
+
+    def __init__(self, path: Path, layout: Layout, calibration: Calibration, channel_names=None, resume=False):
+        self.path, self.layout = path, layout
+        self.work = partial_path(path)
+        self._dtype = np.dtype(layout.dtype).newbyteorder("<")
+        t = "T" in layout.stack_axes
+        z = "Z" in layout.stack_axes
+        dims = [("t", "time")] if t else []
+        dims += [("c", "channel")] if layout.channels else []
+        dims += [("z", "space")] if z else []
+        dims += [("y", "space"), ("x", "space")]
+        self._dims = [d for d, _ in dims]
+        sizes = dict(zip(layout.stack_axes.lower(), layout.stack_shape))
+        sizes.update(c=layout.channels or 1, y=layout.plane_shape[0], x=layout.plane_shape[1])
+        self.shape = [int(sizes[d]) for d in self._dims]
+        self.chunks = [1 if d in "tcz" else min(self.CHUNK, sizes[d]) for d in self._dims]
+        if resume and (self.work / "0" / ".zarray").exists():
+            meta = json.loads((self.work / "0" / ".zarray").read_text())
+            if meta.get("shape") != self.shape or meta.get("dtype") != self._dtype.str:
+                raise UserError(f"{self.work} does not match this prediction; delete it to start over")
+            return
+        try:
+            if self.work.exists():
+                shutil.rmtree(self.work)
+            (self.work / "0").mkdir(parents=True)
+            self._write_metadata(dims, calibration, channel_names)
+        except OSError as exc:
+            raise UserError(f"cannot create {self.work}: {exc.strerror or exc}") from exc
+
+    def _write_metadata(self, dims, cal: Calibration, channel_names) -> None:
+        unit = _OME_UNITS.get(cal.unit)
+        axes = []
+        scale = []
+        for name, kind in dims:
+            ax = {"name": name, "type": kind}
+            if kind == "space" and unit:
+                ax["unit"] = unit
+            axes.append(ax)
+            scale.append({"x": cal.pixel_width, "y": cal.pixel_height, "z": cal.z_spacing}.get(name, 1.0))
+        attrs = {
+            "multiscales": [
+                {
+                    "version": "0.4",
+                    "name": self.path.stem,
+                    "axes": axes,
+                    "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+                }
+            ]
+        }
+        if channel_names and self.layout.channels:
+            top = 1.0 if self._dtype.kind == "f" else float(np.iinfo(self._dtype).max)
+            attrs["omero"] = {
+                "channels": [
+                    {"label": str(n), "active": True, "window": {"start": 0.0, "end": top, "min": 0.0, "max": top}}
+                    for n in channel_names
+                ]
+            }
+        zarray = {
+            "zarr_format": 2,
+            "shape": self.shape,
+            "chunks": self.chunks,
+            "dtype": self._dtype.str,
+            "compressor": None,
+            "fill_value": 0,
+            "order": "C",
+            "filters": None,
+            "dimension_separator": "/",
+        }
+        (self.work / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+        (self.work / ".zattrs").write_text(json.dumps(attrs, indent=1))
+        (self.work / "0" / ".zarray").write_text(json.dumps(zarray, indent=1))
+
+    def write(self, i: int, plane: np.ndarray) -> None:
+        """Write plane ``i`` (shape (C, Y, X), or (Y, X) for labels) as chunk files."""
+        lay = self.layout
+        data = np.asarray(plane, dtype=self._dtype).reshape((lay.channels or 1,) + tuple(lay.plane_shape))
+        pos = dict(zip(lay.stack_axes.lower(), np.unravel_index(i, lay.stack_shape))) if lay.stack_shape else {}
+        cy, cx = self.chunks[-2:]
+        h, w = lay.plane_shape
+        for c in range(data.shape[0]):
+            lead = [str(int(pos[d])) if d in pos else str(c) for d in self._dims[:-2]]
+            for y0 in range(0, h, cy):
+                for x0 in range(0, w, cx):
+                    chunk = np.zeros((cy, cx), self._dtype)  # edge chunks are stored full-size, padded
+                    part = data[c, y0 : y0 + cy, x0 : x0 + cx]
+                    chunk[: part.shape[0], : part.shape[1]] = part
+                    folder = self.work.joinpath("0", *lead, str(y0 // cy))
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / str(x0 // cx)).write_bytes(chunk.tobytes())
+
+    def close(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        """Move the complete store to its final name (replacing an older one)."""
+        if self.path.exists():
+            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        os.replace(self.work, self.path)
+
+
+def open_writer(path: Path, layout: Layout, calibration: Calibration, labels=None, channel_names=None, resume=False):
+    """A plane writer for ``path``; the format follows the suffix (see :func:`output_format`)."""
+    fmt = output_format(path)
+    if fmt == "zarr":
+        return ZarrPlaneWriter(path, layout, calibration, channel_names, resume)
+    return TiffPlaneWriter(path, layout, calibration, labels, resume, big=fmt == "bigtiff")
+
+
+class JobState:
+    """Which planes of a prediction are written, kept as JSON next to the output (``name.partial.json``).
+
+    ``signature`` holds everything that decides the result (model, input, options); a resume with a
+    different signature is refused rather than mixing two predictions in one file.
+    """
+
+    def __init__(self, out: Path, signature: dict):
+        self.path = out.with_name(f"{out.stem}.partial.json")
+        self.signature = signature
+        self.done: set = set()
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> None:
+        """Read the planes done by an earlier run; a different signature is a :class:`UserError`."""
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"cannot read {self.path} ({exc}); delete it and the .partial output to start over"
+            ) from exc
+        old = saved.get("signature", {})
+        diff = [k for k in sorted(set(old) | set(self.signature)) if old.get(k) != self.signature.get(k)]
+        if diff:
+            raise UserError(
+                f"cannot resume: {', '.join(diff)} differ from the interrupted run recorded in {self.path}; "
+                "rerun with the same model, image and options, or delete the .partial files to start over"
+            )
+        self.done = set(saved.get("done", []))
+
+    def save(self) -> None:
+        """Write the state atomically (a crash leaves the old or the new state, never half of one)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"signature": self.signature, "done": sorted(self.done)}))
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
