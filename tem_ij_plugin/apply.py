@@ -106,7 +106,14 @@ class PredictJob:
         """
         from .io import PlaneReader
         from .modelio import load_model
-        from .predict import check_normalization, make_predictor, predict_planes, resolve_device, sampled_range
+        from .predict import (
+            HALO_MASS,
+            check_normalization,
+            make_predictor,
+            predict_planes,
+            resolve_device,
+            sampled_range,
+        )
         from .stackio import JobState, Layout, open_writer
 
         device = resolve_device(self.device)
@@ -145,8 +152,17 @@ class PredictJob:
                     f"{self.image_path} has no contrast (every pixel is {first.flat[0]}); nothing to segment"
                 )
             probe = ((first[:256, :256].astype(np.float32) - lo) / (hi - lo)).astype(np.float32)
+            erf = model.meta.get("effective_receptive_field") or {}
             predictor = make_predictor(
-                model.net, device, self.backend, self.precision, self.tile, self.overlap, self.batch_size, probe
+                model.net,
+                device,
+                self.backend,
+                self.precision,
+                self.tile,
+                self.overlap,
+                self.batch_size,
+                probe,
+                halo=erf.get("radius") if erf.get("mass") == HALO_MASS else None,
             )
             log.info("prediction: %s", predictor.describe())
 

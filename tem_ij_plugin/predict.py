@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, ModelFileError, UserError
-from .tiling import blend_window, pad_amounts, stitch, tile_specs
+from .tiling import blend_window, overlap_for_halo, pad_amounts, stitch, tile_specs
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,10 @@ def autocast_context(device: torch.device, precision: str):
 
 
 PRECISION_TOLERANCE = 0.02  # largest probability change accepted from bf16/fp16 instead of fp32
+# Share of the effective receptive field the blending halo covers. Measured on a trained default model:
+# a tile's error against the whole image fell below 0.02 at 32 px from its edge and to 0.002 at 40 px,
+# while 99 % / 99.9 % of the input gradient lay within 24 / 34 px.
+HALO_MASS = 0.999
 
 
 def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
@@ -116,7 +120,8 @@ def effective_receptive_field(net: torch.nn.Module, fraction: float = 0.99, size
 
     The effective receptive field of Luo et al. (2016): the gradient of the centre pixel's class
     margin with respect to a textured input, averaged over a few inputs. Input beyond this radius
-    barely changes the output, so a tile overlap of twice the radius hides tile borders.
+    barely changes the output, so tile outputs this far from a tile edge are as good as whole-image
+    ones; the blending halo is at least this wide.
     """
     net = copy.deepcopy(net).float().cpu().eval()
     mult = getattr(net, "size_multiple", 1)
@@ -191,6 +196,12 @@ class OnnxBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        x = torch.rand((1, 1, 64, 64), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = _Softmax(net).eval()(x).numpy()
+        diff = float(np.abs(self(x) - ref).max())
+        if diff > 1e-4:
+            raise RuntimeError(f"the ONNX export differs from torch by {diff:.2g} (> 1e-4)")
 
     def __call__(self, x) -> np.ndarray:
         x = x.numpy() if isinstance(x, torch.Tensor) else x
@@ -221,8 +232,12 @@ def export_onnx(net: torch.nn.Module, size: int = 64) -> bytes:
 
 
 def default_tiling(device: torch.device, halo: int, multiple: int) -> tuple:
-    """(tile, overlap, batch) per device: large tiles amortise the overlap; GPUs take larger batches."""
-    overlap = max(32, int(np.ceil(2 * halo / multiple) * multiple))
+    """(tile, overlap, batch) per device: large tiles amortise the overlap; GPUs take larger batches.
+
+    The overlap gives a blending halo (see :func:`~tem_ij_plugin.tiling.blend_window`) of at least
+    ``halo`` pixels.
+    """
+    overlap = max(32, overlap_for_halo(halo, multiple))
     if device.type == "cpu":
         tile, batch = 512, 1
     else:
@@ -351,6 +366,7 @@ def make_predictor(
     overlap: int | None = None,
     batch_size: int | None = None,
     probe: np.ndarray | None = None,
+    halo: int | None = None,
 ) -> Predictor:
     """A :class:`Predictor` for ``net`` with the fastest correct path unless told otherwise.
 
@@ -370,13 +386,17 @@ def make_predictor(
         effective receptive field radius.
     probe : ndarray, optional
         A normalised 2-D crop of the image, used to check reduced precision.
+    halo : int, optional
+        The network's effective receptive field radius (:data:`HALO_MASS`) if known (model files
+        store it); computed otherwise.
     """
     if backend not in ("auto", "torch", "onnx"):
         raise UserError(f"unknown backend '{backend}'; use auto, torch or onnx")
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
     infer = fold_batchnorm(net).float()
-    halo = effective_receptive_field(infer)
+    if halo is None:
+        halo = effective_receptive_field(infer, HALO_MASS)
     d_tile, d_overlap, d_batch = default_tiling(device, halo, net.size_multiple)
     tile = tile or d_tile
     overlap = d_overlap if overlap is None else overlap

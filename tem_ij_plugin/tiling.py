@@ -43,15 +43,36 @@ def tile_specs(height: int, width: int, tile: int, overlap: int) -> list:
     return [Tile(y, x, tile) for y in _starts(height, tile, step) for x in _starts(width, tile, step)]
 
 
+HALO_FRACTION = 3 / 8  # of the overlap, at each inner tile edge, gets (almost) no weight
+
+
 def blend_window(tile: int, overlap: int) -> np.ndarray:
-    """Weights of shape (tile, tile): 1 in the interior, a raised-cosine ramp over ``overlap`` pixels
-    at the borders, never zero (so image borders, covered by one tile only, keep their values)."""
-    w = np.ones(tile, dtype=np.float32)
+    """Weights of shape (tile, tile) for blending tiles that overlap by ``overlap`` pixels.
+
+    Along each side: a halo of ``3/8 * overlap`` pixels next to the tile edge gets a negligible
+    weight (1e-6: a tile's outputs near its edge lack context), then a raised-cosine ramp over the
+    middle quarter of the overlap, then 1. Where two tiles overlap, every pixel with a real weight
+    is therefore at least a halo away from the edge of the tile it comes from. The weight is never
+    zero, so pixels that only one tile covers (at the image border) keep their values exactly.
+    """
+    w = np.ones(tile, dtype=np.float64)
     if overlap > 0:
-        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
-        w[:overlap] = ramp
-        w[tile - overlap :] = ramp[::-1]
+        halo = int(HALO_FRACTION * overlap)
+        ramp = max(1, overlap - 2 * halo)
+        side = np.zeros(halo + ramp)
+        side[halo:] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
+        w[: halo + ramp] = side
+        w[tile - halo - ramp :] = side[::-1]
+    w = np.maximum(w, 1e-6)
     return np.outer(w, w).astype(np.float32)
+
+
+def overlap_for_halo(halo: int, multiple: int = 8) -> int:
+    """The smallest overlap (a multiple of ``multiple``) whose blending halo is at least ``halo`` pixels."""
+    overlap = int(np.ceil(halo / HALO_FRACTION))
+    while int(HALO_FRACTION * overlap) < halo:
+        overlap += 1
+    return int(np.ceil(overlap / multiple) * multiple)
 
 
 def stitch(accumulator: np.ndarray, weights: np.ndarray, tile: Tile, values: np.ndarray, window: np.ndarray) -> None:

@@ -26,7 +26,16 @@ from .errors import UserError
 from .losses import class_weights, deep_supervision_loss
 from .modelio import TrainedModel, build_network, software_versions
 from .patches import Patch, annotated_patches, split
-from .predict import DEFAULT_NORMALIZATION, autocast_context, normalization_range, normalize, predict_plane
+from .predict import (
+    DEFAULT_NORMALIZATION,
+    HALO_MASS,
+    autocast_context,
+    effective_receptive_field,
+    fold_batchnorm,
+    normalization_range,
+    normalize,
+    predict_plane,
+)
 
 log = logging.getLogger(__name__)
 
@@ -392,5 +401,10 @@ def train(
         "history": history,
         "annotations_sha256": labels.digest(),
         "versions": software_versions(),
+        # Prediction sizes its tile overlap from this; computed once here rather than at every start.
+        "effective_receptive_field": {
+            "mass": HALO_MASS,
+            "radius": effective_receptive_field(fold_batchnorm(ema), HALO_MASS),
+        },
     }
     return TrainResult(TrainedModel(net=ema, meta=meta), stop_reason, train_p, val_p)

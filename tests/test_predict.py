@@ -177,7 +177,7 @@ def _seam_difference(norm):
 
 def test_tiles_match_one_whole_tile():
     diff, pred = _seam_difference("batch")
-    assert pred.overlap >= 2 * pred.halo and pred.tile == 64
+    assert int(3 / 8 * pred.overlap) >= pred.halo and pred.tile == 64
     assert diff <= 0.02, f"tiled and whole-image probabilities differ by {diff:.3f}"
     # The check can fail: GroupNorm statistics depend on the tile, and this test sees it.
     assert _seam_difference("group")[0] > diff

@@ -1,0 +1,105 @@
+"""Peak memory of ``tem-ij predict`` on uint8 stacks of 2048x2048 sections: flat in the number of planes.
+
+Writes a synthetic Z stack (the same 2048x2048 section, shifted per plane) as an ImageJ TIFF, trains
+nothing (a default-architecture model with random weights computes exactly what a trained one does),
+and runs ``/usr/bin/time -v tem-ij predict`` on it, reporting wall time and the maximum resident set
+size. Float32 probabilities of 400 such planes (13 GB) exceed the ImageJ TIFF limit, so the
+default runs write BigTIFF (``.btf``) for every size.
+
+Usage::
+
+    python benchmarks/predict_memory.py                    # 40 and 400 planes (400 takes ~15 min)
+    python benchmarks/predict_memory.py --planes 40 --out /tmp/tem-ij-mem
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_stack(path: Path, planes: int, size: int = 2048) -> None:
+    """A uint8 ImageJ stack written plane by plane (never held in memory whole)."""
+    import tifffile
+
+    from tem_ij_plugin.synthetic import make_tem_image
+
+    section, _ = make_tem_image(size, size, seed=7)
+    with tifffile.TiffWriter(path, imagej=True) as tif:
+        tif.write(
+            (np.roll(section, 16 * z, axis=1) for z in range(planes)),
+            shape=(planes, size, size),
+            dtype=np.uint8,
+            metadata={"axes": "ZYX"},
+        )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--planes", default="40,400", help="comma-separated stack depths")
+    ap.add_argument("--suffix", default=".btf", help="output type: .btf, .tif or .zarr")
+    ap.add_argument("--extra", default="", help="more tem-ij predict options, e.g. '--dtype uint8'")
+    ap.add_argument("--out", type=Path, help="work folder (default: a temporary one, removed afterwards)")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "predict_memory.json")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from tem_ij_plugin.modelio import TrainedModel, build_network, save_model
+    from tem_ij_plugin.predict import DEFAULT_NORMALIZATION
+
+    work = args.out or Path(tempfile.mkdtemp(prefix="tem-ij-mem-"))
+    work.mkdir(parents=True, exist_ok=True)
+    arch = {"n_classes": 2, "depth": 4, "base_channels": 16, "steps": 1, "norm": "batch"}
+    meta = {"classes": ["background", "cell"], "architecture": arch, "normalization": dict(DEFAULT_NORMALIZATION)}
+    model = work / "default.model"
+    save_model(model, TrainedModel(build_network(arch).eval(), meta))
+    rows = []
+    try:
+        for n in [int(p) for p in args.planes.split(",")]:
+            stack = work / f"stack{n}.tif"
+            write_stack(stack, n)
+            out = work / f"probs{n}{args.suffix}"
+            cmd = ["/usr/bin/time", "-v", shutil.which("tem-ij"), "-q", "predict", str(model), str(stack)]
+            cmd += ["-o", str(out)] + args.extra.split()
+            t = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr)
+            rss = next(int(x.split()[-1]) for x in res.stderr.splitlines() if "Maximum resident set size" in x)
+            row = {
+                "planes": n,
+                "input_mb": round(stack.stat().st_size / 2**20),
+                "output": out.name,
+                "output_mb": round(sum(f.stat().st_size for f in [out] if f.is_file()) / 2**20),
+                "wall_s": round(wall, 1),
+                "megapixels_per_s": round(n * 2048 * 2048 / 1e6 / wall, 2),
+                "max_rss_mb": round(rss / 1024),
+            }
+            rows.append(row)
+            print(row, flush=True)
+            stack.unlink()
+            if out.is_dir():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+    finally:
+        if args.out is None:
+            shutil.rmtree(work, ignore_errors=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"suffix": args.suffix, "extra": args.extra, "runs": rows}, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

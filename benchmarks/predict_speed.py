@@ -1,0 +1,256 @@
+"""Prediction speed on one large image: backends, FLOP efficiency, whole process, RF peer, seams.
+
+Everything is measured in one run on the same synthetic 3840x2920 TEM image (unseen: the model and
+the random-forest peer are trained on the partial annotations of a different 1024x1024 synthetic
+image, with the same labels):
+
+* the CPU's FP32 peak, measured by ``fma_peak.c`` (independent FMA chains on full-width vector
+  registers, one set per thread, compiled here with ``gcc -O2 -march=native``) before and after the
+  model timings (the host is shared, so the higher value is used), and torch's sgemm as a practical
+  reference;
+* the default model's FLOPs per pixel (``torch.utils.flop_counter`` on one tile of the inference
+  network, BatchNorm folded) and, per backend, in-process time for the whole image, megapixels/s,
+  achieved GFLOP/s and their ratio to the peak;
+* ``tem-ij predict`` as a whole process (start-up, reading, writing included) under ``/usr/bin/time -v``;
+* the random-forest peer (skimage multiscale features + sklearn RF, as in ``isbi_partial.py``);
+* the seam check: a 1024x1024 crop predicted with 256-pixel tiles and as one tile.
+
+Times are medians over ``--repeats`` runs. Usage::
+
+    python benchmarks/predict_speed.py                # ~6 minutes on 2 cores
+    python benchmarks/predict_speed.py --minutes 1 --repeats 1 --no-rf   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def fma_peak(threads: int, workdir: Path) -> float | None:
+    """FP32 GFLOP/s of ``fma_peak.c`` with ``threads`` threads, or None without a C compiler."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    exe = workdir / "fma_peak"
+    if not exe.exists():
+        cmd = [cc, "-O2", "-march=native", "-ffp-contract=fast", "-fopenmp", str(ROOT / "benchmarks" / "fma_peak.c")]
+        subprocess.run(cmd + ["-o", str(exe)], check=True)
+    out = subprocess.run([str(exe), "200000000", str(threads)], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[0])
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def flops_per_tile(net, tile: int) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 1, tile, tile))
+    return int(counter.get_total_flops())
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def make_data(seed: int):
+    """Training image with simulated partial annotations, and the large unseen test image."""
+    from tem_ij_plugin.annotations import rasterize
+    from tem_ij_plugin.patches import grid
+    from tem_ij_plugin.synthetic import SYNTHETIC_CLASSES, make_tem_image, simulate_annotations
+
+    train_img, train_truth = make_tem_image(1024, 1024, seed=seed)
+    rng = np.random.default_rng(seed)
+    cells = grid((1, 1024, 1024), 256)
+    chosen = [cells[i] for i in sorted(rng.choice(len(cells), size=6, replace=False))]
+    shapes = simulate_annotations(train_truth, [(p.y0, p.x0, p.y1, p.x1) for p in chosen], SYNTHETIC_CLASSES, rng)
+    labels = rasterize(shapes, (1, 1024, 1024), classes=SYNTHETIC_CLASSES)
+    big, big_truth = make_tem_image(2920, 3840, seed=seed + 100)
+    return train_img, labels, big, big_truth
+
+
+def whole_process(model_path: Path, image_path: Path, out: Path, backend: str, repeats: int) -> dict:
+    """Median wall time and the largest peak RSS of ``tem-ij predict`` as a separate process."""
+    exe = shutil.which("tem-ij")
+    cmd = [exe, "-q", "predict", str(model_path), str(image_path), "-o", str(out), "--backend", backend]
+    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
+    walls, rss = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        res = subprocess.run(timer + cmd, capture_output=True, text=True)
+        walls.append(time.perf_counter() - t)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr)
+        for line in res.stderr.splitlines():
+            if "Maximum resident set size" in line:
+                rss.append(int(line.split()[-1]) / 1024)
+    return {"wall_s": round(float(np.median(walls)), 2), "max_rss_mb": round(max(rss), 0) if rss else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=3.0, help="training budget of the default model")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-rf", action="store_true")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "predict_speed.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    import torch
+    from isbi_partial import miou, rf_peer
+
+    from tem_ij_plugin.config import Settings
+    from tem_ij_plugin.io import write_hyperstack
+    from tem_ij_plugin.modelio import save_model
+    from tem_ij_plugin.predict import (
+        fold_batchnorm,
+        make_predictor,
+        normalization_range,
+        normalize,
+        onnx_available,
+    )
+    from tem_ij_plugin.tiling import pad_amounts, tile_specs
+    from tem_ij_plugin.train import train
+
+    threads = torch.get_num_threads()
+    work = Path(tempfile.mkdtemp(prefix="tem-ij-speed-"))
+    res: dict = {"threads": threads, "torch": torch.__version__, "image": [2920, 3840]}
+    try:
+        print("data ...", flush=True)
+        train_img, labels, big, big_truth = make_data(args.seed)
+        print(f"training the default model for {args.minutes} min ...", flush=True)
+        s = Settings()
+        s.train.max_minutes = args.minutes
+        s.train.seed = args.seed
+        model = train(train_img[None], labels, s, device="cpu").model
+        net = model.net.eval()
+        lo, hi = normalization_range(big)
+        x = normalize(big, lo, hi)
+        mp = big.size / 1e6
+
+        peak_before = fma_peak(threads, work)
+        res["sgemm_gflops"] = round(sgemm_gflops(), 1)
+        configs = [("onnx", "fp32")] if onnx_available() else []
+        configs += [("torch", "fp32"), ("torch", "bf16")]
+        probe = np.ascontiguousarray(x[:256, :256])
+        infer = fold_batchnorm(net)
+        ref = None
+        res["backends"] = {}
+        for backend, precision in configs:
+            # bf16 runs unchecked here so that its speed and error are measured; `tem-ij predict` checks
+            # it on a probe tile and falls back to fp32 when a probability moves by more than 0.02.
+            pred = make_predictor(net, torch.device("cpu"), backend, precision)
+            if precision != "fp32":
+                from tem_ij_plugin.predict import _check_reduced_precision
+
+                checked = _check_reduced_precision(fold_batchnorm(net), torch.device("cpu"), precision, probe)
+            pred.plane(x[:512, :512])  # warm-up (allocations, onnxruntime's first run)
+            out = {}
+
+            def run(pred=pred, out=out):
+                out["p"] = pred.plane(x)
+
+            t = median_time(run, args.repeats)
+            ph, pw = pad_amounts(x.shape[0], x.shape[1], pred.tile, net.size_multiple)
+            n_tiles = len(tile_specs(x.shape[0] + ph, x.shape[1] + pw, pred.tile, pred.overlap))
+            fl = flops_per_tile(infer, pred.tile)
+            row = {
+                "precision": pred.precision,
+                "tile": pred.tile,
+                "overlap": pred.overlap,
+                "batch": pred.batch_size,
+                "receptive_field_radius": pred.halo,
+                "seconds": round(t, 2),
+                "megapixels_per_s": round(mp / t, 2),
+                "model_kflop_per_pixel": round(fl / pred.tile**2 / 1e3, 1),
+                "gflop_per_s": round(n_tiles * fl / t / 1e9, 1),
+                "miou": round(miou(out["p"].argmax(0).astype(np.int64), big_truth.astype(np.int64)), 4),
+            }
+            if precision != "fp32":
+                row["passes_precision_check"] = checked == precision
+            if ref is None:
+                ref = out["p"]
+            else:
+                row["max_diff_vs_first"] = round(float(np.abs(out["p"] - ref).max()), 5)
+            res["backends"][f"{backend}-{precision}"] = row
+            print(f"  {backend} {pred.precision}: {row}", flush=True)
+        peak_after = fma_peak(threads, work)
+        peaks = [p for p in (peak_before, peak_after) if p is not None]
+        res["fp32_peak_gflops"] = {"before": peak_before, "after": peak_after, "used": max(peaks) if peaks else None}
+        if peaks:
+            for row in res["backends"].values():
+                row["fraction_of_fp32_peak"] = round(row["gflop_per_s"] / max(peaks), 3)
+
+        # Seams: 256-pixel tiles (default overlap) against one tile covering a 1024x1024 crop.
+        crop = x[:1024, :1024]
+        whole = make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=1024, overlap=0).plane(crop)
+        tiled = make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=256)
+        bare = make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=256, overlap=0).plane(crop)
+        res["seams"] = {
+            "tile": 256,
+            "overlap": tiled.overlap,
+            "max_abs_diff": round(float(np.abs(tiled.plane(crop) - whole).max()), 5),
+            "max_abs_diff_without_overlap": round(float(np.abs(bare - whole).max()), 5),
+        }
+        print(f"  seams: {res['seams']}", flush=True)
+
+        # Whole process, start-up and file I/O included.
+        model_path, image_path = work / "default.model", work / "big.tif"
+        save_model(model_path, model)
+        write_hyperstack(image_path, big[None])
+        res["whole_process"] = {}
+        for backend in (["auto"] if onnx_available() else []) + ["torch"]:
+            row = whole_process(model_path, image_path, work / "out.tif", backend, args.repeats)
+            res["whole_process"][backend] = row
+            print(f"  tem-ij predict --backend {backend}: {row}", flush=True)
+
+        if not args.no_rf:
+            pred, fit_s, pred_s = rf_peer(train_img[None], labels.labels, big[None], args.seed)
+            res["rf_peer"] = {
+                "fit_s": round(fit_s, 1),
+                "predict_s": round(pred_s, 2),
+                "megapixels_per_s": round(mp / pred_s, 2),
+                "miou": round(miou(pred[0].astype(np.int64), big_truth.astype(np.int64)), 4),
+            }
+            print(f"  RF peer: {res['rf_peer']}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
