@@ -161,7 +161,7 @@ def main(argv=None) -> int:
 
         peak_before = fma_peak(threads, work)
         res["sgemm_gflops"] = round(sgemm_gflops(), 1)
-        configs = [("onnx", "fp32")] if onnx_available() else []
+        configs = [("auto", "auto")] + ([("onnx", "fp32")] if onnx_available() else [])
         configs += [("torch", "fp32"), ("torch", "bf16")]
         probe = np.ascontiguousarray(x[:256, :256])
         infer = fold_batchnorm(net)
@@ -170,8 +170,10 @@ def main(argv=None) -> int:
         for backend, precision in configs:
             # bf16 runs unchecked here so that its speed and error are measured; `tem-ij predict` checks
             # it on a probe tile and falls back to fp32 when a probability moves by more than 0.02.
-            pred = make_predictor(net, torch.device("cpu"), backend, precision)
-            if precision != "fp32":
+            pred = make_predictor(
+                net, torch.device("cpu"), backend, precision, probe=probe if backend == "auto" else None
+            )
+            if precision not in ("fp32", "auto"):
                 from tem_ij_plugin.predict import _check_reduced_precision
 
                 checked = _check_reduced_precision(fold_batchnorm(net), torch.device("cpu"), precision, probe)
@@ -197,12 +199,13 @@ def main(argv=None) -> int:
                 "gflop_per_s": round(n_tiles * fl / t / 1e9, 1),
                 "miou": round(miou(out["p"].argmax(0).astype(np.int64), big_truth.astype(np.int64)), 4),
             }
-            if precision != "fp32":
+            if precision not in ("fp32", "auto"):
                 row["passes_precision_check"] = checked == precision
             if ref is None:
                 ref = out["p"]
             else:
                 row["max_diff_vs_first"] = round(float(np.abs(out["p"] - ref).max()), 5)
+            row["backend"] = pred.backend.name
             res["backends"][f"{backend}-{precision}"] = row
             print(f"  {backend} {pred.precision}: {row}", flush=True)
         peak_after = fma_peak(threads, work)

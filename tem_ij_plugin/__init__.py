@@ -3,4 +3,4 @@
 Importing the package is light (no torch, no Java); the engine lives in submodules.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

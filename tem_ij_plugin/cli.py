@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", metavar="FILE", help="YAML or JSON settings (see --print-config)")
     tr.add_argument("--print-config", action="store_true", help="print the effective settings as YAML and exit")
     tr.add_argument("--classes", help="comma-separated allowed classes in order, e.g. background,cell,mito")
+    tr.add_argument("--channel", type=int, help="1-based channel to learn from in a multichannel hyperstack")
     tr.add_argument("--val-patches", type=int, help="annotated patches held out for validation (default: ~20%%)")
     tr.add_argument(
         "--all-slices", action="store_true", help="let ROIs without a slice position label every slice of a stack"
@@ -275,7 +276,7 @@ def cmd_train(args) -> int:
     from .train import train
 
     device = resolve_device(args.device)
-    image = read_image(args.image)
+    image = read_image(args.image, channel=args.channel)
     shapes = read_rois(args.rois)
     init = load_model(args.init) if args.init else None
     classes = [c.strip().lower() for c in args.classes.split(",")] if args.classes else None

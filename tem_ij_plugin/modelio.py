@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import ModelFileError, UserError
 
 FORMAT = "tem_ij_plugin.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "norm" in the architecture (BatchNorm default); 1 means GroupNorm
 _KEY = "tem_ij_plugin"
 
 

@@ -26,3 +26,20 @@ def test_train_on_cuda_and_predict_on_both_devices(synthetic):
     assert np.abs(cpu - gpu).max() < 1e-3
     bf16 = predict_stack(net, image[None], res.model.normalization, torch.device("cuda"), precision="bf16")
     assert np.abs(bf16 - gpu).max() < 0.05
+
+
+def test_predictor_on_cuda_matches_cpu(synthetic):
+    from tem_ij_plugin.predict import make_predictor
+
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    net = train(image[None], labels, tiny_settings(20), device="cpu").model.net
+    x = (image / 255.0).astype(np.float32)
+    cpu = make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=128).plane(x)
+    # auto on CUDA: bf16 (or fp16) autocast, checked against fp32 on the probe; plane stitched on the device
+    gpu = make_predictor(net, torch.device("cuda"), "auto", "auto", tile=128, probe=x[:128, :128])
+    assert gpu.backend.name == "torch" and gpu.precision in ("bf16", "fp16", "fp32")
+    # the check covers the probe tile; elsewhere reduced precision may move a little more
+    assert np.abs(gpu.plane(x) - cpu).max() <= 0.05
+    exact = make_predictor(net, torch.device("cuda"), "torch", "fp32", tile=128)
+    assert np.abs(exact.plane(x) - cpu).max() <= 1e-3

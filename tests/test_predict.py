@@ -381,3 +381,13 @@ def test_unwritable_partial_location_is_exit_2(stack, model_file, capsys, tmp_pa
     code, _, err = run(capsys, "predict", model_file, path, "-o", tmp_path / "missing" / "p.tif")
     assert code == 2 and "does not exist" in err
     assert sorted(os.listdir(tmp_path)) == ["m.model", "stack.tif"], "nothing is written"
+
+
+def test_version_1_groupnorm_model_files_still_predict(stack, tmp_path):
+    net, arch = random_net(norm="group")
+    arch.pop("norm")  # files of format 1 (tem_ij_plugin 0.1) have no "norm": they are GroupNorm models
+    meta = {"classes": ["background", "cell"], "architecture": arch, "normalization": dict(DEFAULT_NORMALIZATION)}
+    save_model(tmp_path / "old.model", TrainedModel(net, meta))
+    PredictJob(tmp_path / "old.model", stack[0], tmp_path / "p.tif", backend="torch").run()
+    probs = tifffile.imread(tmp_path / "p.tif")
+    assert probs.shape == (3, 2, 256, 256) and np.allclose(probs.sum(1), 1, atol=1e-4)
