@@ -132,7 +132,7 @@ def main(argv=None) -> int:
 
     from tem_ij_plugin.config import Settings
     from tem_ij_plugin.io import write_hyperstack
-    from tem_ij_plugin.modelio import save_model
+    from tem_ij_plugin.modelio import build_network, save_model
     from tem_ij_plugin.predict import (
         fold_batchnorm,
         make_predictor,
@@ -208,11 +208,32 @@ def main(argv=None) -> int:
             row["backend"] = pred.backend.name
             res["backends"][f"{backend}-{precision}"] = row
             print(f"  {backend} {pred.precision}: {row}", flush=True)
+        # The backend on a wider U-Net (32 base channels, random weights): convolutions with more channels
+        # do more arithmetic per byte moved, which shows how much of the gap to the peak is the model's.
+        wide_arch = {"n_classes": 2, "depth": 4, "base_channels": 32, "steps": 1, "norm": "batch"}
+        wide = build_network(wide_arch).eval()
+        crop = np.ascontiguousarray(x[:2048, :2048])
+        for backend in (["onnx"] if onnx_available() else []) + ["torch"]:
+            pred = make_predictor(wide, torch.device("cpu"), backend, "fp32", halo=35)
+            pred.plane(crop[:512, :512])
+            t = median_time(lambda pred=pred: pred.plane(crop), args.repeats)
+            ph, pw = pad_amounts(crop.shape[0], crop.shape[1], pred.tile, wide.size_multiple)
+            n_tiles = len(tile_specs(crop.shape[0] + ph, crop.shape[1] + pw, pred.tile, pred.overlap))
+            fl = flops_per_tile(fold_batchnorm(wide), pred.tile)
+            row = {
+                "backend": backend,
+                "image": list(crop.shape),
+                "seconds": round(t, 2),
+                "model_kflop_per_pixel": round(fl / pred.tile**2 / 1e3, 1),
+                "gflop_per_s": round(n_tiles * fl / t / 1e9, 1),
+            }
+            res.setdefault("wide_unet_32", {})[backend] = row
+            print(f"  base-32 U-Net {backend}: {row}", flush=True)
         peak_after = fma_peak(threads, work)
         peaks = [p for p in (peak_before, peak_after) if p is not None]
         res["fp32_peak_gflops"] = {"before": peak_before, "after": peak_after, "used": max(peaks) if peaks else None}
         if peaks:
-            for row in res["backends"].values():
+            for row in list(res["backends"].values()) + list(res.get("wide_unet_32", {}).values()):
                 row["fraction_of_fp32_peak"] = round(row["gflop_per_s"] / max(peaks), 3)
 
         # Seams: 256-pixel tiles (default overlap) against one tile covering a 1024x1024 crop.

@@ -156,14 +156,37 @@ def _check_output(path: str, inputs) -> Path:
     return out
 
 
-class TrainReporter:
-    """Training progress: a tqdm bar on a terminal, a log line every few seconds otherwise."""
+class _Reporter:
+    """Progress: a tqdm bar on a terminal, a log line every ``every_s`` seconds otherwise."""
 
     def __init__(self, interactive: bool | None = None, every_s: float = 15.0):
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.every_s = every_s
         self.bar = None
         self.last = 0.0
+
+    def _bar(self, total, desc: str, unit: str):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        return self.bar
+
+    def _due(self, force: bool = False) -> bool:
+        """Whether a log line is due now (and note that one is written)."""
+        now = time.monotonic()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TrainReporter(_Reporter):
+    """Training progress: a tqdm bar on a terminal, a log line every 15 s otherwise."""
 
     def __call__(self, ev: dict) -> None:
         def fmt(v):
@@ -176,16 +199,11 @@ class TrainReporter:
             "backtracks": ev["backtracks"],
         }
         if self.interactive:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=ev["max_iterations"], desc="training", unit="it", dynamic_ncols=True)
-            self.bar.n = ev["iteration"]
-            self.bar.set_postfix(fields, refresh=True)
+            bar = self._bar(ev["max_iterations"], "training", "it")
+            bar.n = ev["iteration"]
+            bar.set_postfix(fields, refresh=True)
             return
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
+        if self._due():
             log.info(
                 "iteration %d  %.0f/%.0f s  loss %s  val %s  best %s  backtracks %d",
                 ev["iteration"],
@@ -196,10 +214,6 @@ class TrainReporter:
                 fields["best"],
                 ev["backtracks"],
             )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _parse_group_names(text):
@@ -326,28 +340,20 @@ def cmd_train(args) -> int:
     return EXIT_CANCELLED if cancel.is_set() else 0
 
 
-class PredictReporter:
-    """Prediction progress: a tqdm bar on a terminal, a log line every few seconds otherwise."""
+class PredictReporter(_Reporter):
+    """Prediction progress: a tqdm bar over planes on a terminal, a log line every 10 s otherwise."""
 
     def __init__(self, interactive: bool | None = None, every_s: float = 10.0):
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
-        self.every_s = every_s
-        self.bar = None
-        self.last = 0.0
+        super().__init__(interactive, every_s)
 
     def __call__(self, ev: dict) -> None:
         frac = ev["done"] + (ev["tiles_done"] / ev["tiles_total"] if ev["tiles_done"] < ev["tiles_total"] else 0)
         if self.interactive:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=ev["total"], desc="predicting", unit="plane", dynamic_ncols=True)
-            self.bar.n = round(frac, 2)
-            self.bar.set_postfix({"MP/s": f"{ev['megapixels_per_s']:.2f}"}, refresh=True)
+            bar = self._bar(ev["total"], "predicting", "plane")
+            bar.n = round(frac, 2)
+            bar.set_postfix({"MP/s": f"{ev['megapixels_per_s']:.2f}"}, refresh=True)
             return
-        now = time.monotonic()
-        if now - self.last >= self.every_s or ev["done"] == ev["total"] and ev["tiles_done"] == ev["tiles_total"]:
-            self.last = now
+        if self._due(force=ev["done"] == ev["total"] and ev["tiles_done"] == ev["tiles_total"]):
             log.info(
                 "plane %d/%d, tiles %d/%d, %.2f MP/s, %.0f s elapsed, ETA %.0f s",
                 ev["plane"],
@@ -358,10 +364,6 @@ class PredictReporter:
                 ev["elapsed_s"],
                 ev["eta_s"],
             )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def cmd_predict(args) -> int:

@@ -161,6 +161,9 @@ class PlaneReader:
 
         try:
             self._tif = tifffile.TiffFile(self.path)
+            if not self._tif.series:
+                self.close()
+                raise UserError(f"{self.path} is an empty stack: it contains no images")
             series = self._tif.series[0]
             axes, shape = series.axes, tuple(series.shape)
             page = self._tif.pages[0]

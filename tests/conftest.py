@@ -20,6 +20,15 @@ def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def run_cli(capsys, *argv):
+    """Run ``tem-ij`` in-process; returns (exit status, stdout, stderr)."""
+    from tem_ij_plugin.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def tiny_settings(iterations: int = 12) -> Settings:
     """Settings for a model small and quick enough for unit tests."""
     s = Settings()

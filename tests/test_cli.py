@@ -6,15 +6,9 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-from conftest import sha256
+from conftest import run_cli, sha256
 
-from tem_ij_plugin.cli import main
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 @pytest.fixture()

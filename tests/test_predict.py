@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import sha256
+from conftest import run_cli, sha256
 
 from tem_ij_plugin.apply import PredictJob
-from tem_ij_plugin.cli import main
 from tem_ij_plugin.errors import Cancelled, UserError
 from tem_ij_plugin.io import Calibration, PlaneReader
 from tem_ij_plugin.modelio import TrainedModel, build_network, save_model
@@ -47,10 +46,7 @@ def save_random_model(path, **kw):
     return path
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 @pytest.fixture()
@@ -338,6 +334,7 @@ def test_disk_full_mid_run_keeps_finished_planes_for_resume(stack, model_file, t
         ("unknown_class", "unknown class.*mito"),
         ("bad_suffix", "unknown output type '.png'"),
         ("channel_image", "2 channels.*--channel"),
+        ("empty_stack", "empty stack"),
     ],
 )
 def test_predict_bad_input_is_exit_2(case, message, stack, model_file, capsys, tmp_path):
@@ -357,6 +354,10 @@ def test_predict_bad_input_is_exit_2(case, message, stack, model_file, capsys, t
         extra = ["--classes", "cell,mito"]
     elif case == "bad_suffix":
         out = tmp_path / "o.png"
+    elif case == "empty_stack":
+        image = tmp_path / "empty.tif"
+        with tifffile.TiffWriter(image):
+            pass  # a valid TIFF header without a single image
     elif case == "channel_image":
         image = tmp_path / "c.tif"
         tifffile.imwrite(image, np.zeros((2, 32, 32), np.uint8), imagej=True, metadata={"axes": "CYX"})
