@@ -91,17 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=["auto", "torch", "onnx"],
         default="auto",
-        help="auto: onnxruntime on the CPU when installed ([onnx] extra), else torch (default: auto)",
+        help="auto: torch for bf16, else onnxruntime on the CPU when installed ([onnx] extra), else torch "
+        "(default: auto)",
     )
     pr.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
-        help="auto: bf16 on CUDA, fp32 elsewhere; reduced precision is checked against fp32 (default: auto)",
+        help="auto: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere; reduced precision is used only "
+        "if it stays within 0.02 of fp32 on a probe tile (default: auto)",
     )
     pr.add_argument("--tile", type=int, help="tile side in pixels (default: 512 on CPU, 1024 on GPU)")
-    pr.add_argument("--overlap", type=int, help="tile overlap (default: twice the receptive-field radius, >= 32)")
-    pr.add_argument("--batch-size", type=int, help="tiles per forward pass (default: 1 on CPU, 4 on GPU)")
+    pr.add_argument(
+        "--overlap", type=int, help="tile overlap (default: from the model's receptive field, 96 for the default model)"
+    )
+    pr.add_argument(
+        "--batch-size",
+        type=int,
+        help="tiles per forward pass (default: 2 with onnxruntime, 1 with torch on CPU, 4 on GPU)",
+    )
     pr.add_argument("--resume", action="store_true", help="complete an interrupted prediction to the same output")
     return parser
 
