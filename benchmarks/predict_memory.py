@@ -1,11 +1,12 @@
 """Peak memory of ``tem-ij predict`` on uint8 stacks of 2048x2048 sections: flat in the number of planes.
 
-Writes a synthetic Z stack (the same 2048x2048 section, shifted per plane) as an ImageJ TIFF, trains
-nothing (a default-architecture model with random weights does the same work as a trained one; note
-that its near-uniform outputs pass the bf16 accuracy check, so on a CPU with native bf16 it runs in
-bf16, where a trained model may fall back to fp32: ``--extra "--precision fp32"`` forces fp32), and runs ``/usr/bin/time -v tem-ij predict`` on it, reporting wall time and the maximum resident set
-size. Float32 probabilities of 400 such planes (13 GB) exceed the ImageJ TIFF limit, so the
-default runs write BigTIFF (``.btf``) for every size.
+Writes a synthetic Z stack (the same 2048x2048 section, shifted per plane) as an ImageJ TIFF and runs
+``/usr/bin/time -v tem-ij predict`` on it, reporting wall time and the maximum resident set size.
+Nothing is trained: a default-architecture model with random weights does the same work as a trained
+one. Its near-uniform outputs pass the bf16 accuracy check, so on a CPU with native bf16 it runs in
+bf16 where a trained model may fall back to fp32 (``--extra "--precision fp32"`` forces fp32).
+Float32 probabilities of 400 such planes (13 GB) exceed the ImageJ TIFF limit, so the default runs
+write BigTIFF (``.btf``) for every size.
 
 Usage::
 
@@ -59,7 +60,9 @@ def main(argv=None) -> int:
 
     work = args.out or Path(tempfile.mkdtemp(prefix="tem-ij-mem-"))
     work.mkdir(parents=True, exist_ok=True)
-    arch = {"n_classes": 2, "depth": 4, "base_channels": 16, "steps": 1, "norm": "batch"}
+    from tem_ij_plugin.config import Settings
+
+    arch = {"name": "RecurrentUNet", "in_channels": 1, "n_classes": 2, **Settings().model.model_dump()}
     meta = {"classes": ["background", "cell"], "architecture": arch, "normalization": dict(DEFAULT_NORMALIZATION)}
     model = work / "default.model"
     save_model(model, TrainedModel(build_network(arch).eval(), meta))

@@ -210,7 +210,7 @@ def main(argv=None) -> int:
             print(f"  {backend} {pred.precision}: {row}", flush=True)
         # The backend on a wider U-Net (32 base channels, random weights): convolutions with more channels
         # do more arithmetic per byte moved, which shows how much of the gap to the peak is the model's.
-        wide_arch = {"n_classes": 2, "depth": 4, "base_channels": 32, "steps": 1, "norm": "batch"}
+        wide_arch = {"n_classes": 2, **s.model.model_dump(), "base_channels": 32}
         wide = build_network(wide_arch).eval()
         crop = np.ascontiguousarray(x[:2048, :2048])
         for backend in (["onnx"] if onnx_available() else []) + ["torch"]:
