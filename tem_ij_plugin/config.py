@@ -22,7 +22,13 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Architecture of the recurrent U-Net."""
 
-    depth: int = Field(4, ge=2, le=6, description="U-Net levels (depth - 1 poolings).")
+    depth: int = Field(
+        5,
+        ge=2,
+        le=6,
+        description="U-Net levels (depth - 1 poolings). 5 sees whole cells (receptive field ~2x that of 4): "
+        "ISBI profiles 0.682 vs 0.661, membrane 0.755 vs 0.761, synthetic demo 0.86 vs 0.80 (see README).",
+    )
     base_channels: int = Field(16, ge=4, le=128, description="Channels at the first level, doubled per level.")
     steps: int = Field(
         1,
