@@ -91,20 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=["auto", "torch", "onnx"],
         default="auto",
-        help="auto: torch for bf16, else onnxruntime on the CPU when installed ([onnx] extra), else torch "
-        "(default: auto)",
+        help="auto: onnxruntime for fp32 on the CPU when installed ([onnx] extra), else torch (default: auto)",
     )
     pr.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
         default="auto",
-        help="auto: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere; reduced precision is used only "
-        "if it stays within 0.02 of fp32 on a probe tile (default: auto)",
+        help="auto: bf16 on CUDA, fp32 elsewhere; reduced precision is used only if it stays within 0.02 "
+        "of fp32 on a probe tile of the image (default: auto)",
     )
-    pr.add_argument("--tile", type=int, help="tile side in pixels (default: 512 on CPU, 1024 on GPU)")
     pr.add_argument(
-        "--overlap", type=int, help="tile overlap (default: from the model's receptive field, 96 for the default model)"
+        "--tile", type=int, help="tile side in pixels (default: 512 on CPU, 1024 on GPU, at least 4x the overlap)"
     )
+    pr.add_argument("--overlap", type=int, help="tile overlap (default: from the model's effective receptive field)")
     pr.add_argument(
         "--batch-size",
         type=int,
