@@ -452,8 +452,10 @@ def make_predictor(
         runner = OnnxBackend(infer)
     else:
         runner = _auto_runner(infer, device, backend, precision, probe)
-    if batch_size is None and runner.name == "onnx":
-        batch_size = 2  # onnxruntime: +5 % over batch 1 at 512-pixel tiles on 2 cores; torch: -7 %
+    if batch_size is None and runner.name == "onnx" and tile <= 512:
+        # onnxruntime: +5 % over batch 1 at 512-pixel tiles on 2 cores (torch: -7 %); larger tiles stay
+        # at 1, as 2 x 960-pixel tiles of the depth-5 model took the process to 2.3 GB.
+        batch_size = 2
     batch_size = batch_size or d_batch
     return Predictor(runner, net.n_classes, net.size_multiple, tile, overlap, batch_size, halo, device)
 

@@ -59,10 +59,13 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
     if overlap > 0:
         halo = int(HALO_FRACTION * overlap)
         ramp = max(1, overlap - 2 * halo)
-        side = np.zeros(halo + ramp)
-        side[halo:] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
-        w[: halo + ramp] = side
-        w[tile - halo - ramp :] = side[::-1]
+        left = np.ones(tile)
+        left[: min(tile, halo)] = 0.0
+        part = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
+        left[halo : halo + ramp] = part[: max(0, tile - halo)]
+        # The smaller of the two sides, so that tiles narrower than two halos and ramps still weight
+        # only their centre.
+        w = np.minimum(left, left[::-1])
     w = np.maximum(w, 1e-6)
     return np.outer(w, w).astype(np.float32)
 

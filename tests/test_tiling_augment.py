@@ -41,6 +41,12 @@ def test_blended_pixels_come_from_tile_interiors():
         assert wb / (wa + wb) < 1e-5 or db >= halo
 
 
+def test_window_of_a_tile_narrower_than_its_blending_zones_weights_its_centre():
+    w = blend_window(256, 240)[128]  # halo 90, ramp 60: the two sides meet in the middle
+    assert np.all(w[:90] <= 1e-6) and np.all(w[-90:] <= 1e-6)
+    assert np.argmax(w) in (127, 128) and np.allclose(w, w[::-1])
+
+
 def test_overlap_for_halo():
     from tem_ij_plugin.tiling import overlap_for_halo
 
