@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, ModelFileError, UserError
-from .tiling import blend_window, overlap_for_halo, pad_amounts, stitch, tile_specs
+from .tiling import overlap_for_halo, pad_amounts, stitch, tile_specs, tile_window
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,7 @@ class Predictor:
         ph, pw = pad_amounts(h, w, tile, mult)
         padded = np.pad(image, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
         tiles = tile_specs(padded.shape[0], padded.shape[1], tile, overlap)
+        windows: dict = {}
         on_device = isinstance(self.backend, TorchBackend)
         if on_device:
             src = torch.from_numpy(padded)
@@ -343,12 +344,11 @@ class Predictor:
                 src = src.pin_memory()
             # The whole plane goes to the device once; tiles are cut and blended there.
             src = src.to(self.device, non_blocking=True)
-            window = torch.from_numpy(blend_window(tile, overlap)).to(self.device)
             acc = torch.zeros((self.n_classes,) + padded.shape, dtype=torch.float32, device=self.device)
             wsum = torch.zeros(padded.shape, dtype=torch.float32, device=self.device)
             stack = torch.stack
         else:
-            src, window = padded, blend_window(tile, overlap)
+            src = padded
             acc = np.zeros((self.n_classes,) + padded.shape, dtype=np.float32)
             wsum = np.zeros(padded.shape, dtype=np.float32)
             stack = np.stack
@@ -359,6 +359,9 @@ class Predictor:
             x = stack([src[t.y0 : t.y0 + t.size, t.x0 : t.x0 + t.size] for t in chunk])[:, None]
             probs = self.backend(x)
             for t, p in zip(chunk, probs):
+                window = tile_window(t, *padded.shape, overlap, windows)
+                if on_device:  # each of the (at most 9) windows goes to the device once
+                    window = windows.setdefault(id(window), torch.from_numpy(window).to(self.device))
                 stitch(acc, wsum, t, p, window)
             if on_batch is not None:
                 on_batch(TileEvent(min(i + self.batch_size, len(tiles)), len(tiles), len(chunk) * tile * tile))

@@ -46,15 +46,7 @@ def tile_specs(height: int, width: int, tile: int, overlap: int) -> list:
 HALO_FRACTION = 3 / 8  # of the overlap, at each inner tile edge, gets (almost) no weight
 
 
-def blend_window(tile: int, overlap: int) -> np.ndarray:
-    """Weights of shape (tile, tile) for blending tiles that overlap by ``overlap`` pixels.
-
-    Along each side: a halo of ``3/8 * overlap`` pixels next to the tile edge gets a negligible
-    weight (1e-6: a tile's outputs near its edge lack context), then a raised-cosine ramp over the
-    middle quarter of the overlap, then 1. Where two tiles overlap, every pixel with a real weight
-    is therefore at least a halo away from the edge of the tile it comes from. The weight is never
-    zero, so pixels that only one tile covers (at the image border) keep their values exactly.
-    """
+def _side_weights(tile: int, overlap: int, open_start: bool, open_end: bool) -> np.ndarray:
     w = np.ones(tile, dtype=np.float64)
     if overlap > 0:
         halo = int(HALO_FRACTION * overlap)
@@ -64,10 +56,37 @@ def blend_window(tile: int, overlap: int) -> np.ndarray:
         part = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
         left[halo : halo + ramp] = part[: max(0, tile - halo)]
         # The smaller of the two sides, so that tiles narrower than two halos and ramps still weight
-        # only their centre.
-        w = np.minimum(left, left[::-1])
-    w = np.maximum(w, 1e-6)
-    return np.outer(w, w).astype(np.float32)
+        # only their centre. A side on the image border is open: the whole image has no more context
+        # there either, so its pixels are as good as any.
+        w = np.minimum(np.ones(tile) if open_start else left, np.ones(tile) if open_end else left[::-1])
+    return np.maximum(w, 1e-6)
+
+
+def blend_window(
+    tile: int, overlap: int, top: bool = False, bottom: bool = False, left: bool = False, right: bool = False
+) -> np.ndarray:
+    """Weights of shape (tile, tile) for blending tiles that overlap by ``overlap`` pixels.
+
+    Along each inner side: a halo of ``3/8 * overlap`` pixels next to the tile edge gets a negligible
+    weight (1e-6: a tile's outputs near its edge lack context), then a raised-cosine ramp over the
+    middle quarter of the overlap, then 1. Where two tiles overlap, every pixel with a real weight is
+    therefore at least a halo away from the edge of the tile it comes from. Sides flagged ``top``,
+    ``bottom``, ``left``, ``right`` lie on the image border and get no halo. The weight is never zero.
+    """
+    wy = _side_weights(tile, overlap, top, bottom)
+    wx = _side_weights(tile, overlap, left, right)
+    return np.outer(wy, wx).astype(np.float32)
+
+
+def tile_window(tile: Tile, height: int, width: int, overlap: int, cache: dict | None = None) -> np.ndarray:
+    """:func:`blend_window` for ``tile`` in an image of ``height`` x ``width``, its border sides open."""
+    key = (tile.y0 == 0, tile.y0 + tile.size >= height, tile.x0 == 0, tile.x0 + tile.size >= width)
+    if cache is not None and key in cache:
+        return cache[key]
+    w = blend_window(tile.size, overlap, *key)
+    if cache is not None:
+        cache[key] = w
+    return w
 
 
 def overlap_for_halo(halo: int, multiple: int = 8) -> int:

@@ -179,6 +179,16 @@ def test_tiles_match_one_whole_tile():
     assert _seam_difference("group")[0] > diff
 
 
+def test_small_tiles_with_a_large_overlap_match_the_whole_image():
+    # Step 8 px: image-border pixels lie in the halo of several tiles; only the border tile's view is right.
+    net, _ = random_net(depth=3, seed=4)
+    image = np.random.default_rng(1).random((160, 160)).astype(np.float32)
+    dev = torch.device("cpu")
+    whole = make_predictor(net, dev, backend="torch", tile=160, overlap=0).plane(image)
+    tiled = make_predictor(net, dev, backend="torch", tile=64, overlap=56).plane(image)
+    assert np.abs(whole - tiled).max() <= 0.02
+
+
 def test_effective_receptive_field_grows_with_depth():
     shallow = effective_receptive_field(random_net(depth=2)[0])
     deep = effective_receptive_field(random_net(depth=4)[0])
