@@ -110,6 +110,7 @@ class PredictJob:
             HALO_MASS,
             check_normalization,
             make_predictor,
+            normalize,
             predict_planes,
             resolve_device,
             sampled_range,
@@ -151,7 +152,7 @@ class PredictJob:
                 raise UserError(
                     f"{self.image_path} has no contrast (every pixel is {first.flat[0]}); nothing to segment"
                 )
-            probe = ((first[:256, :256].astype(np.float32) - lo) / (hi - lo)).astype(np.float32)
+            probe = normalize(first[:256, :256], lo, hi)
             erf = model.meta.get("effective_receptive_field") or {}
             predictor = make_predictor(
                 model.net,
