@@ -1,4 +1,4 @@
-"""The ``tem-ij`` command line: ``demo``, ``train``, ``predict``.
+"""The ``tem-ij`` command line: ``demo``, ``train``, ``predict``, ``suggest``, ``history``, ``revert``, ``experiment``.
 
 Heavy imports (torch, tifffile, ...) happen after argument parsing so that ``--help`` is instant.
 Bad input ends with a one-line message on stderr and exit status 2; an interrupted training (Ctrl-C)
@@ -44,8 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model from an image and its ImageJ ROIs")
     tr.add_argument("image", nargs="?", help="2-D image or Z stack (TIFF; PNG for 2-D)")
     tr.add_argument("--rois", help="ImageJ RoiSet.zip or .roi; ROI names give the classes")
-    tr.add_argument("-o", "--out", help="model file to write (e.g. cells.model)")
+    tr.add_argument("-o", "--out", help="model file to write (e.g. cells.model); optional with --project")
     tr.add_argument("--init", metavar="MODEL", help="warm start from an earlier model (next annotation round)")
+    tr.add_argument(
+        "--project",
+        metavar="DIR",
+        help="keep this training as the next round of a project folder (created if new), warm-starting "
+        "from its current round; see 'tem-ij history' and 'tem-ij revert'",
+    )
     tr.add_argument("--max-minutes", type=float, help="wall-clock training budget (default from config: 10)")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
     tr.add_argument("--seed", type=int, help="random seed (default from config: 0)")
@@ -110,6 +116,64 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiles per forward pass (default: 2 with onnxruntime, 1 with torch on CPU, 4 on GPU)",
     )
     pr.add_argument("--resume", action="store_true", help="complete an interrupted prediction to the same output")
+
+    sg = sub.add_parser(
+        "suggest",
+        help="which patches to annotate next (rectangles suggest-1..k for Fiji's ROI Manager)",
+        description="Rank the candidate windows that hold no annotation yet and draw k suggestions: typical, "
+        "diverse patches while few are annotated (or with no MODEL), then uncertainty x representativeness. "
+        "Writes a RoiSet.zip of rectangles plus NAME.csv and NAME.json with scores and reasons.",
+    )
+    sg.add_argument("paths", nargs="+", metavar="[MODEL] IMAGE", help="model file or project folder, then the image")
+    sg.add_argument("--rois", help="the annotations so far (RoiSet.zip or .roi); their patches are never suggested")
+    sg.add_argument("-k", type=int, default=5, help="number of suggestions (default: %(default)s)")
+    sg.add_argument("-o", "--out", required=True, help="RoiSet.zip to write (NAME.csv and NAME.json beside it)")
+    sg.add_argument("--size", type=int, help="window side in pixels (default: the model's patch size, 256)")
+    sg.add_argument("--stride", type=int, help="window step (default: the window size, i.e. the patch grid)")
+    sg.add_argument(
+        "--temperature", type=float, default=0.2, help="randomness of the draw, 0 = greedy (default: %(default)s)"
+    )
+    sg.add_argument("--seed", type=int, default=0, help="random seed of the draw (default: %(default)s)")
+    sg.add_argument("--channel", type=int, help="1-based channel of a multichannel hyperstack")
+    sg.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
+    sg.add_argument("--all-slices", action="store_true", help="let ROIs without a slice position label every slice")
+    sg.add_argument("--group-names", metavar="N=NAME,...", help="class names of ImageJ ROI groups")
+
+    hi = sub.add_parser("history", help="the annotation rounds of a project folder")
+    hi.add_argument("project", help="project folder (from 'tem-ij train --project DIR')")
+    hi.add_argument("--json", action="store_true", help="print project.json instead of a table")
+
+    rv = sub.add_parser(
+        "revert", help="make an earlier round of a project current again (later rounds are kept, not deleted)"
+    )
+    rv.add_argument("project", help="project folder")
+    rv.add_argument("round", type=int, help="round number (see 'tem-ij history')")
+
+    ex = sub.add_parser(
+        "experiment",
+        help="simulate annotation rounds on an image with full ground truth: random vs suggested patches",
+        description="A simulated annotator outlines partial polygons on the patches each arm picks; each round "
+        "retrains (warm start) and is scored on held-out patches. Writes learning_curves.png, per-round "
+        "montages, GIFs of the rounds, experiment.json and experiment.csv.",
+    )
+    ex.add_argument("image", help="2-D image or stack (TIFF; PNG for 2-D)")
+    ex.add_argument("--labels", required=True, help="dense ground truth of the same shape (class indices 0..C-1)")
+    ex.add_argument("-o", "--out", default="tem-ij-experiment", help="output folder (default: %(default)s)")
+    ex.add_argument("--classes", help="class names in index order (default: background,cell for two classes)")
+    ex.add_argument(
+        "--schedule", default="1,2,3,5,8,12,15", help="annotated patches after each round (default: %(default)s)"
+    )
+    ex.add_argument("--arms", default="random,suggest", help="random and/or suggest (default: %(default)s)")
+    ex.add_argument("--seeds", default="0", help="comma-separated seeds, each runs every arm (default: %(default)s)")
+    ex.add_argument(
+        "--test-fraction", type=float, default=0.25, help="patches held out for scoring (default: %(default)s)"
+    )
+    ex.add_argument("--minutes-per-round", type=float, default=2.0, help="training budget per round (default: 2)")
+    ex.add_argument("--iterations-per-round", type=int, help="cap on training iterations per round")
+    ex.add_argument("--config", metavar="FILE", help="training settings of every round (YAML or JSON)")
+    ex.add_argument("--no-rf", action="store_true", help="skip the random-forest peer")
+    ex.add_argument("--channel", type=int, help="1-based channel of a multichannel hyperstack")
+    ex.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
     return parser
 
 
@@ -286,9 +350,19 @@ def cmd_train(args) -> int:
     if args.print_config:
         sys.stdout.write(dump_settings(settings))
         return 0
-    if not args.image or not args.rois or not args.out:
-        raise UserError("train needs IMAGE, --rois FILE and -o MODEL (or --print-config)")
-    out = _check_output(args.out, [args.image, args.rois, args.init, args.config])
+    if not args.image or not args.rois or not (args.out or args.project):
+        raise UserError("train needs IMAGE, --rois FILE and -o MODEL or --project DIR (or --print-config)")
+    out = _check_output(args.out, [args.image, args.rois, args.init, args.config]) if args.out else None
+    project = None
+    if args.project:
+        from .project import Project
+
+        project = Project.open(args.project, create=True)
+        if args.init is None and project.current_model_path() is not None:
+            args.init = str(project.current_model_path())
+            log.info(
+                "project %s: round %d warm-starts from round %d", args.project, len(project.rounds) + 1, project.current
+            )
 
     from .annotations import rasterize
     from .io import read_image, read_rois
@@ -336,11 +410,18 @@ def cmd_train(args) -> int:
         )
     finally:
         reporter.close()
-    save_model(out, result.model)
+    saved = []
+    if project is not None:
+        record = project.add_round(result.model, args.image, args.rois, result.stop_reason, save_model)
+        saved.append(f"round {record['round']} of {project.root} ({record['model']})")
+    if out is not None:
+        save_model(out, result.model)
+        saved.append(str(out))
     last = result.model.meta["history"]["rounds"][-1]
     best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
     print(
-        f"saved {out}: {last['iterations']} iterations in {last['duration_s']:.0f} s ({result.stop_reason}); "
+        f"saved {' and '.join(saved)}: {last['iterations']} iterations in {last['duration_s']:.0f} s "
+        f"({result.stop_reason}); "
         f"best {last['score']} {best} at iteration {last['best_iteration']}; "
         f"{len(result.train_patches)} training / {len(result.val_patches)} validation patches"
     )
@@ -422,6 +503,203 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _model_path(path: str) -> str:
+    """A model file, or the current round's model when ``path`` is a project folder."""
+    from .errors import UserError
+    from .project import PROJECT_FILE, Project
+
+    if Path(path).is_dir() and (Path(path) / PROJECT_FILE).is_file():
+        model = Project.open(path).current_model_path()
+        if model is None:
+            raise UserError(f"the project {path} has no trained round yet")
+        return str(model)
+    return path
+
+
+def cmd_suggest(args) -> int:
+    from .annotations import rasterize
+    from .errors import UserError
+    from .io import read_image, read_rois
+    from .modelio import load_model
+    from .suggest import suggest, write_suggestions
+
+    if len(args.paths) > 2:
+        raise UserError("suggest takes [MODEL] IMAGE: at most two paths")
+    model_path = _model_path(args.paths[0]) if len(args.paths) == 2 else None
+    image_path = args.paths[-1]
+    out = Path(args.out)
+    if out.suffix.lower() != ".zip":
+        raise UserError(f"the suggestions are a RoiSet .zip; got {out}")
+    for o in (out, out.with_suffix(".csv"), out.with_suffix(".json")):
+        _check_output(o, [image_path, args.rois, model_path])
+    if args.k < 1:
+        raise UserError("-k must be at least 1")
+    if not 0 <= args.temperature <= 10:
+        raise UserError("--temperature must be between 0 and 10")
+    model = load_model(model_path) if model_path else None
+    size = args.size or (model.meta.get("patch_size", 256) if model else 256)
+    if size < 16:
+        raise UserError("--size must be at least 16")
+    image = read_image(image_path, channel=args.channel)
+    labels = None
+    if args.rois:
+        labels = rasterize(
+            read_rois(args.rois),
+            image.data.shape,
+            classes=model.classes if model else None,
+            all_slices=args.all_slices,
+            group_names=_parse_group_names(args.group_names),
+        ).labels
+    elif model is not None:
+        log.warning("no --rois given: suggestions may fall on patches you already annotated")
+    result, _ = _with_cancel_on_sigint(
+        lambda c: suggest(
+            image.data,
+            labels,
+            model,
+            k=args.k,
+            size=size,
+            stride=args.stride,
+            temperature=args.temperature,
+            seed=args.seed,
+            device=args.device,
+            cancel=c,
+        )
+    )
+    files = write_suggestions(out, result, stack=image.data.shape[0] > 1)
+    print(f"{len(result.candidates)} candidate windows scored ({result.phase}) in {result.timings['total_s']:.1f} s")
+    for i, c in enumerate(result.suggestions, 1):
+        why = ", ".join(f"{k} {v}" for k, v in c.reasons.items() if v is not None and not isinstance(v, dict))
+        print(
+            f"  suggest-{i}: slice {c.z + 1}, x {c.x0}, y {c.y0}, {c.x1 - c.x0}x{c.y1 - c.y0}, "
+            f"score {c.score:.3f} ({why})"
+        )
+    print(f"wrote {', '.join(map(str, files))}")
+    return 0
+
+
+def cmd_history(args) -> int:
+    import json
+
+    from .project import Project
+
+    project = Project.open(args.project)
+    print(json.dumps(project.data, indent=1) if args.json else project.history())
+    return 0
+
+
+def cmd_revert(args) -> int:
+    from .project import Project
+
+    project = Project.open(args.project)
+    before = project.current
+    record = project.revert(args.round)
+    later = [r["round"] for r in project.rounds if r["round"] > args.round]
+    print(
+        f"round {record['round']} is current again (was {before}); the next 'tem-ij train --project "
+        f"{args.project}' warm-starts from {record['model']}"
+        + (f"; rounds {', '.join(map(str, later))} stay on disk and in the history" if later else "")
+    )
+    return 0
+
+
+def _int_list(text: str, option: str) -> list:
+    from .errors import UserError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UserError(f"{option} expects comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise UserError(f"{option} is empty")
+    return values
+
+
+def cmd_experiment(args) -> int:
+    import numpy as np
+
+    from .config import Settings, load_settings
+    from .errors import UserError
+    from .experiment import plot_learning_curves, run_experiment, split_grid, write_tables
+    from .io import read_image
+
+    schedule = _int_list(args.schedule, "--schedule")
+    seeds = _int_list(args.seeds, "--seeds")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    out = Path(args.out)
+    if args.minutes_per_round <= 0:
+        raise UserError("--minutes-per-round must be positive")
+    image = read_image(args.image, channel=args.channel)
+    truth = read_image(args.labels).data
+    if truth.shape != image.data.shape:
+        raise UserError(f"--labels has shape {truth.shape} but the image has {image.data.shape}")
+    if (truth.dtype.kind == "f" and not np.array_equal(truth, np.round(truth))) or truth.min() < 0:
+        raise UserError("--labels must hold class indices 0, 1, ... (a label image, not probabilities)")
+    truth = truth.astype(np.int64)
+    n_classes = int(truth.max()) + 1
+    if n_classes < 2:
+        raise UserError("--labels holds a single class; the ground truth needs at least two")
+    if args.classes:
+        classes = [c.strip().lower() for c in args.classes.split(",")]
+    else:
+        others = ["cell"] if n_classes == 2 else [f"class{i}" for i in range(1, n_classes)]
+        classes = ["background"] + others
+    if len(classes) != n_classes:
+        raise UserError(f"--classes names {len(classes)} classes but --labels holds {n_classes}")
+    settings = load_settings(args.config) if args.config else Settings()
+    settings.train.max_minutes = args.minutes_per_round
+    if args.iterations_per_round:
+        settings.train.max_iterations = args.iterations_per_round
+        settings.train.min_iterations = min(settings.train.min_iterations, args.iterations_per_round // 2)
+    pool, test_mask = split_grid(truth.shape, settings.patches.size, args.test_fraction)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {out}: {exc.strerror or exc}") from exc
+    bar = None
+
+    def progress(ev):
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=ev["total"], desc="rounds", unit="round", dynamic_ncols=True)
+        bar.update(ev["done"] - bar.n)
+        bar.set_postfix({"arm": ev["arm"], "seed": ev["seed"], "patches": ev["patches"], "mIoU": ev["miou"]})
+
+    try:
+        result, _ = _with_cancel_on_sigint(
+            lambda c: run_experiment(
+                image.data,
+                truth,
+                classes,
+                pool,
+                test_mask,
+                settings,
+                arms=arms,
+                schedule=schedule,
+                seeds=seeds,
+                rf=not args.no_rf,
+                device=args.device,
+                out_dir=out,
+                progress=progress,
+                cancel=c,
+            )
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    files = write_tables(result, out)
+    plot_learning_curves(result, out / "learning_curves.png")
+    for arm in arms:
+        s = result["summary"][arm]
+        print(f"{arm:8s} mIoU by patches {dict(zip(s['patches'], s['miou_mean']))}  AUC {s['auc_mean']:.3f}")
+    if "rf" in result["summary"]:
+        print(f"{'RF peer':8s} mIoU by patches {dict(zip(schedule, result['summary']['rf']['miou_mean']))}")
+    print(f"wrote {out}/: learning_curves.png, montage-*.png, rounds-*.gif, {files[0].name}, {files[1].name}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     from .errors import UserError
@@ -444,7 +722,16 @@ def main(argv=None) -> int:
     from .errors import Cancelled, UserError
 
     try:
-        return {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo}[args.command](args)
+        commands = {
+            "train": cmd_train,
+            "predict": cmd_predict,
+            "demo": cmd_demo,
+            "suggest": cmd_suggest,
+            "history": cmd_history,
+            "revert": cmd_revert,
+            "experiment": cmd_experiment,
+        }
+        return commands[args.command](args)
     except UserError as exc:
         print(f"tem-ij {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -23,7 +23,8 @@ def probability_rgb(prob: np.ndarray) -> np.ndarray:
     return (low + p * (high - low)).astype(np.uint8)
 
 
-def _outline(rgb, y0, x0, y1, x1, color, width=3):
+def outline(rgb, y0, x0, y1, x1, color, width=3):
+    """Draw a rectangle outline in place on an RGB array."""
     y1, x1 = min(y1, rgb.shape[0]), min(x1, rgb.shape[1])
     rgb[y0 : y0 + width, x0:x1] = color
     rgb[max(y1 - width, y0) : y1, x0:x1] = color
@@ -56,11 +57,11 @@ def patch_overlay(gray, labels, patch_size, train, val, class_colors=None) -> np
     for y in range(0, h, patch_size):
         for x in range(0, w, patch_size):
             if (y, x) not in used:
-                _outline(rgb, y, x, y + patch_size, x + patch_size, GREEN, 2)
+                outline(rgb, y, x, y + patch_size, x + patch_size, GREEN, 2)
     for p in train:
-        _outline(rgb, p.y0, p.x0, p.y1, p.x1, RED)
+        outline(rgb, p.y0, p.x0, p.y1, p.x1, RED)
     for p in val:
-        _outline(rgb, p.y0, p.x0, p.y1, p.x1, BLUE)
+        outline(rgb, p.y0, p.x0, p.y1, p.x1, BLUE)
     return rgb
 
 

@@ -104,6 +104,14 @@ class UNet(nn.Module):
                 x = block(x)
         return x
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The deepest encoder level's features, shape (B, C, H / 2**(depth-1), W / 2**(depth-1))."""
+        for i, block in enumerate(self.down):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+        return x
+
     def head(self, trunk: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """The finest decoder block and the 1x1 output, optionally seeing ``extra`` channels."""
         if extra is not None:
@@ -180,6 +188,17 @@ class RecurrentUNet(nn.Module):
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return 2 ** (self.depth - 1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Bottleneck features of the first step (what the network "sees"), shape (B, C, H/s, W/s).
+
+        ``s`` is :attr:`size_multiple`. With input feedback the first step sees a uniform prior, as in
+        :meth:`forward`.
+        """
+        if self.steps > 1 and self.feedback == "input":
+            b, _, h, w = x.shape
+            x = torch.cat([x, x.new_full((b, self.n_classes, h, w), 1.0 / self.n_classes)], dim=1)
+        return self.unet.encode(x)
 
     def forward(self, x: torch.Tensor, all_steps: bool = False):
         """Run the recurrence.

@@ -1,0 +1,180 @@
+"""Does `suggest` beat random patch choice? Simulated annotation rounds on real ssTEM (ISBI 2012).
+
+Both tasks of ``isbi_partial.py`` (membrane vs interior; large profiles vs rest). The pool is the
+256x256 grid of sections 0-14 (60 patches); sections 15-29 are held out and scored (every second pixel
+in y and x, the same pixels for every method). Per seed, each arm (``random``, ``suggest``) runs the
+schedule of annotated patch counts with a simulated partial-polygon annotator; every round retrains
+from the previous round's model for a fixed number of iterations (iterations rather than minutes, so
+that a busy machine changes the time, not the result). The random-forest peer learns from the random
+arm's labels in the same rounds.
+
+Reports, per task: area under the learning curve (mean over seeds), the patch count at which `suggest`
+first reaches the RF peer's 15-patch score, and the ratio of the true error of the top-5 suggestions to
+the average candidate's for the model trained on 4 patches. ``--speed`` instead times scoring every
+candidate of a synthetic 3840x2920 image.
+
+    python benchmarks/active_learning.py                          # both tasks, seeds 0,1,2
+    python benchmarks/active_learning.py --tasks membrane --seeds 0 --schedule 1,2,4
+    python benchmarks/active_learning.py --speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from isbi_partial import DATA, large_profiles, load  # noqa: E402
+
+
+def run_task(task, images, truth, args, out_dir):
+    from tem_ij_plugin.config import Settings
+    from tem_ij_plugin.experiment import plot_learning_curves, run_experiment, summarize
+    from tem_ij_plugin.suggest import candidate_boxes
+
+    pool = candidate_boxes((15,) + images.shape[1:], 256)
+    test_mask = np.zeros(images.shape, bool)
+    test_mask[15:, :: args.score_stride, :: args.score_stride] = True
+    settings = Settings()
+    settings.train.max_iterations = args.iterations
+    settings.train.min_iterations = args.iterations // 2
+    settings.train.max_minutes = 30
+    rows = []
+    for seed in args.seeds:
+        res = run_experiment(
+            images,
+            truth,
+            ["background", "cell"],
+            pool,
+            test_mask,
+            settings,
+            schedule=args.schedule,
+            seeds=[seed],
+            device="cpu",
+            out_dir=out_dir if seed == args.seeds[0] else None,
+        )
+        rows += res["rows"]
+        partial = {"rows": rows, "schedule": res["schedule"], "seeds": args.seeds, "arms": res["arms"]}
+        (out_dir / f"{task}.partial.json").write_text(json.dumps(partial, indent=1))
+    result = {
+        "classes": ["background", "cell"],
+        "schedule": sorted(args.schedule),
+        "seeds": args.seeds,
+        "arms": ["random", "suggest"],
+        "rows": rows,
+    }
+    result["summary"] = summarize(rows, result["schedule"], result["arms"])
+    plot_learning_curves(
+        result,
+        out_dir / f"learning_curves_{task}.png",
+        title=f"ISBI 2012 {task}: {len(args.seeds)} seeds, {args.iterations} iterations per round",
+    )
+    return result
+
+
+def four_patch_ratio(result):
+    """Top-5 error / mean candidate error of the model trained on 4 patches (suggest arm), per seed."""
+    out = []
+    for r in result["rows"]:
+        if r["arm"] == "suggest" and r.get("analysis_model_patches") == 4:
+            out.append(round(r["top5_error"] / max(r["mean_candidate_error"], 1e-9), 3))
+    return out
+
+
+def speed(args):
+    """Time suggest() on every candidate of a synthetic 3840x2920 image with a default-architecture model."""
+    from tem_ij_plugin.annotations import rasterize
+    from tem_ij_plugin.config import Settings
+    from tem_ij_plugin.suggest import suggest
+    from tem_ij_plugin.synthetic import SYNTHETIC_CLASSES, make_tem_image, simulate_annotations
+    from tem_ij_plugin.train import train
+
+    small, small_truth = make_tem_image(768, 768, seed=1)
+    rng = np.random.default_rng(0)
+    boxes = [(0, 0, 256, 256), (256, 256, 512, 512), (512, 0, 768, 256), (0, 512, 256, 768)]
+    labels = rasterize(simulate_annotations(small_truth, boxes, SYNTHETIC_CLASSES, rng), (1, 768, 768))
+    s = Settings()
+    s.train.max_iterations = 60
+    model = train(small[None], labels, s, device="cpu").model
+    big, big_truth = make_tem_image(2920, 3840, seed=7)
+    big_labels = rasterize(
+        simulate_annotations(big_truth, [(0, 0, 256, 256), (1024, 1024, 1280, 1280)], SYNTHETIC_CLASSES, rng),
+        (1, 2920, 3840),
+    ).labels
+    times = []
+    for i in range(args.repeats):
+        t0 = time.perf_counter()
+        res = suggest(big[None], big_labels, model, k=5, seed=i, device="cpu")
+        times.append(time.perf_counter() - t0)
+        print(f"  run {i + 1}: {times[-1]:.1f} s, {len(res.candidates)} candidates, {res.timings}", flush=True)
+    return {
+        "image": [2920, 3840],
+        "candidates": len(res.candidates),
+        "seconds": [round(t, 2) for t in times],
+        "median_s": round(float(np.median(times)), 2),
+        "stages_last_run_s": {k: round(v, 2) for k, v in res.timings.items()},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--tasks", default="membrane,profiles")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--schedule", default="1,2,4,8,15")
+    ap.add_argument("--iterations", type=int, default=80, help="training iterations per round")
+    ap.add_argument("--score-stride", type=int, default=2)
+    ap.add_argument("--speed", action="store_true", help="time scoring a 3840x2920 image instead")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "active_learning")
+    args = ap.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.schedule = [int(s) for s in args.schedule.split(",")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("tem_ij_plugin.train",):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    sys.path.insert(0, str(ROOT))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        res = speed(args)
+        print(f"scoring every candidate of 3840x2920: median {res['median_s']} s")
+        (args.out / "speed.json").write_text(json.dumps(res, indent=1))
+        return 0
+    if not (args.data / "images").is_dir():
+        print(f"SKIP: ISBI 2012 data not found at {args.data}")
+        return 0
+    images, membrane, neurites = load(args.data)
+    truths = {"membrane": (membrane > 127).astype(np.int64), "profiles": large_profiles(neurites).astype(np.int64)}
+    report = {"iterations_per_round": args.iterations, "score_stride": args.score_stride, "tasks": {}}
+    for task in args.tasks.split(","):
+        t0 = time.perf_counter()
+        out_dir = args.out / task
+        out_dir.mkdir(exist_ok=True)
+        result = run_task(task, images, truths[task], args, out_dir)
+        s = result["summary"]
+        report["tasks"][task] = {
+            "summary": s,
+            "top5_error_ratio_at_4_patches": four_patch_ratio(result),
+            "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "rows": result["rows"],
+        }
+        (args.out / "active_learning.json").write_text(json.dumps(report, indent=1))
+        print(
+            f"\n{task}: AUC random {s['random']['auc_mean']:.3f} suggest {s['suggest']['auc_mean']:.3f}; "
+            f"RF at 15: {s['rf']['miou_mean'][-1]:.3f}; suggest reaches it at {s['suggest']['patches_to_rf_final']} "
+            f"patches (random at {s['random']['patches_to_rf_final']}); top-5 error ratio at 4 patches "
+            f"{four_patch_ratio(result)}",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,589 @@
+"""Which patches to annotate next: candidate windows scored on probability maps and features.
+
+Acquisition follows DESIGN.md section 5. With no model (nothing annotated yet) the candidates are
+described by image statistics and the suggestions are *typical and diverse*: dense regions of that
+description, each one unlike those already chosen. With a model, every candidate gets
+
+* **uncertainty**: mean normalised entropy of the predicted class probabilities;
+* **disagreement**: how much the prediction changes under test-time flips/transposition (and between
+  recurrent steps when the model has several), computed for the most promising candidates;
+* **typicality**: how densely the candidate's region of the model's feature space (its bottleneck
+  features, averaged over the window) is populated: a typical patch teaches about many others;
+* **novelty**: distance in that space to the nearest annotated patch.
+
+The score moves from typicality towards uncertainty × representativeness as patches get annotated.
+With ``w = min(1, n_annotated / 4)`` it is::
+
+    uncertainty**w * typicality**(1 - w) * (0.7 + 0.3 * typicality)**w * (0.25 + 0.75 * novelty)
+
+where uncertainty is entropy plus disagreement (scaled to the best candidate). Suggestions are drawn
+one at a time with probability ``score ** (1 / temperature)``, each draw damping candidates that look
+like it (feature distance) or overlap it, so that the k suggestions are not near-duplicates of each
+other or of annotated patches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .annotations import UNLABELLED
+from .errors import Cancelled, UserError
+
+log = logging.getLogger(__name__)
+
+FEW_PATCHES = 4  # annotated patches at which uncertainty gets its full weight
+MAX_REFERENCE = 2000  # candidates used as the reference set for densities (keeps memory bounded)
+
+
+@dataclass
+class Candidate:
+    """One scored window: plane ``z`` (0-based), box ``[y0, y1) x [x0, x1)``, score and its reasons."""
+
+    z: int
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+    score: float = 0.0
+    reasons: dict = field(default_factory=dict)
+
+    def box(self) -> tuple:
+        return self.z, self.y0, self.x0, self.y1, self.x1
+
+
+@dataclass
+class SuggestResult:
+    """What :func:`suggest` returns.
+
+    Attributes
+    ----------
+    suggestions : list of Candidate
+        The chosen windows in the order drawn (``suggest-1`` first).
+    candidates : list of Candidate
+        Every candidate that was scored (annotated windows excluded).
+    phase : str
+        ``typical-diverse`` (no model), or ``uncertainty x representativeness`` with the weight used.
+    timings : dict
+        Seconds per stage.
+    """
+
+    suggestions: list
+    candidates: list
+    phase: str
+    timings: dict
+
+
+def candidate_boxes(shape, size: int, stride: int | None = None) -> np.ndarray:
+    """Windows of side ``size`` starting every ``stride`` pixels (default: the patch grid).
+
+    Grid cells are clipped at the image edge, and edge slivers less than half a window high or wide
+    are dropped unless the image itself is smaller than a window. With a finer stride every window is
+    whole, the last one flush with the image edge.
+
+    Returns
+    -------
+    ndarray of int, shape (N, 5)
+        Rows of (z, y0, x0, y1, x1).
+    """
+    nz, h, w = shape
+    stride = stride or size
+
+    def starts(n):
+        if stride == size:  # the patch grid: cells as annotators see them, edge slivers dropped
+            return [s for s in range(0, n, size) if min(s + size, n) - s >= min(size, n) / 2]
+        # finer strides: whole windows only, the last one flush with the edge
+        out = list(range(0, max(n - size, 0) + 1, stride))
+        if out[-1] + size < n:
+            out.append(n - size)
+        return out
+
+    rows = [(z, y, x, min(y + size, h), min(x + size, w)) for z in range(nz) for y in starts(h) for x in starts(w)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
+def window_means(maps: np.ndarray, boxes: np.ndarray, scale: int = 1) -> np.ndarray:
+    """Mean of each map over each box, by summed-area tables.
+
+    Parameters
+    ----------
+    maps : ndarray, shape (K, H, W)
+    boxes : ndarray of int, shape (N, 4)
+        (y0, x0, y1, x1) in pixels of the full-resolution image.
+    scale : int
+        ``maps`` are ``scale`` times smaller than the image (boxes are scaled down, rounding outwards).
+
+    Returns
+    -------
+    ndarray of float64, shape (N, K)
+    """
+    k, h, w = maps.shape
+    sat = np.zeros((k, h + 1, w + 1), np.float64)
+    sat[:, 1:, 1:] = maps.astype(np.float64).cumsum(1).cumsum(2)
+    y0 = np.clip(boxes[:, 0] // scale, 0, h - 1)
+    x0 = np.clip(boxes[:, 1] // scale, 0, w - 1)
+    y1 = np.clip(-(-boxes[:, 2] // scale), y0 + 1, h)
+    x1 = np.clip(-(-boxes[:, 3] // scale), x0 + 1, w)
+    total = sat[:, y1, x1] - sat[:, y0, x1] - sat[:, y1, x0] + sat[:, y0, x0]
+    return (total / ((y1 - y0) * (x1 - x0))).T
+
+
+def image_descriptor_maps(plane: np.ndarray) -> np.ndarray:
+    """Per-pixel statistics that describe a normalised plane without a model (K, H, W), float32.
+
+    Intensity and its square (window mean and spread), gradient magnitude at two scales and
+    band-pass energy at three: brightness, texture and structure size, the things that make two
+    TEM regions look alike.
+    """
+    from scipy import ndimage as ndi
+
+    x = plane.astype(np.float32)
+    maps = [x, x * x]
+    for sigma in (1.0, 3.0):
+        maps.append(ndi.gaussian_gradient_magnitude(x, sigma))
+    previous = x
+    for sigma in (1.0, 4.0, 12.0):
+        g = ndi.gaussian_filter(x, sigma)
+        maps.append(np.abs(previous - g))
+        previous = g
+    return np.stack(maps)
+
+
+def _image_descriptors(maps_means: np.ndarray) -> np.ndarray:
+    """Window means of :func:`image_descriptor_maps` -> descriptors (spread instead of mean square)."""
+    d = maps_means.copy()
+    d[:, 1] = np.sqrt(np.maximum(d[:, 1] - d[:, 0] ** 2, 0))
+    return d
+
+
+def feature_maps(net, plane: np.ndarray, device, tile: int = 1024) -> np.ndarray:
+    """The network's bottleneck features of a normalised plane, computed tile by tile.
+
+    Returns
+    -------
+    ndarray of float32, shape (C, ceil(H / s), ceil(W / s)) with ``s = net.size_multiple``
+    """
+    import torch
+
+    from .tiling import pad_amounts
+
+    s = net.size_multiple
+    h, w = plane.shape
+    ph, pw = pad_amounts(h, w, 1, s)
+    padded = np.pad(plane, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
+    tile = max(s, tile // s * s)
+    out = None
+    with torch.no_grad():
+        for y in range(0, padded.shape[0], tile):
+            for x in range(0, padded.shape[1], tile):
+                t = torch.from_numpy(np.ascontiguousarray(padded[y : y + tile, x : x + tile]))[None, None]
+                f = net.encode(t.to(device)).float().cpu().numpy()[0]
+                if out is None:
+                    out = np.zeros((f.shape[0], padded.shape[0] // s, padded.shape[1] // s), np.float32)
+                out[:, y // s : y // s + f.shape[1], x // s : x // s + f.shape[2]] = f
+    return out
+
+
+def uncertainty_maps(probs: np.ndarray, margin: float = 0.3) -> tuple:
+    """Normalised entropy (H, W) and, per class pair, where the top two classes are within ``margin``.
+
+    Returns
+    -------
+    entropy : ndarray of float32, shape (H, W), in [0, 1]
+    ambiguous : dict mapping (a, b) class-index pairs (a < b) to float32 masks of shape (H, W)
+    """
+    c = probs.shape[0]
+    p = np.clip(probs, 1e-7, 1.0)
+    entropy = (-(p * np.log(p)).sum(0) / np.log(c)).astype(np.float32)
+    top2 = np.argsort(probs, axis=0)[-2:]
+    first = np.take_along_axis(probs, top2[1:], 0)[0]
+    second = np.take_along_axis(probs, top2[:1], 0)[0]
+    close = (first - second) < margin
+    lo, hi = np.minimum(top2[0], top2[1]), np.maximum(top2[0], top2[1])
+    ambiguous = {}
+    for a in range(c):
+        for b in range(a + 1, c):
+            ambiguous[(a, b)] = (close & (lo == a) & (hi == b)).astype(np.float32)
+    return entropy, ambiguous
+
+
+def _tta_disagreement(net, crop: np.ndarray, inner: tuple, device) -> float:
+    """Mean total-variation distance between test-time variants (and recurrent steps) and their mean."""
+    import torch
+
+    from .tiling import pad_amounts
+
+    s = net.size_multiple
+    h, w = crop.shape
+    ph, pw = pad_amounts(h, w, 1, s)
+    x = np.pad(crop, ((0, ph), (0, pw)), mode="reflect")
+    if x.shape[0] != x.shape[1]:  # the transposed variant needs a square input
+        n = max(x.shape)
+        x = np.pad(x, ((0, n - x.shape[0]), (0, n - x.shape[1])), mode="reflect")
+    t = torch.from_numpy(np.ascontiguousarray(x))[None, None].to(device)
+    variants = torch.cat([t, t.flip(2, 3), t.transpose(2, 3)])
+    with torch.no_grad():
+        steps = net(variants, all_steps=True)
+    maps = []
+    for logits in steps[-2:]:
+        pr = torch.softmax(logits.float(), 1)
+        maps += [pr[0], pr[1].flip(1, 2), pr[2].transpose(1, 2)]
+    stack = torch.stack(maps)[:, :, inner[0] : inner[2], inner[1] : inner[3]]
+    tv = 0.5 * (stack - stack.mean(0, keepdim=True)).abs().sum(1)
+    return float(tv.mean())
+
+
+def _pca(x: np.ndarray, dims: int = 16) -> np.ndarray:
+    """Standardised, PCA-reduced descriptors (at most ``dims`` components)."""
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    if x.shape[0] < 3:
+        return x[:, :dims]
+    _, sv, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    keep = max(1, min(dims, int((sv > 1e-6 * sv[0]).sum())))
+    return x @ vt[:keep].T
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(d, 0))
+
+
+def _typicality(desc: np.ndarray, rng, k: int = 10) -> tuple:
+    """Rank-based density in descriptor space, in (0, 1], and the typical nearest-neighbour distance."""
+    n = len(desc)
+    if n == 1:
+        return np.ones(1), 1.0
+    ref = desc if n <= MAX_REFERENCE else desc[rng.choice(n, MAX_REFERENCE, replace=False)]
+    d = _distances(desc, ref)
+    k = min(k, len(ref) - 1)
+    knn = np.sort(d, axis=1)[:, 1 : k + 1].mean(1)  # column 0 is (about) the candidate itself
+    ranks = np.argsort(np.argsort(-knn))
+    nn = np.sort(d, axis=1)[:, 1]
+    return (ranks + 1) / n, float(np.median(nn[nn > 0])) if (nn > 0).any() else 1.0
+
+
+def annotated_boxes(labels: np.ndarray | None, boxes: np.ndarray) -> np.ndarray:
+    """Which candidate boxes hold at least one labelled pixel (bool, shape (N,))."""
+    if labels is None:
+        return np.zeros(len(boxes), bool)
+    out = np.zeros(len(boxes), bool)
+    for z in np.unique(boxes[:, 0]):
+        rows = np.nonzero(boxes[:, 0] == z)[0]
+        counts = window_means((labels[z] != UNLABELLED)[None].astype(np.float32), boxes[rows, 1:])[:, 0]
+        out[rows] = counts > 0
+    return out
+
+
+def _overlap(boxes: np.ndarray, j: int) -> np.ndarray:
+    b = boxes[j]
+    return (
+        (boxes[:, 0] == b[0])
+        & (boxes[:, 1] < b[3])
+        & (b[1] < boxes[:, 3])
+        & (boxes[:, 2] < b[4])
+        & (b[2] < boxes[:, 4])
+    )
+
+
+def draw(score: np.ndarray, desc: np.ndarray, boxes: np.ndarray, k: int, scale: float, temperature: float, rng):
+    """Draw ``k`` candidates one at a time, damping look-alikes and overlapping windows after each draw.
+
+    Parameters
+    ----------
+    score : ndarray, shape (N,)
+        Non-negative acquisition scores.
+    desc : ndarray, shape (N, D)
+        Descriptors; a candidate at distance ``d`` from a drawn one keeps ``1 - exp(-(d / scale)**2)``
+        of its score.
+    boxes : ndarray, shape (N, 5)
+    temperature : float
+        0 = always the best remaining; larger = more random (weights ``score ** (1 / temperature)``).
+
+    Returns
+    -------
+    list of int
+        Indices in draw order.
+    """
+    s = score.astype(np.float64).copy()
+    chosen = []
+    for _ in range(min(k, len(s))):
+        if not (s > 0).any():
+            break
+        if temperature <= 0:
+            j = int(np.argmax(s))
+        else:
+            # Scores are scaled to the best one first so that the power cannot underflow.
+            w = (s / s.max()) ** (1.0 / temperature)
+            j = int(rng.choice(len(s), p=w / w.sum()))
+        chosen.append(j)
+        d = np.sqrt(((desc - desc[j]) ** 2).sum(1))
+        s *= 1 - np.exp(-((d / max(scale, 1e-9)) ** 2))
+        s[_overlap(boxes, j)] = 0
+        s[j] = 0
+    return chosen
+
+
+def suggest(
+    image: np.ndarray,
+    labels: np.ndarray | None = None,
+    model=None,
+    k: int = 5,
+    size: int = 256,
+    stride: int | None = None,
+    temperature: float = 0.2,
+    seed: int = 0,
+    device: str = "auto",
+    probabilities=None,
+    candidates: np.ndarray | None = None,
+    progress=None,
+    cancel=None,
+) -> SuggestResult:
+    """Rank candidate windows that hold no annotation and draw ``k`` suggestions.
+
+    Parameters
+    ----------
+    image : ndarray, shape (Z, Y, X)
+        The image (any numeric dtype); never modified.
+    labels : ndarray of int, shape (Z, Y, X), optional
+        Partial labels (-1 = unlabelled); windows holding a label are never suggested.
+    model : TrainedModel, optional
+        Without one the suggestions are typical, diverse starting patches.
+    k : int
+        Suggestions to draw.
+    size, stride : int
+        Window side and step (default step: ``size``, the patch grid).
+    temperature : float
+        Randomness of the draw (0 = greedy).
+    seed : int
+    device : str
+    probabilities : callable, optional
+        ``probabilities(z) -> (C, Y, X)`` when the caller already has the model's maps.
+    candidates : ndarray of int, shape (N, 5), optional
+        Explicit candidate windows (z, y0, x0, y1, x1) instead of the grid/stride windows.
+    progress : callable, optional
+        Called with ``{"stage", "plane", "planes"}`` after each plane.
+    cancel : threading.Event, optional
+
+    Returns
+    -------
+    SuggestResult
+    """
+    if image.ndim != 3:
+        raise UserError(f"expected a (Z, Y, X) image, got shape {image.shape}")
+    if k < 1:
+        raise UserError("the number of suggestions must be at least 1")
+    if stride is not None and not 1 <= stride <= size:
+        raise UserError(f"the stride must be between 1 and the window size {size}")
+    if labels is not None and labels.shape != image.shape:
+        raise UserError(f"labels of shape {labels.shape} do not match the image {image.shape}")
+    rng = np.random.default_rng(seed)
+    timings = {}
+    t0 = time.perf_counter()
+    boxes = candidate_boxes(image.shape, size, stride) if candidates is None else np.asarray(candidates, np.int64)
+    taken = annotated_boxes(labels, boxes)
+    grid_boxes = candidate_boxes(image.shape, size)
+    grid_taken = grid_boxes[annotated_boxes(labels, grid_boxes)]
+    n_annotated = len(grid_taken)
+    if taken.all():
+        raise UserError("every candidate window already holds annotations; nothing left to suggest")
+    all_boxes = np.concatenate([boxes[~taken], grid_taken])  # annotated grid cells: for novelty only
+    n_cand = int((~taken).sum())
+
+    nz = image.shape[0]
+    if model is None:
+        from .predict import normalization_range, normalize
+
+        lo, hi = normalization_range(image)
+        means = np.zeros((len(all_boxes), 7))
+        for z in range(nz):
+            _check(cancel)
+            rows = np.nonzero(all_boxes[:, 0] == z)[0]
+            if len(rows):
+                means[rows] = window_means(image_descriptor_maps(normalize(image[z], lo, hi)), all_boxes[rows, 1:])
+            _report(progress, "describe", z, nz)
+        desc = _pca(_image_descriptors(means))
+        timings["describe_s"] = time.perf_counter() - t0
+        typ, scale = _typicality(desc[:n_cand], rng)
+        unc = dis = nov = None
+        score = typ.copy()
+        phase = "typical-diverse (no model yet)"
+        classes = []
+    else:
+        import torch
+
+        from .predict import fold_batchnorm, make_predictor, normalize, resolve_device, sampled_range
+
+        dev = resolve_device(device)
+        net = fold_batchnorm(model.net.to(dev)).float()
+        classes = model.classes
+        lo, hi = sampled_range(lambda i: image[i], nz, model.normalization)
+        predictor = None
+        if probabilities is None:
+            probe = normalize(image[0, :256, :256], lo, hi)
+            predictor = make_predictor(
+                model.net, dev, probe=probe, halo=(model.meta.get("effective_receptive_field") or {}).get("radius")
+            )
+        pairs = [(a, b) for a in range(len(classes)) for b in range(a + 1, len(classes))]
+        unc_means = np.zeros((len(all_boxes), 1 + len(pairs) + len(classes)))
+        feat_means = None
+        t_prob = t_feat = 0.0
+        for z in range(nz):
+            _check(cancel)
+            rows = np.nonzero(all_boxes[:, 0] == z)[0]
+            if not len(rows):
+                continue
+            plane = normalize(image[z], lo, hi)
+            t1 = time.perf_counter()
+            probs = probabilities(z) if probabilities is not None else predictor.plane(plane, cancel=cancel)
+            entropy, amb = uncertainty_maps(probs)
+            maps = np.concatenate([entropy[None], np.stack([amb[p] for p in pairs]), probs])
+            unc_means[rows] = window_means(maps, all_boxes[rows, 1:])
+            t2 = time.perf_counter()
+            fm = feature_maps(net, plane, dev)
+            # Square roots tame the heavy tails of ReLU features before they are compared.
+            f = np.sqrt(np.maximum(window_means(fm, all_boxes[rows, 1:], scale=net.size_multiple), 0))
+            if feat_means is None:
+                feat_means = np.zeros((len(all_boxes), f.shape[1]))
+            feat_means[rows] = f
+            t_prob += t2 - t1
+            t_feat += time.perf_counter() - t2
+            _report(progress, "score", z, nz)
+        timings["probabilities_s"], timings["features_s"] = t_prob, t_feat
+        desc = _pca(feat_means)
+        typ, scale = _typicality(desc[:n_cand], rng)
+        if n_annotated:
+            nearest = _distances(desc[:n_cand], desc[n_cand:]).min(1)
+            nov = 1 - np.exp(-((nearest / scale) ** 2))
+        else:
+            nov = np.ones(n_cand)
+        unc = unc_means[:n_cand, 0]
+        # The model may have learnt from more patches than the ROIs given here show.
+        rounds = model.meta.get("history", {}).get("rounds") or [{}]
+        learnt = len(rounds[-1].get("train_patches", [])) + len(rounds[-1].get("val_patches", []))
+        weight = min(1.0, max(n_annotated, learnt) / FEW_PATCHES)
+
+        # Representativeness moves from full typicality (few labels) to a tie-breaker in [0.7, 1], so
+        # that a strongly uncertain region is not buried for being unusual; look-alikes of annotated
+        # patches keep a quarter of their score.
+        rep = typ ** (1 - weight) * (0.7 + 0.3 * typ) ** weight
+        damp = 0.25 + 0.75 * nov
+
+        def combine(u):
+            return (u / max(u.max(), 1e-9)) ** weight * rep * damp
+
+        # Disagreement costs three passes per window: only for the candidates that could be drawn.
+        t3 = time.perf_counter()
+        dis = np.zeros(n_cand)
+        top = np.argsort(-combine(unc))[: min(n_cand, max(3 * k, 12))]
+        ctx = 32
+        for j in top:
+            _check(cancel)
+            z, y0, x0, y1, x1 = all_boxes[j]
+            cy0, cx0 = max(0, y0 - ctx), max(0, x0 - ctx)
+            cy1, cx1 = min(image.shape[1], y1 + ctx), min(image.shape[2], x1 + ctx)
+            crop = normalize(image[z, cy0:cy1, cx0:cx1], lo, hi)
+            dis[j] = _tta_disagreement(net, crop, (y0 - cy0, x0 - cx0, y1 - cy0, x1 - cx0), dev)
+        timings["disagreement_s"] = time.perf_counter() - t3
+        # Disagreement is on another scale than entropy; rank-free: both are mean distances in [0, 1].
+        score = combine(unc + dis)
+        phase = f"uncertainty x representativeness (uncertainty weight {weight:.2f})"
+        del torch
+    chosen = draw(score, desc[:n_cand], all_boxes[:n_cand], k, scale, temperature, rng)
+    timings["total_s"] = time.perf_counter() - t0
+
+    candidates = []
+    for j in range(n_cand):
+        reasons = {"typicality": round(float(typ[j]), 4)}
+        if model is not None:
+            reasons["uncertainty"] = round(float(unc[j]), 4)
+            reasons["disagreement"] = round(float(dis[j]), 4) if dis[j] > 0 else None
+            reasons["novelty"] = round(float(nov[j]), 4)
+            row = unc_means[j]
+            if pairs:
+                best = int(np.argmax(row[1 : 1 + len(pairs)]))
+                a, b = pairs[best]
+                reasons["confused"] = f"{classes[a]}/{classes[b]}"
+                reasons["ambiguous_fraction"] = round(float(row[1 + best]), 4)
+            reasons["predicted"] = {c: round(float(v), 3) for c, v in zip(classes, row[1 + len(pairs) :])}
+        candidates.append(Candidate(*map(int, all_boxes[j]), score=float(score[j]), reasons=reasons))
+    return SuggestResult([candidates[j] for j in chosen], candidates, phase, timings)
+
+
+def _check(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+
+
+def _report(progress, stage: str, z: int, nz: int) -> None:
+    if progress is not None:
+        progress({"stage": stage, "plane": z + 1, "planes": nz})
+
+
+def write_suggestions(path: str | Path, result: SuggestResult, stack: bool) -> list:
+    """Write ``suggest-1..k`` rectangles to a RoiSet.zip, and the ranking to ``.csv`` and ``.json`` beside it.
+
+    Parameters
+    ----------
+    path : path
+        The ``.zip`` to write; ``NAME.csv`` and ``NAME.json`` go next to it.
+    result : SuggestResult
+    stack : bool
+        Whether the image has several planes (ROIs then carry their 1-based slice position).
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    import roifile
+
+    path = Path(path)
+    rois = []
+    rows = []
+    for i, c in enumerate(result.suggestions, 1):
+        rois.append(
+            roifile.ImagejRoi(
+                roitype=roifile.ROI_TYPE.RECT,
+                name=f"suggest-{i}",
+                top=c.y0,
+                left=c.x0,
+                bottom=c.y1,
+                right=c.x1,
+                position=c.z + 1 if stack else 0,
+            )
+        )
+        rows.append(
+            {
+                "name": f"suggest-{i}",
+                "slice": c.z + 1,
+                "x": c.x0,
+                "y": c.y0,
+                "width": c.x1 - c.x0,
+                "height": c.y1 - c.y0,
+                "score": round(c.score, 5),
+                **c.reasons,
+            }
+        )
+    csv_path, json_path = path.with_suffix(".csv"), path.with_suffix(".json")
+    try:
+        path.unlink(missing_ok=True)
+        roifile.roiwrite(path, rois, mode="w")
+        flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
+        keys = list(dict.fromkeys(k for r in flat for k in r))
+        with open(csv_path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(flat)
+        json_path.write_text(
+            json.dumps({"phase": result.phase, "timings_s": result.timings, "suggestions": rows}, indent=1),
+            encoding="utf-8",
+        )
+    except OSError as exc:
+        raise UserError(f"cannot write the suggestions to {path}: {exc.strerror or exc}") from exc
+    return [path, csv_path, json_path]

@@ -1,0 +1,293 @@
+"""Next-patch suggestions, annotation rounds in a project folder, and the simulated experiment."""
+
+import json
+
+import numpy as np
+import pytest
+import roifile
+from conftest import run_cli, sha256, tiny_settings
+
+from tem_ij_plugin.annotations import rasterize
+from tem_ij_plugin.config import Settings, dump_settings
+from tem_ij_plugin.io import write_hyperstack, write_rois
+from tem_ij_plugin.suggest import candidate_boxes, suggest, window_means, write_suggestions
+from tem_ij_plugin.synthetic import SYNTHETIC_CLASSES, make_tem_image, simulate_annotations
+
+CONFUSING = (0, 256, 128, 384, 256)  # the window made ambiguous in `confusing_image`
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic):
+    """A small BatchNorm model trained to convergence-ish on the synthetic fixture (about 5 s)."""
+    from tem_ij_plugin.train import train
+
+    image, truth, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    s = Settings()
+    s.model.depth, s.model.base_channels, s.model.steps = 3, 8, 1
+    s.train.crop_size, s.train.batch_size, s.train.learning_rate = 64, 4, 3e-3
+    s.train.max_iterations, s.train.min_iterations, s.train.validation_patches = 150, 0, 0
+    s.patches.size = 128
+    return train(image[None], labels, s, device="cpu").model
+
+
+@pytest.fixture(scope="module")
+def confusing_image():
+    """A 512x512 synthetic image whose window CONFUSING sits exactly between the two classes' grey levels."""
+    image, truth = make_tem_image(512, 512, seed=5, cell_radius=30)
+    mid = (image[truth == 0].mean() + image[truth == 1].mean()) / 2
+    out = image.astype(np.float32)
+    out[256:384, 128:256] = mid + np.random.default_rng(1).normal(0, 3, (128, 128))
+    return np.clip(out, 0, 255).astype(np.uint8)[None], truth[None]
+
+
+def test_candidate_windows_follow_the_grid_or_the_stride():
+    grid = candidate_boxes((2, 300, 520), 128)
+    # 300 = 2 x 128 + 44 (sliver < 64 dropped); 520 = 4 x 128 + 8 (dropped)
+    assert len(grid) == 2 * 2 * 4
+    assert {tuple(b[3:]) for b in grid} <= {
+        (128, 128),
+        (128, 256),
+        (128, 384),
+        (128, 512),
+        (256, 128),
+        (256, 256),
+        (256, 384),
+        (256, 512),
+    }
+    fine = candidate_boxes((1, 256, 256), 128, stride=64)
+    assert len(fine) == 3 * 3 and fine[:, 1].tolist() == [0, 0, 0, 64, 64, 64, 128, 128, 128]
+    assert len(candidate_boxes((1, 50, 60), 128)) == 1  # an image smaller than a window is one window
+
+
+def test_window_means_match_direct_means():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 64, 80)).astype(np.float32)
+    boxes = np.array([[0, 0, 64, 80], [5, 7, 33, 41], [60, 70, 64, 80]])
+    got = window_means(maps, boxes)
+    want = np.array([[maps[k, y0:y1, x0:x1].mean() for k in range(3)] for y0, x0, y1, x1 in boxes])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    coarse = window_means(maps, boxes * 4, scale=4)  # maps 4x smaller than the image
+    np.testing.assert_allclose(coarse, want, rtol=1e-6)
+
+
+def _labels_on(image, boxes, seed=0):
+    truth = make_tem_image(*image.shape[1:], seed=5, cell_radius=30)[1]
+    shapes = simulate_annotations(truth, boxes, SYNTHETIC_CLASSES, np.random.default_rng(seed))
+    return rasterize(shapes, image.shape).labels
+
+
+@pytest.mark.parametrize("with_model", [False, True])
+def test_suggestions_never_overlap_annotated_patches(confusing_image, trained, with_model):
+    image, _ = confusing_image
+    labels = _labels_on(image, [(0, 0, 128, 128), (128, 256, 256, 384)])
+    res = suggest(image, labels, trained if with_model else None, k=6, size=128, stride=64, device="cpu")
+    assert len(res.suggestions) == 6
+    for c in res.suggestions + res.candidates:
+        assert (labels[c.z, c.y0 : c.y1, c.x0 : c.x1] < 0).all(), f"{c.box()} holds annotations"
+    boxes = [c.box() for c in res.suggestions]
+    for i, a in enumerate(boxes):  # suggestions do not overlap each other either
+        for b in boxes[i + 1 :]:
+            assert not (a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4])
+
+
+def test_the_confusing_region_is_suggested_first(confusing_image, trained):
+    image, _ = confusing_image
+    labels = _labels_on(image, [(0, 0, 128, 128), (384, 384, 512, 512)])
+    res = suggest(image, labels, trained, k=3, size=128, temperature=0, device="cpu")
+    assert res.suggestions[0].box() == CONFUSING
+    best = max(res.candidates, key=lambda c: c.score)
+    assert best.box() == CONFUSING
+    why = res.suggestions[0].reasons
+    others = [c.reasons["uncertainty"] for c in res.candidates if c.box() != CONFUSING]
+    assert why["uncertainty"] > max(others), "it is first because the model is unsure there"
+    assert why["confused"] == "background/cell" and 0 <= why["novelty"] <= 1
+    # Stochastic draws (default temperature) still put it first for most seeds.
+    firsts = [
+        suggest(image, labels, trained, k=1, size=128, seed=s, device="cpu").suggestions[0].box() for s in range(4)
+    ]
+    assert firsts.count(CONFUSING) >= 3
+
+
+def test_without_a_model_suggestions_are_typical_and_diverse():
+    image, _ = make_tem_image(512, 512, seed=2, cell_radius=30)
+    image = image.copy()
+    image[:128, :128] = 0  # one black (atypical) window
+    res = suggest(image[None], None, None, k=4, size=128, temperature=0)
+    assert res.phase.startswith("typical-diverse")
+    boxes = [c.box() for c in res.suggestions]
+    assert (0, 0, 0, 128, 128) not in boxes, "an outlier is not a typical starting patch"
+    typ = {c.box(): c.reasons["typicality"] for c in res.candidates}
+    assert typ[(0, 0, 0, 128, 128)] == min(typ.values())
+    assert len(set(boxes)) == 4
+
+
+def test_write_suggestions_roiset_csv_json(tmp_path, confusing_image, trained):
+    image, _ = confusing_image
+    stack = np.concatenate([image, image[:, ::-1]])  # a 2-slice stack
+    res = suggest(stack, None, trained, k=3, size=128, device="cpu")
+    files = write_suggestions(tmp_path / "suggestions.zip", res, stack=True)
+    rois = roifile.roiread(files[0])
+    assert [r.name for r in rois] == ["suggest-1", "suggest-2", "suggest-3"]
+    for r, c in zip(rois, res.suggestions):
+        assert r.roitype == roifile.ROI_TYPE.RECT
+        assert (r.left, r.top, r.right, r.bottom) == (c.x0, c.y0, c.x1, c.y1)
+        assert r.position == c.z + 1
+    rows = files[1].read_text().splitlines()
+    assert rows[0].startswith("name,slice,x,y,width,height,score,typicality,uncertainty,disagreement,novelty")
+    assert len(rows) == 4
+    data = json.loads(files[2].read_text())
+    assert data["suggestions"][0]["name"] == "suggest-1" and "uncertainty" in data["suggestions"][0]
+
+
+def test_suggest_rejects_bad_arguments(confusing_image):
+    from tem_ij_plugin.errors import UserError
+
+    image, _ = confusing_image
+    with pytest.raises(UserError, match="at least 1"):
+        suggest(image, None, None, k=0)
+    with pytest.raises(UserError, match="stride"):
+        suggest(image, None, None, size=128, stride=200)
+    full = np.zeros(image.shape, np.int16)  # every pixel labelled
+    with pytest.raises(UserError, match="nothing left"):
+        suggest(image, full, None, size=128)
+
+
+# ----------------------------------------------------------------------------------- command line
+
+
+@pytest.fixture()
+def big_files(tmp_path):
+    """A 384x384 synthetic image, its truth, and annotations on two of its nine 128 px patches."""
+    image, truth = make_tem_image(384, 384, seed=4, cell_radius=30)
+    write_hyperstack(tmp_path / "image.tif", image[None])
+    write_hyperstack(tmp_path / "truth.tif", truth[None])
+    rng = np.random.default_rng(0)
+    write_rois(tmp_path / "r1.zip", simulate_annotations(truth, [(0, 0, 128, 128)], SYNTHETIC_CLASSES, rng))
+    both = simulate_annotations(truth, [(0, 0, 128, 128), (256, 128, 384, 256)], SYNTHETIC_CLASSES, rng)
+    write_rois(tmp_path / "r2.zip", both)
+    (tmp_path / "tiny.yaml").write_text(dump_settings(tiny_settings(8)))
+    return tmp_path
+
+
+def test_cli_suggest_without_and_with_a_model(big_files, capsys):
+    d = big_files
+    before = sha256(d / "image.tif"), sha256(d / "r1.zip")
+    code, out, err = run_cli(
+        capsys, "suggest", d / "image.tif", "--rois", d / "r1.zip", "-k", 3, "--size", 128, "-o", d / "first.zip"
+    )
+    assert code == 0, err
+    assert "typical-diverse" in out and "suggest-3" in out
+    assert [r.name for r in roifile.roiread(d / "first.zip")] == ["suggest-1", "suggest-2", "suggest-3"]
+    code, out, err = run_cli(
+        capsys, "train", d / "image.tif", "--rois", d / "r1.zip", "-o", d / "m.model", "--config", d / "tiny.yaml"
+    )
+    assert code == 0, err
+    code, out, err = run_cli(
+        capsys, "suggest", d / "m.model", d / "image.tif", "--rois", d / "r1.zip", "-k", 2, "-o", d / "next.zip"
+    )
+    assert code == 0, err
+    assert "uncertainty x representativeness" in out
+    assert (d / "next.csv").is_file() and (d / "next.json").is_file()
+    for r in roifile.roiread(d / "next.zip"):
+        assert not (r.left < 128 and r.top < 128), "the annotated patch is never suggested"
+    assert (sha256(d / "image.tif"), sha256(d / "r1.zip")) == before, "inputs are never modified"
+
+
+def test_cli_suggest_errors(big_files, capsys):
+    d = big_files
+    code, _, err = run_cli(capsys, "suggest", d / "image.tif", "-o", d / "s.tif")
+    assert code == 2 and "RoiSet .zip" in err
+    code, _, err = run_cli(capsys, "suggest", d / "image.tif", "-k", 0, "-o", d / "s.zip")
+    assert code == 2 and "-k" in err
+    code, _, err = run_cli(capsys, "suggest", d / "nope.model", d / "image.tif", "-o", d / "s.zip")
+    assert code == 2 and "no such model file" in err
+    code, _, err = run_cli(capsys, "suggest", d / "image.tif", "--rois", d / "r1.zip", "-o", d / "r1.zip")
+    assert code == 2 and "also an input" in err
+
+
+def test_project_rounds_history_and_revert(big_files, capsys):
+    d = big_files
+    proj = d / "cells.tem"
+    args = ["--config", d / "tiny.yaml", "--project", proj]
+    code, out, err = run_cli(capsys, "train", d / "image.tif", "--rois", d / "r1.zip", *args)
+    assert code == 0, err and "round 1" in out
+    code, out, err = run_cli(capsys, "train", d / "image.tif", "--rois", d / "r2.zip", *args)
+    assert code == 0, err
+    assert "warm-starts from round 1" in err
+    data = json.loads((proj / "project.json").read_text())
+    assert [r["round"] for r in data["rounds"]] == [1, 2] and data["current"] == 2
+    assert data["rounds"][1]["parent"] == 1
+    assert len(data["rounds"][1]["train_patches"]) + len(data["rounds"][1]["val_patches"]) == 2
+    assert sha256(proj / data["rounds"][1]["annotations"]) == sha256(d / "r2.zip")
+    code, out, _ = run_cli(capsys, "history", proj)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1].split()[0] == "1" and lines[2].startswith("*")
+
+    code, out, err = run_cli(capsys, "revert", proj, 1)
+    assert code == 0, err
+    assert "round 1 is current again" in out and "stay on disk" in out
+    assert (proj / "round-002" / "round.model").is_file(), "nothing is deleted by a revert"
+    code, out, err = run_cli(capsys, "train", d / "image.tif", "--rois", d / "r2.zip", *args)
+    assert code == 0, err
+    data = json.loads((proj / "project.json").read_text())
+    assert data["current"] == 3 and data["rounds"][2]["parent"] == 1
+    assert [e["action"] for e in data["events"]] == ["train", "train", "revert", "train"]
+    code, out, _ = run_cli(capsys, "history", proj)
+    assert "reverted to round 1 (from 2)" in out
+    # The project folder stands for its current model.
+    code, out, err = run_cli(
+        capsys, "suggest", proj, d / "image.tif", "--rois", d / "r2.zip", "-k", 1, "-o", d / "p.zip"
+    )
+    assert code == 0, err
+
+    code, _, err = run_cli(capsys, "revert", proj, 7)
+    assert code == 2 and "no round 7" in err and "rounds: 1, 2, 3" in err
+    code, _, err = run_cli(capsys, "history", d)
+    assert code == 2 and "not a project folder" in err
+    (proj / "project.json").write_text("{broken")
+    code, _, err = run_cli(capsys, "history", proj)
+    assert code == 2 and "corrupt" in err
+
+
+def test_experiment_end_to_end(big_files, capsys):
+    d = big_files
+    out_dir = d / "exp"
+    code, out, err = run_cli(
+        capsys,
+        "experiment",
+        d / "image.tif",
+        "--labels",
+        d / "truth.tif",
+        "-o",
+        out_dir,
+        "--schedule",
+        "1,2",
+        "--config",
+        d / "tiny.yaml",
+        "--test-fraction",
+        0.3,
+    )
+    assert code == 0, err
+    data = json.loads((out_dir / "experiment.json").read_text())
+    rows = data["rows"]
+    assert [(r["arm"], r["patches"]) for r in rows] == [("random", 1), ("random", 2), ("suggest", 1), ("suggest", 2)]
+    assert all(0 <= r["miou"] <= 1 for r in rows)
+    assert all("rf_miou" in r for r in rows if r["arm"] == "random")
+    assert rows[3]["analysis_model_patches"] == 1 and 0 <= rows[3]["top5_error"] <= 1
+    for arm in ("random", "suggest"):
+        picked = [tuple(p) for r in rows if r["arm"] == arm for p in r["new_patches"]]
+        assert len(set(picked)) == 2, "a patch is annotated once"
+    assert set(data["summary"]) == {"random", "suggest", "rf"}
+    names = {p.name for p in out_dir.iterdir()}
+    assert {
+        "learning_curves.png",
+        "experiment.csv",
+        "rounds-random-s0.gif",
+        "rounds-suggest-s0.gif",
+        "montage-suggest-s0-r02.png",
+    } <= names
+    assert len((out_dir / "experiment.csv").read_text().splitlines()) == 5
+    code, _, err = run_cli(capsys, "experiment", d / "image.tif", "--labels", d / "r1.zip", "-o", out_dir)
+    assert code == 2
