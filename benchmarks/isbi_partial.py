@@ -82,36 +82,15 @@ def miou(pred, truth, n=2):
 
 
 def rf_peer(train_img, labels, test_img, seed):
-    from functools import partial
+    """Fit the random-forest peer on the labelled pixels of ``train_img``; predict every pixel of ``test_img``."""
+    from tem_ij_plugin.peer import RandomForestPeer
 
-    from skimage.feature import multiscale_basic_features
-    from sklearn.ensemble import RandomForestClassifier
-
-    from tem_ij_plugin.predict import normalization_range, normalize
-
-    feats = partial(multiscale_basic_features, intensity=True, edges=True, texture=True, sigma_min=1, sigma_max=16)
     t0 = time.perf_counter()
-    lo, hi = normalization_range(train_img)
-    xs, ys = [], []
-    for z in range(train_img.shape[0]):
-        m = labels[z] >= 0
-        if m.any():
-            f = feats(normalize(train_img[z], lo, hi))
-            xs.append(f[m])
-            ys.append(labels[z][m])
-    clf = RandomForestClassifier(n_estimators=100, max_depth=None, min_samples_leaf=1, n_jobs=-1, random_state=seed)
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    rng = np.random.default_rng(seed)
-    if len(y) > 300_000:  # ilastik/Labkit train on far fewer; this keeps the fit under a minute
-        keep = rng.choice(len(y), 300_000, replace=False)
-        x, y = x[keep], y[keep]
-    clf.fit(x, y)
+    clf = RandomForestPeer(train_img, seed).fit(labels)
     fit_s = time.perf_counter() - t0
-    lo, hi = normalization_range(test_img)
     t1 = time.perf_counter()
-    preds = np.stack(
-        [clf.predict(feats(normalize(s, lo, hi)).reshape(-1, x.shape[1])).reshape(s.shape) for s in test_img]
-    )
+    test = RandomForestPeer(test_img, seed)
+    preds = np.stack([test.predict(clf, z) for z in range(test_img.shape[0])])
     return preds, fit_s, time.perf_counter() - t1
 
 

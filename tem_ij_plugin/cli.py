@@ -552,6 +552,12 @@ def cmd_suggest(args) -> int:
         ).labels
     elif model is not None:
         log.warning("no --rois given: suggestions may fall on patches you already annotated")
+    reporter = _Reporter(interactive=False, every_s=10.0)
+
+    def progress(ev):
+        if reporter._due(force=ev["plane"] == ev["planes"]) and ev["planes"] > 1:
+            log.info("%s: plane %d/%d", ev["stage"], ev["plane"], ev["planes"])
+
     result, _ = _with_cancel_on_sigint(
         lambda c: suggest(
             image.data,
@@ -563,6 +569,7 @@ def cmd_suggest(args) -> int:
             temperature=args.temperature,
             seed=args.seed,
             device=args.device,
+            progress=progress,
             cancel=c,
         )
     )
