@@ -119,12 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sg = sub.add_parser(
         "suggest",
+        usage="tem-ij suggest [-h] [MODEL|PROJECT] IMAGE -o suggestions.zip [--rois ROIS] [-k K] [options]",
         help="which patches to annotate next (rectangles suggest-1..k for Fiji's ROI Manager)",
         description="Rank the candidate windows that hold no annotation yet and draw k suggestions: typical, "
         "diverse patches while few are annotated (or with no MODEL), then uncertainty x representativeness. "
         "Writes a RoiSet.zip of rectangles plus NAME.csv and NAME.json with scores and reasons.",
     )
-    sg.add_argument("paths", nargs="+", metavar="[MODEL] IMAGE", help="model file or project folder, then the image")
+    sg.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="[MODEL|PROJECT] IMAGE: a model file or project folder (optional), then the image",
+    )
     sg.add_argument("--rois", help="the annotations so far (RoiSet.zip or .roi); their patches are never suggested")
     sg.add_argument("-k", type=int, default=5, help="number of suggestions (default: %(default)s)")
     sg.add_argument("-o", "--out", required=True, help="RoiSet.zip to write (NAME.csv and NAME.json beside it)")
