@@ -166,6 +166,7 @@ def run_experiment(
                         labels_now,
                         model,
                         k=max(need, 5) + 3,  # spares, should the annotator decline one
+                        size=int((pool[:, 3] - pool[:, 1]).max()),
                         seed=int(rng.integers(1 << 31)),
                         device=str(dev),
                         probabilities=None if probs is None else probs.__getitem__,

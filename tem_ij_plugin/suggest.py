@@ -415,8 +415,6 @@ def suggest(
         phase = "typical-diverse (no model yet)"
         classes = []
     else:
-        import torch
-
         from .predict import fold_batchnorm, make_predictor, normalize, resolve_device, sampled_range
 
         dev = resolve_device(device)
@@ -493,7 +491,6 @@ def suggest(
         # Disagreement is on another scale than entropy; rank-free: both are mean distances in [0, 1].
         score = combine(unc + dis)
         phase = f"uncertainty x representativeness (uncertainty weight {weight:.2f})"
-        del torch
     chosen = draw(score, desc[:n_cand], all_boxes[:n_cand], k, scale, temperature, rng)
     timings["total_s"] = time.perf_counter() - t0
 
