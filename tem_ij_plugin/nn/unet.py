@@ -87,29 +87,30 @@ class UNet(nn.Module):
             cin = w_skip
         self.out = nn.Conv2d(cin, out_channels, 1)
 
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything up to the finest decoder block: its concatenated input, shape (B, C', H, W)."""
-        skips = []
+    def _encoder(self, x: torch.Tensor) -> list:
+        """Every encoder level's output, finest first."""
+        levels = []
         for i, block in enumerate(self.down):
             if i:
                 x = F.max_pool2d(x, 2)
             x = block(x)
-            skips.append(x)
-        skips = skips[::-1]
+            levels.append(x)
+        return levels
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The deepest encoder level's features, shape (B, C, H / 2**(depth-1), W / 2**(depth-1))."""
+        return self._encoder(x)[-1]
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything up to the finest decoder block: its concatenated input, shape (B, C', H, W)."""
+        skips = self._encoder(x)[::-1]
+        x = skips[0]
         for i, block in enumerate(self.up):
             skip = skips[i + 1]
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, skip], dim=1)
             if i < len(self.up) - 1:
                 x = block(x)
-        return x
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The deepest encoder level's features, shape (B, C, H / 2**(depth-1), W / 2**(depth-1))."""
-        for i, block in enumerate(self.down):
-            if i:
-                x = F.max_pool2d(x, 2)
-            x = block(x)
         return x
 
     def head(self, trunk: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
