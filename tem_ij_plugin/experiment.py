@@ -147,6 +147,7 @@ def run_experiment(
             chosen: list = []
             declined: set = set()
             shapes: list = []
+            labels = None
             model = None
             probs = None
             pred = None
@@ -160,10 +161,9 @@ def run_experiment(
                 if arm == "random":
                     order = list(rng.permutation(unused))
                 else:
-                    labels_now = rasterize(shapes, image.shape, classes=classes).labels if shapes else None
                     res = suggest(
                         image,
-                        labels_now,
+                        None if labels is None else labels.labels,  # the previous round's labels
                         model,
                         k=max(need, 5) + 3,  # spares, should the annotator decline one
                         size=int((pool[:, 3] - pool[:, 1]).max()),

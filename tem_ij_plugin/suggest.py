@@ -262,9 +262,10 @@ def _typicality(desc: np.ndarray, rng, k: int = 10) -> tuple:
     ref = desc if n <= MAX_REFERENCE else desc[rng.choice(n, MAX_REFERENCE, replace=False)]
     d = _distances(desc, ref)
     k = min(k, len(ref) - 1)
-    knn = np.sort(d, axis=1)[:, 1 : k + 1].mean(1)  # column 0 is (about) the candidate itself
+    d.sort(axis=1)
+    knn = d[:, 1 : k + 1].mean(1)  # column 0 is (about) the candidate itself
     ranks = np.argsort(np.argsort(-knn))
-    nn = np.sort(d, axis=1)[:, 1]
+    nn = d[:, 1]
     return (ranks + 1) / n, float(np.median(nn[nn > 0])) if (nn > 0).any() else 1.0
 
 
