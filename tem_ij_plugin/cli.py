@@ -180,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--no-rf", action="store_true", help="skip the random-forest peer")
     ex.add_argument("--channel", type=int, help="1-based channel of a multichannel hyperstack")
     ex.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
+
+    fj = sub.add_parser(
+        "fiji",
+        help="start Fiji (or a plain ImageJ) with the TEM Segmentation menu commands attached",
+        description="Without --macro, ImageJ opens and this command returns when it quits. With --macro, the "
+        "macro runs with the menu commands available and the exit status is 0 when it ran to its end, 1 when it "
+        "aborted or a TEM command failed. On a server without a display use xvfb-run -a tem-ij fiji ...",
+    )
+    fj.add_argument("fiji_app", nargs="?", help="the Fiji.app folder (default: --imagej-jar)")
+    fj.add_argument(
+        "--imagej-jar", metavar="JAR", help="a plain ImageJ 1 jar instead of Fiji (default: /usr/share/java/ij.jar)"
+    )
+    fj.add_argument("--macro", metavar="FILE.ijm", help="run this macro, print ImageJ's log and exit")
+    fj.add_argument("--config", metavar="FILE", help="training settings for TEM Train Model (YAML or JSON)")
+
+    inf = sub.add_parser(
+        "install-fiji", help="copy the menu commands into Fiji.app/plugins/TEM Segmentation/ (restart Fiji after)"
+    )
+    inf.add_argument("fiji_app", nargs="?", help="the Fiji.app folder")
+    inf.add_argument(
+        "--write-scripts", action="store_true", help="regenerate fiji_scripts/*.ijm from plugin.yml (developers)"
+    )
     return parser
 
 
@@ -724,6 +746,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_fiji(args) -> int:
+    from .fiji.launcher import run_fiji
+
+    return run_fiji(args.fiji_app, args.imagej_jar, args.macro, args.config)
+
+
+def cmd_install_fiji(args) -> int:
+    from .errors import UserError
+    from .fiji.launcher import install_fiji, scripts_folder
+    from .fiji.manifest import write_scripts
+
+    if args.write_scripts:
+        for path in write_scripts(scripts_folder()):
+            print(f"wrote {path}")
+        if not args.fiji_app:
+            return 0
+    if not args.fiji_app:
+        raise UserError("install-fiji needs the Fiji.app folder")
+    target = install_fiji(args.fiji_app)
+    print(f"installed the TEM Segmentation commands in {target}; restart Fiji, then start it with tem-ij fiji")
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of ``tem-ij``; returns the exit status."""
     parser = build_parser()
@@ -743,6 +788,8 @@ def main(argv=None) -> int:
             "history": cmd_history,
             "revert": cmd_revert,
             "experiment": cmd_experiment,
+            "fiji": cmd_fiji,
+            "install-fiji": cmd_install_fiji,
         }
         return commands[args.command](args)
     except UserError as exc:

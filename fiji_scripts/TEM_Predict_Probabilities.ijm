@@ -1,0 +1,18 @@
+// TEM Predict Probabilities: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// Probability maps of the current image or stack as a new 32-bit image, one channel per class.
+// Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
+bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
+if (bridge == "" || bridge == "null") exit("TEM Segmentation needs its Python side, which is not running in this Fiji.\n \nQuit Fiji and start it from a terminal with:\n    tem-ij fiji /path/to/Fiji.app\n \n(install it once with: pip install \"tem_ij_plugin[fiji]\")");
+interactive = "" + call("ij.Macro.getOptions");
+if (interactive == "" || interactive == "null") interactive = "1"; else interactive = "0";
+options = "interactive=" + interactive;
+Dialog.create("TEM Predict Probabilities");
+Dialog.addChoice("Output", newArray("probabilities", "labels"), "probabilities");
+Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
+Dialog.addMessage("Probability maps of the current image or stack as a new 32-bit image, one channel per class.");
+Dialog.show();
+options = options + " output=[" + Dialog.getChoice() + "]";
+options = options + " device=[" + Dialog.getChoice() + "]";
+run("TEM Bridge");
+Ext.temRun("TEM Predict Probabilities", options, error);
+if (error != "") exit;

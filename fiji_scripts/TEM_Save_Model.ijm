@@ -1,0 +1,16 @@
+// TEM Save Model: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// Saves the current model to a .model file.
+// Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
+bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
+if (bridge == "" || bridge == "null") exit("TEM Segmentation needs its Python side, which is not running in this Fiji.\n \nQuit Fiji and start it from a terminal with:\n    tem-ij fiji /path/to/Fiji.app\n \n(install it once with: pip install \"tem_ij_plugin[fiji]\")");
+interactive = "" + call("ij.Macro.getOptions");
+if (interactive == "" || interactive == "null") interactive = "1"; else interactive = "0";
+options = "interactive=" + interactive;
+Dialog.create("TEM Save Model");
+Dialog.addString("Model file", "", 30);
+Dialog.addMessage("Saves the current model to a .model file.");
+Dialog.show();
+options = options + " model=[" + Dialog.getString() + "]";
+run("TEM Bridge");
+Ext.temRun("TEM Save Model", options, error);
+if (error != "") exit;

@@ -1,0 +1,28 @@
+// TEM Train Model: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// Trains a model from the ROI Manager's ROIs on the current image, warm-starting from the current model.
+// Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
+bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
+if (bridge == "" || bridge == "null") exit("TEM Segmentation needs its Python side, which is not running in this Fiji.\n \nQuit Fiji and start it from a terminal with:\n    tem-ij fiji /path/to/Fiji.app\n \n(install it once with: pip install \"tem_ij_plugin[fiji]\")");
+interactive = "" + call("ij.Macro.getOptions");
+if (interactive == "" || interactive == "null") interactive = "1"; else interactive = "0";
+options = "interactive=" + interactive;
+Dialog.create("TEM Train Model");
+Dialog.addNumber("Max minutes", 10);
+Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
+Dialog.addString("ROIs file (empty = ROI Manager)", "", 30);
+Dialog.addString("Show probabilities of (classes, all or none)", "none", 30);
+Dialog.addString("Project folder (optional)", "", 30);
+Dialog.addString("Settings file (optional YAML)", "", 30);
+Dialog.addCheckbox("New model (ignore the current one)", false);
+Dialog.addMessage("Trains a model from the ROI Manager's ROIs on the current image, warm-starting from the current model.");
+Dialog.show();
+options = options + " max=[" + Dialog.getNumber() + "]";
+options = options + " device=[" + Dialog.getChoice() + "]";
+options = options + " rois=[" + Dialog.getString() + "]";
+options = options + " show=[" + Dialog.getString() + "]";
+options = options + " project=[" + Dialog.getString() + "]";
+options = options + " settings=[" + Dialog.getString() + "]";
+if (Dialog.getCheckbox()) options = options + " new";
+run("TEM Bridge");
+Ext.temRun("TEM Train Model", options, error);
+if (error != "") exit;

@@ -1,0 +1,557 @@
+"""The menu commands of ``plugin.yml``: each takes a :class:`~tem_ij_plugin.fiji.bridge.Context`.
+
+They read the current image and ROIs, call the engine and return new images, ROIs or files. The
+user's image pixels and ROIs are never changed; suggestions and the patch grid are drawn in the
+image's overlay.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scyjava import jimport
+
+from ..errors import UserError
+from .convert import to_image, to_imageplus, to_shapes, write_roiset
+
+log = logging.getLogger(__name__)
+
+SUGGEST_PREFIX = "suggest-"
+GRID_NAME = "tem-grid"
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
+
+
+def _java_color(name: str):
+    return getattr(jimport("java.awt.Color"), name)
+
+
+# -- shared pieces -----------------------------------------------------------------------------------
+def _field(cls, name: str, obj):
+    field = cls.getDeclaredField(name)
+    field.setAccessible(True)
+    return field, field.get(obj)
+
+
+def roi_manager(ctx, create: bool = False):
+    """The ROI Manager that the macro calling this command sees (None if there is none and not ``create``).
+
+    A visible ROI Manager is shared by everyone. In batch mode each macro interpreter keeps a hidden one
+    of its own, and a menu command, being a macro file, runs in a new interpreter: the bridge notes the
+    calling interpreter as the command starts (``Bridge.caller``). ImageJ keeps the manager in a
+    package-private field, hence reflection.
+    """
+    RoiManager = jimport("ij.plugin.frame.RoiManager")
+    Interpreter = jimport("ij.macro.Interpreter")
+    # Not getInstance(): in batch mode it creates an empty hidden manager for our own interpreter
+    manager = RoiManager.getRawInstance()
+    if manager is not None or not Interpreter.isBatchMode():
+        return manager if manager is not None or not create else RoiManager.getRoiManager()
+    caller = ctx.bridge.caller()
+    if caller is None:
+        return RoiManager(True) if create else None
+    _, functions = _field(Interpreter.class_, "func", caller)
+    field, manager = _field(jimport("ij.macro.Functions").class_, "roiManager", functions)
+    if manager is None and create:
+        manager = RoiManager(True)
+        field.set(functions, manager)
+    return manager
+
+
+def _manager_rois(ctx) -> list:
+    manager = roi_manager(ctx)
+    rois = list(manager.getRoisAsArray()) if manager is not None else []
+    # Our own suggestions are not annotations until the user renames them
+    return [r for r in rois if not str(r.getName() or "").startswith(SUGGEST_PREFIX)]
+
+
+def _annotation_rois(ctx) -> tuple:
+    """The annotation ROIs (from ``rois=`` or the ROI Manager) as Java ROIs and shapes."""
+    path = ctx.text("rois")
+    if path:
+        from ..io import read_rois
+
+        return None, read_rois(path)
+    rois = _manager_rois(ctx)
+    if not rois:
+        raise UserError(
+            "the ROI Manager has no annotations: outline a few cells and some background with the polygon tool, "
+            "add each with 't', and name them cell-1, background-1, ... (or give rois=[path/RoiSet.zip])"
+        )
+    return rois, to_shapes(rois)
+
+
+def _labels(ctx, image, shapes, classes=None):
+    from ..annotations import rasterize
+
+    return rasterize(shapes, image.data.shape, classes=classes)
+
+
+def _current_model(ctx):
+    model = ctx.bridge.model
+    if model is None:
+        raise UserError("there is no current model: run TEM Train Model or TEM Load Model first")
+    return model
+
+
+def _device(ctx):
+    from ..predict import resolve_device
+
+    return resolve_device(ctx.choice("device"))
+
+
+def _show(ctx, imp) -> None:
+    imp.show()
+    ctx.results.setdefault("images", []).append(str(imp.getTitle()))
+
+
+def _stem(imp) -> str:
+    title = str(imp.getTitle())
+    for suffix in TIFF_SUFFIXES + (".png",):
+        if title.lower().endswith(suffix):
+            return title[: -len(suffix)]
+    return title
+
+
+def _path_option(ctx, key: str, title: str, save: bool, default_name: str = "") -> Path:
+    """A file path from the options, or from a file chooser when a person clicked the menu."""
+    text = ctx.text(key)
+    if not text and ctx.interactive:
+        if save:
+            dialog = jimport("ij.io.SaveDialog")(title, default_name, ".model")
+        else:
+            dialog = jimport("ij.io.OpenDialog")(title, None)
+        if dialog.getFileName() is None:
+            raise UserError("no file chosen")
+        text = str(dialog.getDirectory()) + str(dialog.getFileName())
+    if not text:
+        raise UserError(f"{ctx.command.name} needs {key}=[path]")
+    return Path(text).expanduser()
+
+
+def _predict_progress(ctx, label: str):
+    def progress(ev):
+        frac = (ev["done"] + ev["tiles_done"] / max(ev["tiles_total"], 1)) / max(ev["total"], 1)
+        ctx.status(f"{label}: plane {ev['plane']}/{ev['planes']}, {ev['megapixels_per_s']:.2f} MP/s", frac)
+
+    return progress
+
+
+class TrainingPlot:
+    """A live ImageJ plot of training loss and validation score that the user can keep."""
+
+    def __init__(self, title: str, every_s: float = 1.0):
+        self.title, self.every_s = title, every_s
+        self.iterations, self.loss, self.val_it, self.val = [], [], [], []
+        self.best = None
+        self.window = None
+        self._last = 0.0
+
+    def add(self, ev: dict) -> None:
+        self.iterations.append(ev["iteration"])
+        self.loss.append(ev["train_loss"] if ev["train_loss"] is not None else np.nan)
+        if ev["val_score"] is not None and (not self.val_it or self.val_it[-1] != ev["iteration"]):
+            self.val_it.append(ev["iteration"])
+            self.val.append(ev["val_score"])
+        if ev["best_iteration"] is not None and ev["best_score"] is not None:
+            self.best = (ev["best_iteration"], ev["best_score"])
+
+    def plot(self):
+        from jpype import JArray, JDouble
+
+        Plot = jimport("ij.gui.Plot")
+        plot = Plot(self.title, "iteration", "loss / validation score")
+        plot.setColor(_java_color("gray"))
+        plot.addPoints(JArray(JDouble)(self.iterations), JArray(JDouble)(self.loss), Plot.LINE)
+        if self.val:
+            plot.setColor(_java_color("blue"))
+            plot.addPoints(JArray(JDouble)(self.val_it), JArray(JDouble)(self.val), Plot.CONNECTED_CIRCLES)
+        if self.best is not None:
+            plot.setColor(_java_color("red"))
+            plot.addPoints(JArray(JDouble)([self.best[0]]), JArray(JDouble)([self.best[1]]), Plot.BOX)
+        plot.setColor(_java_color("black"))
+        best = f", best {self.best[1]:.3f} at {self.best[0]}" if self.best else ""
+        plot.addLabel(0.02, 0.08, f"grey: training loss, blue: validation score{best} (red box)")
+        plot.setLimitsToFit(False)
+        return plot
+
+    def draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.iterations or (not force and now - self._last < self.every_s):
+            return
+        self._last = now
+        plot = self.plot()
+        if self.window is None or not self.window.isVisible():
+            self.window = plot.show()
+        else:
+            self.window.drawPlot(plot)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+def train_model(ctx) -> None:
+    """TEM Train Model."""
+    from ..config import Settings, load_settings
+    from ..modelio import load_model, save_model
+    from ..train import train
+
+    bridge = ctx.bridge
+    settings_path = ctx.text("settings")
+    settings = load_settings(settings_path) if settings_path else (bridge.settings or Settings())
+    settings = settings.model_copy(deep=True)
+    settings.train.max_minutes = ctx.number("max", low=0.05)
+    device = _device(ctx)
+    image = to_image(ctx.image)
+    rois, shapes = _annotation_rois(ctx)
+
+    project = None
+    init = None if ctx.options.get("new") else bridge.model
+    if ctx.text("project"):
+        from ..project import Project
+
+        project = Project.open(ctx.text("project"), create=True)
+        if not ctx.options.get("new") and project.current_model_path() is not None:
+            init = load_model(project.current_model_path())
+    labels = _labels(ctx, image, shapes, classes=init.classes if init is not None else None)
+
+    if not bridge.training.acquire(blocking=False):
+        raise UserError("a training is already running; stop it with TEM Stop Training first")
+    plot = None if ctx.batch else TrainingPlot(f"TEM training: {ctx.image.getTitle()}")
+
+    def progress(ev):
+        ctx.status(
+            f"TEM training: iteration {ev['iteration']}, loss {ev['train_loss'] or 0:.3f}, "
+            f"best {ev['best_score'] or 0:.3f} (Esc or TEM Stop Training stops)",
+            ev["elapsed_s"] / max(ev["max_seconds"], 1e-9),
+        )
+        if plot is not None:
+            plot.add(ev)
+            plot.draw()
+
+    try:
+        bridge.stop.clear()
+        result = train(
+            image.data,
+            labels,
+            settings,
+            init=init,
+            device=str(device),
+            progress=progress,
+            cancel=ctx.cancel,
+            calibration=image.calibration.as_dict(),
+        )
+    finally:
+        bridge.training.release()
+        bridge.stop.clear()
+    if plot is not None:
+        plot.draw(force=True)
+    bridge.model, bridge.model_path = result.model, None
+    last = result.model.meta["history"]["rounds"][-1]
+    best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
+    summary = (
+        f"TEM Train Model: {last['iterations']} iterations in {last['duration_s']:.0f} s ({result.stop_reason}); "
+        f"best {last['score']} {best}; {len(result.train_patches)} training / {len(result.val_patches)} "
+        f"validation patches; classes {', '.join(result.model.classes)}"
+    )
+    if project is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            roiset = Path(tmp) / "RoiSet.zip"
+            if rois is None:
+                roiset = Path(ctx.text("rois"))
+            else:
+                write_roiset(roiset, rois)
+            info = ctx.image.getOriginalFileInfo()
+            image_path = Path(str(info.directory), str(info.fileName)) if info and info.fileName else Path(tmp)
+            record = project.add_round(result.model, image_path, roiset, result.stop_reason, save_model)
+        bridge.model_path = project.root / record["model"]
+        summary += f"; saved as round {record['round']} of {project.root}"
+    jimport("ij.IJ").log(summary)
+    ctx.status(summary)
+    ctx.results.update(stop_reason=result.stop_reason, iterations=last["iterations"], classes=result.model.classes)
+    show = ctx.text("show").lower() or "none"
+    if show != "none":
+        wanted = result.model.classes if show == "all" else [c.strip() for c in show.split(",")]
+        unknown = [c for c in wanted if c not in result.model.classes]
+        if unknown:
+            raise UserError(f"show={show}: no class {', '.join(unknown)} in {', '.join(result.model.classes)}")
+        _show(ctx, _probabilities(ctx, image, device, wanted)[0])
+
+
+def _probabilities(ctx, image, device, classes=None):
+    """Predict the current image; returns the probability ImagePlus of ``classes`` and the raw maps."""
+    from ..predict import predict_stack
+
+    model = _current_model(ctx)
+    probs = predict_stack(
+        model.net,
+        image.data,
+        model.normalization,
+        device,
+        progress=_predict_progress(ctx, "TEM prediction"),
+        cancel=ctx.cancel,
+    )
+    keep = [model.classes.index(c) for c in (classes or model.classes)]
+    imp = to_imageplus(
+        np.ascontiguousarray(probs[:, keep]),
+        f"{_stem(ctx.image)}-probabilities",
+        image.calibration,
+        [model.classes[i] for i in keep],
+    )
+    imp.setDisplayRange(0.0, 1.0)
+    return imp, probs
+
+
+def predict_probabilities(ctx) -> None:
+    """TEM Predict Probabilities: a 32-bit image with one channel per class, or an 8-bit label image."""
+    output = ctx.choice("output")
+    device = _device(ctx)
+    image = to_image(ctx.image)
+    model = _current_model(ctx)
+    imp, probs = _probabilities(ctx, image, device)
+    if output == "labels":
+        imp = to_imageplus(probs.argmax(axis=1).astype(np.uint8), f"{_stem(ctx.image)}-labels", image.calibration)
+        imp.setDisplayRange(0, max(len(model.classes) - 1, 1))
+    ctx.results.update(classes=model.classes)
+    _show(ctx, imp)
+
+
+def suggest_patches(ctx) -> None:
+    """TEM Suggest Next Patches."""
+    from ..suggest import suggest
+
+    k = int(ctx.number("number", low=1))
+    device = _device(ctx)
+    image = to_image(ctx.image)
+    model = ctx.bridge.model
+    try:
+        rois, shapes = _annotation_rois(ctx)
+    except UserError:
+        if ctx.text("rois"):
+            raise
+        shapes = []  # nothing annotated yet: suggestions from image statistics alone
+    labels = _labels(ctx, image, shapes, model.classes if model is not None else None).labels if shapes else None
+
+    def progress(ev):
+        ctx.status(f"TEM suggestions: {ev['stage']}, plane {ev['plane']}/{ev['planes']}", ev["plane"] / ev["planes"])
+
+    result = suggest(image.data, labels, model, k=k, device=str(device), progress=progress, cancel=ctx.cancel)
+
+    Roi = jimport("ij.gui.Roi")
+    manager = roi_manager(ctx, create=True)
+    # Earlier suggestions are ours to replace; everything else in the manager stays as it is
+    for i in reversed(range(int(manager.getCount()))):
+        if str(manager.getName(i) or "").startswith(SUGGEST_PREFIX):
+            manager.select(i)
+            manager.runCommand("Delete")
+    overlay = _overlay_without(ctx.image, SUGGEST_PREFIX)
+    stack = image.data.shape[0] > 1
+    names = []
+    for i, c in enumerate(result.suggestions, 1):
+        roi = Roi(c.x0, c.y0, c.x1 - c.x0, c.y1 - c.y0)
+        roi.setName(f"{SUGGEST_PREFIX}{i}")
+        if stack:
+            roi.setPosition(c.z + 1)
+        manager.addRoi(roi)
+        shown = roi.clone()
+        shown.setStrokeColor(_java_color("yellow"))
+        shown.setStrokeWidth(3.0)
+        overlay.add(shown)
+        names.append(str(roi.getName()))
+    overlay.drawNames(True)
+    ctx.image.setOverlay(overlay)
+    manager.deselect()
+    ctx.results.update(suggestions=[c.box() for c in result.suggestions], names=names, phase=result.phase)
+    jimport("ij.IJ").log(
+        f"TEM Suggest Next Patches: {', '.join(names)} added to the ROI Manager ({result.phase}); annotate them, "
+        "rename or delete the rectangles, then run TEM Train Model again"
+    )
+
+
+def _overlay_without(imp, prefix: str):
+    """The image's overlay (a new one if it has none) without our earlier ROIs named ``prefix*``."""
+    Overlay = jimport("ij.gui.Overlay")
+    overlay = imp.getOverlay()
+    overlay = Overlay() if overlay is None else overlay.duplicate()
+    for i in reversed(range(int(overlay.size()))):
+        if str(overlay.get(i).getName() or "").startswith(prefix):
+            overlay.remove(i)
+    return overlay
+
+
+def show_patch_grid(ctx) -> None:
+    """TEM Show Patch Grid: training patches red, validation blue, unused green (as training splits them)."""
+    from ..config import Settings
+    from ..patches import annotated_patches, grid, split
+
+    settings = ctx.bridge.settings or Settings()
+    image = to_image(ctx.image)
+    _, shapes = _annotation_rois(ctx)
+    model = ctx.bridge.model
+    labels = _labels(ctx, image, shapes, model.classes if model is not None else None)
+    size = settings.patches.size
+    annotated = annotated_patches(labels.labels, size)
+    train_p, val_p = split(
+        labels.labels, annotated, settings.train.validation_patches, settings.train.seed, len(labels.classes)
+    )
+    role = {p.grid_index(): "train" for p in train_p} | {p.grid_index(): "validation" for p in val_p}
+    colours = {"train": "red", "validation": "blue", "unused": "green"}
+    Roi = jimport("ij.gui.Roi")
+    overlay = _overlay_without(ctx.image, GRID_NAME)
+    stack = image.data.shape[0] > 1
+    counts = dict.fromkeys(colours, 0)
+    for p in grid(image.data.shape, size):
+        kind = role.get(p.grid_index(), "unused")
+        counts[kind] += 1
+        roi = Roi(p.x0, p.y0, p.x1 - p.x0, p.y1 - p.y0)
+        roi.setName(f"{GRID_NAME}-{kind}")
+        roi.setStrokeColor(_java_color(colours[kind]))
+        roi.setStrokeWidth(2.0 if kind == "unused" else 4.0)
+        if stack:
+            roi.setPosition(p.z + 1)
+        overlay.add(roi)
+    ctx.image.setOverlay(overlay)
+    ctx.results.update(counts)
+    jimport("ij.IJ").showStatus(
+        f"patch grid: {counts['train']} training (red), {counts['validation']} validation (blue), "
+        f"{counts['unused']} unused (green)"
+    )
+
+
+def apply_to_stack(ctx) -> None:
+    """TEM Apply Model To Stack: a TIFF file or a folder of TIFFs into an output folder, no windows."""
+    from ..apply import PredictJob
+    from ..modelio import save_model
+
+    source = Path(ctx.text("input")).expanduser()
+    out_dir = Path(ctx.text("output")).expanduser()
+    kind = ctx.choice("kind")
+    if not ctx.text("input") or not source.exists():
+        raise UserError(f"input=[{source}]: no such file or folder")
+    if not ctx.text("output"):
+        raise UserError("TEM Apply Model To Stack needs output=[folder]")
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"{source} holds no .tif/.tiff files")
+    else:
+        files = [source]
+    model = _current_model(ctx)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = ctx.bridge.model_path
+        if model_path is None:  # trained in this session and not saved yet
+            model_path = Path(tmp) / "current.model"
+            save_model(model_path, model)
+        for i, f in enumerate(files, 1):
+            out = out_dir / f"{f.stem}-{'labels' if kind == 'labels' else 'probabilities'}.tif"
+            if out.resolve() == f.resolve():
+                raise UserError(f"{out} would overwrite its input; choose another output folder")
+            job = PredictJob(model_path, f, out, kind=kind, device=ctx.choice("device"))
+            job.run(progress=_predict_progress(ctx, f"TEM apply: file {i}/{len(files)} {f.name}"), cancel=ctx.cancel)
+            written.append(str(out))
+    ctx.results.update(files=written)
+    jimport("ij.IJ").log(f"TEM Apply Model To Stack: {len(written)} file(s) written to {out_dir}")
+
+
+def load_model(ctx) -> None:
+    """TEM Load Model."""
+    from ..modelio import load_model as load
+
+    path = _path_option(ctx, "model", "Load TEM model", save=False)
+    model = load(path)
+    ctx.bridge.model, ctx.bridge.model_path = model, path
+    ctx.results.update(classes=model.classes, path=str(path))
+    jimport("ij.IJ").showStatus(f"TEM model {path.name}: classes {', '.join(model.classes)}")
+
+
+def save_model(ctx) -> None:
+    """TEM Save Model."""
+    from ..modelio import save_model as save
+
+    model = _current_model(ctx)
+    path = _path_option(ctx, "model", "Save TEM model", save=True, default_name="tem")
+    save(path, model)
+    ctx.bridge.model_path = path
+    ctx.results.update(path=str(path))
+    jimport("ij.IJ").showStatus(f"TEM model saved to {path}")
+
+
+def stop_training(ctx) -> None:
+    """TEM Stop Training: the running training stops after its current step and keeps its best model."""
+    bridge = ctx.bridge
+    running = bridge.training.locked()
+    if running:
+        bridge.stop.set()
+    ctx.results.update(running=running)
+    jimport("ij.IJ").showStatus("TEM: stopping training..." if running else "TEM: no training is running")
+
+
+def environment_report(probe_seconds: float = 5.0) -> str:
+    """Python, torch, device, versions and a short training-speed probe, with advice on what is missing."""
+    import sys
+
+    import torch
+
+    from .. import __version__
+    from ..config import Settings
+    from ..modelio import build_network
+
+    lines = [f"tem_ij_plugin {__version__}", f"Python {sys.version.split()[0]} ({platform.platform()})"]
+    lines.append(f"torch {torch.__version__}, numpy {np.__version__}")
+    advice = []
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        lines.append(f"device: {props.name}, {props.total_memory / 2**30:.1f} GiB (CUDA {torch.version.cuda})")
+        device = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        lines.append("device: Apple GPU (MPS)")
+        device = torch.device("mps")
+    else:
+        lines.append(f"device: CPU only ({torch.get_num_threads()} threads)")
+        device = torch.device("cpu")
+        advice.append(
+            "No GPU found: training runs on the CPU (minutes per round). With an NVIDIA GPU, install the CUDA "
+            "build of PyTorch (https://pytorch.org/get-started/locally/) into this Python."
+        )
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        advice.append("Optional: pip install onnxruntime makes prediction on the CPU faster.")
+    s = Settings()
+    arch = {"name": "RecurrentUNet", "in_channels": 1, "n_classes": 2, **s.model.model_dump()}
+    net = build_network(arch).to(device)
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    x = torch.randn(2, 1, 128, 128, device=device)
+    y = torch.randint(0, 2, (2, 128, 128), device=device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < probe_seconds or n == 0:
+        out = net(x)
+        logits = out[-1] if isinstance(out, (list, tuple)) else out
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    rate = n / (time.perf_counter() - start)
+    lines.append(f"speed probe: {rate:.1f} training steps/s (2 crops of 128x128, default network)")
+    lines += ["", "What to do:" if advice else "Everything needed is installed."] + [f"- {a}" for a in advice]
+    return "\n".join(lines)
+
+
+def check_environment(ctx) -> None:
+    """TEM Check Environment."""
+    IJ = jimport("ij.IJ")
+    ctx.status("TEM: measuring speed (5 s)...")
+    text = environment_report()
+    text = f"{text}\nImageJ {IJ.getFullVersion()}, Java {jimport('java.lang.System').getProperty('java.version')}"
+    ctx.results.update(report=text)
+    if ctx.batch:
+        IJ.log(text)
+    else:
+        jimport("ij.text.TextWindow")("TEM Check Environment", text, 640, 360)

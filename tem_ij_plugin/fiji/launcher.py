@@ -1,0 +1,184 @@
+"""``tem-ij fiji`` and ``tem-ij install-fiji``: start ImageJ with the bridge attached, install the menus.
+
+The Python process owns the JVM. A Fiji.app is started through pyimagej (its local jars, no
+downloads); a plain ``ij.jar`` (Debian's ``libij-java``) through scyjava alone, which is also how the
+tests and servers without Fiji run macros.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from .manifest import SUBMENU, load_manifest, repo_root
+
+log = logging.getLogger(__name__)
+
+DEBIAN_IJ_JAR = "/usr/share/java/ij.jar"
+
+
+def scripts_folder() -> Path:
+    """``fiji_scripts/`` of the source tree."""
+    folder = repo_root() / "fiji_scripts"
+    if not folder.is_dir():
+        raise UserError(f"{folder} not found; the Fiji commands need a source checkout (pip install -e .)")
+    return folder
+
+
+def install_scripts(plugins_dir: Path) -> Path:
+    """Copy the menu macros into ``plugins_dir/TEM Segmentation/``; earlier versions' extra files go.
+
+    Returns
+    -------
+    Path
+        The folder written.
+    """
+    manifest = load_manifest()
+    source = scripts_folder()
+    names = {c.filename for c in manifest["commands"]}
+    missing = sorted(n for n in names if not (source / n).is_file())
+    if missing:
+        raise UserError(f"{source} lacks {', '.join(missing)}; run tem-ij install-fiji --write-scripts")
+    target = plugins_dir / SUBMENU
+    target.mkdir(parents=True, exist_ok=True)
+    for old in target.glob("*.ijm"):
+        if old.name not in names:
+            old.unlink()
+    for name in sorted(names):
+        shutil.copyfile(source / name, target / name)
+    return target
+
+
+def install_fiji(fiji_dir: str | os.PathLike) -> Path:
+    """``tem-ij install-fiji PATH/Fiji.app``: the menu files into ``Fiji.app/plugins/TEM Segmentation/``."""
+    fiji = Path(fiji_dir).expanduser()
+    if not (fiji / "plugins").is_dir():
+        raise UserError(f"{fiji} is not a Fiji or ImageJ folder (it has no plugins/ folder)")
+    return install_scripts(fiji / "plugins")
+
+
+def _needs_display() -> None:
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+        raise UserError(
+            "no display: ImageJ's menus and ROI Manager need one. On a server run it under a virtual display: "
+            "xvfb-run -a tem-ij fiji ..."
+        )
+
+
+def start_plain_imagej(jar: str | os.PathLike, plugins_dir: str | os.PathLike) -> None:
+    """Start a JVM with a plain ImageJ jar whose plugins folder is ``plugins_dir/plugins``.
+
+    Offline: scyjava is told never to fetch a JVM or artifacts.
+    """
+    import scyjava
+
+    jar = Path(jar)
+    if not jar.is_file():
+        raise UserError(f"{jar} not found; on Debian/Ubuntu: apt-get install libij-java")
+    _needs_display()
+    if not scyjava.jvm_started():
+        scyjava.config.set_java_constraints(fetch="never")
+        scyjava.config.add_classpath(str(jar))
+        scyjava.config.add_option(f"-Dplugins.dir={plugins_dir}")
+        scyjava.start_jvm()
+
+
+def _load_settings(path):
+    if not path:
+        return None
+    from ..config import load_settings
+
+    return load_settings(path)
+
+
+def run_macro(path: str | os.PathLike, bridge) -> int:
+    """Run a macro file in this thread; prints ImageJ's log; 0, or 1 when it aborted or a command failed."""
+    from scyjava import jimport
+
+    IJ = jimport("ij.IJ")
+    macro = Path(path).expanduser()
+    if not macro.is_file():
+        raise UserError(f"{macro}: no such macro file")
+    result = IJ.runMacroFile(str(macro.resolve()))
+    text = IJ.getLog()
+    if text is not None and str(text).strip():
+        print(str(text).rstrip())
+    failed = (result is not None and str(result) == "[aborted]") or bool(bridge.errors)
+    return 1 if failed else 0
+
+
+def _wait_for_quit() -> None:
+    from scyjava import jimport
+
+    IJ = jimport("ij.IJ")
+    deadline = time.monotonic() + 120  # Fiji's window appears a little after showUI() returns
+    while IJ.getInstance() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    # Sleeping here leaves Python free for the menu commands, which call in from ImageJ's threads
+    while IJ.getInstance() is not None:
+        time.sleep(0.5)
+
+
+def run_fiji(fiji_dir=None, imagej_jar=None, macro=None, config=None) -> int:
+    """``tem-ij fiji``: start ImageJ with the bridge, or run a macro in it and exit with its status."""
+    from .bridge import Bridge, dispose_windows
+
+    settings = _load_settings(config)
+    if fiji_dir is None and imagej_jar is None:
+        if Path(DEBIAN_IJ_JAR).is_file():
+            imagej_jar = DEBIAN_IJ_JAR
+        else:
+            raise UserError("give the Fiji.app folder (tem-ij fiji PATH/Fiji.app) or --imagej-jar PATH/ij.jar")
+    if fiji_dir is not None:
+        return _run_fiji_app(Path(fiji_dir).expanduser(), macro, settings)
+    with tempfile.TemporaryDirectory(prefix="tem-ij-imagej-") as tmp:
+        install_scripts(Path(tmp) / "plugins")
+        start_plain_imagej(imagej_jar, tmp)
+        from scyjava import jimport
+
+        bridge = Bridge(settings, log_errors=macro is not None).attach()
+        try:
+            if macro is not None:
+                return run_macro(macro, bridge)
+            jimport("ij.ImageJ")()
+            _wait_for_quit()
+            return 0
+        finally:
+            dispose_windows()
+
+
+def _run_fiji_app(fiji: Path, macro, settings) -> int:
+    """A user's Fiji.app through pyimagej.
+
+    Not run by the tests: pyimagej resolves ImageJ2 through Maven, and this machine is offline.
+    """
+    try:
+        import imagej
+        import scyjava
+    except ImportError as exc:
+        raise UserError('starting Fiji needs pyimagej: pip install "tem_ij_plugin[fiji]"') from exc
+    from .bridge import Bridge, dispose_windows
+
+    target = install_fiji(fiji)
+    log.info("menu commands installed in %s", target)
+    bridge = Bridge(settings, log_errors=macro is not None)
+    # On macOS the GUI must own the main thread, so init() may not return before Fiji quits:
+    # the bridge attaches as soon as the JVM is up instead.
+    scyjava.when_jvm_starts(bridge.attach)
+    mode = "gui" if sys.platform == "darwin" and macro is None else "interactive"
+    ij = imagej.init(str(fiji), mode=mode)
+    try:
+        if macro is not None:
+            return run_macro(macro, bridge)
+        if mode == "interactive":
+            ij.ui().showUI()
+            _wait_for_quit()
+        return 0
+    finally:
+        dispose_windows()
