@@ -137,8 +137,10 @@ def fill_polygons(polygons, height: int, width: int, x0: int = 0, y0: int = 0) -
         t = (yc - ya) / (yb - ya)
         xc = xa + t * (xb - xa)
         rows, cols = np.nonzero(hit)
-        # A crossing at x toggles every pixel whose centre (c + 0.5) is at or right of x.
-        first = np.clip(np.ceil(xc[rows, cols] - 0.5), 0, width).astype(np.int64)
+        # A crossing at x toggles every pixel whose centre (c + 0.5) is right of x. As in ImageJ's
+        # PolygonFiller, a centre exactly on an edge is outside a left edge and inside a right one,
+        # and the 1e-8 keeps rounding errors of xc from flipping such ties.
+        first = np.clip(np.floor(xc[rows, cols] - 0.5 + 1e-8) + 1, 0, width).astype(np.int64)
         np.add.at(parity, (rows + lo, first), 1)
     return (np.cumsum(parity, axis=1)[:, :width] % 2).astype(bool)
 

@@ -270,7 +270,13 @@ def train_model(ctx) -> None:
         summary += f"; saved as round {record['round']} of {project.root}"
     jimport("ij.IJ").log(summary)
     ctx.status(summary)
-    ctx.results.update(stop_reason=result.stop_reason, iterations=last["iterations"], classes=result.model.classes)
+    ctx.results.update(
+        stop_reason=result.stop_reason,
+        iterations=last["iterations"],
+        classes=result.model.classes,
+        train_patches=len(result.train_patches),
+        val_patches=len(result.val_patches),
+    )
     show = ctx.text("show").lower() or "none"
     if show != "none":
         wanted = result.model.classes if show == "all" else [c.strip() for c in show.split(",")]
@@ -337,7 +343,12 @@ def suggest_patches(ctx) -> None:
     def progress(ev):
         ctx.status(f"TEM suggestions: {ev['stage']}, plane {ev['plane']}/{ev['planes']}", ev["plane"] / ev["planes"])
 
-    result = suggest(image.data, labels, model, k=k, device=str(device), progress=progress, cancel=ctx.cancel)
+    from ..config import Settings
+
+    size = (ctx.bridge.settings or Settings()).patches.size  # the patches training will split into
+    result = suggest(
+        image.data, labels, model, k=k, size=size, device=str(device), progress=progress, cancel=ctx.cancel
+    )
 
     Roi = jimport("ij.gui.Roi")
     manager = roi_manager(ctx, create=True)
@@ -396,14 +407,14 @@ def show_patch_grid(ctx) -> None:
     train_p, val_p = split(
         labels.labels, annotated, settings.train.validation_patches, settings.train.seed, len(labels.classes)
     )
-    role = {p.grid_index(): "train" for p in train_p} | {p.grid_index(): "validation" for p in val_p}
+    role = {p.grid_index: "train" for p in train_p} | {p.grid_index: "validation" for p in val_p}
     colours = {"train": "red", "validation": "blue", "unused": "green"}
     Roi = jimport("ij.gui.Roi")
     overlay = _overlay_without(ctx.image, GRID_NAME)
     stack = image.data.shape[0] > 1
     counts = dict.fromkeys(colours, 0)
     for p in grid(image.data.shape, size):
-        kind = role.get(p.grid_index(), "unused")
+        kind = role.get(p.grid_index, "unused")
         counts[kind] += 1
         roi = Roi(p.x0, p.y0, p.x1 - p.x0, p.y1 - p.y0)
         roi.setName(f"{GRID_NAME}-{kind}")

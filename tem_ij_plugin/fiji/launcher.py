@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -105,7 +106,14 @@ def run_macro(path: str | os.PathLike, bridge) -> int:
     macro = Path(path).expanduser()
     if not macro.is_file():
         raise UserError(f"{macro}: no such macro file")
-    result = IJ.runMacroFile(str(macro.resolve()))
+    # Not in this (main) thread: ImageJ marks a thread that runs a macro and may stop all such
+    # threads when a macro aborts (Interpreter.abortAllMacroThreads)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(IJ.runMacroFile(str(macro.resolve()))), daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    result = results[0] if results else "[aborted]"
     text = IJ.getLog()
     if text is not None and str(text).strip():
         print(str(text).rstrip())

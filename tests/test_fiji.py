@@ -1,0 +1,582 @@
+"""The Fiji commands on real ImageJ (Debian's libij-java) under Xvfb: one JVM for the whole test run.
+
+Nothing of ImageJ is mocked. Outside CI these tests skip when ij.jar or a display is missing; in CI
+(``CI`` set) they fail instead, so a broken install can never pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_settings
+
+pytestmark = pytest.mark.fiji
+IJ_JAR = Path("/usr/share/java/ij.jar")
+
+
+def _missing() -> str | None:
+    if not IJ_JAR.is_file():
+        return f"{IJ_JAR} missing (apt-get install libij-java)"
+    if not os.environ.get("DISPLAY"):
+        return "no display (install xvfb; pytest-xvfb starts it)"
+    try:
+        import scyjava  # noqa: F401
+    except ImportError:
+        return "scyjava missing"
+    return None
+
+
+@pytest.fixture(scope="session")
+def imagej(tmp_path_factory):
+    """ImageJ with its menus (our commands installed) and the bridge attached."""
+    reason = _missing()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"real ImageJ is required in CI: {reason}")
+        pytest.skip(reason)
+    from scyjava import jimport
+
+    from tem_ij_plugin.fiji.bridge import Bridge, dispose_windows
+    from tem_ij_plugin.fiji.launcher import install_scripts, start_plain_imagej
+
+    root = tmp_path_factory.mktemp("imagej")
+    install_scripts(root / "plugins")
+    start_plain_imagej(IJ_JAR, root)
+    bridge = Bridge(tiny_settings()).attach()
+    ij = jimport("ij.ImageJ")()
+    yield {"ij": ij, "bridge": bridge, "IJ": jimport("ij.IJ")}
+    bridge.detach()
+    dispose_windows()
+
+
+@pytest.fixture()
+def clean(imagej):
+    """Close images, the ROI Manager, dialogs and the log before and after a test."""
+    from scyjava import jimport
+
+    def reset():
+        IJ = imagej["IJ"]
+        _macro(imagej, "setBatchMode(false); while (nImages > 0) { selectImage(nImages); close(); }")
+        rm = jimport("ij.plugin.frame.RoiManager").getRawInstance()
+        if rm is not None:
+            rm.reset()
+        for w in _dialogs():
+            w.dispose()
+        IJ.log("\\Clear")
+        imagej["bridge"].errors.clear()
+
+    reset()
+    yield imagej
+    reset()
+
+
+def _dialogs(title: str | None = None) -> list:
+    from scyjava import jimport
+
+    Dialog = jimport("java.awt.Dialog")
+    return [
+        w
+        for w in jimport("java.awt.Window").getWindows()
+        if isinstance(w, Dialog) and w.isShowing() and (title is None or str(w.getTitle()) == title)
+    ]
+
+
+def _wait_for(predicate, timeout: float = 60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+def _log(imagej) -> str:
+    text = imagej["IJ"].getLog()
+    return "" if text is None else str(text)
+
+
+def _in_thread(target):
+    """Run ImageJ work in a thread of its own: ImageJ renames a thread that runs a macro and may later
+    stop every such thread (Interpreter.abortAllMacroThreads), which must never be the test's main thread."""
+    errors = []
+
+    def run():
+        try:
+            target()
+        except Exception as exc:  # pragma: no cover - surfaced by the assertion below
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors
+
+
+# -- pixels and ROIs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_numpy_imageplus_round_trip_is_bit_exact(imagej, dtype):
+    from tem_ij_plugin.fiji.convert import to_image, to_imageplus
+    from tem_ij_plugin.io import Calibration
+
+    rng = np.random.default_rng(1)
+    if dtype == np.float32:
+        data = rng.normal(size=(3, 37, 53)).astype(np.float32)
+        data[0, 0, 0] = np.float32(1e-38)  # subnormal-adjacent values survive too
+    else:
+        data = rng.integers(0, np.iinfo(dtype).max, size=(3, 37, 53), endpoint=True).astype(dtype)
+    cal = Calibration(0.0042, 0.0051, "µm", 0.05)
+    imp = to_imageplus(data, "round trip", cal)
+    assert (imp.getWidth(), imp.getHeight(), imp.getStackSize()) == (53, 37, 3)
+    assert imp.getBitDepth() == {np.uint8: 8, np.uint16: 16, np.float32: 32}[dtype]
+    back = to_image(imp)
+    assert back.data.dtype == data.dtype
+    assert np.array_equal(back.data.view(np.uint8), data.view(np.uint8))
+    assert back.calibration == cal
+    # and ImageJ itself sees the same values
+    assert float(imp.getStack().getProcessor(2).getPixelValue(7, 5)) == pytest.approx(float(data[1, 5, 7]))
+
+
+def test_colour_and_multichannel_images_are_refused(imagej):
+    from scyjava import jimport
+
+    from tem_ij_plugin.errors import UserError
+    from tem_ij_plugin.fiji.convert import to_image, to_imageplus
+
+    rgb = jimport("ij.IJ").createImage("rgb", "RGB black", 8, 8, 1)
+    with pytest.raises(UserError, match="colour"):
+        to_image(rgb)
+    two = to_imageplus(np.zeros((1, 2, 8, 8), np.float32), "two", channel_labels=["a", "b"])
+    with pytest.raises(UserError, match="2 channels"):
+        to_image(two)
+
+
+def _java_rois():
+    from jpype import JArray, JFloat, JInt
+    from scyjava import jimport
+
+    Roi = jimport("ij.gui.Roi")
+    PolygonRoi = jimport("ij.gui.PolygonRoi")
+    OvalRoi = jimport("ij.gui.OvalRoi")
+    ShapeRoi = jimport("ij.gui.ShapeRoi")
+
+    def poly(xs, ys, kind):
+        return PolygonRoi(JArray(JInt)(xs), JArray(JInt)(ys), len(xs), kind)
+
+    sub = PolygonRoi(JArray(JFloat)([10.3, 40.7, 33.2, 12.9]), JArray(JFloat)([50.5, 52.1, 70.8, 66.4]), 4, Roi.POLYGON)
+    composite = ShapeRoi(Roi(20, 10, 40, 30)).xor(ShapeRoi(OvalRoi(30, 15, 30, 30)))
+    return {
+        "polygon": poly([5, 60, 70, 12, 30], [4, 8, 50, 70, 35], Roi.POLYGON),
+        "subpixel polygon": sub,
+        "freehand": poly([3, 9, 20, 31, 28, 15, 6], [40, 33, 31, 42, 60, 66, 55], Roi.FREEROI),
+        "traced": poly([10, 30, 30, 20, 20, 10], [10, 10, 30, 30, 20, 20], Roi.TRACED_ROI),
+        "rectangle": Roi(7, 9, 33, 21),
+        "oval": OvalRoi(11, 6, 41, 29),
+        "small oval": OvalRoi(50, 40, 7, 5),
+        "composite": composite,
+    }
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["polygon", "subpixel polygon", "freehand", "traced", "rectangle", "oval", "small oval", "composite"],
+)
+def test_roi_labels_equal_imagej_masks(imagej, kind):
+    from scyjava import jimport
+
+    from tem_ij_plugin.annotations import rasterize
+    from tem_ij_plugin.fiji.convert import to_shapes
+
+    roi = _java_rois()[kind]
+    roi.setName("cell-1")
+    other = jimport("ij.gui.Roi")(94, 84, 5, 5)  # training needs two classes; this one is far away
+    other.setName("background-1")
+    h, w = 90, 100
+    labels = rasterize(to_shapes([roi, other]), (1, h, w)).labels[0] == 1
+    expected = np.zeros((h, w), bool)
+    mask = roi.getMask()
+    b = roi.getBounds()
+    if mask is None:  # a rectangle has no mask: all of its bounds
+        expected[b.y : b.y + b.height, b.x : b.x + b.width] = True
+    else:
+        m = np.frombuffer(memoryview(mask.getPixels()), np.int8).reshape(mask.getHeight(), mask.getWidth()) != 0
+        expected[b.y : b.y + m.shape[0], b.x : b.x + m.shape[1]] = m
+    assert expected.sum() > 10
+    assert np.array_equal(labels, expected), f"{kind}: {labels.sum()} vs ImageJ {expected.sum()} pixels"
+
+
+def test_roi_slice_positions_label_their_plane_only(imagej):
+    from scyjava import jimport
+
+    from tem_ij_plugin.annotations import rasterize
+    from tem_ij_plugin.fiji.convert import to_shapes
+
+    Roi = jimport("ij.gui.Roi")
+    a, b = Roi(5, 5, 10, 10), Roi(20, 20, 8, 8)
+    a.setName("cell-1")
+    a.setPosition(2)
+    b.setName("background-1")
+    b.setPosition(3)
+    labels = rasterize(to_shapes([a, b]), (3, 40, 40))
+    assert labels.classes == ["background", "cell"]
+    assert (labels.labels[0] >= 0).sum() == 0
+    assert (labels.labels[1] == 1).sum() == 100 and (labels.labels[1] == 0).sum() == 0
+    assert (labels.labels[2] == 0).sum() == 64
+
+
+# -- menus and macros --------------------------------------------------------------------------------
+def test_every_command_is_in_the_plugins_menu(imagej):
+    from scyjava import jimport
+
+    from tem_ij_plugin.fiji.manifest import load_manifest
+
+    names = [c.name for c in load_manifest()["commands"]]
+    table = jimport("ij.Menus").getCommands()
+    for name in names:
+        assert table.get(name) is not None, name
+    bar = jimport("ij.Menus").getMenuBar()
+    plugins = next(bar.getMenu(i) for i in range(bar.getMenuCount()) if str(bar.getMenu(i).getLabel()) == "Plugins")
+    sub = next(
+        plugins.getItem(i)
+        for i in range(plugins.getItemCount())
+        if str(plugins.getItem(i).getLabel()) == "TEM Segmentation"
+    )
+    assert sorted(str(sub.getItem(i).getLabel()) for i in range(sub.getItemCount())) == sorted(names)
+
+
+@pytest.fixture()
+def data(files):
+    return files
+
+
+def _macro(imagej, text: str, timeout: float = 300.0):
+    """Run a macro; an error dialog that opens meanwhile is closed and fails the test (never a hang)."""
+    results = []
+    thread, errors = _in_thread(lambda: results.append(imagej["IJ"].runMacro(text)))
+    end = time.monotonic() + timeout
+    while thread.is_alive():
+        thread.join(0.1)
+        for dialog in _dialogs():
+            if dialog.isModal():
+                message = f"{dialog.getTitle()}: {_dialog_text(dialog)}"
+                dialog.dispose()
+                thread.join(30)
+                raise AssertionError(f"an ImageJ dialog opened: {message}\nlog: {_log(imagej)}")
+        if time.monotonic() > end:
+            raise AssertionError(f"macro still running after {timeout} s")
+    assert not errors, errors
+    return None if results[0] is None else str(results[0])
+
+
+def test_macro_train_predict_suggest_grid(clean, data, tmp_path):
+    from scyjava import jimport
+
+    imagej = clean
+    bridge = imagej["bridge"]
+    image, rois = data["image"], data["rois"]
+    out = tmp_path / "prob.tif"
+    result = _macro(
+        imagej,
+        f"""
+        setBatchMode(true);
+        open("{image}");
+        roiManager("Open", "{rois}");
+        run("TEM Train Model", "max=1 device=cpu");
+        run("TEM Predict Probabilities", "output=probabilities device=cpu");
+        saveAs("Tiff", "{out}");
+        setBatchMode("exit and display");
+        """,
+    )
+    assert result != "[aborted]", _log(imagej)
+    assert bridge.last["TEM Train Model"]["stop_reason"] == "max iterations"
+    from tem_ij_plugin.io import read_image
+
+    import tifffile
+
+    # probability image: 2 channels x 1 plane of 256x256, 32-bit, class names as labels, same calibration
+    with tifffile.TiffFile(out) as tif:
+        data = tif.asarray()
+        meta = tif.imagej_metadata
+    assert data.shape == (2, 256, 256) and data.dtype == np.float32
+    assert meta["channels"] == 2 and meta["Labels"] == ["background", "cell"]
+    cal = read_image(out, channel=1).calibration
+    assert cal.pixel_width == pytest.approx(0.005) and cal.unit == "µm"
+    assert np.allclose(data.sum(axis=0), 1.0, atol=1e-4)
+    # the same numbers as the engine gives for the same model
+    from tem_ij_plugin.predict import predict_stack, resolve_device
+
+    raw = read_image(image).data
+    model = bridge.model
+    expected = predict_stack(model.net, raw, model.normalization, resolve_device("cpu"))[0]
+    assert np.allclose(data, expected, atol=1e-5)
+
+    # suggestions and the grid on the (visible) original image
+    imp = jimport("ij.WindowManager").getImage(str(image.name))
+    assert imp is not None
+    imp.getWindow().toFront()
+    jimport("ij.WindowManager").setCurrentWindow(imp.getWindow())
+    # the visible ROI Manager this time, with the annotations of the top two 128-px patches only, so the
+    # bottom two are the candidates
+    assert _macro(imagej, f'roiManager("Open", "{rois}");') is None
+    rm = jimport("ij.plugin.frame.RoiManager").getInstance()
+    for i in reversed(range(rm.getCount())):
+        if rm.getRoi(i).getBounds().y >= 128:
+            rm.select(i)
+            rm.runCommand("Delete")
+    kept = rm.getCount()
+    assert 0 < kept < 18
+    result = _macro(imagej, 'selectImage("image.tif"); run("TEM Suggest Next Patches", "number=2 device=cpu");')
+    assert result != "[aborted]", _log(imagej)
+    names = [str(rm.getName(i)) for i in range(rm.getCount())]
+    assert [n for n in names if n.startswith("suggest-")] == ["suggest-1", "suggest-2"]
+    assert len(names) == kept + 2  # the annotations are all still there
+    boxes = sorted(tuple(b) for b in bridge.last["TEM Suggest Next Patches"]["suggestions"])
+    assert boxes == [(0, 128, 0, 256, 128), (0, 128, 128, 256, 256)]
+    overlay = imp.getOverlay()
+    drawn = [str(overlay.get(i).getName()) for i in range(overlay.size())]
+    assert drawn == ["suggest-1", "suggest-2"]
+    # running it again replaces our suggestions instead of piling them up
+    assert _macro(imagej, 'selectImage("image.tif"); run("TEM Suggest Next Patches", "number=1 device=cpu");') is None
+    assert [str(rm.getName(i)) for i in range(rm.getCount())][kept:] == ["suggest-1"]
+
+    result = _macro(imagej, f'selectImage("image.tif"); run("TEM Show Patch Grid", "rois=[{rois}]");')
+    assert result != "[aborted]", _log(imagej)
+    counts = bridge.last["TEM Show Patch Grid"]
+    assert counts == {"train": 3, "validation": 1, "unused": 0}  # all four 128-px patches of the RoiSet
+    # the same split training made
+    train = bridge.last["TEM Train Model"]
+    assert (train["train_patches"], train["val_patches"]) == (3, 1)
+    grid = [overlay_roi for overlay_roi in _overlay_names(imp) if overlay_roi.startswith("tem-grid")]
+    assert sorted(grid) == sorted(["tem-grid-train"] * 3 + ["tem-grid-validation"])
+
+
+def _overlay_names(imp) -> list:
+    overlay = imp.getOverlay()
+    return [str(overlay.get(i).getName()) for i in range(overlay.size())]
+
+
+def test_labels_output_save_load_apply_check(clean, data, tmp_path):
+    from tem_ij_plugin.io import read_image
+
+    imagej = clean
+    bridge = imagej["bridge"]
+    model = tmp_path / "m.model"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.tif", "b.tif"):
+        (folder / name).write_bytes(data["image"].read_bytes())
+    out = tmp_path / "out"
+    result = _macro(
+        imagej,
+        f"""
+        setBatchMode(true);
+        open("{data["image"]}");
+        run("TEM Train Model", "max=1 device=cpu rois=[{data["rois"]}] new");
+        run("TEM Save Model", "model=[{model}]");
+        run("TEM Load Model", "model=[{model}]");
+        run("TEM Predict Probabilities", "output=labels device=cpu");
+        print("labels " + bitDepth() + " " + nSlices + " " + getTitle());
+        run("TEM Apply Model To Stack", "input=[{folder}] output=[{out}] kind=probabilities device=cpu");
+        run("TEM Check Environment");
+        run("TEM Stop Training");
+        """,
+    )
+    assert result != "[aborted]", _log(imagej)
+    assert model.is_file() and bridge.model_path == model
+    assert "labels 8 1 image-labels" in _log(imagej)
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["a-probabilities.tif", "b-probabilities.tif"]
+    assert read_image(out / "a-probabilities.tif", channel=2).data.shape == (1, 256, 256)
+    report = bridge.last["TEM Check Environment"]["report"]
+    assert "torch" in report and "speed probe" in report and "ImageJ 1." in report
+    assert bridge.last["TEM Stop Training"]["running"] is False
+
+
+def test_real_menu_click_dialog_and_recorder(clean, data):
+    """Click Plugins > TEM Segmentation > TEM Predict Probabilities, press OK, read the Recorder."""
+    from jpype import JObject
+    from scyjava import jimport
+
+    imagej = clean
+    bridge = imagej["bridge"]
+    if bridge.model is None:
+        assert (
+            _macro(
+                imagej,
+                f'open("{data["image"]}"); run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]");',
+            )
+            != "[aborted]"
+        )
+    assert _macro(imagej, f'open("{data["image"]}");') != "[aborted]"
+    IJ = imagej["IJ"]
+    IJ.run("Record...")
+    Recorder = jimport("ij.plugin.frame.Recorder")
+    recorder = _wait_for(Recorder.getInstance)
+    before = str(recorder.getText())
+    bar = jimport("ij.Menus").getMenuBar()
+    plugins = next(bar.getMenu(i) for i in range(bar.getMenuCount()) if str(bar.getMenu(i).getLabel()) == "Plugins")
+    sub = next(
+        plugins.getItem(i)
+        for i in range(plugins.getItemCount())
+        if str(plugins.getItem(i).getLabel()) == "TEM Segmentation"
+    )
+    item = next(
+        sub.getItem(i)
+        for i in range(sub.getItemCount())
+        if str(sub.getItem(i).getLabel()) == "TEM Predict Probabilities"
+    )
+    ActionEvent = jimport("java.awt.event.ActionEvent")
+    imagej["ij"].actionPerformed(ActionEvent(item, ActionEvent.ACTION_PERFORMED, item.getActionCommand()))
+    dialog = _wait_for(lambda: _dialogs("TEM Predict Probabilities"))[0]
+    gd = JObject(dialog, jimport("ij.gui.GenericDialog"))
+    ok = gd.getButtons()[0]
+    gd.actionPerformed(ActionEvent(ok, ActionEvent.ACTION_PERFORMED, "OK"))
+    _wait_for(lambda: jimport("ij.WindowManager").getImage("image-probabilities") is not None)
+    recorded = _wait_for(lambda: str(recorder.getText())[len(before) :].strip())
+    assert 'run("TEM Predict Probabilities", "output=probabilities device=auto");' in recorded
+    assert "TEM Bridge" not in recorded
+    recorder.close()
+
+
+def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):
+    from tem_ij_plugin.config import dump_settings
+
+    imagej = clean
+    bridge = imagej["bridge"]
+    long = tiny_settings(iterations=100_000)
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(dump_settings(long))
+    macro = (
+        f'setBatchMode(true); open("{data["image"]}"); '
+        f'run("TEM Train Model", "max=10 device=cpu new rois=[{data["rois"]}] settings=[{cfg}]"); print("after training");'
+    )
+    results = []
+    thread, errors = _in_thread(lambda: results.append(_macro(imagej, macro)))
+    _wait_for(lambda: bridge.training.locked(), timeout=60)
+    time.sleep(1.0)  # a few iterations
+    start = time.monotonic()
+    # a second command while training runs is never blocked
+    assert _macro(imagej, 'run("TEM Stop Training");', timeout=30) is None
+    thread.join(60)
+    assert not thread.is_alive() and not errors
+    assert time.monotonic() - start < 30
+    assert bridge.last["TEM Train Model"]["stop_reason"] == "cancelled"
+    assert 0 < bridge.last["TEM Train Model"]["iterations"] < 100_000
+    assert bridge.model is not None and "after training" in _log(imagej)
+
+
+def test_errors_reach_the_log_in_batch_mode_and_abort_the_macro(clean, data, tmp_path):
+    imagej = clean
+    result = _macro(
+        imagej,
+        f'setBatchMode(true); open("{data["image"]}"); '
+        f'run("TEM Train Model", "max=1 rois=[{tmp_path / "missing.zip"}]"); print("must not run");',
+    )
+    assert result == "[aborted]"
+    log = _log(imagej)
+    assert "TEM Train Model" in log and "missing.zip: no such file" in log and "must not run" not in log
+    # unknown classes in the ROI Manager
+    result = _macro(
+        imagej,
+        f'setBatchMode(true); open("{data["image"]}"); makeRectangle(1, 1, 20, 20); roiManager("Add"); '
+        'roiManager("Select", 0); roiManager("Rename", "mitochondrion-1"); run("TEM Train Model", "max=1 new");',
+    )
+    assert result == "[aborted]" and "mitochondrion" in _log(imagej)
+    assert _macro(imagej, 'print("still alive");') is None and "still alive" in _log(imagej)
+
+
+def test_python_error_shows_an_imagej_error_dialog_and_imagej_lives_on(clean, data, monkeypatch):
+    from tem_ij_plugin.fiji import commands
+
+    imagej = clean
+
+    def broken(ctx):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(commands, "check_environment", broken)
+    IJ = imagej["IJ"]
+    thread, errors = _in_thread(lambda: IJ.runMacro('run("TEM Check Environment"); print("must not run");'))
+    dialog = _wait_for(lambda: _dialogs("TEM Check Environment"))[0]
+    assert dialog.isModal()
+    dialog.dispose()  # the user presses OK
+    thread.join(30)
+    assert not thread.is_alive() and not errors
+    log = _log(imagej)
+    assert "RuntimeError: a bug" in log and "must not run" not in log
+    assert imagej["bridge"].errors[-1][1].startswith("internal error: RuntimeError: a bug")
+    assert _macro(imagej, "print(1 + 1);") is None and "2" in _log(imagej)
+
+
+def test_without_the_bridge_the_menu_says_how_to_start_it(clean):
+    imagej = clean
+    bridge = imagej["bridge"]
+    bridge.detach()
+    try:
+        thread, errors = _in_thread(lambda: imagej["IJ"].runMacro('run("TEM Check Environment");'))
+        dialog = _wait_for(lambda: [d for d in _dialogs() if "tem-ij fiji" in _dialog_text(d)])[0]
+        dialog.dispose()
+        thread.join(30)
+        assert not thread.is_alive() and not errors
+    finally:
+        bridge.attach()
+
+
+def _dialog_text(dialog) -> str:
+    """The text of an ImageJ message dialog (its MultiLineLabel keeps the lines in a private field)."""
+    from scyjava import jimport
+
+    Container = jimport("java.awt.Container")
+    Label = jimport("java.awt.Label")
+    MultiLineLabel = jimport("ij.gui.MultiLineLabel")
+    parts = []
+
+    def walk(c):
+        for child in c.getComponents():
+            if isinstance(child, Label):
+                parts.append(str(child.getText()))
+            elif isinstance(child, MultiLineLabel):
+                field = MultiLineLabel.class_.getDeclaredField("lines")
+                field.setAccessible(True)
+                parts.extend(str(line) for line in field.get(child))
+            if isinstance(child, Container):
+                walk(child)
+
+    walk(dialog)
+    return "\n".join(parts)
+
+
+# -- the macro runner in its own process ---------------------------------------------------------------
+@pytest.mark.slow
+def test_tem_ij_fiji_runs_a_macro_and_exits_with_its_status(imagej, data, tmp_path):
+    out = tmp_path / "prob.tif"
+    good = tmp_path / "good.ijm"
+    good.write_text(
+        f'open("{data["image"]}");\nroiManager("Open", "{data["rois"]}");\n'
+        'run("TEM Train Model", "max=1 device=cpu");\n'
+        'run("TEM Predict Probabilities", "output=probabilities");\n'
+        f'saveAs("Tiff", "{out}");\nprint("done " + nSlices);\n'
+    )
+    bad = tmp_path / "bad.ijm"
+    bad.write_text(f'open("{data["image"]}");\nrun("TEM Predict Probabilities", "output=probabilities");\n')
+    cmd = [
+        sys.executable,
+        "-m",
+        "tem_ij_plugin.cli",
+        "fiji",
+        "--imagej-jar",
+        str(IJ_JAR),
+        "--config",
+        str(data["config"]),
+    ]
+    ok = subprocess.run([*cmd, "--macro", str(good)], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "done 2" in ok.stdout and out.is_file()
+    failed = subprocess.run([*cmd, "--macro", str(bad)], capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    assert "there is no current model" in failed.stdout

@@ -1,0 +1,85 @@
+"""The manifest (plugin.yml) against the menu files and the Python targets; no JVM needed."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+
+from tem_ij_plugin.errors import UserError
+from tem_ij_plugin.fiji.manifest import load_manifest, macro_key, macro_source, parse_options, repo_root
+
+SCRIPTS = repo_root() / "fiji_scripts"
+_DIALOG = re.compile(r"Dialog\.add(Number|Choice|String|Checkbox)\(\"((?:[^\"\\]|\\.)*)\"")
+_TYPES = {"Number": "number", "Choice": "choice", "String": "string", "Checkbox": "checkbox"}
+
+
+def _target(spec: str):
+    module, _, attr = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_every_command_has_its_menu_file_with_matching_dialog_fields():
+    manifest = load_manifest()
+    commands = manifest["commands"]
+    assert len(commands) == 9
+    for cmd in commands:
+        text = (SCRIPTS / cmd.filename).read_text()
+        fields = [(_TYPES[t], macro_key(label)) for t, label in _DIALOG.findall(text)]
+        assert fields == [(a.type, a.key) for a in cmd.args], cmd.name
+        assert f'Ext.temRun("{cmd.name}", options, error);' in text
+        for a in cmd.args:  # each field is handed to Python under its key
+            assert f" {a.key}" in text
+        # the committed file is what plugin.yml generates (edit plugin.yml, then --write-scripts)
+        assert text == macro_source(cmd, manifest["version"]), f"regenerate {cmd.filename}"
+        assert callable(_target(cmd.function)), cmd.function
+
+
+def test_nothing_outside_the_manifest():
+    manifest = load_manifest()
+    files = {p.name for p in SCRIPTS.iterdir() if p.suffix == ".ijm"}
+    assert files == {c.filename for c in manifest["commands"]}
+    from tem_ij_plugin.fiji import commands as module
+
+    served = {c.function.split(":")[1] for c in manifest["commands"]}
+    public = {n for n, f in vars(module).items() if callable(f) and getattr(f, "__module__", "") == module.__name__}
+    # every public command function of the module is in the manifest (helpers are private or classes)
+    assert {n for n in public if not n.startswith("_") and n[0].islower()} - served <= {
+        "environment_report",
+        "roi_manager",
+    }
+    for entry in manifest["cli"]:
+        assert callable(_target(entry["function"])), entry
+
+
+def test_dialog_keys_are_unique_first_words():
+    for cmd in load_manifest()["commands"]:
+        keys = [macro_key(a.label) for a in cmd.args]
+        assert len(set(keys)) == len(keys)
+
+
+def test_parse_options_reads_imagej_macro_options():
+    opts = parse_options("interactive=0 max=[2.5] device=cpu rois=[/data/my rois/RoiSet.zip] new show=[]")
+    assert opts == {
+        "interactive": "0",
+        "max": "2.5",
+        "device": "cpu",
+        "rois": "/data/my rois/RoiSet.zip",
+        "new": True,
+        "show": "",
+    }
+    assert parse_options("") == {}
+
+
+def test_a_broken_manifest_is_refused(tmp_path):
+    bad = tmp_path / "plugin.yml"
+    bad.write_text(
+        "name: x\nversion: '1'\ncommands:\n  - name: TEM X\n    function: a:b\n"
+        "    args:\n      - {key: max, label: Minutes max, type: number, default: 1}\n"
+    )
+    with pytest.raises(UserError, match="gives key minutes"):
+        load_manifest(bad)
