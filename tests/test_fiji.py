@@ -295,9 +295,9 @@ def test_macro_train_predict_suggest_grid(clean, data, tmp_path):
     )
     assert result != "[aborted]", _log(imagej)
     assert bridge.last["TEM Train Model"]["stop_reason"] == "max iterations"
-    from tem_ij_plugin.io import read_image
-
     import tifffile
+
+    from tem_ij_plugin.io import read_image
 
     # probability image: 2 channels x 1 plane of 256x256, 32-bit, class names as labels, same calibration
     with tifffile.TiffFile(out) as tif:
@@ -454,7 +454,8 @@ def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):
     cfg.write_text(dump_settings(long))
     macro = (
         f'setBatchMode(true); open("{data["image"]}"); '
-        f'run("TEM Train Model", "max=10 device=cpu new rois=[{data["rois"]}] settings=[{cfg}]"); print("after training");'
+        f'run("TEM Train Model", "max=10 device=cpu new rois=[{data["rois"]}] settings=[{cfg}]"); '
+        'print("after training");'
     )
     results = []
     thread, errors = _in_thread(lambda: results.append(_macro(imagej, macro)))
