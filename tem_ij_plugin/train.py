@@ -190,7 +190,8 @@ def train(
         ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
     progress : callable, optional
         Called with a dict after every iteration (keys: stage, iteration, max_iterations, elapsed_s,
-        max_seconds, train_loss, val_score, smoothed_score, best_score, best_iteration, backtracks, lr).
+        max_seconds, train_loss, val_score, validated (a validation ran at this iteration), smoothed_score,
+        best_score, best_iteration, backtracks, lr).
     cancel : threading.Event, optional
         When set, training stops after the current step and the best model so far is returned.
     calibration : dict, optional
@@ -348,6 +349,7 @@ def train(
                     "max_seconds": max_seconds,
                     "train_loss": loss_ema,
                     "val_score": last_val,
+                    "validated": it % tc.eval_every == 0,
                     "smoothed_score": smoothed,
                     "best_score": best["score"] if np.isfinite(best["score"]) else None,
                     "best_iteration": best["iteration"],

@@ -154,7 +154,7 @@ class TrainingPlot:
     def add(self, ev: dict) -> None:
         self.iterations.append(ev["iteration"])
         self.loss.append(ev["train_loss"] if ev["train_loss"] is not None else np.nan)
-        if ev["val_score"] is not None and (not self.val_it or self.val_it[-1] != ev["iteration"]):
+        if ev.get("validated") and ev["val_score"] is not None:
             self.val_it.append(ev["iteration"])
             self.val.append(ev["val_score"])
         if ev["best_iteration"] is not None and ev["best_score"] is not None:
@@ -173,9 +173,11 @@ class TrainingPlot:
         if self.best is not None:
             plot.setColor(_java_color("red"))
             plot.addPoints(JArray(JDouble)([self.best[0]]), JArray(JDouble)([self.best[1]]), Plot.BOX)
+        legend = "training loss\tvalidation score"
+        if self.best is not None:
+            legend += f"\tbest model ({self.best[1]:.3f} at {self.best[0]})"
         plot.setColor(_java_color("black"))
-        best = f", best {self.best[1]:.3f} at {self.best[0]}" if self.best else ""
-        plot.addLabel(0.02, 0.08, f"grey: training loss, blue: validation score{best} (red box)")
+        plot.setLegend(legend, Plot.AUTO_POSITION)
         plot.setLimitsToFit(False)
         return plot
 
