@@ -377,7 +377,9 @@ def test_labels_output_save_load_apply_check(clean, data, tmp_path):
         f"""
         setBatchMode(true);
         open("{data["image"]}");
-        run("TEM Train Model", "max=1 device=cpu rois=[{data["rois"]}] new");
+        run("TEM Train Model", "max=1 device=cpu rois=[{data["rois"]}] new show=cell");
+        print("shown " + getTitle() + " " + nSlices + " " + getInfo("slice.label"));
+        selectImage("image.tif");
         run("TEM Save Model", "model=[{model}]");
         run("TEM Load Model", "model=[{model}]");
         run("TEM Predict Probabilities", "output=labels device=cpu");
@@ -390,6 +392,7 @@ def test_labels_output_save_load_apply_check(clean, data, tmp_path):
     assert result != "[aborted]", _log(imagej)
     assert model.is_file() and bridge.model_path == model
     assert "labels 8 1 image-labels" in _log(imagej)
+    assert "shown image-probabilities 1 cell" in _log(imagej)  # show=cell: the cell channel only
     written = sorted(p.name for p in out.iterdir())
     assert written == ["a-probabilities.tif", "b-probabilities.tif"]
     assert read_image(out / "a-probabilities.tif", channel=2).data.shape == (1, 256, 256)

@@ -84,6 +84,12 @@ def to_imageplus(data: np.ndarray, title: str, calibration: Calibration | None =
             ip = processor(w, h, pixels, None) if jtype is JShort else processor(w, h, pixels)
             stack.addSlice(str(channel_labels[c]) if channel_labels else None, ip)
     imp = ImagePlus(title, stack)
+    if nz * nc == 1 and channel_labels:
+        # a single image has no stack to hold its slice label: ImageJ keeps it as a property
+        # ("Label" for the TIFF writer; "Slice_Label" for getInfo("slice.label") since 1.53)
+        imp.setProperty("Label", str(channel_labels[0]))
+        if hasattr(imp, "setProp"):
+            imp.setProp("Slice_Label", str(channel_labels[0]))
     if nc > 1:
         imp.setDimensions(nc, nz, 1)
         imp.setOpenAsHyperStack(True)
