@@ -109,6 +109,16 @@ def _show(ctx, imp) -> None:
     ctx.results.setdefault("images", []).append(str(imp.getTitle()))
 
 
+def _activate(imp) -> None:
+    """Make ``imp`` the current image again, for the user and for the calling macro's thread."""
+    WindowManager = jimport("ij.WindowManager")
+    window = imp.getWindow()
+    if window is not None:
+        WindowManager.setCurrentWindow(window)
+        window.toFront()
+    WindowManager.setTempCurrentImage(imp)
+
+
 def _stem(imp) -> str:
     title = str(imp.getTitle())
     for suffix in TIFF_SUFFIXES + (".png",):
@@ -250,6 +260,7 @@ def train_model(ctx) -> None:
         bridge.stop.clear()
     if plot is not None:
         plot.draw(force=True)
+        _activate(ctx.image)  # the plot window took the focus; the next command must see the image
     bridge.model, bridge.model_path = result.model, None
     last = result.model.meta["history"]["rounds"][-1]
     best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
