@@ -413,7 +413,6 @@ def test_real_menu_click_dialog_and_recorder(clean, data):
     from scyjava import jimport
 
     imagej = clean
-    bridge = imagej["bridge"]
     assert _macro(imagej, f'open("{data["image"]}");') != "[aborted]"
     # trained with its window showing: the live plot must not stay the current image afterwards
     train = f'run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]");'
