@@ -85,7 +85,7 @@ def _annotation_rois(ctx) -> tuple:
     return rois, to_shapes(rois)
 
 
-def _labels(ctx, image, shapes, classes=None):
+def _labels(image, shapes, classes=None):
     from ..annotations import rasterize
 
     return rasterize(shapes, image.data.shape, classes=classes)
@@ -227,7 +227,7 @@ def train_model(ctx) -> None:
         project = Project.open(ctx.text("project"), create=True)
         if not ctx.options.get("new") and project.current_model_path() is not None:
             init = load_model(project.current_model_path())
-    labels = _labels(ctx, image, shapes, classes=init.classes if init is not None else None)
+    labels = _labels(image, shapes, classes=init.classes if init is not None else None)
 
     if not bridge.training.acquire(blocking=False):
         raise UserError("a training is already running; stop it with TEM Stop Training first")
@@ -351,7 +351,7 @@ def suggest_patches(ctx) -> None:
         if ctx.text("rois"):
             raise
         shapes = []  # nothing annotated yet: suggestions from image statistics alone
-    labels = _labels(ctx, image, shapes, model.classes if model is not None else None).labels if shapes else None
+    labels = _labels(image, shapes, model.classes if model is not None else None).labels if shapes else None
 
     def progress(ev):
         ctx.status(f"TEM suggestions: {ev['stage']}, plane {ev['plane']}/{ev['planes']}", ev["plane"] / ev["planes"])
@@ -414,7 +414,7 @@ def show_patch_grid(ctx) -> None:
     image = to_image(ctx.image)
     _, shapes = _annotation_rois(ctx)
     model = ctx.bridge.model
-    labels = _labels(ctx, image, shapes, model.classes if model is not None else None)
+    labels = _labels(image, shapes, model.classes if model is not None else None)
     size = settings.patches.size
     annotated = annotated_patches(labels.labels, size)
     train_p, val_p = split(
