@@ -749,7 +749,10 @@ def cmd_demo(args) -> int:
 def cmd_fiji(args) -> int:
     from .fiji.launcher import run_fiji
 
-    return run_fiji(args.fiji_app, args.imagej_jar, args.macro, args.config)
+    status, log_text = run_fiji(args.fiji_app, args.imagej_jar, args.macro, args.config)
+    if log_text:
+        print(log_text)
+    return status
 
 
 def cmd_install_fiji(args) -> int:

@@ -98,8 +98,14 @@ def _load_settings(path):
     return load_settings(path)
 
 
-def run_macro(path: str | os.PathLike, bridge) -> int:
-    """Run a macro file in this thread; prints ImageJ's log; 0, or 1 when it aborted or a command failed."""
+def run_macro(path: str | os.PathLike, bridge) -> tuple:
+    """Run a macro file and wait for it.
+
+    Returns
+    -------
+    (int, str)
+        The exit status (0, or 1 when the macro aborted or a TEM command failed) and ImageJ's log.
+    """
     from scyjava import jimport
 
     IJ = jimport("ij.IJ")
@@ -115,10 +121,8 @@ def run_macro(path: str | os.PathLike, bridge) -> int:
         worker.join(0.2)
     result = results[0] if results else "[aborted]"
     text = IJ.getLog()
-    if text is not None and str(text).strip():
-        print(str(text).rstrip())
     failed = (result is not None and str(result) == "[aborted]") or bool(bridge.errors)
-    return 1 if failed else 0
+    return (1 if failed else 0), ("" if text is None else str(text).rstrip())
 
 
 def _wait_for_quit() -> None:
@@ -133,8 +137,14 @@ def _wait_for_quit() -> None:
         time.sleep(0.5)
 
 
-def run_fiji(fiji_dir=None, imagej_jar=None, macro=None, config=None) -> int:
-    """``tem-ij fiji``: start ImageJ with the bridge, or run a macro in it and exit with its status."""
+def run_fiji(fiji_dir=None, imagej_jar=None, macro=None, config=None) -> tuple:
+    """``tem-ij fiji``: start ImageJ with the bridge and wait until it quits, or run a macro in it.
+
+    Returns
+    -------
+    (int, str)
+        The exit status and, after a macro, ImageJ's log ("" otherwise).
+    """
     from .bridge import Bridge, dispose_windows
 
     settings = _load_settings(config)
@@ -156,7 +166,7 @@ def run_fiji(fiji_dir=None, imagej_jar=None, macro=None, config=None) -> int:
                 return run_macro(macro, bridge)
             jimport("ij.ImageJ")()
             _wait_for_quit()
-            return 0
+            return 0, ""
         finally:
             dispose_windows()
 
@@ -187,6 +197,6 @@ def _run_fiji_app(fiji: Path, macro, settings) -> int:
         if mode == "interactive":
             ij.ui().showUI()
             _wait_for_quit()
-        return 0
+        return 0, ""
     finally:
         dispose_windows()
