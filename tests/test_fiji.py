@@ -418,6 +418,8 @@ def test_real_menu_click_dialog_and_recorder(clean, data):
     train = f'run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]");'
     assert _macro(imagej, train) != "[aborted]"
     assert str(jimport("ij.WindowManager").getCurrentImage().getTitle()) == "image.tif"
+    plot = jimport("ij.WindowManager").getImage("TEM training: image.tif")  # the live plot, kept
+    assert plot is not None and plot.getWindow() is not None
     IJ = imagej["IJ"]
     IJ.run("Record...")
     Recorder = jimport("ij.plugin.frame.Recorder")
