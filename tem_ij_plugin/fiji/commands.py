@@ -345,12 +345,9 @@ def suggest_patches(ctx) -> None:
     device = _device(ctx)
     image = to_image(ctx.image)
     model = ctx.bridge.model
-    try:
-        rois, shapes = _annotation_rois(ctx)
-    except UserError:
-        if ctx.text("rois"):
-            raise
-        shapes = []  # nothing annotated yet: suggestions from image statistics alone
+    # Nothing annotated yet is fine: suggestions then come from image statistics alone. Any other
+    # problem with the ROIs (a line ROI, an unknown class) is still an error.
+    shapes = _annotation_rois(ctx)[1] if ctx.text("rois") or _manager_rois(ctx) else []
     labels = _labels(image, shapes, model.classes if model is not None else None).labels if shapes else None
 
     def progress(ev):
