@@ -432,16 +432,55 @@ def test_real_menu_click_dialog_and_recorder(clean, data):
         if str(sub.getItem(i).getLabel()) == "TEM Predict Probabilities"
     )
     ActionEvent = jimport("java.awt.event.ActionEvent")
-    imagej["ij"].actionPerformed(ActionEvent(item, ActionEvent.ACTION_PERFORMED, item.getActionCommand()))
-    dialog = _wait_for(lambda: _dialogs("TEM Predict Probabilities"))[0]
-    gd = JObject(dialog, jimport("ij.gui.GenericDialog"))
-    ok = gd.getButtons()[0]
-    gd.actionPerformed(ActionEvent(ok, ActionEvent.ACTION_PERFORMED, "OK"))
-    _wait_for(lambda: jimport("ij.WindowManager").getImage("image-probabilities") is not None)
-    recorded = _wait_for(lambda: str(recorder.getText())[len(before) :].strip())
+    # Both clicks go through the AWT event queue, so ImageJ handles them on the event thread as it does
+    # a person's clicks (calling the listeners from this thread would race differently).
+    queue = jimport("java.awt.Toolkit").getDefaultToolkit().getSystemEventQueue()
+    try:
+        queue.postEvent(ActionEvent(item, ActionEvent.ACTION_PERFORMED, item.getActionCommand()))
+        dialog = _wait_for(lambda: _dialogs("TEM Predict Probabilities"))[0]
+        ok = JObject(dialog, jimport("ij.gui.GenericDialog")).getButtons()[0]
+        queue.postEvent(ActionEvent(ok, ActionEvent.ACTION_PERFORMED, "OK"))
+        _wait_for(lambda: jimport("ij.WindowManager").getImage("image-probabilities") is not None)
+        recorded = _wait_for(lambda: str(recorder.getText())[len(before) :].strip())
+    finally:
+        recorder.close()
     assert 'run("TEM Predict Probabilities", "output=probabilities device=auto");' in recorded
     assert "TEM Bridge" not in recorded
-    recorder.close()
+
+
+def test_recorder_line_is_completed_when_the_dialog_recorded_nothing(clean):
+    """ImageJ's GenericDialog can miss recording its fields under load (it decides after waking the
+    macro); the bridge then records them itself, in the menu's order and ImageJ's format."""
+    from scyjava import jimport
+
+    from tem_ij_plugin.fiji.bridge import complete_recording
+
+    imagej = clean
+    imagej["IJ"].run("Record...")
+    Recorder = jimport("ij.plugin.frame.Recorder")
+    recorder = _wait_for(Recorder.getInstance)
+    command = imagej["bridge"].commands["TEM Train Model"]  # every field type
+    options = {"interactive": "1"}
+    values = {"number": "3", "string": "", "checkbox": True}
+    for arg in command.args:
+        options[arg.key] = arg.choices[-1] if arg.type == "choice" else values[arg.type]
+    try:
+        before = str(recorder.getText())
+        # what ImageJ's Executer does for a menu command, from a thread that is not a macro's
+        t, errors = _in_thread(lambda: Recorder.setCommand(command.name))
+        t.join(10)
+        assert not errors and str(Recorder.getCommand()) == command.name
+        Recorder.recordOption(command.args[0].key, "3")  # one field did get recorded
+        complete_recording(command, options)
+        Recorder.saveCommand()
+        recorded = str(recorder.getText())[len(before) :].strip()
+    finally:
+        recorder.close()
+    expected = []
+    for arg in command.args:
+        value = options[arg.key]
+        expected.append(arg.key if value is True else f"{arg.key}={value or '[]'}")
+    assert recorded == f'run("{command.name}", "{" ".join(expected)}");'
 
 
 def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):

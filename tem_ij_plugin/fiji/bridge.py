@@ -177,6 +177,8 @@ class Bridge:
             if command is None:
                 raise UserError(f"unknown command '{name}'; the menu files do not match this tem_ij_plugin")
             ctx = Context(self, command, parse_options(options), cancel=CancelFlag(self.stop))
+            if ctx.interactive:
+                complete_recording(command, ctx.options)
             if command.needs_image:
                 ctx.image = jimport("ij.WindowManager").getCurrentImage()
                 if ctx.image is None:
@@ -220,6 +222,28 @@ class Bridge:
             IJ.log(f"{title}: {message}")
         else:
             IJ.error(title, message)
+
+
+def complete_recording(command: Command, options: dict) -> None:
+    """Record the dialog's choices that ImageJ's Recorder missed, so the recorded line replays them.
+
+    ``GenericDialog`` decides whether to record in ``dispose()``, after it has already woken the macro
+    thread; under load the macro can read its fields first and record nothing, leaving a bare
+    ``run("TEM ...");`` that reopens the dialog on replay. The menu command is still the one being
+    recorded (ImageJ writes the line when it ends), so adding the missing keys completes that line.
+    """
+    Recorder = jimport("ij.plugin.frame.Recorder")
+    if not Recorder.record or str(Recorder.getCommand()) != command.name:
+        return
+    recorded = parse_options(str(Recorder.getCommandOptions() or ""))
+    for arg in command.args:
+        if arg.key in recorded or arg.key not in options:
+            continue
+        value = options[arg.key]
+        if value is True:
+            Recorder.recordOption(arg.key)
+        elif arg.type != "checkbox":
+            Recorder.recordOption(arg.key, str(value) or "[]")  # GenericDialog records "" as []
 
 
 def dispose_windows() -> None:
