@@ -498,17 +498,62 @@ def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):
     )
     results = []
     thread, errors = _in_thread(lambda: results.append(_macro(imagej, macro)))
-    _wait_for(lambda: bridge.training.locked(), timeout=60)
-    time.sleep(1.0)  # a few iterations
+    _wait_for(lambda: bridge.training.locked() and (bridge.progress or {}).get("iteration", 0) >= 2, timeout=60)
     start = time.monotonic()
     # a second command while training runs is never blocked
     assert _macro(imagej, 'run("TEM Stop Training");', timeout=30) is None
+    assert bridge.last["TEM Stop Training"]["running"] and bridge.last["TEM Stop Training"]["iteration"] >= 2
     thread.join(60)
     assert not thread.is_alive() and not errors
     assert time.monotonic() - start < 30
     assert bridge.last["TEM Train Model"]["stop_reason"] == "cancelled"
-    assert 0 < bridge.last["TEM Train Model"]["iterations"] < 100_000
+    assert 2 <= bridge.last["TEM Train Model"]["iterations"] < 100_000
     assert bridge.model is not None and "after training" in _log(imagej)
+
+
+def test_escape_cancels_training_and_keeps_the_model(clean, data, tmp_path, monkeypatch):
+    """Esc pressed in ImageJ (a key event on ImageJ's window, through the event queue) stops training.
+
+    ImageJ answers Esc by stopping the command's thread outright when its macro has not ended 2 s later;
+    a training step can take longer than that on a CPU (simulated here by a 3 s pause after training),
+    and the command must still finish: cancelled, model kept, no error.
+    """
+    from scyjava import jimport
+
+    import tem_ij_plugin.train as engine
+    from tem_ij_plugin.config import dump_settings
+
+    imagej = clean
+    bridge = imagej["bridge"]
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(dump_settings(tiny_settings(iterations=100_000)))
+    real_train = engine.train
+
+    def slow_to_stop(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        time.sleep(3.0)
+        return result
+
+    monkeypatch.setattr(engine, "train", slow_to_stop)
+    assert _macro(imagej, f'open("{data["image"]}");') != "[aborted]"
+    bridge.model = None
+    options = f"max=10 device=cpu new rois=[{data['rois']}] settings=[{cfg}]"
+    # as a menu command runs: ImageJ's Executer and Macro_Runner in this thread, no calling macro
+    thread, errors = _in_thread(lambda: imagej["IJ"].run("TEM Train Model", options))
+    _wait_for(lambda: bridge.training.locked() and (bridge.progress or {}).get("iteration", 0) >= 2, timeout=60)
+    KeyEvent = jimport("java.awt.event.KeyEvent")
+    esc = KeyEvent(imagej["ij"], KeyEvent.KEY_PRESSED, 0, 0, KeyEvent.VK_ESCAPE, KeyEvent.CHAR_UNDEFINED)
+    jimport("java.awt.Toolkit").getDefaultToolkit().getSystemEventQueue().postEvent(esc)
+    thread.join(60)
+    dialogs = [f"{d.getTitle()}: {_dialog_text(d)}" for d in _dialogs()]
+    # IJ.run tells its caller that Esc aborted it ("Macro canceled"); nothing else may surface
+    assert not thread.is_alive() and not dialogs, dialogs
+    assert all(str(e).endswith("Macro canceled") for e in errors), errors
+    assert not bridge.errors, bridge.errors
+    assert bridge.last["TEM Train Model"]["stop_reason"] == "cancelled"
+    assert 2 <= bridge.last["TEM Train Model"]["iterations"] < 100_000
+    assert bridge.model is not None
+    assert _macro(imagej, 'print("still alive");') is None and "still alive" in _log(imagej)
 
 
 def test_errors_reach_the_log_in_batch_mode_and_abort_the_macro(clean, data, tmp_path):

@@ -24,6 +24,7 @@ from ..errors import Cancelled, UserError
 from .manifest import BRIDGE_COMMAND, BRIDGE_PROPERTY, Command, load_manifest, parse_options
 
 log = logging.getLogger(__name__)
+MACRO_THREAD_SUFFIX = "Macro$"  # ImageJ's Macro_Runner appends it to the name of a thread running a macro
 
 
 class CancelFlag:
@@ -104,6 +105,7 @@ class Bridge:
         self.training = threading.Lock()
         self.errors: list = []
         self.last: dict = {}
+        self.progress: dict | None = None  # the running training's last progress event
         self._listener = None
         self._extension = None
         self._callers: dict = {}
@@ -173,6 +175,13 @@ class Bridge:
         """
         IJ = jimport("ij.IJ")
         command = self.commands.get(name)
+        thread = jimport("java.lang.Thread").currentThread()
+        thread_name = str(thread.getName())
+        if thread_name.endswith(MACRO_THREAD_SUFFIX):
+            # Esc makes ImageJ stop (Thread.stop) every thread named "...Macro$" whose macro has not ended
+            # 2 s later. In Python that ThreadDeath would land mid-command (a long training step) and
+            # lose the model; Esc still cancels us, through IJ.escapePressed() in CancelFlag.
+            thread.setName(thread_name[: -len(MACRO_THREAD_SUFFIX)])
         try:
             if command is None:
                 raise UserError(f"unknown command '{name}'; the menu files do not match this tem_ij_plugin")
@@ -196,6 +205,7 @@ class Bridge:
             IJ.log("".join(traceback.format_exception(exc)))
             message = f"internal error: {type(exc).__name__}: {exc} (the Log window has the details)"
         finally:
+            thread.setName(thread_name)  # before abort_caller: Macro.abort only unwinds a "Macro$" thread
             IJ.showProgress(1.0)
             self._callers.pop(threading.get_ident(), None)
         self.report(name, message)

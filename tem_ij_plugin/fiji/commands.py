@@ -234,6 +234,7 @@ def train_model(ctx) -> None:
     plot = None if ctx.batch else TrainingPlot(f"TEM training: {ctx.image.getTitle()}")
 
     def progress(ev):
+        bridge.progress = ev
         ctx.status(
             f"TEM training: iteration {ev['iteration']}, loss {ev['train_loss'] or 0:.3f}, "
             f"best {ev['best_score'] or 0:.3f} (Esc or TEM Stop Training stops)",
@@ -245,6 +246,7 @@ def train_model(ctx) -> None:
 
     try:
         bridge.stop.clear()
+        bridge.progress = None
         result = train(
             image.data,
             labels,
@@ -507,8 +509,12 @@ def stop_training(ctx) -> None:
     running = bridge.training.locked()
     if running:
         bridge.stop.set()
-    ctx.results.update(running=running)
-    jimport("ij.IJ").showStatus("TEM: stopping training..." if running else "TEM: no training is running")
+    at = bridge.progress["iteration"] if running and bridge.progress else None
+    ctx.results.update(running=running, iteration=at)
+    message = "TEM: no training is running"
+    if running:
+        message = "TEM: stopping training" + (f" at iteration {at}" if at is not None else "") + "..."
+    jimport("ij.IJ").showStatus(message)
 
 
 def environment_report(probe_seconds: float = 5.0) -> str:
