@@ -8,9 +8,11 @@ if (interactive == "" || interactive == "null") interactive = "1"; else interact
 options = "interactive=" + interactive;
 Dialog.create("TEM Show Patch Grid");
 Dialog.addString("ROIs file (empty = ROI Manager)", "", 30);
+Dialog.addCheckbox("All slices for ROIs without a slice position", false);
 Dialog.addMessage("Overlay of the 256x256 patch grid - training patches red, validation blue, unused green.");
 Dialog.show();
 options = options + " rois=[" + Dialog.getString() + "]";
+if (Dialog.getCheckbox()) options = options + " all";
 run("TEM Bridge");
 Ext.temRun("TEM Show Patch Grid", options, error);
 if (error != "") exit;

@@ -255,7 +255,7 @@ def rasterize(
             raise UserError(
                 f"ROI '{s.name}' has no slice position but the image is a stack of {nz} slices; "
                 "add the ROI on its slice (ROI Manager: More > Options > Associate with slices) "
-                "or allow it to label every slice (--all-slices)"
+                "or let it label every slice (tem-ij: --all-slices; Fiji: tick 'All slices', macro key 'all')"
             )
         (xmin, ymin), (xmax, ymax) = _bounds(s)
         if xmax <= 0 or ymax <= 0 or xmin >= w or ymin >= h:

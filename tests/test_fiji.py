@@ -483,6 +483,22 @@ def test_recorder_line_is_completed_when_the_dialog_recorded_nothing(clean):
     assert recorded == f'run("{command.name}", "{" ".join(expected)}");'
 
 
+def test_rois_without_slice_position_on_a_stack_need_all_slices(clean, data, synthetic, tmp_path):
+    from tem_ij_plugin.io import Calibration, write_hyperstack
+
+    imagej = clean
+    bridge = imagej["bridge"]
+    image = synthetic[0]
+    stack = tmp_path / "stack.tif"
+    write_hyperstack(stack, np.stack([image, image[:, ::-1]]), Calibration(0.005, 0.005, "µm"))
+    train = f'setBatchMode(true); open("{stack}"); run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]'
+    assert _macro(imagej, train + '");') == "[aborted]"
+    assert "no slice position" in _log(imagej) and "All slices" in _log(imagej)
+    assert _macro(imagej, train + ' all");') != "[aborted]", _log(imagej)
+    done = bridge.last["TEM Train Model"]
+    assert done["train_patches"] + done["val_patches"] == 8  # the 4 annotated patches, on both slices
+
+
 def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):
     from tem_ij_plugin.config import dump_settings
 

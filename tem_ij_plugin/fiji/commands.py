@@ -85,10 +85,10 @@ def _annotation_rois(ctx) -> tuple:
     return rois, to_shapes(rois)
 
 
-def _labels(image, shapes, classes=None):
+def _labels(ctx, image, shapes, classes=None):
     from ..annotations import rasterize
 
-    return rasterize(shapes, image.data.shape, classes=classes)
+    return rasterize(shapes, image.data.shape, classes=classes, all_slices=ctx.options.get("all") is True)
 
 
 def _current_model(ctx):
@@ -227,7 +227,7 @@ def train_model(ctx) -> None:
         project = Project.open(ctx.text("project"), create=True)
         if not ctx.options.get("new") and project.current_model_path() is not None:
             init = load_model(project.current_model_path())
-    labels = _labels(image, shapes, classes=init.classes if init is not None else None)
+    labels = _labels(ctx, image, shapes, classes=init.classes if init is not None else None)
 
     if not bridge.training.acquire(blocking=False):
         raise UserError("a training is already running; stop it with TEM Stop Training first")
@@ -350,7 +350,7 @@ def suggest_patches(ctx) -> None:
     # Nothing annotated yet is fine: suggestions then come from image statistics alone. Any other
     # problem with the ROIs (a line ROI, an unknown class) is still an error.
     shapes = _annotation_rois(ctx)[1] if ctx.text("rois") or _manager_rois(ctx) else []
-    labels = _labels(image, shapes, model.classes if model is not None else None).labels if shapes else None
+    labels = _labels(ctx, image, shapes, model.classes if model is not None else None).labels if shapes else None
 
     def progress(ev):
         ctx.status(f"TEM suggestions: {ev['stage']}, plane {ev['plane']}/{ev['planes']}", ev["plane"] / ev["planes"])
@@ -413,7 +413,7 @@ def show_patch_grid(ctx) -> None:
     image = to_image(ctx.image)
     _, shapes = _annotation_rois(ctx)
     model = ctx.bridge.model
-    labels = _labels(image, shapes, model.classes if model is not None else None)
+    labels = _labels(ctx, image, shapes, model.classes if model is not None else None)
     size = settings.patches.size
     annotated = annotated_patches(labels.labels, size)
     train_p, val_p = split(
