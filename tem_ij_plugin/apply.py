@@ -201,8 +201,8 @@ class PredictJob:
             if state.exists():
                 if not self.resume:
                     raise UserError(
-                        f"{state.path} records an interrupted prediction to {self.out}; add --resume to complete "
-                        "it, or delete the .partial files to start over"
+                        f"{state.path} records an interrupted prediction to {self.out}; complete it with resume "
+                        "(tem-ij: --resume; Fiji: tick 'Resume'), or delete the .partial files to start over"
                     )
                 state.load()
                 log.info("resuming: %d of %d plane(s) already written", len(state.done), n)
@@ -234,8 +234,8 @@ class PredictJob:
                 self._close()
                 raise UserError(
                     f"writing {self.out} failed: {exc.strerror or exc}. {len(state.done)} of {n} plane(s) are in "
-                    f"{', '.join(map(str, self.partial_files))} (incomplete); free space and run the same command "
-                    "with --resume"
+                    f"{', '.join(map(str, self.partial_files))} (incomplete); free space and run it again with "
+                    "resume (tem-ij: --resume; Fiji: tick 'Resume')"
                 ) from exc
             elapsed = time.perf_counter() - start
         for w in self.writers:

@@ -407,6 +407,57 @@ def test_labels_output_save_load_apply_check(clean, data, tmp_path):
     assert bridge.last["TEM Stop Training"]["running"] is False
 
 
+def test_apply_to_stack_cancelled_then_resumed(clean, data, synthetic, tmp_path, monkeypatch):
+    """Esc during the second file of a folder; a run with Resume keeps the first file and completes."""
+    from scyjava import jimport
+
+    from tem_ij_plugin.apply import PredictJob
+    from tem_ij_plugin.fiji import commands
+    from tem_ij_plugin.io import Calibration, read_image, write_hyperstack
+
+    imagej = clean
+    bridge = imagej["bridge"]
+    image = synthetic[0]
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    write_hyperstack(folder / "a.tif", image[None], Calibration(0.005, 0.005, "µm"))
+    write_hyperstack(folder / "b.tif", np.stack([image, image[::-1], image[:, ::-1]]), Calibration(0.005, 0.005, "µm"))
+    model = tmp_path / "m.model"
+    train = (
+        f'setBatchMode(true); open("{data["image"]}"); '
+        f'run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]"); '
+        f'run("TEM Save Model", "model=[{model}]");'
+    )
+    assert _macro(imagej, train) != "[aborted]", _log(imagej)
+    real = commands._predict_progress
+
+    def esc_after_first_plane_of_b(ctx, label):
+        inner = real(ctx, label)
+
+        def progress(ev):
+            inner(ev)
+            if "b.tif" in label and ev["done"] >= 1:
+                jimport("ij.IJ").setKeyDown(jimport("java.awt.event.KeyEvent").VK_ESCAPE)  # what Esc sets
+
+        return progress
+
+    monkeypatch.setattr(commands, "_predict_progress", esc_after_first_plane_of_b)
+    apply = f'setBatchMode(true); run("TEM Apply Model To Stack", "input=[{folder}] output=[{out}] device=cpu'
+    assert _macro(imagej, apply + '");') == "[aborted]"
+    assert "1 of 2 file(s) done" in _log(imagej) and "Resume" in _log(imagej)
+    assert (out / "a-probabilities.tif").is_file() and not (out / "b-probabilities.tif").exists()
+    monkeypatch.setattr(commands, "_predict_progress", real)
+    assert _macro(imagej, apply + ' resume");') != "[aborted]", _log(imagej)
+    done = bridge.last["TEM Apply Model To Stack"]
+    assert done["skipped"] == [str(out / "a-probabilities.tif")] and done["files"] == [str(out / "b-probabilities.tif")]
+    assert sorted(p.name for p in out.iterdir()) == ["a-probabilities.tif", "b-probabilities.tif"]
+    fresh = tmp_path / "fresh.tif"
+    PredictJob(model, folder / "b.tif", fresh, device="cpu").run()
+    resumed = read_image(out / "b-probabilities.tif", channel=2).data
+    assert resumed.shape == (3, 256, 256)
+    np.testing.assert_allclose(resumed, read_image(fresh, channel=2).data, atol=1e-5)
+
+
 def test_real_menu_click_dialog_and_recorder(clean, data):
     """Click Plugins > TEM Segmentation > TEM Predict Probabilities, press OK, read the Recorder."""
     from jpype import JObject

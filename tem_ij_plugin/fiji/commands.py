@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from scyjava import jimport
 
-from ..errors import UserError
+from ..errors import Cancelled, UserError
 from .convert import to_image, to_imageplus, to_shapes, write_roiset
 
 log = logging.getLogger(__name__)
@@ -447,6 +447,7 @@ def apply_to_stack(ctx) -> None:
     """TEM Apply Model To Stack: a TIFF file or a folder of TIFFs into an output folder, no windows."""
     from ..apply import PredictJob
     from ..modelio import save_model
+    from ..stackio import JobState
 
     source = Path(ctx.text("input")).expanduser()
     out_dir = Path(ctx.text("output")).expanduser()
@@ -462,8 +463,9 @@ def apply_to_stack(ctx) -> None:
     else:
         files = [source]
     model = _current_model(ctx)
+    resume = ctx.options.get("resume") is True
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         model_path = ctx.bridge.model_path
         if model_path is None:  # trained in this session and not saved yet
@@ -473,11 +475,23 @@ def apply_to_stack(ctx) -> None:
             out = out_dir / f"{f.stem}-{'labels' if kind == 'labels' else 'probabilities'}.tif"
             if out.resolve() == f.resolve():
                 raise UserError(f"{out} would overwrite its input; choose another output folder")
-            job = PredictJob(model_path, f, out, kind=kind, device=ctx.choice("device"))
-            job.run(progress=_predict_progress(ctx, f"TEM apply: file {i}/{len(files)} {f.name}"), cancel=ctx.cancel)
+            if resume and out.exists() and not JobState(out, {}).exists():
+                skipped.append(str(out))  # finished by the interrupted run
+                continue
+            job = PredictJob(model_path, f, out, kind=kind, device=ctx.choice("device"), resume=resume)
+            progress = _predict_progress(ctx, f"TEM apply: file {i}/{len(files)} {f.name}")
+            try:
+                job.run(progress=progress, cancel=ctx.cancel)
+            except Cancelled:
+                raise Cancelled(
+                    f"{len(written) + len(skipped)} of {len(files)} file(s) done, {job.planes_done} of "
+                    f"{job.n_planes} plane(s) of {f.name}; run it again with 'Resume' ticked (macro key resume) "
+                    "to complete it"
+                ) from None
             written.append(str(out))
-    ctx.results.update(files=written)
-    jimport("ij.IJ").log(f"TEM Apply Model To Stack: {len(written)} file(s) written to {out_dir}")
+    ctx.results.update(files=written, skipped=skipped)
+    kept = f", {len(skipped)} already done" if skipped else ""
+    jimport("ij.IJ").log(f"TEM Apply Model To Stack: {len(written)} file(s) written to {out_dir}{kept}")
 
 
 def load_model(ctx) -> None:
