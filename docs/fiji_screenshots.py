@@ -48,6 +48,19 @@ def grab(window, path: Path, pad: int = 0, extra=None) -> None:
     print("wrote", path)
 
 
+def settle(window, quiet_s: float = 1.0) -> None:
+    """Wait until ``window`` has stopped moving and resizing (ImageJ centres and packs dialogs after
+    showing them), bring it to the front and let it paint."""
+    last, since = None, time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        now = (str(window.getLocationOnScreen()), str(window.getSize()))
+        if now != last:
+            last, since = now, time.monotonic()
+        time.sleep(0.1)
+    window.toFront()
+    time.sleep(0.5)
+
+
 def in_thread(fn):
     t = threading.Thread(target=fn, daemon=True)
     t.start()
@@ -107,14 +120,15 @@ def main() -> None:
     # 2. the TEM Train Model dialog
     t = run('selectImage("isbi-00.tif"); run("TEM Train Model");')
     dialog = wait_for(lambda: showing("TEM Train Model"))[0]
-    time.sleep(1.0)
+    settle(dialog)
     grab(dialog, args.out / "fiji_dialog.png", pad=2)
     from jpype import JObject
 
     gd = JObject(dialog, jimport("ij.gui.GenericDialog"))
     ActionEvent = jimport("java.awt.event.ActionEvent")
     gd.getNumericFields().get(0).setText(str(args.minutes))
-    gd.actionPerformed(ActionEvent(gd.getButtons()[0], ActionEvent.ACTION_PERFORMED, "OK"))
+    queue = jimport("java.awt.Toolkit").getDefaultToolkit().getSystemEventQueue()
+    queue.postEvent(ActionEvent(gd.getButtons()[0], ActionEvent.ACTION_PERFORMED, "OK"))  # as a click does
     print("training...")
     t.join()
 

@@ -178,14 +178,16 @@ class TrainingPlot:
         plot.setColor(_java_color("gray"))
         plot.addPoints(JArray(JDouble)(self.iterations), JArray(JDouble)(self.loss), Plot.LINE)
         if self.val:
-            plot.setColor(_java_color("blue"))
+            blue = _java_color("blue")
+            plot.setColor(blue, blue)  # the second colour draws the connecting lines (black otherwise)
             plot.addPoints(JArray(JDouble)(self.val_it), JArray(JDouble)(self.val), Plot.CONNECTED_CIRCLES)
         if self.best is not None:
             plot.setColor(_java_color("red"))
             plot.addPoints(JArray(JDouble)([self.best[0]]), JArray(JDouble)([self.best[1]]), Plot.BOX)
         legend = "training loss\tvalidation score"
         if self.best is not None:
-            legend += f"\tbest model ({self.best[1]:.3f} at {self.best[0]})"
+            # the model is chosen on the smoothed score, which can sit below a single noisy validation
+            legend += f"\tbest model (smoothed score {self.best[1]:.3f} at {self.best[0]})"
         plot.setColor(_java_color("black"))
         plot.setLegend(legend, Plot.AUTO_POSITION)
         plot.setLimitsToFit(False)
