@@ -521,7 +521,8 @@ def test_recorder_line_is_completed_when_the_dialog_recorded_nothing(clean):
         t, errors = _in_thread(lambda: Recorder.setCommand(command.name))
         t.join(10)
         assert not errors and str(Recorder.getCommand()) == command.name
-        Recorder.recordOption(command.args[0].key, "3")  # one field did get recorded
+        second = command.args[1].key
+        Recorder.recordOption(second, options[second])  # only a later field got recorded: order must still hold
         complete_recording(command, options)
         Recorder.saveCommand()
         recorded = str(recorder.getText())[len(before) :].strip()

@@ -240,20 +240,22 @@ def complete_recording(command: Command, options: dict) -> None:
     ``GenericDialog`` decides whether to record in ``dispose()``, after it has already woken the macro
     thread; under load the macro can read its fields first and record nothing, leaving a bare
     ``run("TEM ...");`` that reopens the dialog on replay. The menu command is still the one being
-    recorded (ImageJ writes the line when it ends), so adding the missing keys completes that line.
+    recorded (ImageJ writes the line when it ends), so recording the keys again, all of them in the
+    dialog's order, completes that line.
     """
     Recorder = jimport("ij.plugin.frame.Recorder")
     if not Recorder.record or str(Recorder.getCommand()) != command.name:
         return
     recorded = parse_options(str(Recorder.getCommandOptions() or ""))
-    for arg in command.args:
-        if arg.key in recorded or arg.key not in options:
-            continue
-        value = options[arg.key]
-        if value is True:
-            Recorder.recordOption(arg.key)
-        elif arg.type != "checkbox":
-            Recorder.recordOption(arg.key, str(value) or "[]")  # GenericDialog records "" as []
+    wanted = [a.key for a in command.args if a.key in options]  # an unticked checkbox is absent
+    if all(key in recorded for key in wanted):
+        return
+    Recorder.resetCommandOptions()
+    for key in wanted:
+        if options[key] is True:
+            Recorder.recordOption(key)
+        else:
+            Recorder.recordOption(key, str(options[key]) or "[]")  # GenericDialog records "" as []
 
 
 def dispose_windows() -> None:
