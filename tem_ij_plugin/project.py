@@ -123,8 +123,10 @@ class Project:
         ----------
         model : TrainedModel
             The trained model; its last history entry describes this round.
-        image_path, rois_path : path
-            The image trained on (recorded) and the annotations (copied into the round folder).
+        image_path : path or None
+            The image trained on (recorded; None for an image that was never saved, e.g. in Fiji).
+        rois_path : path
+            The annotations (copied into the round folder).
         stop_reason : str
         save_model : callable
             ``save_model(path, model)``.
@@ -159,7 +161,7 @@ class Project:
             "annotations": f"{folder.name}/{rois_copy.name}",
             "annotations_source": str(Path(rois_path).resolve()),
             "annotations_sha256": model.meta.get("annotations_sha256"),
-            "image": str(Path(image_path).resolve()),
+            "image": str(Path(image_path).resolve()) if image_path is not None else None,
             "train_patches": last["train_patches"],
             "val_patches": last["val_patches"],
             "labelled_pixels": last["labelled_pixels"],

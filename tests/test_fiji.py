@@ -551,6 +551,28 @@ def test_rois_without_slice_position_on_a_stack_need_all_slices(clean, data, syn
     assert done["train_patches"] + done["val_patches"] == 8  # the 4 annotated patches, on both slices
 
 
+def test_train_with_a_project_folder_keeps_rounds(clean, data, tmp_path):
+    from tem_ij_plugin.project import Project
+
+    imagej = clean
+    project = tmp_path / "project"
+    train = f'run("TEM Train Model", "max=1 device=cpu rois=[{data["rois"]}] project=[{project}]");'
+    macro = f"""
+        setBatchMode(true);
+        open("{data["image"]}");
+        {train.replace("device=cpu", "device=cpu new")}
+        run("Duplicate...", "title=unsaved");
+        {train}
+        """
+    assert _macro(imagej, macro) != "[aborted]", _log(imagej)
+    rounds = Project.open(project).rounds
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[1]["parent"] == 1
+    assert rounds[0]["image"] == str(data["image"].resolve())
+    assert rounds[1]["image"] is None  # an image never saved is not given a made-up path
+    assert all((project / r["model"]).is_file() and (project / r["annotations"]).is_file() for r in rounds)
+    assert imagej["bridge"].model_path == project / rounds[1]["model"]
+
+
 def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):
     from tem_ij_plugin.config import dump_settings
 

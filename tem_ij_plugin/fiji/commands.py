@@ -281,7 +281,8 @@ def train_model(ctx) -> None:
             else:
                 write_roiset(roiset, rois)
             info = ctx.image.getOriginalFileInfo()
-            image_path = Path(str(info.directory), str(info.fileName)) if info and info.fileName else Path(tmp)
+            saved = info is not None and info.directory is not None and info.fileName is not None
+            image_path = Path(str(info.directory), str(info.fileName)) if saved else None
             record = project.add_round(result.model, image_path, roiset, result.stop_reason, save_model)
         bridge.model_path = project.root / record["model"]
         summary += f"; saved as round {record['round']} of {project.root}"
