@@ -275,9 +275,14 @@ class JobState:
     """
 
     def __init__(self, out: Path, signature: dict):
-        self.path = out.with_name(f"{out.stem}.partial.json")
+        self.path = self.path_for(out)
         self.signature = signature
         self.done: set = set()
+
+    @staticmethod
+    def path_for(out: Path) -> Path:
+        """Where the state of a prediction to ``out`` is kept while it is unfinished."""
+        return Path(out).with_name(f"{Path(out).stem}.partial.json")
 
     def exists(self) -> bool:
         return self.path.exists()

@@ -478,7 +478,7 @@ def apply_to_stack(ctx) -> None:
             out = out_dir / f"{f.stem}-{'labels' if kind == 'labels' else 'probabilities'}.tif"
             if out.resolve() == f.resolve():
                 raise UserError(f"{out} would overwrite its input; choose another output folder")
-            if resume and out.exists() and not JobState(out, {}).exists():
+            if resume and out.exists() and not JobState.path_for(out).exists():
                 skipped.append(str(out))  # finished by the interrupted run
                 continue
             job = PredictJob(model_path, f, out, kind=kind, device=ctx.choice("device"), resume=resume)
