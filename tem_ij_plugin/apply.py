@@ -8,6 +8,7 @@ planes with :class:`~tem_ij_plugin.io.PlaneReader`, predicts them with a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -52,8 +53,13 @@ def to_output(probs: np.ndarray, kind: str, dtype, keep=None) -> np.ndarray:
 class PredictJob:
     """One model applied to one image file, written to ``out`` (and ``name_labels.*`` for ``both``).
 
-    Parameters mirror ``tem-ij predict``. After :meth:`run`, or after it raised :class:`Cancelled`,
-    ``planes_done``, ``n_planes`` and ``partial_files`` say where things stand.
+    Parameters mirror ``tem-ij predict``; ``inputs`` names further files the caller reads (a batch's
+    other images), which no path of this job may touch either. After :meth:`run`, or after it raised
+    :class:`Cancelled`, ``planes_done``, ``n_planes`` and ``partial_files`` say where things stand.
+
+    Every path the job writes (outputs, their ``.partial`` names, the state and lock files) is planned
+    and checked against the inputs before anything is read (:class:`~tem_ij_plugin.outputs.OutputPlan`);
+    each output is locked while it is written (:class:`~tem_ij_plugin.outputs.OutputLock`).
     """
 
     def __init__(
@@ -72,6 +78,8 @@ class PredictJob:
         overlap: int | None = None,
         batch_size: int | None = None,
         resume: bool = False,
+        overwrite: bool = False,
+        inputs=(),
     ):
         if kind not in ("probabilities", "labels", "both"):
             raise UserError(f"unknown output '{kind}'; use probabilities, labels or both")
@@ -81,6 +89,7 @@ class PredictJob:
         self.kind, self.dtype, self.classes, self.channel = kind, dtype, classes, channel
         self.device, self.backend, self.precision = device, backend, precision
         self.tile, self.overlap, self.batch_size, self.resume = tile, overlap, batch_size, resume
+        self.overwrite, self.inputs = overwrite, [Path(p) for p in inputs]
         self.n_planes = 0
         self.state = None
         self.writers: list = []
@@ -93,32 +102,91 @@ class PredictJob:
     def partial_files(self) -> list:
         return [w.work for w in self.writers]
 
+    def final_paths(self) -> list:
+        """The finished outputs, in the order they are written."""
+        return {"both": [self.out, labels_path(self.out)]}.get(self.kind, [self.out])
+
+    def plan(self):
+        """Check every path this job may write against every input; returns the :class:`OutputPlan`."""
+        from .outputs import OutputPlan, lock_path, temporary_name
+        from .stackio import JobState, output_format, partial_path
+
+        plan = OutputPlan([self.model_path, self.image_path, *self.inputs], overwrite=self.overwrite)
+        state = JobState.path_for(self.out)
+        for path in self.final_paths():
+            output_format(path)
+            plan.output(path)
+            plan.add(partial_path(path), f"working file of {path.name}", replace=True)
+            plan.add(lock_path(path), f"lock file of {path.name}", replace=True)
+        plan.add(state, f"resume state of {self.out.name}", replace=True)
+        plan.add(temporary_name(state), f"temporary name of {state.name}", replace=True)
+        return plan
+
     def run(self, progress=None, cancel=None) -> str:
         """Predict every plane not yet written and move the outputs into place; returns a summary line.
 
         Raises
         ------
         UserError
-            Bad input, an output that cannot be written (a full disk included: the finished planes stay
-            in the ``.partial`` files for ``--resume``).
+            Bad input, a path that would touch an input, an output another process is writing, an
+            output that cannot be written (a full disk included: the finished planes stay in the
+            ``.partial`` files for ``--resume``).
         Cancelled
             When ``cancel`` was set; the finished planes stay in the ``.partial`` files.
         """
         from .io import PlaneReader
-        from .modelio import load_model
-        from .predict import (
-            HALO_MASS,
-            check_normalization,
-            make_predictor,
-            normalize,
-            predict_planes,
-            resolve_device,
-            sampled_range,
-        )
-        from .stackio import JobState, Layout, open_writer
+        from .outputs import OutputLock
+        from .predict import predict_planes
 
-        device = resolve_device(self.device)
-        model = load_model(self.model_path, device=device)
+        self.plan()
+        model, keep, names = self._load_model()
+        with PlaneReader(self.image_path, channel=self.channel) as reader:
+            self.n_planes = n = reader.n_planes
+            predictor, lo, hi = self._predictor(model, reader)
+            outputs = self._outputs(reader, model, keep, names)
+            with contextlib.ExitStack() as locks:
+                stale = [locks.enter_context(OutputLock(p, "tem-ij predict")).stale for p in self.final_paths()]
+                self._open(outputs, reader, predictor, names, any(stale))
+                state = self.state
+
+                def sink(i, probs):
+                    state.planes[i] = [
+                        w.write(i, to_output(probs, kind, lay.dtype, keep))
+                        for w, (_, kind, lay, _) in zip(self.writers, outputs)
+                    ]
+                    state.save()
+
+                start = time.perf_counter()
+                try:
+                    predict_planes(
+                        predictor, reader.read, n, lo, hi, sink, skip=state.done, progress=progress, cancel=cancel
+                    )
+                except Cancelled:
+                    self._close()
+                    raise
+                except OSError as exc:
+                    self._close()
+                    raise UserError(
+                        f"writing {self.out} failed: {exc.strerror or exc}. {len(state.done)} of {n} plane(s) are "
+                        f"in {', '.join(map(str, self.partial_files))} (incomplete); free space and run it again "
+                        "with resume (tem-ij: --resume; Fiji: tick 'Resume')"
+                    ) from exc
+                elapsed = time.perf_counter() - start
+                for w in self.writers:
+                    w.finish()
+                state.remove()
+        mp = n * reader.plane_shape[0] * reader.plane_shape[1] / 1e6
+        return (
+            f"wrote {', '.join(str(p) for p, *_ in outputs)}: {self.kind} of {n} plane(s), classes {', '.join(names)} "
+            f"({elapsed:.1f} s, {mp / max(elapsed, 1e-9):.2f} MP/s, {predictor.backend.name} {predictor.precision})"
+        )
+
+    def _load_model(self):
+        """The model on its device, the indices of the classes to write and their names."""
+        from .modelio import load_model
+        from .predict import check_normalization, resolve_device
+
+        model = load_model(self.model_path, device=resolve_device(self.device))
         check_normalization(model.normalization)
         if model.net.in_channels != 1:
             raise ModelFileError(
@@ -133,119 +201,156 @@ class PredictJob:
                     f"unknown class(es) {', '.join(unknown)}: the model's classes are {', '.join(model.classes)}"
                 )
             keep = [model.classes.index(c) for c in self.classes]
-        names = [model.classes[k] for k in keep]
+        return model, keep, [model.classes[k] for k in keep]
 
-        with PlaneReader(self.image_path, channel=self.channel) as reader:
-            n = self.n_planes = reader.n_planes
-            log.info(
-                "image %s: %d plane(s) of %dx%d %s%s",
-                self.image_path,
-                n,
-                reader.plane_shape[1],
-                reader.plane_shape[0],
-                reader.dtype,
-                f", predicted over axis {reader.stack_axes} {reader.stack_shape}" if reader.stack_axes else "",
-            )
-            lo, hi = sampled_range(reader.read, n, model.normalization)
-            first = reader.read(0)
-            if np.ptp(first) == 0 and n == 1:
-                raise UserError(
-                    f"{self.image_path} has no contrast (every pixel is {first.flat[0]}); nothing to segment"
-                )
-            probe = normalize(first[:256, :256], lo, hi)
-            erf = model.meta.get("effective_receptive_field") or {}
-            predictor = make_predictor(
-                model.net,
-                device,
-                self.backend,
-                self.precision,
-                self.tile,
-                self.overlap,
-                self.batch_size,
-                probe,
-                halo=erf.get("radius") if erf.get("mass") == HALO_MASS else None,
-            )
-            log.info("prediction: %s", predictor.describe())
+    def _predictor(self, model, reader):
+        """The tiled predictor for this image, and the image's normalisation range."""
+        from .predict import HALO_MASS, make_predictor, normalize, resolve_device, sampled_range
 
-            outputs = []  # (path, kind, layout, slice labels)
-            sl = reader.slice_labels
-            if self.kind in ("probabilities", "both"):
-                lay = Layout(reader.stack_axes, reader.stack_shape, len(keep), reader.plane_shape, np.dtype(self.dtype))
-                outputs.append(
-                    (self.out, "probabilities", lay, [f"{c}: {sl[i]}" if sl else c for i in range(n) for c in names])
-                )
-            if self.kind in ("labels", "both"):
-                dt = np.dtype(np.uint8 if len(model.classes) < 256 else np.uint16)
-                lay = Layout(reader.stack_axes, reader.stack_shape, None, reader.plane_shape, dt)
-                outputs.append(
-                    (self.out if self.kind == "labels" else labels_path(self.out), "labels", lay, sl or None)
-                )
+        n = reader.n_planes
+        log.info(
+            "image %s: %d plane(s) of %dx%d %s%s",
+            self.image_path,
+            n,
+            reader.plane_shape[1],
+            reader.plane_shape[0],
+            reader.dtype,
+            f", predicted over axis {reader.stack_axes} {reader.stack_shape}" if reader.stack_axes else "",
+        )
+        lo, hi = sampled_range(reader.read, n, model.normalization)
+        first = reader.read(0)
+        if np.ptp(first) == 0 and n == 1:
+            raise UserError(f"{self.image_path} has no contrast (every pixel is {first.flat[0]}); nothing to segment")
+        erf = model.meta.get("effective_receptive_field") or {}
+        predictor = make_predictor(
+            model.net,
+            resolve_device(self.device),
+            self.backend,
+            self.precision,
+            self.tile,
+            self.overlap,
+            self.batch_size,
+            normalize(first[:256, :256], lo, hi),
+            halo=erf.get("radius") if erf.get("mass") == HALO_MASS else None,
+        )
+        log.info("prediction: %s", predictor.describe())
+        return predictor, lo, hi
 
-            st = self.image_path.stat()
-            self.state = state = JobState(
-                self.out,
-                {
-                    "model_sha256": file_digest(self.model_path),
-                    "image": str(self.image_path.resolve()),
-                    "image_size": st.st_size,
-                    "image_mtime_ns": st.st_mtime_ns,
-                    "output": self.kind,
-                    "dtype": self.dtype,
-                    "classes": names,
-                    "channel": self.channel,
-                    "tile": predictor.tile,
-                    "overlap": predictor.overlap,
-                    "precision": predictor.precision,
-                },
+    def _outputs(self, reader, model, keep, names) -> list:
+        """(path, kind, layout, slice labels) of each output."""
+        from .stackio import Layout
+
+        n, sl = reader.n_planes, reader.slice_labels
+        outputs = []
+        if self.kind in ("probabilities", "both"):
+            lay = Layout(reader.stack_axes, reader.stack_shape, len(keep), reader.plane_shape, np.dtype(self.dtype))
+            outputs.append(
+                (self.out, "probabilities", lay, [f"{c}: {sl[i]}" if sl else c for i in range(n) for c in names])
             )
-            if state.exists():
-                if not self.resume:
-                    raise UserError(
-                        f"{state.path} records an interrupted prediction to {self.out}; complete it with resume "
-                        "(tem-ij: --resume; Fiji: tick 'Resume'), or delete the .partial files to start over"
+        if self.kind in ("labels", "both"):
+            dt = np.dtype(np.uint8 if len(model.classes) < 256 else np.uint16)
+            lay = Layout(reader.stack_axes, reader.stack_shape, None, reader.plane_shape, dt)
+            outputs.append((self.final_paths()[-1], "labels", lay, sl or None))
+        return outputs
+
+    def _signature(self, predictor, names) -> dict:
+        st = self.image_path.stat()
+        return {
+            "model_sha256": file_digest(self.model_path),
+            "image": str(self.image_path.resolve()),
+            "image_size": st.st_size,
+            "image_mtime_ns": st.st_mtime_ns,
+            "output": self.kind,
+            "dtype": self.dtype,
+            "classes": names,
+            "channel": self.channel,
+            "tile": predictor.tile,
+            "overlap": predictor.overlap,
+            "precision": predictor.precision,
+        }
+
+    def _open(self, outputs, reader, predictor, names, stale_lock: bool) -> None:
+        """The resume state and the plane writers: continued where verified, else created afresh.
+
+        Runs with the outputs locked. The state is saved before any partial file is created, so that
+        whatever a kill leaves behind is described by a state (or is nothing at all).
+        """
+        from .stackio import JobState, PartialMismatch, open_writer, output_format, partial_path
+
+        records = [
+            {
+                "path": str(path.resolve()),
+                "work": str(partial_path(path).resolve()),
+                "format": output_format(path),
+                "shape": [*lay.stack_shape, *([lay.channels] if lay.channels else []), *lay.plane_shape],
+                "dtype": np.dtype(lay.dtype).newbyteorder("<").str,
+            }
+            for path, _, lay, _ in outputs
+        ]
+        state = self.state = JobState(self.out, self._signature(predictor, names), records)
+        resuming = state.exists()
+        if resuming and not (self.resume or self.overwrite):
+            raise UserError(
+                f"{state.path} records an interrupted prediction to {self.out}; complete it with resume "
+                "(tem-ij: --resume; Fiji: tick 'Resume'), or delete the .partial files to start over"
+            )
+        resuming = resuming and self.resume
+        if not resuming and not stale_lock:
+            self._refuse_foreign_scratch(state)
+        if resuming:
+            state.load(reader.n_planes)
+            log.info("resuming: %d of %d plane(s) already written", len(state.done), reader.n_planes)
+        elif self.resume:
+            log.info("nothing to resume (no %s); predicting every plane", state.path.name)
+        state.save()
+
+        def create(resume: bool) -> list:
+            writers = []
+            try:
+                for path, _, lay, labels in outputs:
+                    writers.append(
+                        open_writer(path, lay, reader.calibration, labels=labels, channel_names=names, resume=resume)
                     )
-                state.load()
-                log.info("resuming: %d of %d plane(s) already written", len(state.done), n)
-            elif self.resume:
-                log.info("nothing to resume (no %s); predicting every plane", state.path.name)
-            for path, _, lay, labels in outputs:
-                self.writers.append(
-                    open_writer(
-                        path, lay, reader.calibration, labels=labels, channel_names=names, resume=bool(state.done)
-                    )
-                )
+            except BaseException:
+                for w in writers:
+                    w.close()
+                raise
+            return writers
+
+        try:
+            try:
+                self.writers = create(resume=resuming)
+            except PartialMismatch as exc:
+                if state.done:
+                    log.warning("%s; predicting all %d plane(s) again", exc, reader.n_planes)
+                state.planes = {}
+                state.save()
+                self.writers = create(resume=False)
+        except UserError:
+            if not state.done:  # nothing finished to keep: leave no state behind either
+                state.remove()
+            raise
+        bad = state.verify(self.writers)
+        if bad:
+            log.warning(
+                "%d finished plane(s) in the partial output are not the bytes that were written "
+                "(planes %s); predicting them again",
+                len(bad),
+                ", ".join(str(i + 1) for i in bad[:10]) + (" ..." if len(bad) > 10 else ""),
+            )
             state.save()
 
-            def sink(i, probs):
-                for w, (_, kind, lay, _) in zip(self.writers, outputs):
-                    w.write(i, to_output(probs, kind, lay.dtype, keep))
-                state.done.add(i)
-                state.save()
+    def _refuse_foreign_scratch(self, state) -> None:
+        """Working files that no state or dead run of ours describes are someone else's: never replace them."""
+        from .outputs import temporary_name
+        from .stackio import partial_path
 
-            start = time.perf_counter()
-            try:
-                predict_planes(
-                    predictor, reader.read, n, lo, hi, sink, skip=state.done, progress=progress, cancel=cancel
-                )
-            except Cancelled:
-                self._close()
-                raise
-            except OSError as exc:
-                self._close()
+        for path in [*(partial_path(p) for p in self.final_paths()), state.path, temporary_name(state.path)]:
+            if (path.exists() or path.is_symlink()) and not self.overwrite:
                 raise UserError(
-                    f"writing {self.out} failed: {exc.strerror or exc}. {len(state.done)} of {n} plane(s) are in "
-                    f"{', '.join(map(str, self.partial_files))} (incomplete); free space and run it again with "
-                    "resume (tem-ij: --resume; Fiji: tick 'Resume')"
-                ) from exc
-            elapsed = time.perf_counter() - start
-        for w in self.writers:
-            w.finish()
-        state.remove()
-        mp = n * reader.plane_shape[0] * reader.plane_shape[1] / 1e6
-        return (
-            f"wrote {', '.join(str(p) for p, *_ in outputs)}: {self.kind} of {n} plane(s), classes {', '.join(names)} "
-            f"({elapsed:.1f} s, {mp / max(elapsed, 1e-9):.2f} MP/s, {predictor.backend.name} {predictor.precision})"
-        )
+                    f"{path} exists but no interrupted run of this job describes it; move it away, or pass "
+                    "--overwrite to replace it"
+                )
 
     def _close(self) -> None:
         for w in self.writers:

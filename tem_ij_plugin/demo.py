@@ -35,10 +35,10 @@ def run_demo(
 
     from .annotations import rasterize
     from .config import Settings
-    from .errors import UserError
     from .figures import patch_overlay, probability_rgb, side_by_side, to_rgb
     from .io import Calibration, read_image, read_rois, write_hyperstack, write_rois
     from .modelio import save_model
+    from .outputs import claim_folder
     from .patches import grid
     from .predict import predict_stack, resolve_device
     from .synthetic import SYNTHETIC_CLASSES, make_tem_image, simulate_annotations
@@ -46,10 +46,7 @@ def run_demo(
 
     start = time.perf_counter()
     dev = resolve_device(device)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the demo folder {out_dir}: {exc.strerror or exc}") from exc
+    claim_folder(out_dir, "tem-ij demo")
     settings = Settings()
     settings.train.max_minutes = minutes
     settings.train.seed = seed

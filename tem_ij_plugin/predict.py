@@ -275,6 +275,23 @@ def default_tiling(device: torch.device, halo: int, multiple: int) -> tuple:
     return max(tile, 4 * overlap), overlap, batch
 
 
+def check_tiling(tile: int, overlap: int, derived: bool, halo: int) -> None:
+    """Refuse an overlap that leaves no step between tiles, whether the user gave it or it came from the model.
+
+    A derived overlap used to be clipped silently to just under the tile, which made a small ``--tile``
+    into tens of thousands of tiles per plane.
+    """
+    if 0 <= overlap < tile:
+        return
+    if derived:
+        raise UserError(
+            f"--tile {tile} is too small for this model: its receptive field (radius {halo} px) needs an overlap "
+            f"of {overlap} px between tiles, so tiles must be larger than that ({4 * overlap} px is the default "
+            "size); use a larger --tile, or give --overlap explicitly (a smaller overlap may show seams)"
+        )
+    raise UserError(f"need 0 <= --overlap < --tile; got overlap {overlap} with tiles of {tile} px")
+
+
 @dataclass
 class TileEvent:
     """One batch of tiles done (passed to the ``on_batch`` callback of :meth:`Predictor.plane`)."""
@@ -297,7 +314,8 @@ class Predictor:
         self.n_classes = n_classes
         self.multiple = multiple
         self.tile = int(np.ceil(tile / multiple) * multiple)
-        self.overlap = min(overlap, self.tile - multiple)
+        self.overlap = overlap
+        check_tiling(self.tile, overlap, derived=False, halo=halo)
         self.batch_size = batch_size
         self.halo = halo
         self.device = device
@@ -446,7 +464,8 @@ def make_predictor(
     if halo is None:
         halo = effective_receptive_field(infer, HALO_MASS)
     d_tile, d_overlap, d_batch = default_tiling(device, halo, net.size_multiple)
-    tile = tile or d_tile
+    tile = int(np.ceil((tile or d_tile) / net.size_multiple) * net.size_multiple)
+    check_tiling(tile, d_overlap if overlap is None else overlap, derived=overlap is None, halo=halo)
     overlap = d_overlap if overlap is None else overlap
     if backend == "onnx":
         if device.type != "cpu":

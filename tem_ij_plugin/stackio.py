@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from .errors import UserError
 from .io import Calibration
+from .outputs import atomic_write, remove_output
+from .schemas import JobStateFile
 
 IMAGEJ_LIMIT = 2**32 - 2**25  # ImageJ TIFFs store 32-bit offsets; keep a margin for the metadata
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -38,6 +42,10 @@ def output_format(path: Path) -> str:
         f"{path}: unknown output type '{suffix}'; use .tif (ImageJ TIFF), .btf (BigTIFF, for outputs over "
         "4 GB) or .zarr (OME-Zarr)"
     )
+
+
+class PartialMismatch(Exception):
+    """The partial output of an interrupted run cannot be continued (missing, unreadable, another layout)."""
 
 
 def partial_path(path: Path) -> Path:
@@ -94,12 +102,8 @@ class TiffPlaneWriter:
                 f"write {path.with_suffix('.btf').name} (BigTIFF) or {path.with_suffix('.zarr').name} (OME-Zarr), "
                 "or use --dtype uint8 (4x smaller than float32) or --classes to keep fewer channels"
             )
-        if resume and self.work.exists():
-            with tifffile.TiffFile(self.work) as tif:
-                series = tif.series[0]
-                if tuple(series.shape) != self.shape or series.dataoffset is None:
-                    raise UserError(f"{self.work} does not match this prediction; delete it to start over")
-                self.offset = series.dataoffset
+        if resume:
+            self.offset = self._reopen()
         else:
             axes = layout.stack_axes + ("C" if layout.channels else "") + "YX"
             cal = calibration
@@ -133,12 +137,37 @@ class TiffPlaneWriter:
         lay = self.layout
         return tuple(lay.stack_shape) + ((lay.channels,) if lay.channels else ()) + tuple(lay.plane_shape)
 
-    def write(self, i: int, plane: np.ndarray) -> None:
-        """Write plane ``i`` (shape (C, Y, X), or (Y, X) for labels) in place."""
+    def _reopen(self) -> int:
+        """The data offset of the partial file an interrupted run left, checked against this layout."""
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(self.work) as tif:
+                series = tif.series[0]
+                shape, offset = tuple(series.shape), series.dataoffset
+            size = self.work.stat().st_size
+        except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
+            raise PartialMismatch(f"{self.work} is not readable ({exc})") from exc
+        if shape != self.shape or offset is None or offset + self.layout.total_bytes > size:
+            raise PartialMismatch(f"{self.work} does not have the layout of this prediction")
+        return offset
+
+    def write(self, i: int, plane: np.ndarray) -> int:
+        """Write plane ``i`` (shape (C, Y, X), or (Y, X) for labels) in place; returns its checksum."""
         data = np.ascontiguousarray(plane, dtype=self._dtype)
         self._fh.seek(self.offset + i * self.layout.plane_bytes)
         self._fh.write(memoryview(data).cast("B"))
         self._fh.flush()
+        return zlib.crc32(memoryview(data).cast("B"))
+
+    def digest(self, i: int) -> int | None:
+        """Checksum of plane ``i`` as it is on disk now (None when it cannot be read)."""
+        n = self.layout.plane_bytes
+        try:
+            buf = os.pread(self._fh.fileno(), n, self.offset + i * n)
+        except OSError:
+            return None
+        return zlib.crc32(buf) if len(buf) == n else None
 
     def close(self) -> None:
         self._fh.close()
@@ -146,6 +175,8 @@ class TiffPlaneWriter:
     def finish(self) -> None:
         """Close and move the complete file to its final name."""
         self.close()
+        if self.path.is_dir():  # only planned with --overwrite
+            remove_output(self.path)
         os.replace(self.work, self.path)
 
 
@@ -175,14 +206,19 @@ class ZarrPlaneWriter:
         sizes.update(c=layout.channels or 1, y=layout.plane_shape[0], x=layout.plane_shape[1])
         self.shape = [int(sizes[d]) for d in self._dims]
         self.chunks = [1 if d in "tcz" else min(self.CHUNK, sizes[d]) for d in self._dims]
-        if resume and (self.work / "0" / ".zarray").exists():
-            meta = json.loads((self.work / "0" / ".zarray").read_text())
-            if meta.get("shape") != self.shape or meta.get("dtype") != self._dtype.str:
-                raise UserError(f"{self.work} does not match this prediction; delete it to start over")
+        if resume:
+            try:
+                meta = json.loads((self.work / "0" / ".zarray").read_text()[:100_000])
+            except (OSError, ValueError) as exc:
+                raise PartialMismatch(f"{self.work} is not readable ({exc})") from exc
+            if not isinstance(meta, dict) or meta.get("shape") != self.shape or meta.get("dtype") != self._dtype.str:
+                raise PartialMismatch(f"{self.work} does not have the layout of this prediction")
             return
         try:
-            if self.work.exists():
-                shutil.rmtree(self.work)
+            if self.work.is_dir() and not self.work.is_symlink():
+                shutil.rmtree(self.work)  # planned and ours: see PredictJob
+            elif self.work.exists() or self.work.is_symlink():
+                self.work.unlink()
             (self.work / "0").mkdir(parents=True)
             self._write_metadata(dims, calibration, channel_names)
         except OSError as exc:
@@ -231,31 +267,54 @@ class ZarrPlaneWriter:
         (self.work / ".zattrs").write_text(json.dumps(attrs, indent=1))
         (self.work / "0" / ".zarray").write_text(json.dumps(zarray, indent=1))
 
-    def write(self, i: int, plane: np.ndarray) -> None:
-        """Write plane ``i`` (shape (C, Y, X), or (Y, X) for labels) as chunk files."""
+    def _chunk_files(self, i: int):
+        """(channel, y0, x0, path) of every chunk file of plane ``i``, in a fixed order."""
         lay = self.layout
-        data = np.asarray(plane, dtype=self._dtype).reshape((lay.channels or 1,) + tuple(lay.plane_shape))
         pos = dict(zip(lay.stack_axes.lower(), np.unravel_index(i, lay.stack_shape))) if lay.stack_shape else {}
         cy, cx = self.chunks[-2:]
         h, w = lay.plane_shape
-        for c in range(data.shape[0]):
+        for c in range(lay.channels or 1):
             lead = [str(int(pos[d])) if d in pos else str(c) for d in self._dims[:-2]]
             for y0 in range(0, h, cy):
                 for x0 in range(0, w, cx):
-                    chunk = np.zeros((cy, cx), self._dtype)  # edge chunks are stored full-size, padded
-                    part = data[c, y0 : y0 + cy, x0 : x0 + cx]
-                    chunk[: part.shape[0], : part.shape[1]] = part
-                    folder = self.work.joinpath("0", *lead, str(y0 // cy))
-                    folder.mkdir(parents=True, exist_ok=True)
-                    (folder / str(x0 // cx)).write_bytes(chunk.tobytes())
+                    yield c, y0, x0, self.work.joinpath("0", *lead, str(y0 // cy), str(x0 // cx))
+
+    def write(self, i: int, plane: np.ndarray) -> int:
+        """Write plane ``i`` (shape (C, Y, X), or (Y, X) for labels) as chunk files; returns its checksum."""
+        lay = self.layout
+        data = np.asarray(plane, dtype=self._dtype).reshape((lay.channels or 1,) + tuple(lay.plane_shape))
+        cy, cx = self.chunks[-2:]
+        crc = 0
+        for c, y0, x0, path in self._chunk_files(i):
+            chunk = np.zeros((cy, cx), self._dtype)  # edge chunks are stored full-size, padded
+            part = data[c, y0 : y0 + cy, x0 : x0 + cx]
+            chunk[: part.shape[0], : part.shape[1]] = part
+            path.parent.mkdir(parents=True, exist_ok=True)
+            raw = chunk.tobytes()
+            path.write_bytes(raw)
+            crc = zlib.crc32(raw, crc)
+        return crc
+
+    def digest(self, i: int) -> int | None:
+        """Checksum of plane ``i`` as it is on disk now (None when a chunk is missing or short)."""
+        n = self.chunks[-2] * self.chunks[-1] * self._dtype.itemsize
+        crc = 0
+        for *_, path in self._chunk_files(i):
+            try:
+                raw = path.read_bytes()
+            except OSError:
+                return None
+            if len(raw) != n:
+                return None
+            crc = zlib.crc32(raw, crc)
+        return crc
 
     def close(self) -> None:
         pass
 
     def finish(self) -> None:
-        """Move the complete store to its final name (replacing an older one)."""
-        if self.path.exists():
-            shutil.rmtree(self.path) if self.path.is_dir() else self.path.unlink()
+        """Move the complete store to its final name (replacing an older one the job planned to replace)."""
+        remove_output(self.path)
         os.replace(self.work, self.path)
 
 
@@ -267,17 +326,31 @@ def open_writer(path: Path, layout: Layout, calibration: Calibration, labels=Non
     return TiffPlaneWriter(path, layout, calibration, labels, resume, big=fmt == "bigtiff")
 
 
+STATE_FORMAT = "tem_ij_plugin.predict-state"
+STATE_VERSION = 2  # 2: outputs, per-plane checksums; version 1 (0.2.0) had no checksums and is not trusted
+MAX_STATE_BYTES = 64 << 20
+
+
 class JobState:
     """Which planes of a prediction are written, kept as JSON next to the output (``name.partial.json``).
 
-    ``signature`` holds everything that decides the result (model, input, options); a resume with a
-    different signature is refused rather than mixing two predictions in one file.
+    ``signature`` holds everything that decides the result (model, input, options, the output files
+    and their format); a resume with a different signature is refused rather than mixing two
+    predictions in one file. ``outputs`` describes the partial files, and each finished plane keeps
+    a checksum per output, so that a resume continues only files that are the ones described and
+    recomputes every plane whose bytes on disk are not the ones written (:meth:`verify`).
     """
 
-    def __init__(self, out: Path, signature: dict):
+    def __init__(self, out: Path, signature: dict, outputs: list | None = None):
         self.path = self.path_for(out)
         self.signature = signature
-        self.done: set = set()
+        self.outputs = outputs or []
+        self.planes: dict[int, list] = {}
+
+    @property
+    def done(self) -> set:
+        """The finished planes."""
+        return set(self.planes)
 
     @staticmethod
     def path_for(out: Path) -> Path:
@@ -287,28 +360,56 @@ class JobState:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def load(self) -> None:
-        """Read the planes done by an earlier run; a different signature is a :class:`UserError`."""
+    def load(self, n_planes: int) -> None:
+        """Read an earlier run's state; a corrupt file or a different signature is a :class:`UserError`."""
+        start_over = "delete it and the .partial files to start over"
         try:
-            saved = json.loads(self.path.read_text())
-        except (OSError, ValueError) as exc:
+            if self.path.stat().st_size > MAX_STATE_BYTES:
+                raise UserError(f"cannot resume: {self.path} is too large to be a prediction state; {start_over}")
+            saved = JobStateFile.model_validate_json(self.path.read_bytes())
+        except OSError as exc:
+            raise UserError(f"cannot read {self.path} ({exc.strerror or exc}); {start_over}") from exc
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "the file"
             raise UserError(
-                f"cannot read {self.path} ({exc}); delete it and the .partial output to start over"
-            ) from exc
-        old = saved.get("signature", {})
+                f"cannot resume: {self.path} is not a valid prediction state ({where}: {first['msg']}); {start_over}"
+            ) from None
+        old = saved.signature
         diff = [k for k in sorted(set(old) | set(self.signature)) if old.get(k) != self.signature.get(k)]
         if diff:
             raise UserError(
                 f"cannot resume: {', '.join(diff)} differ from the interrupted run recorded in {self.path}; "
                 "rerun with the same model, image and options, or delete the .partial files to start over"
             )
-        self.done = set(saved.get("done", []))
+        if [o.model_dump() for o in saved.outputs] != self.outputs:
+            raise UserError(f"cannot resume: {self.path} describes other output files; {start_over}")
+        planes = {}
+        for key, crcs in saved.planes.items():
+            if not key.isdigit() or int(key) >= n_planes or len(crcs) != len(self.outputs):
+                raise UserError(
+                    f"cannot resume: {self.path} lists a plane {key!r} this prediction has not; {start_over}"
+                )
+            planes[int(key)] = list(crcs)
+        self.planes = planes
+
+    def verify(self, writers: list) -> list:
+        """Drop (and return) the finished planes whose bytes in any partial file differ from those written."""
+        bad = sorted(i for i, crcs in self.planes.items() if [w.digest(i) for w in writers] != crcs)
+        for i in bad:
+            del self.planes[i]
+        return bad
 
     def save(self) -> None:
         """Write the state atomically (a crash leaves the old or the new state, never half of one)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"signature": self.signature, "done": sorted(self.done)}))
-        os.replace(tmp, self.path)
+        data = {
+            "format": STATE_FORMAT,
+            "format_version": STATE_VERSION,
+            "signature": self.signature,
+            "outputs": self.outputs,
+            "planes": {str(i): c for i, c in sorted(self.planes.items())},
+        }
+        atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(data), encoding="utf-8"))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

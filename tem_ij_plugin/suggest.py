@@ -35,6 +35,7 @@ import numpy as np
 
 from .annotations import UNLABELLED
 from .errors import Cancelled, UserError
+from .outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -569,19 +570,18 @@ def write_suggestions(path: str | Path, result: SuggestResult, stack: bool) -> l
             }
         )
     csv_path, json_path = path.with_suffix(".csv"), path.with_suffix(".json")
-    try:
-        path.unlink(missing_ok=True)
-        roifile.roiwrite(path, rois, mode="w")
+
+    def write_csv(tmp):
         flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
         keys = list(dict.fromkeys(k for r in flat for k in r))
-        with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(flat)
-        json_path.write_text(
-            json.dumps({"phase": result.phase, "timings_s": result.timings, "suggestions": rows}, indent=1),
-            encoding="utf-8",
-        )
-    except OSError as exc:
-        raise UserError(f"cannot write the suggestions to {path}: {exc.strerror or exc}") from exc
+
+    summary = {"phase": result.phase, "timings_s": result.timings, "suggestions": rows}
+    # Each file is written under its temporary name (planned by the caller) and renamed into place.
+    atomic_write(path, lambda tmp: roifile.roiwrite(tmp, rois, mode="w"))
+    atomic_write(csv_path, write_csv)
+    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8"))
     return [path, csv_path, json_path]

@@ -71,3 +71,25 @@ def files(tmp_path, synthetic):
 
     cfg.write_text(dump_settings(tiny_settings()))
     return {"image": img, "rois": rois, "config": cfg, "dir": tmp_path}
+
+
+def tree_digest(folder) -> dict:
+    """Every file under ``folder`` (relative path -> SHA-256): what a refused command must leave as it was."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_refused(code: int, err: str, before: dict, after: dict, *needles: str) -> None:
+    """A hostile or broken input was refused the way users are promised.
+
+    Exit status 2, exactly one ``error:`` message and no traceback on stderr, the message names
+    every needle (the file and the problem, case-insensitive), and the folder holding the inputs is
+    byte-identical with nothing stray left in it (``before``/``after`` from :func:`tree_digest`).
+    """
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.count(": error: ") == 1
+    message = err[err.index(": error: ") :].lower()
+    for needle in needles:
+        assert str(needle).lower() in message, f"{needle!r} not in {message!r}"
+    assert after == before

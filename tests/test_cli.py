@@ -101,7 +101,7 @@ FAR = [[1000, 1000], [1100, 1000], [1000, 1100]]
         ("one_class", "only one class"),
         ("outside", "entirely outside"),
         ("rgb", "RGB"),
-        ("same_output", "also an input"),
+        ("same_output", "would overwrite the input"),
         ("no_dir", "does not exist"),
         ("corrupt_init", "not a tem_ij_plugin model"),
         ("bad_config", "invalid settings"),

@@ -160,13 +160,13 @@ def test_folding_batchnorm_keeps_outputs_and_the_original():
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()), "the model is not modified"
 
 
-def _seam_difference(norm):
+def _seam_difference(norm, overlap=None):
     net, _ = random_net(norm=norm, depth=3, seed=2)
     image = np.random.default_rng(0).random((192, 192)).astype(np.float32)
     image[:, 96:] *= 0.3  # regions of different statistics, as in real sections
     dev = torch.device("cpu")
     whole = make_predictor(net, dev, backend="torch", tile=192, overlap=0).plane(image)
-    tiled_pred = make_predictor(net, dev, backend="torch", tile=64)
+    tiled_pred = make_predictor(net, dev, backend="torch", tile=64, overlap=overlap)
     tiled = tiled_pred.plane(image)
     return float(np.abs(whole - tiled).max()), tiled_pred
 
@@ -176,7 +176,8 @@ def test_tiles_match_one_whole_tile():
     assert int(3 / 8 * pred.overlap) >= pred.halo and pred.tile == 64
     assert diff <= 0.02, f"tiled and whole-image probabilities differ by {diff:.3f}"
     # The check can fail: GroupNorm statistics depend on the tile, and this test sees it.
-    assert _seam_difference("group")[0] > diff
+    # (Its receptive field asks for more overlap than a 64 px tile has, so it gets the largest that fits.)
+    assert _seam_difference("group", overlap=60)[0] > diff
 
 
 def test_small_tiles_with_a_large_overlap_match_the_whole_image():
@@ -283,7 +284,7 @@ def test_cancel_then_resume_completes_without_redoing_planes(stack, model_file, 
     partial = tmp_path / "p.partial.tif"
     with tifffile.TiffFile(partial) as tif:
         assert tif.series[0].shape == (3, 2, 256, 256), "the partial output is a valid TIFF"
-    assert json.loads((tmp_path / "p.partial.json").read_text())["done"] == [0]
+    assert list(json.loads((tmp_path / "p.partial.json").read_text())["planes"]) == ["0"]
 
     with pytest.raises(UserError, match="--resume"):
         PredictJob(model_file, path, out, backend="torch").run()
@@ -324,12 +325,12 @@ def test_disk_full_mid_run_keeps_finished_planes_for_resume(stack, model_file, t
         # A disk that fills up cannot be arranged in CI; this raises what the OS raises then (ENOSPC).
         if i == 1:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(self, i, plane)
+        return real_write(self, i, plane)
 
     monkeypatch.setattr(TiffPlaneWriter, "write", write)
     with pytest.raises(UserError, match=r"No space left on device.*1 of 3 plane.*p\.partial\.tif.*--resume"):
         PredictJob(model_file, path, out, backend="torch").run()
-    assert not out.exists() and json.loads((tmp_path / "p.partial.json").read_text())["done"] == [0]
+    assert not out.exists() and list(json.loads((tmp_path / "p.partial.json").read_text())["planes"]) == ["0"]
     monkeypatch.setattr(TiffPlaneWriter, "write", real_write)
     PredictJob(model_file, path, out, backend="torch", resume=True).run()
     assert tifffile.imread(out).shape == (3, 2, 256, 256) and not (tmp_path / "p.partial.tif").exists()
