@@ -249,23 +249,36 @@ def train_model(ctx) -> None:
     try:
         bridge.stop.clear()
         bridge.progress = None
-        result = train(
-            image.data,
-            labels,
-            settings,
-            init=init,
-            device=str(device),
-            progress=progress,
-            cancel=ctx.cancel,
-            calibration=image.calibration.as_dict(),
-        )
+        # The round is taken before training: a stray round folder never costs a finished training.
+        reservation = project.reserve_round() if project is not None else None
+        try:
+            result = train(
+                image.data,
+                labels,
+                settings,
+                init=init,
+                device=str(device),
+                progress=progress,
+                cancel=ctx.cancel,
+                calibration=image.calibration.as_dict(),
+            )
+        except BaseException:
+            if reservation is not None:
+                project.release(reservation)
+            raise
     finally:
         bridge.training.release()
         bridge.stop.clear()
+    bridge.model, bridge.model_path = result.model, None
+    if reservation is not None:  # save what can be saved first
+        try:
+            project.save_round_model(reservation, result.model, save_model)
+        except BaseException:
+            project.release(reservation)
+            raise
     if plot is not None:
         plot.draw(force=True)
         _activate(ctx.image)  # the plot window took the focus; the next command must see the image
-    bridge.model, bridge.model_path = result.model, None
     last = result.model.meta["history"]["rounds"][-1]
     best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
     summary = (
@@ -283,11 +296,16 @@ def train_model(ctx) -> None:
             info = ctx.image.getOriginalFileInfo()
             saved = info is not None and info.directory is not None and info.fileName is not None
             image_path = Path(str(info.directory), str(info.fileName)) if saved else None
-            record = project.add_round(result.model, image_path, roiset, result.stop_reason, save_model)
+            # The model is saved in the reserved round folder first; a failure after that names where it is.
+            record = project.add_round(
+                result.model, image_path, roiset, result.stop_reason, save_model, reservation=reservation
+            )
         bridge.model_path = project.root / record["model"]
         summary += f"; saved as round {record['round']} of {project.root}"
     jimport("ij.IJ").log(summary)
     ctx.status(summary)
+    if result.problem:  # the best finite model is kept (and saved to the project); the command still failed
+        raise UserError(f"{result.problem}; the best model before that is the current model (TEM Save Model keeps it)")
     ctx.results.update(
         stop_reason=result.stop_reason,
         iterations=last["iterations"],
@@ -476,12 +494,11 @@ def apply_to_stack(ctx) -> None:
             save_model(model_path, model)
         for i, f in enumerate(files, 1):
             out = out_dir / f"{f.stem}-{'labels' if kind == 'labels' else 'probabilities'}.tif"
-            if out.resolve() == f.resolve():
-                raise UserError(f"{out} would overwrite its input; choose another output folder")
             if resume and out.exists() and not JobState.path_for(out).exists():
                 skipped.append(str(out))  # finished by the interrupted run
                 continue
-            job = PredictJob(model_path, f, out, kind=kind, device=ctx.choice("device"), resume=resume)
+            # Every image of the batch is an input: an output name must never hit a later one.
+            job = PredictJob(model_path, f, out, kind=kind, device=ctx.choice("device"), resume=resume, inputs=files)
             progress = _predict_progress(ctx, f"TEM apply: file {i}/{len(files)} {f.name}")
             try:
                 job.run(progress=progress, cancel=ctx.cancel)
