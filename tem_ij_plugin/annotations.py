@@ -173,6 +173,19 @@ def shape_mask(shape: Shape, height: int, width: int) -> np.ndarray:
     return mask
 
 
+def check_coordinates(shape: Shape, source="") -> None:
+    """Refuse a shape with NaN or infinite vertex coordinates (naming the ROI)."""
+    for poly in shape.polygons:
+        pts = np.asarray(poly, dtype=np.float64)
+        if not np.isfinite(pts).all():
+            bad = int(np.count_nonzero(~np.isfinite(pts).all(axis=-1))) if pts.ndim == 2 else pts.size
+            where = f"{source}: " if str(source) else ""
+            raise UserError(
+                f"{where}ROI '{shape.name or '<no name>'}' has {bad} vertex(es) with NaN or infinite coordinates; "
+                "delete or redraw it"
+            )
+
+
 def _bounds(shape: Shape):
     pts = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in shape.polygons])
     return pts.min(axis=0), pts.max(axis=0)
@@ -209,7 +222,7 @@ def rasterize(
     ------
     UserError
         Empty ROI set, unnamed or unknown classes, only one class, shapes outside the image,
-        zero-area shapes, slices beyond the stack.
+        zero-area shapes, NaN or infinite coordinates, slices beyond the stack.
     """
     nz, h, w = image_shape
     if not shapes:
@@ -249,6 +262,7 @@ def rasterize(
     warnings = []
     prepared = []
     for s, cls in zip(shapes, named):
+        check_coordinates(s)
         if s.position > nz:
             raise UserError(f"ROI '{s.name}' is on slice {s.position} but the image has {nz} slice(s)")
         if s.position == 0 and nz > 1 and not all_slices:

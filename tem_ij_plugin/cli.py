@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -116,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiles per forward pass (default: 2 with onnxruntime, 1 with torch on CPU, 4 on GPU)",
     )
     pr.add_argument("--resume", action="store_true", help="complete an interrupted prediction to the same output")
+    pr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files in the way that this job did not write (an existing .zarr folder, stray NAME.partial.* "
+        "files); inputs are never replaced",
+    )
 
     sg = sub.add_parser(
         "suggest",
@@ -227,32 +232,11 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.propagate = False
 
 
-def _same_file(a: str | Path, b: str | Path) -> bool:
-    a, b = Path(a), Path(b)
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
 def _check_output(path: str, inputs) -> Path:
-    """Refuse outputs that would overwrite an input or cannot be written, before any slow work."""
-    from .errors import UserError
+    """Refuse an output (or its temporary name) that would touch an input or cannot be written, before slow work."""
+    from .outputs import OutputPlan
 
-    out = Path(path)
-    for p in inputs:
-        if p and _same_file(out, p):
-            raise UserError(
-                f"the output {out} is also an input; choose another output name (inputs are never overwritten)"
-            )
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {out}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {out}: the folder {parent} is not writable")
-    if out.is_dir():
-        raise UserError(f"cannot write {out}: it is a folder")
-    return out
+    return OutputPlan(inputs).output(path)
 
 
 class _Reporter:
@@ -329,6 +313,16 @@ def _parse_group_names(text):
     return out
 
 
+def _check_seed(value: int, option: str) -> int:
+    """A seed must be 0 .. 2**32 - 1 (what numpy and torch accept alike); anything else is a plain error."""
+    from .config import SEED_MAX
+    from .errors import UserError
+
+    if not 0 <= value <= SEED_MAX:
+        raise UserError(f"{option} {value} is out of range: a seed is an integer from 0 to {SEED_MAX} (2**32 - 1)")
+    return value
+
+
 def _settings(args):
     from pydantic import ValidationError
 
@@ -336,6 +330,8 @@ def _settings(args):
     from .errors import UserError
 
     s = load_settings(args.config) if args.config else Settings()
+    if args.seed is not None:
+        _check_seed(args.seed, "--seed")
     overrides = {
         "--max-minutes": ("max_minutes", args.max_minutes),
         "--seed": ("seed", args.seed),
@@ -370,6 +366,51 @@ def _with_cancel_on_sigint(work):
         signal.signal(signal.SIGINT, previous)
 
 
+def _save_trained(result, out, project, reservation, args) -> list:
+    """Save a trained model to its round (if any) and ``out`` (if any); returns where, for the summary.
+
+    A trained model is never discarded: what can be saved is saved first (the model in the reserved
+    round folder, then ``-o``), the round is registered last, and if anything fails the one error
+    names every place the model went.
+    """
+    from .errors import UserError
+    from .modelio import save_model
+
+    saved, kept, problems = [], [], []
+    if reservation is not None:
+        try:
+            kept.append(project.save_round_model(reservation, result.model, save_model))
+        except UserError as exc:
+            problems.append(str(exc))
+            project.release(reservation)
+    if out is not None:
+        try:
+            save_model(out, result.model)
+            kept.append(out)
+            saved.append(str(out))
+        except UserError as exc:
+            problems.append(str(exc))
+    if reservation is not None and reservation.model_saved:
+        try:
+            record = project.add_round(
+                result.model, args.image, args.rois, result.stop_reason, save_model, reservation=reservation
+            )
+            saved.insert(0, f"round {record['round']} of {project.root} ({record['model']})")
+        except UserError as exc:
+            problems.append(str(exc))
+    if result.problem:  # e.g. a non-finite loss: the best finite model is saved, and the run still failed
+        problems.append(result.problem)
+    if problems:
+        message = "; ".join(problems)
+        unnamed = [str(k) for k in kept if str(k) not in message]
+        if unnamed:
+            message += f"; the trained model is saved in {' and '.join(unnamed)}"
+        elif not kept:
+            message += "; the trained model could not be saved anywhere"
+        raise UserError(message)
+    return saved
+
+
 def cmd_train(args) -> int:
     from .config import dump_settings
     from .errors import UserError
@@ -394,7 +435,7 @@ def cmd_train(args) -> int:
 
     from .annotations import rasterize
     from .io import read_image, read_rois
-    from .modelio import load_model, save_model
+    from .modelio import load_model
     from .predict import resolve_device
     from .train import train
 
@@ -423,6 +464,8 @@ def cmd_train(args) -> int:
         len(shapes),
     )
     reporter = TrainReporter()
+    # The round is taken before training (a stray round folder is skipped, never a reason to lose the work).
+    reservation = project.reserve_round() if project is not None else None
     try:
         result, cancel = _with_cancel_on_sigint(
             lambda c: train(
@@ -436,15 +479,13 @@ def cmd_train(args) -> int:
                 calibration=image.calibration.as_dict(),
             )
         )
+    except BaseException:
+        if reservation is not None:
+            project.release(reservation)
+        raise
     finally:
         reporter.close()
-    saved = []
-    if project is not None:
-        record = project.add_round(result.model, args.image, args.rois, result.stop_reason, save_model)
-        saved.append(f"round {record['round']} of {project.root} ({record['model']})")
-    if out is not None:
-        save_model(out, result.model)
-        saved.append(str(out))
+    saved = _save_trained(result, out, project, reservation, args)
     last = result.model.meta["history"]["rounds"][-1]
     best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
     print(
@@ -483,18 +524,14 @@ class PredictReporter(_Reporter):
 
 
 def cmd_predict(args) -> int:
-    from .apply import PredictJob, labels_path
+    from .apply import PredictJob
     from .errors import Cancelled, UserError
-    from .stackio import output_format
 
     out = Path(args.out)
-    output_format(out)
-    for o in [out, labels_path(out)] if args.kind == "both" else [out]:
-        _check_output(o, [args.model, args.image])
     if args.tile is not None and args.tile < 32:
         raise UserError("--tile must be at least 32")
-    if args.overlap is not None and (args.overlap < 0 or (args.tile and args.overlap >= args.tile)):
-        raise UserError("need 0 <= --overlap < --tile")
+    if args.overlap is not None and args.overlap < 0:
+        raise UserError("--overlap must be at least 0")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     classes = [c.strip().lower() for c in args.classes.split(",") if c.strip()] if args.classes else None
@@ -513,7 +550,9 @@ def cmd_predict(args) -> int:
         overlap=args.overlap,
         batch_size=args.batch_size,
         resume=args.resume,
+        overwrite=args.overwrite,
     )
+    job.plan()  # every path checked against the inputs before the model is even read
     reporter = PredictReporter()
     try:
         report, _ = _with_cancel_on_sigint(lambda c: job.run(progress=reporter, cancel=c))
@@ -533,11 +572,13 @@ def cmd_predict(args) -> int:
 
 def _model_path(path: str) -> str:
     """A model file, or the current round's model when ``path`` is a project folder."""
+    import os
+
     from .errors import UserError
     from .project import PROJECT_FILE, Project
 
-    if Path(path).is_dir() and (Path(path) / PROJECT_FILE).is_file():
-        model = Project.open(path).current_model_path()
+    if Path(path).is_dir() and os.path.lexists(Path(path) / PROJECT_FILE):
+        model = Project.open(path).current_model_path()  # project.json and round.json checked
         if model is None:
             raise UserError(f"the project {path} has no trained round yet")
         return str(model)
@@ -560,6 +601,7 @@ def cmd_suggest(args) -> int:
         raise UserError(f"the suggestions are a RoiSet .zip; got {out}")
     for o in (out, out.with_suffix(".csv"), out.with_suffix(".json")):
         _check_output(o, [image_path, args.rois, model_path])
+    _check_seed(args.seed, "--seed")
     if args.k < 1:
         raise UserError("-k must be at least 1")
     if not 0 <= args.temperature <= 10:
@@ -657,9 +699,10 @@ def cmd_experiment(args) -> int:
     from .errors import UserError
     from .experiment import plot_learning_curves, run_experiment, split_grid, write_tables
     from .io import read_image
+    from .outputs import claim_folder
 
     schedule = _int_list(args.schedule, "--schedule")
-    seeds = _int_list(args.seeds, "--seeds")
+    seeds = [_check_seed(v, "--seeds") for v in _int_list(args.seeds, "--seeds")]
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     out = Path(args.out)
     if args.minutes_per_round <= 0:
@@ -687,10 +730,7 @@ def cmd_experiment(args) -> int:
         settings.train.max_iterations = args.iterations_per_round
         settings.train.min_iterations = min(settings.train.min_iterations, args.iterations_per_round // 2)
     pool, test_mask = split_grid(truth.shape, settings.patches.size, args.test_fraction)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {out}: {exc.strerror or exc}") from exc
+    claim_folder(out, "tem-ij experiment", [args.image, args.labels, args.config])
     bar = None
 
     def progress(ev):
@@ -741,6 +781,7 @@ def cmd_demo(args) -> int:
 
     if args.minutes <= 0:
         raise UserError("--minutes must be positive")
+    _check_seed(args.seed, "--seed")
     report = run_demo(Path(args.out), minutes=args.minutes, seed=args.seed, device=args.device)
     print(report)
     return 0
@@ -797,6 +838,15 @@ def main(argv=None) -> int:
         return commands[args.command](args)
     except UserError as exc:
         print(f"tem-ij {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError as exc:
+        # Readers refuse sizes that can never fit; this is an allocation that failed anyway (free memory ran out).
+        detail = f" ({exc})" if str(exc) else ""
+        print(
+            f"tem-ij {args.command}: error: out of memory{detail}; close other programs, or use a smaller image, "
+            "tile (--tile) or batch size (--batch-size)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except (Cancelled, KeyboardInterrupt):
         print(f"tem-ij {args.command}: cancelled", file=sys.stderr)

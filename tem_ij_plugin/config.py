@@ -14,9 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
 
+#: Largest seed accepted anywhere (``train.seed``, ``--seed``, ``--seeds``): seeds are 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+#: Largest config file read; real ones are a few KB.
+MAX_CONFIG_BYTES = 1 << 20
+#: Deepest nesting of mappings/lists in a config file (the settings themselves nest two levels).
+MAX_CONFIG_DEPTH = 16
+#: Validation errors listed in a message (the rest are counted).
+MAX_REPORTED_ERRORS = 5
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float setting must be finite (".inf", "Infinity", "NaN" are refused).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -104,7 +114,9 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA that supports it, fp32 elsewhere."
     )
-    seed: int = Field(0, description="Seeds crops, augmentation, split and initialisation.")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seeds crops, augmentation, split and initialisation (0 .. 2**32 - 1)."
+    )
 
 
 class PatchConfig(_Strict):
@@ -134,29 +146,153 @@ class Settings(_Strict):
 def load_settings(path: str | Path) -> Settings:
     """Read settings from a YAML or JSON file; missing keys take their defaults.
 
+    The file must be UTF-8 text of at most :data:`MAX_CONFIG_BYTES` whose top level is a mapping of
+    sections (``model``, ``augment``, ``train``, ``patches``, ``tiling``). An empty file (or one holding
+    only comments) and an empty section (``train:`` with nothing under it) mean "all defaults". Any other
+    top level (``0``, ``[]``, a string) is an error, as are YAML anchors and aliases (config files have no
+    use for them, and expanding them is how a 400-byte file becomes gigabytes), nesting deeper than
+    :data:`MAX_CONFIG_DEPTH`, non-finite numbers (``.inf``, ``Infinity``, ``NaN``) and unknown keys.
+
     Raises
     ------
     UserError
-        If the file cannot be read, parsed or validated.
+        If the file cannot be read, decoded, parsed or validated. The message lists at most
+        :data:`MAX_REPORTED_ERRORS` problems with their locations, never the offending input itself.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MB; a settings file is a few KB")
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"config file {path} is not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x}); save it as UTF-8"
+        ) from exc
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:
+        data = _parse_json(text) if kind == "JSON" else _parse_yaml(text)
+    except RecursionError as exc:
+        raise UserError(f"config file {path} is nested too deeply (more than {MAX_CONFIG_DEPTH} levels)") from exc
     except Exception as exc:  # any parse error is the user's file, not our bug
-        raise UserError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+        raise UserError(f"config file {path} is not valid {kind}: {_short(str(exc), 600)}") from exc
+    if data is None:
+        return Settings()
+    if not isinstance(data, dict):
+        raise UserError(
+            f"config file {path} must be a mapping of sections (model, augment, train, patches, tiling), "
+            f"not {_kind(data)}"
+        )
+    if _depth(data) > MAX_CONFIG_DEPTH:
+        raise UserError(f"config file {path} is nested too deeply (more than {MAX_CONFIG_DEPTH} levels)")
+    # An empty section ("train:" with everything below commented out) means that section's defaults.
+    data = {k: ({} if v is None else v) for k, v in data.items()}
     try:
-        return Settings.model_validate(data or {})
+        return Settings.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"config file {path} has invalid settings:\n{exc}") from exc
+        raise UserError(f"config file {path} has invalid settings:\n{describe_errors(exc)}") from exc
+
+
+def describe_errors(exc: ValidationError, limit: int = MAX_REPORTED_ERRORS) -> str:
+    """The first ``limit`` validation errors as ``  location: message`` lines, without the input values."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    lines = []
+    for e in errors[:limit]:
+        loc = ".".join(_short(str(p), 60) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {_short(e['msg'], 200)}")
+    if len(errors) > limit:
+        lines.append(f"  ... and {len(errors) - limit} more")
+    return "\n".join(lines)
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {value}"
+    if isinstance(value, (int, float)):
+        return f"the number {_short(repr(value), 40)}"
+    if isinstance(value, str):
+        return f"the text {_short(repr(value), 40)}"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item(s)"
+    return f"a {type(value).__name__}"
+
+
+def _depth(data) -> int:
+    """Nesting depth of dicts/lists, computed without recursion."""
+    deepest, todo = 0, [(data, 1)]
+    while todo:
+        value, d = todo.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, d)
+        if deepest > MAX_CONFIG_DEPTH:
+            return deepest
+        todo.extend((c, d + 1) for c in children)
+    return deepest
+
+
+def _parse_json(text: str):
+    def refuse(name):
+        raise ValueError(f"non-finite number {name} (every number must be finite)")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+_LOADER = None
+
+
+def _parse_yaml(text: str):
+    global _LOADER
+    if _LOADER is None:
+        _LOADER = _make_loader()
+    loader = _LOADER(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _make_loader():
+    import yaml
+    from yaml.composer import ComposerError
+
+    class ConfigLoader(yaml.SafeLoader):
+        """SafeLoader that refuses anchors/aliases (no "billion laughs") and deep nesting, while composing."""
+
+        depth = 0
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ComposerError(
+                    None,
+                    None,
+                    "YAML anchors and aliases (&name, *name) are not allowed in config files",
+                    event.start_mark,
+                )
+            self.depth += 1
+            try:
+                if self.depth > MAX_CONFIG_DEPTH:
+                    raise ComposerError(
+                        None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep", event.start_mark
+                    )
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return ConfigLoader
 
 
 def dump_settings(settings: Settings, fmt: str = "yaml") -> str:

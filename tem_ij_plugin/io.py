@@ -6,21 +6,118 @@ Only this module touches file formats; everything above it works on numpy arrays
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .annotations import Shape
+from .annotations import Shape, check_coordinates
 from .errors import UserError
+from .outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
 _TIFF = (".tif", ".tiff", ".btf", ".tf8")
 _OTHER = (".png", ".jpg", ".jpeg", ".bmp")
+
+#: Largest entry of a RoiSet.zip (or single .roi file) we read. ImageJ ROIs are small: a freehand ROI with
+#: a million sub-pixel vertices is 16 MB; anything declaring more is refused before it is decompressed.
+MAX_ROI_BYTES = 64 << 20
+#: Most ROIs in one RoiSet.zip.
+MAX_ROIS = 100_000
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB", "EB"):
+        if nbytes < 1000 or unit == "EB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return ""  # pragma: no cover
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine (or the container's limit, when lower); None when unknown."""
+    total = None
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        pass
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = int(Path(limit).read_text().strip())  # "max" (no limit) is not a number
+        except (OSError, ValueError):
+            continue
+        if value > 0:
+            total = value if total is None else min(total, value)
+    return total
+
+
+def _check_fits(path: Path, what: str, nbytes: int) -> None:
+    """Refuse to allocate what can never fit in this machine's memory (rather than try and fail)."""
+    limit = memory_bytes()
+    if limit is not None and nbytes > limit:
+        raise UserError(
+            f"{path}: {what} needs {_size(nbytes)} of memory but this machine has {_size(limit)}; "
+            "crop, bin or split the image in Fiji first"
+        )
+
+
+_NONFINITE_ADVICE = "replace them first (for NaN on a copy in Fiji: Process > Noise > Remove NaNs...)"
+
+
+class _TifffileLog(logging.Filter):
+    """Collects (and keeps off the console) what tifffile logs while this thread parses a file.
+
+    tifffile reports structural damage (a broken page chain, an IFD loop, ImageJ metadata that does not
+    match the file) by logging and then carrying on with whatever it could read, e.g. one plane of a
+    truncated stack. We turn those reports into a plain error instead.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def capture(self):
+        notes: list = []
+        previous = getattr(self._local, "notes", None)
+        self._local.notes = notes
+        try:
+            yield notes
+        finally:
+            self._local.notes = previous
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        notes = getattr(self._local, "notes", None)
+        if notes is None:
+            return True
+        # "<tifffile.TiffPages @8> invalid page offset 10576" -> "invalid page offset 10576"
+        notes.append((record.levelno, re.sub(r"^(<[^>]*>\s*)+", "", record.getMessage())))
+        return False
+
+
+_TIFFFILE_LOG = _TifffileLog()
+
+
+def _tifffile_log():
+    logger = logging.getLogger("tifffile")
+    if _TIFFFILE_LOG not in logger.filters:
+        logger.addFilter(_TIFFFILE_LOG)
+    return _TIFFFILE_LOG.capture()
+
+
+def _damage(notes) -> str | None:
+    """The first error tifffile logged, if any."""
+    for level, msg in notes:
+        if level >= logging.ERROR:
+            return msg
+    return None
 
 
 @dataclass
@@ -66,6 +163,8 @@ def _check_readable(path: Path) -> None:
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path} is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes)")
 
 
 def _rgb_error(path: Path) -> UserError:
@@ -85,11 +184,28 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> Image:
     Raises
     ------
     UserError
-        Missing or unreadable file, colour images, unsupported pixel types, several channels
-        without ``channel``.
+        Missing, unreadable, truncated or damaged file, colour images, unsupported pixel types, NaN or
+        infinite pixel values, several channels without ``channel``, and a stack too large for this
+        machine's memory (refused before anything is allocated).
     """
     with PlaneReader(path, channel=channel) as r:
-        data = np.stack([r.read(i) for i in range(r.n_planes)])
+        nbytes = r.n_planes * r.plane_shape[0] * r.plane_shape[1] * r.dtype.itemsize
+        _check_fits(r.path, f"reading {r.n_planes} plane(s) of {r.plane_shape[1]}x{r.plane_shape[0]} {r.dtype}", nbytes)
+        try:
+            data = np.empty((r.n_planes, *r.plane_shape), r.dtype)
+        except MemoryError as exc:
+            raise UserError(f"{r.path}: not enough free memory to read it ({_size(nbytes)})") from exc
+        bad = []
+        r.check_finite = False  # counted here over the whole stack, for one message with the total
+        for i in range(r.n_planes):
+            data[i] = r.read(i)
+            if data.dtype.kind == "f":
+                bad.append(data[i].size - int(np.count_nonzero(np.isfinite(data[i]))))
+        if sum(bad):
+            raise UserError(
+                f"{r.path} holds {sum(bad)} NaN or infinite pixel value(s) (in {sum(1 for b in bad if b)} of "
+                f"{r.n_planes} plane(s)); {_NONFINITE_ADVICE}"
+            )
         return Image(data=data, calibration=r.calibration, slice_labels=r.slice_labels, path=Path(path))
 
 
@@ -120,6 +236,9 @@ class PlaneReader:
     slice_labels : list of str
         One per plane where the file had labels, else empty.
     """
+
+    #: Refuse planes holding NaN or infinite values (float images).
+    check_finite = True
 
     def __init__(self, path: str | os.PathLike, channel: int | None = None):
         self.path = Path(path)
@@ -159,26 +278,43 @@ class PlaneReader:
     def _open_tiff(self, channel: int | None) -> None:
         import tifffile
 
-        try:
-            self._tif = tifffile.TiffFile(self.path)
-            if not self._tif.series:
+        with _tifffile_log() as notes:
+            try:
+                self._tif = tifffile.TiffFile(self.path)
+                series = self._tif.series[0] if self._tif.series else None
+                if series is not None:
+                    axes, shape = series.axes, tuple(series.shape)
+                    page = series.keyframe
+                    meta = self._tif.imagej_metadata or {}
+                    self.calibration = _tiff_calibration(page, meta)
+                    photometric = getattr(page, "photometric", None)
+            except Exception as exc:  # tifffile raises many types (struct, index, overflow...) on damaged files
                 self.close()
-                raise UserError(f"{self.path} is an empty stack: it contains no images")
-            series = self._tif.series[0]
-            axes, shape = series.axes, tuple(series.shape)
-            page = self._tif.pages[0]
-            meta = self._tif.imagej_metadata or {}
-            self.calibration = _tiff_calibration(page, meta)
-            photometric = getattr(page, "photometric", None)
-        except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
+                damage = _damage(notes)
+                raise UserError(
+                    f"{self.path} is not a readable TIFF file: {exc}" + (f" ({damage})" if damage else "")
+                ) from exc
+        if series is None:
             self.close()
-            raise UserError(f"{self.path} is not a readable TIFF file: {exc}") from exc
+            note = _damage(notes) or next((m for _, m in notes), None)
+            raise UserError(
+                f"{self.path} holds no readable image: it is an empty stack or a damaged TIFF file"
+                + (f" ({note})" if note else "")
+            )
         if photometric is not None and int(photometric) == 2 or "S" in axes:
             self.close()
             raise _rgb_error(self.path)
         if not axes.endswith("YX"):
             self.close()
             raise UserError(f"{self.path}: cannot read axes {axes} as 2-D planes")
+        try:
+            self._check_tiff(series, meta, _damage(notes))
+        except UserError:
+            self.close()
+            raise
+        except Exception as exc:  # a header too broken to even describe
+            self.close()
+            raise UserError(f"{self.path} is a damaged TIFF file: {exc}") from exc
         self.dtype = np.dtype(series.dtype)
         self.plane_shape = shape[-2:]
         self._lead_shape = shape[:-2]
@@ -221,7 +357,93 @@ class PlaneReader:
         self._byteorder = self._tif.byteorder
         if self._offset is None and len(series.pages) != self._n_pages:
             log.warning("%s: planes are not stored one per page; reading the whole file into memory", self.path)
-            self._array = series.asarray().reshape((-1,) + self.plane_shape)
+            itemsize = self.dtype.itemsize
+            _check_fits(self.path, "reading the whole file", self._n_pages * int(np.prod(self.plane_shape)) * itemsize)
+            try:
+                with _tifffile_log() as notes:
+                    self._array = series.asarray().reshape((-1,) + self.plane_shape)
+                if _damage(notes):
+                    raise ValueError(_damage(notes))
+                self._check_finite(self._array, "the image")
+            except UserError:
+                self.close()
+                raise
+            except Exception as exc:  # OSError, ValueError, codec errors, MemoryError
+                self.close()
+                raise UserError(f"cannot read {self.path}: {exc or type(exc).__name__}") from exc
+
+    def _check_tiff(self, series, meta: dict, damage: str | None) -> None:
+        """Refuse a file whose declared planes or pixel data are not all there, before reading any pixel."""
+        path, tif = self.path, self._tif
+        filesize = path.stat().st_size
+        dtype = np.dtype(series.dtype)
+        shape = tuple(int(n) for n in series.shape)
+        plane_shape = shape[-2:] if len(shape) >= 2 else shape
+        plane_bytes = int(np.prod(plane_shape, dtype=np.int64)) * dtype.itemsize
+        n_pages = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
+        first = tif.pages[0]
+        size_txt = "x".join(str(n) for n in plane_shape[::-1])
+
+        def held() -> int:
+            """Complete planes actually in the file: pages found, or (one page found) contiguous data."""
+            found = len(tif.pages)
+            offsets = getattr(first, "dataoffsets", ())
+            if found == 1 and getattr(first, "compression", 1) == 1 and offsets and plane_bytes:
+                return max(0, (filesize - int(offsets[0])) // plane_bytes)
+            return found
+
+        if tif.is_imagej and "images" in meta:
+            try:
+                images = int(meta["images"])
+                czt = [int(meta.get(k, 1)) for k in ("channels", "slices", "frames")]
+            except (TypeError, ValueError):
+                raise UserError(f"{path} has damaged ImageJ metadata (images={meta['images']!r})") from None
+            if images < 1 or any(n < 1 for n in czt) or czt[0] * czt[1] * czt[2] != images:
+                raise UserError(
+                    f"{path}: its ImageJ metadata does not add up: images={images} but channels x slices x "
+                    f"frames = {czt[0]}x{czt[1]}x{czt[2]}; re-save the stack in Fiji (File > Save As > Tiff...)"
+                )
+            if n_pages != images:
+                holds = min(held(), images)
+                raise UserError(
+                    f"{path} declares {images} planes (ImageJ metadata images={images}) but holds only {holds} "
+                    f"complete plane(s) of {size_txt} {dtype} in its {filesize} bytes: the file is truncated "
+                    "or its metadata is wrong; re-save it in Fiji (File > Save As > Tiff...)"
+                )
+        if damage:
+            raise UserError(f"{path} is a damaged TIFF file: {damage}; re-save it in Fiji (File > Save As > Tiff...)")
+        if series.dataoffset is not None:
+            end = int(series.dataoffset) + n_pages * plane_bytes
+            if end > filesize:
+                raise UserError(
+                    f"{path} declares {n_pages} plane(s) of {size_txt} {dtype} ({_size(n_pages * plane_bytes)} of "
+                    f"pixel data from byte {series.dataoffset}) but the file is only {filesize} bytes long, "
+                    f"holding {max(0, filesize - int(series.dataoffset)) // max(plane_bytes, 1)} complete plane(s): "
+                    "it is truncated or its header is wrong"
+                )
+        else:
+            for k, page in enumerate(series.pages):
+                if page is None:
+                    continue
+                offsets = tuple(int(o) for o in page.dataoffsets)
+                counts = tuple(int(c) for c in page.databytecounts)
+                if not offsets or len(offsets) != len(counts):
+                    raise UserError(f"{path} is a damaged TIFF file: page {k + 1} has no valid pixel data offsets")
+                ends = [o + c for o, c in zip(offsets, counts) if c]
+                if ends and max(ends) > filesize:
+                    raise UserError(
+                        f"{path}: page {k + 1} declares pixel data up to byte {max(ends)} but the file is only "
+                        f"{filesize} bytes long: it is truncated or its header is wrong"
+                    )
+                keyframe = getattr(page, "keyframe", page)
+                bits = getattr(keyframe, "bitspersample", dtype.itemsize * 8)
+                raw = getattr(keyframe, "compression", 1) == 1 and bits == dtype.itemsize * 8
+                if raw and sum(counts) < plane_bytes:
+                    raise UserError(
+                        f"{path}: page {k + 1} declares {size_txt} {dtype} pixels ({_size(plane_bytes)}) but stores "
+                        f"only {sum(counts)} bytes: it is truncated or its header is wrong"
+                    )
+        _check_fits(path, f"one {size_txt} {dtype} plane", plane_bytes)
 
     def _page(self, i: int) -> int:
         """Index in the file's page order (channel fixed) of plane ``i``."""
@@ -240,6 +462,18 @@ class PlaneReader:
         if self._array is not None:
             return self._array[self._page(i) if self._tif is not None else i]
         page = self._page(i)
+        plane = self._read_page(i, page)
+        self._check_finite(plane, f"plane {i + 1} of {self.n_planes}")
+        return plane
+
+    def _check_finite(self, data: np.ndarray, where: str) -> None:
+        if data.dtype.kind != "f" or not self.check_finite:
+            return
+        bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise UserError(f"{self.path}: {where} holds {bad} NaN or infinite pixel value(s); {_NONFINITE_ADVICE}")
+
+    def _read_page(self, i: int, page: int) -> np.ndarray:
         try:
             if self._offset is not None:
                 count = self.plane_shape[0] * self.plane_shape[1]
@@ -250,9 +484,15 @@ class PlaneReader:
                 if len(buf) < count * dtype.itemsize:
                     raise OSError(f"file ends inside plane {i + 1} (truncated?)")
                 return np.frombuffer(buf, dtype).reshape(self.plane_shape).astype(self.dtype, copy=False)
-            return self._tif.asarray(key=page, series=0).reshape(self.plane_shape)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read plane {i + 1} of {self.path}: {exc}") from exc
+            with _tifffile_log() as notes:
+                plane = self._tif.asarray(key=page, series=0).reshape(self.plane_shape)
+            if _damage(notes):
+                raise ValueError(_damage(notes))
+            return plane
+        except UserError:
+            raise
+        except Exception as exc:  # OSError, ValueError, zlib/codec errors, MemoryError on a damaged plane
+            raise UserError(f"cannot read plane {i + 1} of {self.path}: {exc or type(exc).__name__}") from exc
 
     def close(self) -> None:
         """Release the file handles."""
@@ -313,42 +553,103 @@ def write_hyperstack(
         meta["Labels"] = [str(channel_names[c]) for _ in range(data.shape[0]) for c in range(data.shape[1])]
     if data.ndim == 4:
         meta["mode"] = "grayscale"
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tifffile.imwrite(
-            tmp,
-            data,
-            imagej=True,
-            resolution=(1.0 / cal.pixel_width, 1.0 / cal.pixel_height),
-            metadata=meta,
-        )
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    atomic_write(
+        path,
+        lambda tmp: tifffile.imwrite(
+            tmp, data, imagej=True, resolution=(1.0 / cal.pixel_width, 1.0 / cal.pixel_height), metadata=meta
+        ),
+    )
 
 
 def read_rois(path: str | os.PathLike) -> list:
     """Read an ImageJ ``RoiSet.zip`` or single ``.roi`` file as :class:`Shape` objects.
 
+    In a zip, entries whose names do not end in ``.roi`` (a ``README.txt``, macOS ``__MACOSX/`` folders)
+    are skipped with a logged warning, as ImageJ's ROI Manager skips them silently. An entry named
+    ``*.roi`` that cannot be decoded (truncated, not an ImageJ ROI) is an error naming the entry: it is
+    an annotation the user meant, and training without it would silently change the labels. Entries
+    are never decompressed beyond :data:`MAX_ROI_BYTES`, whatever size they declare (zip bombs).
+
     Raises
     ------
     UserError
-        Missing, corrupt or non-ROI files, and ROI types that cannot label areas (lines, points, text).
+        Missing, corrupt or non-ROI files, broken or oversized ``.roi`` entries, a zip without any
+        ``.roi`` entry, ROI types that cannot label areas (lines, points, text) and ROIs with NaN or
+        infinite coordinates.
     """
     import roifile
 
     path = Path(path)
     _check_readable(path)
-    if path.suffix.lower() == ".zip" and not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is not a zip file; save the ROI Manager with More > Save...")
+    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+        if not zipfile.is_zipfile(path):
+            raise UserError(f"{path} is not a zip file; save the ROI Manager with More > Save...")
+        entries = _zip_roi_entries(path)
+    else:
+        size = path.stat().st_size
+        if size > MAX_ROI_BYTES:
+            raise UserError(f"{path} is {_size(size)}, too large for an ImageJ ROI (at most {_size(MAX_ROI_BYTES)})")
+        try:
+            entries = [(path.name, path.read_bytes())]
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    shapes = []
+    for name, data in entries:
+        where = f"{path}: entry {name}" if name != path.name else str(path)
+        try:
+            roi = roifile.ImagejRoi.frombytes(data)
+        except Exception as exc:  # roifile raises ValueError/struct.error/... on bad input
+            raise UserError(f"{where} is not a readable ImageJ ROI: {exc}") from exc
+        shapes.append(roi_to_shape(roi, where))
+    return shapes
+
+
+def _zip_roi_entries(path: Path) -> list:
+    """``(name, bytes)`` of the ``.roi`` entries of a zip, each read with a hard size limit."""
+    out = []
+    skipped = []
     try:
-        rois = roifile.roiread(path)
-    except Exception as exc:  # roifile raises ValueError/struct.error/zip errors on bad input
-        raise UserError(f"{path} is not a readable ImageJ ROI file: {exc}") from exc
-    if not isinstance(rois, list):
-        rois = [rois]
-    return [roi_to_shape(r, path) for r in rois]
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_ROIS:
+                raise UserError(f"{path} holds {len(infos)} entries; a RoiSet.zip may hold at most {MAX_ROIS}")
+            for info in infos:
+                if info.is_dir():
+                    continue
+                if not info.filename.lower().endswith(".roi"):
+                    skipped.append(info.filename)
+                    continue
+                if info.file_size > MAX_ROI_BYTES:
+                    raise UserError(
+                        f"{path}: entry {info.filename} declares {_size(info.file_size)} uncompressed; an ImageJ ROI "
+                        f"is at most {_size(MAX_ROI_BYTES)}, so it was not decompressed"
+                    )
+                try:
+                    with zf.open(info) as fh:
+                        data = fh.read(MAX_ROI_BYTES + 1)
+                except Exception as exc:  # bad CRC, zlib.error, encrypted (RuntimeError), unknown compression
+                    raise UserError(f"{path}: entry {info.filename} cannot be read: {exc}") from exc
+                if len(data) > MAX_ROI_BYTES:
+                    raise UserError(
+                        f"{path}: entry {info.filename} is larger than its header says (over "
+                        f"{_size(MAX_ROI_BYTES)}); the zip file is damaged"
+                    )
+                out.append((info.filename, data))
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"{path} is a damaged zip file: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if skipped:
+        log.warning(
+            "%s: skipped %d entr%s that are not ImageJ ROIs (not *.roi): %s",
+            path,
+            len(skipped),
+            "y" if len(skipped) == 1 else "ies",
+            ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else ""),
+        )
+    if not out:
+        raise UserError(f"{path} holds no ImageJ ROI (*.roi entries); save the ROI Manager with More > Save...")
+    return out
 
 
 def roi_to_shape(roi, source: Path | str = "") -> Shape:
@@ -371,16 +672,21 @@ def roi_to_shape(roi, source: Path | str = "") -> Shape:
             "A line can be turned into an area with Edit > Selection > Line to Area"
         )
     position = roi.position or roi.z_position or roi.t_position or 0
-    if roi.composite:
-        return Shape(
-            name, "composite", [np.asarray(p, float) for p in roi.coordinates(multi=True)], position, roi.group
-        )
-    if t in (ROI_TYPE.RECT, ROI_TYPE.OVAL) and roi.subtype != ROI_SUBTYPE.ROTATED_RECT:
-        left, top = (roi.xd, roi.yd) if roi.subpixelrect else (roi.left, roi.top)
-        right, bottom = (roi.xd + roi.widthd, roi.yd + roi.heightd) if roi.subpixelrect else (roi.right, roi.bottom)
-        box = np.array([[left, top], [right, top], [right, bottom], [left, bottom]], float)
-        return Shape(name, "rect" if t == ROI_TYPE.RECT else "oval", [box], position, roi.group)
-    return Shape(name, "polygon", [np.asarray(roi.coordinates(), float)], position, roi.group)
+    try:
+        if roi.composite:
+            kind, polygons = "composite", [np.asarray(p, float) for p in roi.coordinates(multi=True)]
+        elif t in (ROI_TYPE.RECT, ROI_TYPE.OVAL) and roi.subtype != ROI_SUBTYPE.ROTATED_RECT:
+            left, top = (roi.xd, roi.yd) if roi.subpixelrect else (roi.left, roi.top)
+            right, bottom = (roi.xd + roi.widthd, roi.yd + roi.heightd) if roi.subpixelrect else (roi.right, roi.bottom)
+            kind = "rect" if t == ROI_TYPE.RECT else "oval"
+            polygons = [np.array([[left, top], [right, top], [right, bottom], [left, bottom]], float)]
+        else:
+            kind, polygons = "polygon", [np.asarray(roi.coordinates(), float)]
+    except Exception as exc:  # a damaged ROI whose coordinates roifile cannot decode
+        raise UserError(f"{source}: ROI '{name}' is damaged: {exc}") from exc
+    shape = Shape(name, kind, polygons, position, roi.group)
+    check_coordinates(shape, source)
+    return shape
 
 
 def write_rois(path: str | os.PathLike, shapes) -> None:
@@ -394,6 +700,4 @@ def write_rois(path: str | os.PathLike, shapes) -> None:
         roi = roifile.ImagejRoi.frompoints(np.asarray(s.polygons[0], np.float32), name=s.name)
         roi.position = s.position
         rois.append(roi)
-    path = Path(path)
-    path.unlink(missing_ok=True)
-    roifile.roiwrite(path, rois, mode="w")
+    atomic_write(path, lambda tmp: roifile.roiwrite(tmp, rois, mode="w"))

@@ -47,16 +47,25 @@ class TrainResult:
     Attributes
     ----------
     model : TrainedModel
-        The best model seen, with its training round appended to ``meta["history"]``.
+        The best model seen, with its training round appended to ``meta["history"]``. Its weights are
+        always finite.
     stop_reason : str
-        ``early stopping``, ``time budget``, ``max iterations`` or ``cancelled``.
+        ``early stopping``, ``time budget``, ``max iterations``, ``cancelled`` or ``non-finite loss``.
     train_patches, val_patches : list of Patch
+    problem : str or None
+        Set when training had to stop because the loss (or the averaged weights) became NaN/infinite:
+        a message for the user. ``model`` is then the best finite model validated before that; the
+        caller should save it and still report the failure (the CLI exits with status 2).
     """
 
     model: TrainedModel
     stop_reason: str
     train_patches: list
     val_patches: list
+    problem: str | None = None
+
+
+NON_FINITE = "non-finite loss"
 
 
 def _expanded_box(p: Patch, context: int, shape, avoid: list) -> tuple:
@@ -163,6 +172,11 @@ def _state(net) -> dict:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
+def _all_finite(net) -> bool:
+    """Whether every floating-point weight and buffer of ``net`` is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in net.state_dict().values() if v.is_floating_point())
+
+
 def train(
     image: np.ndarray,
     labels: Labels,
@@ -200,6 +214,14 @@ def train(
     Returns
     -------
     TrainResult
+        When the loss becomes NaN/infinite, training stops at once (no step is taken with it) and
+        the result holds the best finite model validated so far, with ``stop_reason`` ``non-finite
+        loss`` and :attr:`TrainResult.problem` set.
+
+    Raises
+    ------
+    UserError
+        Bad inputs, or a non-finite loss before any finite model was validated (nothing to keep).
     """
     from .predict import resolve_device
 
@@ -254,6 +276,10 @@ def train(
 
     curves = {"iteration": [], "train_loss": [], "val_iteration": [], "val_score": [], "smoothed_score": []}
     best = {"score": -np.inf, "iteration": 0, "state": None}  # set by evaluate() or after the loop
+    # The latest finite weight average seen at a validation during warm-up: what a non-finite loss
+    # during warm-up can still fall back to.
+    fallback = {"score": None, "iteration": 0, "state": None}
+    problem = None
     smoothed = None
     bad = 0
     backtracks = 0
@@ -264,8 +290,11 @@ def train(
     stop_reason = "max iterations"
     it = 0
 
-    def evaluate():
+    def evaluate() -> bool:
+        """Validate the weight average; False (and nothing recorded) when its weights are not finite."""
         nonlocal smoothed, bad, last_val
+        if not _all_finite(ema):
+            return False
         if validator is not None:
             score = validator(ema, dev, tc.precision)
         else:
@@ -276,12 +305,15 @@ def train(
         curves["val_score"].append(round(score, 5))
         curves["smoothed_score"].append(round(smoothed, 5))
         if it < tc.min_iterations:
-            return  # an early, barely trained score must not become the best to backtrack to
+            # An early, barely trained score must not become the best to backtrack to.
+            fallback.update(score=smoothed, iteration=it, state=_state(ema))
+            return True
         if smoothed > best["score"] + 1e-4:
             best.update(score=smoothed, iteration=it, state=_state(ema))
             bad = 0
         else:
             bad += 1
+        return True
 
     net.train()
     while True:
@@ -301,6 +333,12 @@ def train(
         with autocast_context(dev, tc.precision):
             outs = net(x, all_steps=True)
         loss = deep_supervision_loss(outs, y, weight, tc.step_decay, tc.dice_weight)
+        lv = float(loss.detach())
+        if not np.isfinite(lv):
+            # Stop before this loss touches the weights: nothing non-finite ever reaches a saved model.
+            problem = f"the training loss became non-finite ({lv}) at iteration {it + 1}"
+            stop_reason = NON_FINITE
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -316,12 +354,14 @@ def train(
                     be.lerp_(bn, 1 - d)
                 else:
                     be.copy_(bn)
-        lv = float(loss.detach())
         loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
         curves["iteration"].append(it)
         curves["train_loss"].append(round(lv, 5))
         if it % tc.eval_every == 0:
-            evaluate()
+            if not evaluate():
+                problem = f"the averaged weights became non-finite (NaN or infinite) by iteration {it}"
+                stop_reason = NON_FINITE
+                break
             if bad >= tc.patience and it >= tc.min_iterations:
                 if backtracks >= tc.backtracks:
                     stop_reason = "early stopping"
@@ -357,10 +397,27 @@ def train(
                     "lr": lr,
                 }
             )
-    if not curves["val_iteration"] or curves["val_iteration"][-1] != it:
-        evaluate()
-    if not np.isfinite(best["score"]):  # stopped during warm-up: the latest weights are all there is
-        best.update(score=smoothed, iteration=it, state=_state(ema))
+    if problem is None and (not curves["val_iteration"] or curves["val_iteration"][-1] != it):
+        if not evaluate():
+            problem = f"the averaged weights became non-finite (NaN or infinite) by iteration {it}"
+            stop_reason = NON_FINITE
+    if not np.isfinite(best["score"]):
+        if problem is None:  # stopped during warm-up: the latest weights are all there is
+            best.update(score=smoothed, iteration=it, state=_state(ema))
+        elif fallback["state"] is not None:  # the last finite average validated during warm-up
+            best.update(fallback)
+    if problem is not None:
+        advice = f"lower train.learning_rate (now {lr:g}) or check the image and the annotations"
+        if best["state"] is None:
+            raise UserError(
+                f"training failed: {problem}, before any model with finite weights was validated; "
+                f"nothing was saved ({advice})"
+            )
+        problem = (
+            f"training stopped early: {problem}; kept the best model with finite weights, from iteration "
+            f"{best['iteration']}; {advice}"
+        )
+        log.warning("%s", problem)
     elapsed = time.perf_counter() - start
     ema.load_state_dict(best["state"])
     ema.cpu()
@@ -409,4 +466,4 @@ def train(
             "radius": effective_receptive_field(fold_batchnorm(ema), HALO_MASS),
         },
     }
-    return TrainResult(TrainedModel(net=ema, meta=meta), stop_reason, train_p, val_p)
+    return TrainResult(TrainedModel(net=ema, meta=meta), stop_reason, train_p, val_p, problem)

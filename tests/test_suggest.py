@@ -1,6 +1,7 @@
 """Next-patch suggestions, annotation rounds in a project folder, and the simulated experiment."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -102,11 +103,12 @@ def test_the_confusing_region_is_suggested_first(confusing_image, trained):
     others = [c.reasons["uncertainty"] for c in res.candidates if c.box() != CONFUSING]
     assert why["uncertainty"] > max(others), "it is first because the model is unsure there"
     assert why["confused"] == "background/cell" and 0 <= why["novelty"] <= 1
-    # Stochastic draws (default temperature) still put it first for most seeds.
+    # Stochastic draws (default temperature) put it first more often than any other window. (Asserting
+    # 3 of 4 seeds was flaky: its draw probability is about 0.6-0.7 against ~0.06 for the runner-up.)
     firsts = [
-        suggest(image, labels, trained, k=1, size=128, seed=s, device="cpu").suggestions[0].box() for s in range(4)
+        suggest(image, labels, trained, k=1, size=128, seed=s, device="cpu").suggestions[0].box() for s in range(12)
     ]
-    assert firsts.count(CONFUSING) >= 3
+    assert Counter(firsts).most_common(1)[0][0] == CONFUSING
 
 
 def test_without_a_model_suggestions_are_typical_and_diverse():
@@ -203,7 +205,7 @@ def test_cli_suggest_errors(big_files, capsys):
     code, _, err = run_cli(capsys, "suggest", d / "nope.model", d / "image.tif", "-o", d / "s.zip")
     assert code == 2 and "no such model file" in err
     code, _, err = run_cli(capsys, "suggest", d / "image.tif", "--rois", d / "r1.zip", "-o", d / "r1.zip")
-    assert code == 2 and "also an input" in err
+    assert code == 2 and "would overwrite the input" in err
 
 
 def test_project_rounds_history_and_revert(big_files, capsys):
