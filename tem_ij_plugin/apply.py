@@ -16,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import Cancelled, ModelFileError, UserError
+from .errors import ModelFileError, UserError
 
 log = logging.getLogger(__name__)
+
+STATE_EVERY_PLANE = 1000  # the resume state is saved after every plane up to this many planes ...
+STATE_SAVE_S = 2.0  # ... and then at most every this many seconds
 
 
 def labels_path(out: Path) -> Path:
@@ -136,7 +139,6 @@ class PredictJob:
         """
         from .io import PlaneReader
         from .outputs import OutputLock
-        from .predict import predict_planes
 
         self.plan()
         model, keep, names = self._load_model()
@@ -145,41 +147,59 @@ class PredictJob:
             predictor, lo, hi = self._predictor(model, reader)
             outputs = self._outputs(reader, model, keep, names)
             with contextlib.ExitStack() as locks:
-                stale = [locks.enter_context(OutputLock(p, "tem-ij predict")).stale for p in self.final_paths()]
+                stale = [
+                    locks.enter_context(OutputLock(p, "tem-ij predict", overwrite=self.overwrite)).stale
+                    for p in self.final_paths()
+                ]
                 self._open(outputs, reader, predictor, names, any(stale))
-                state = self.state
-
-                def sink(i, probs):
-                    state.planes[i] = [
-                        w.write(i, to_output(probs, kind, lay.dtype, keep))
-                        for w, (_, kind, lay, _) in zip(self.writers, outputs)
-                    ]
-                    state.save()
-
-                start = time.perf_counter()
-                try:
-                    predict_planes(
-                        predictor, reader.read, n, lo, hi, sink, skip=state.done, progress=progress, cancel=cancel
-                    )
-                except Cancelled:
-                    self._close()
-                    raise
-                except OSError as exc:
-                    self._close()
-                    raise UserError(
-                        f"writing {self.out} failed: {exc.strerror or exc}. {len(state.done)} of {n} plane(s) are "
-                        f"in {', '.join(map(str, self.partial_files))} (incomplete); free space and run it again "
-                        "with resume (tem-ij: --resume; Fiji: tick 'Resume')"
-                    ) from exc
-                elapsed = time.perf_counter() - start
+                elapsed = self._predict_all(predictor, reader, lo, hi, outputs, keep, progress, cancel)
                 for w in self.writers:
                     w.finish()
-                state.remove()
+                self.state.remove()
         mp = n * reader.plane_shape[0] * reader.plane_shape[1] / 1e6
         return (
             f"wrote {', '.join(str(p) for p, *_ in outputs)}: {self.kind} of {n} plane(s), classes {', '.join(names)} "
             f"({elapsed:.1f} s, {mp / max(elapsed, 1e-9):.2f} MP/s, {predictor.backend.name} {predictor.precision})"
         )
+
+    def _predict_all(self, predictor, reader, lo, hi, outputs, keep, progress, cancel) -> float:
+        """Predict and write every plane not done yet, recording each; returns the seconds it took.
+
+        Whatever stops it (Ctrl-C, a full disk, a damaged plane) leaves the finished planes recorded
+        in the state for ``--resume``.
+        """
+        from .predict import predict_planes
+
+        state, n = self.state, reader.n_planes
+        saved = [time.monotonic()]
+
+        def sink(i, probs):
+            state.planes[i] = [
+                w.write(i, to_output(probs, kind, lay.dtype, keep))
+                for w, (_, kind, lay, _) in zip(self.writers, outputs)
+            ]
+            # Every plane while the state is small; then every few seconds, as rewriting it per plane would
+            # grow with the square of the stack (a plane missing from the state is only predicted again).
+            if len(state.planes) <= STATE_EVERY_PLANE or time.monotonic() - saved[0] >= STATE_SAVE_S:
+                state.save()
+                saved[0] = time.monotonic()
+
+        start = time.perf_counter()
+        try:
+            predict_planes(predictor, reader.read, n, lo, hi, sink, skip=state.done, progress=progress, cancel=cancel)
+        except BaseException as exc:
+            self._close()
+            with contextlib.suppress(OSError):
+                state.save()
+            if isinstance(exc, OSError):
+                raise UserError(
+                    f"writing {self.out} failed: {exc.strerror or exc}. {len(state.done)} of {n} plane(s) are in "
+                    f"{', '.join(map(str, self.partial_files))} (incomplete); free space and run it again with "
+                    "resume (tem-ij: --resume; Fiji: tick 'Resume')"
+                ) from exc
+            raise
+        state.save()
+        return time.perf_counter() - start
 
     def _load_model(self):
         """The model on its device, the indices of the classes to write and their names."""
@@ -289,6 +309,12 @@ class PredictJob:
         ]
         state = self.state = JobState(self.out, self._signature(predictor, names), records)
         resuming = state.exists()
+        recorded = state.recorded_outputs() if resuming else None
+        if resuming and recorded is not None and recorded != [r["path"] for r in records]:
+            raise UserError(
+                f"{state.path} records an interrupted prediction to {', '.join(recorded)}, not to {self.out}; "
+                f"complete that one (same -o, with resume), or choose another output name"
+            )
         if resuming and not (self.resume or self.overwrite):
             raise UserError(
                 f"{state.path} records an interrupted prediction to {self.out}; complete it with resume "
@@ -342,10 +368,10 @@ class PredictJob:
 
     def _refuse_foreign_scratch(self, state) -> None:
         """Working files that no state or dead run of ours describes are someone else's: never replace them."""
-        from .outputs import temporary_name
         from .stackio import partial_path
 
-        for path in [*(partial_path(p) for p in self.final_paths()), state.path, temporary_name(state.path)]:
+        # (Hidden temporary names, .NAME.partial, are ours by their name: a kill mid-write leaves one.)
+        for path in [*(partial_path(p) for p in self.final_paths()), state.path]:
             if (path.exists() or path.is_symlink()) and not self.overwrite:
                 raise UserError(
                     f"{path} exists but no interrupted run of this job describes it; move it away, or pass "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--group-names", metavar="N=NAME,...", help="class names of ImageJ ROI groups, e.g. 1=cell,2=background"
     )
+    tr.add_argument("--overwrite", action="store_true", help="let -o replace a file that tem_ij_plugin did not write")
 
     pr = sub.add_parser(
         "predict",
@@ -118,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace files in the way that this job did not write (an existing .zarr folder, stray NAME.partial.* "
-        "files); inputs are never replaced",
+        help="replace files in the way that tem_ij_plugin did not write (an existing output, stray NAME.partial.* "
+        "files, a file at NAME.lock); inputs are never replaced",
     )
 
     sg = sub.add_parser(
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
     sg.add_argument("--all-slices", action="store_true", help="let ROIs without a slice position label every slice")
     sg.add_argument("--group-names", metavar="N=NAME,...", help="class names of ImageJ ROI groups")
+    sg.add_argument(
+        "--overwrite", action="store_true", help="replace NAME.zip/.csv/.json even if tem_ij_plugin did not write them"
+    )
 
     hi = sub.add_parser("history", help="the annotation rounds of a project folder")
     hi.add_argument("project", help="project folder (from 'tem-ij train --project DIR')")
@@ -232,11 +237,11 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.propagate = False
 
 
-def _check_output(path: str, inputs) -> Path:
+def _check_output(path: str, inputs, overwrite: bool = False, protect=()) -> Path:
     """Refuse an output (or its temporary name) that would touch an input or cannot be written, before slow work."""
     from .outputs import OutputPlan
 
-    return OutputPlan(inputs).output(path)
+    return OutputPlan(inputs, overwrite=overwrite, protect=protect).output(path)
 
 
 class _Reporter:
@@ -406,9 +411,24 @@ def _save_trained(result, out, project, reservation, args) -> list:
         if unnamed:
             message += f"; the trained model is saved in {' and '.join(unnamed)}"
         elif not kept:
-            message += "; the trained model could not be saved anywhere"
+            message += "; " + _rescue(result.model)
         raise UserError(message)
     return saved
+
+
+def _rescue(model) -> str:
+    """Save a model that could not go where it was asked to, in the temporary folder; says where."""
+    import tempfile
+
+    from .errors import UserError
+    from .modelio import save_model
+
+    path = Path(tempfile.gettempdir()) / f"tem-ij-unsaved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.model"
+    try:
+        save_model(path, model)
+    except UserError as exc:
+        return f"the trained model could not be saved anywhere ({exc})"
+    return f"the trained model is saved as {path} (move it somewhere safe)"
 
 
 def cmd_train(args) -> int:
@@ -421,7 +441,6 @@ def cmd_train(args) -> int:
         return 0
     if not args.image or not args.rois or not (args.out or args.project):
         raise UserError("train needs IMAGE, --rois FILE and -o MODEL or --project DIR (or --print-config)")
-    out = _check_output(args.out, [args.image, args.rois, args.init, args.config]) if args.out else None
     project = None
     if args.project:
         from .project import Project
@@ -432,6 +451,9 @@ def cmd_train(args) -> int:
             log.info(
                 "project %s: round %d warm-starts from round %d", args.project, len(project.rounds) + 1, project.current
             )
+    inputs = [args.image, args.rois, args.init, args.config]
+    protect = [args.project] if args.project else []
+    out = _check_output(args.out, inputs, args.overwrite, protect) if args.out else None
 
     from .annotations import rasterize
     from .io import read_image, read_rois
@@ -595,12 +617,13 @@ def cmd_suggest(args) -> int:
     if len(args.paths) > 2:
         raise UserError("suggest takes [MODEL] IMAGE: at most two paths")
     model_path = _model_path(args.paths[0]) if len(args.paths) == 2 else None
+    protect = [args.paths[0]] if len(args.paths) == 2 and Path(args.paths[0]).is_dir() else []
     image_path = args.paths[-1]
     out = Path(args.out)
     if out.suffix.lower() != ".zip":
         raise UserError(f"the suggestions are a RoiSet .zip; got {out}")
     for o in (out, out.with_suffix(".csv"), out.with_suffix(".json")):
-        _check_output(o, [image_path, args.rois, model_path])
+        _check_output(o, [image_path, args.rois, model_path], args.overwrite, protect)
     _check_seed(args.seed, "--seed")
     if args.k < 1:
         raise UserError("-k must be at least 1")

@@ -53,7 +53,7 @@ class ModelConfig(_Strict):
         "depend on tile size or position (seam-free, folds into the convolutions). 'group': per-tile "
         "statistics (a 1024-pixel tile and 256-pixel tiles gave different maps).",
     )
-    norm_groups: int = Field(8, ge=1, description="Maximum GroupNorm groups (norm: group only).")
+    norm_groups: int = Field(8, ge=1, le=128, description="Maximum GroupNorm groups (norm: group only).")
     feedback: Literal["input", "head"] = Field(
         "input",
         description="Where the previous softmax re-enters: 'input' re-runs the whole U-Net per step, "

@@ -19,7 +19,7 @@ import numpy as np
 
 from .annotations import Shape, check_coordinates
 from .errors import UserError
-from .outputs import atomic_write
+from .outputs import SOFTWARE, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -556,7 +556,12 @@ def write_hyperstack(
     atomic_write(
         path,
         lambda tmp: tifffile.imwrite(
-            tmp, data, imagej=True, resolution=(1.0 / cal.pixel_width, 1.0 / cal.pixel_height), metadata=meta
+            tmp,
+            data,
+            imagej=True,
+            resolution=(1.0 / cal.pixel_width, 1.0 / cal.pixel_height),
+            metadata=meta,
+            software=SOFTWARE,
         ),
     )
 

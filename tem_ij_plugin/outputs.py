@@ -1,15 +1,17 @@
 """The one place that decides which paths a command may create, replace or remove.
 
 Rule (DESIGN.md §2b, "nothing lost"): every path a command will create, rename or delete (its final
-outputs, their ``.partial`` working names, state files, lock files and the temporary names of
-write-then-rename) is allocated through an :class:`OutputPlan` before any slow work starts, and
-checked there against every input of the command: resolved with symlinks followed, hard links
-compared by inode, and a folder we may replace never containing an input. An existing file at a
-working name is never overwritten or removed unless the caller proved it ours (a resume state or a
-dead process's lock that names it) or the user said ``overwrite``.
+outputs and their documented companions, their ``.partial`` working names, state files, lock files
+and the hidden temporary names of write-then-rename) is allocated through an :class:`OutputPlan`
+before any slow work starts, and checked there against every input of the command (resolved, with
+symlinks followed and hard links compared by inode; a folder we may replace never contains an input)
+and against protected folders (a project folder, which only its own commands write). An existing
+file is replaced only when it was written by tem_ij_plugin (:func:`written_by_us`), when the caller
+proved it ours (a resume state that describes it, a dead run's lock), or when the user said
+``overwrite``.
 
-Writers then use :func:`atomic_write` (write to :func:`temporary_name`, then rename) and
-:class:`OutputLock` (one writer per output, stale locks of dead processes detected and reported).
+Writers then use :func:`atomic_write` (write a temporary name, flush it to disk, rename) and
+:class:`OutputLock` (one writer per output; locks of dead processes detected and reported).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -63,6 +67,48 @@ def conflict(path: Path, source: Path) -> str | None:
     return None
 
 
+SOFTWARE = "tem_ij_plugin"  # the TIFF Software tag of every TIFF we write (see written_by_us)
+SUGGESTIONS_FORMAT = "tem_ij_plugin.suggestions"
+SUGGESTIONS_CSV_HEADER = "name,slice,x,y,width,height,score"
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether an existing output was written by tem_ij_plugin, by the marks our writers leave.
+
+    TIFF: the Software tag; OME-Zarr: our key in ``.zattrs``; model files: our metadata; suggestion
+    files: only ``suggest-N`` rectangles in the zip, our header in the CSV, our format in the JSON.
+    Anything unreadable or unmarked is not ours.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            attrs = json.loads((path / ".zattrs").read_text(encoding="utf-8")[:1_000_000])
+            return suffix == ".zarr" and isinstance(attrs, dict) and SOFTWARE in attrs
+        if suffix in (".tif", ".tiff", ".btf", ".tf8", ".tf2"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return tif.pages[0].software == SOFTWARE
+        if suffix == ".zip":
+            import zipfile
+
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+            return bool(names) and all(re.fullmatch(r"suggest-[0-9]+\.roi", n) for n in names)
+        if suffix == ".csv":
+            with open(path, encoding="utf-8") as f:
+                return f.readline().startswith(SUGGESTIONS_CSV_HEADER)
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8")[:10_000_000])
+            return isinstance(data, dict) and data.get("format") == SUGGESTIONS_FORMAT
+        from .modelio import read_metadata
+
+        read_metadata(path)
+        return True
+    except Exception:  # unreadable in any way: not a file we can vouch for
+        return False
+
+
 class OutputPlan:
     """Every path one command will write, checked against its inputs as it is added.
 
@@ -71,12 +117,15 @@ class OutputPlan:
     inputs : iterable of path-like or None
         Everything the command reads (None entries are skipped).
     overwrite : bool
-        The user allowed replacing existing files at working names (never an input).
+        The user allowed replacing existing files that tem_ij_plugin did not write (never an input).
+    protect : iterable of path-like
+        Folders no planned path may lie in (e.g. a project folder, which only its own commands write).
     """
 
-    def __init__(self, inputs: Iterable, overwrite: bool = False):
+    def __init__(self, inputs: Iterable, overwrite: bool = False, protect: Iterable = ()):
         self.inputs = [Path(p) for p in inputs if p]
         self.overwrite = overwrite
+        self.protect = [Path(p) for p in protect if p]
         self.paths: dict[Path, str] = {}
 
     def add(self, path: str | os.PathLike, role: str, replace: bool = False) -> Path:
@@ -85,8 +134,8 @@ class OutputPlan:
         Raises
         ------
         UserError
-            The path is, or holds, an input; or it exists and is neither replaceable (``replace``)
-            nor allowed by ``overwrite``.
+            The path is, or holds, an input, or lies in a protected folder; or it exists and is
+            neither replaceable (``replace``) nor allowed by ``overwrite``.
         """
         path = Path(path)
         for source in self.inputs:
@@ -98,6 +147,12 @@ class OutputPlan:
                 )
             if how == "contains":
                 raise UserError(f"the {role} {path} would replace a folder holding the input {source}")
+        for folder in self.protect:
+            if _resolved(folder) in _resolved(path).parents or conflict(path, folder):
+                raise UserError(
+                    f"the {role} {path} would be written inside the project folder {folder}, which only "
+                    "tem-ij train --project and revert change; choose a name outside it"
+                )
         if (path.exists() or path.is_symlink()) and not (replace or self.overwrite):
             raise UserError(
                 f"{path} exists and was not written by this job (it would be the {role}); move it away, "
@@ -107,10 +162,11 @@ class OutputPlan:
         return path
 
     def output(self, path: str | os.PathLike, role: str = "output") -> Path:
-        """Plan a final output and its write-then-rename name; an existing output file is replaced.
+        """Plan a final output and its hidden write-then-rename name.
 
-        A folder (OME-Zarr) already at ``path`` is replaced only with ``overwrite``: it might hold
-        anything. The parent folder must exist and be writable.
+        An existing output is replaced only when tem_ij_plugin wrote it (:func:`written_by_us`), or
+        with ``overwrite``. The parent folder must exist and be writable. A leftover hidden
+        temporary name (``.NAME.partial``) is ours by its name and may be replaced.
         """
         path = Path(path)
         parent = path.parent if str(path.parent) else Path(".")
@@ -118,9 +174,14 @@ class OutputPlan:
             raise UserError(f"cannot write {path}: the folder {parent} does not exist")
         if not os.access(parent, os.W_OK):
             raise UserError(f"cannot write {path}: the folder {parent} is not writable")
-        if path.is_dir() and not self.overwrite:
-            raise UserError(f"{path} is an existing folder; choose another output name or pass --overwrite")
         self.add(path, role, replace=True)
+        exists = path.exists() or path.is_symlink()
+        if exists and not self.overwrite and (path.is_symlink() or not written_by_us(path)):
+            kind = "folder" if path.is_dir() else "file"
+            raise UserError(
+                f"the {role} {path} is an existing {kind} that tem_ij_plugin did not write; choose another "
+                "name, or pass --overwrite to replace it"
+            )
         self.add(temporary_name(path), f"temporary name of {path.name}", replace=True)
         return path
 
@@ -134,9 +195,9 @@ def claim_folder(folder: str | os.PathLike, command: str, inputs: Iterable = ())
     """
     folder = Path(folder)
     marker = folder / ".tem-ij"
-    for source in inputs:
+    for source in inputs:  # an input inside is safe: the folder is new, empty or holds only what we wrote
         if source and conflict(folder, Path(source)) == "is":
-            raise UserError(f"the output folder {folder} is the input {source}")
+            raise UserError(f"the output folder {folder} is the input {source}; choose another folder")
     try:
         if folder.is_dir() and any(folder.iterdir()):
             try:
@@ -156,19 +217,36 @@ def claim_folder(folder: str | os.PathLike, command: str, inputs: Iterable = ())
     return folder
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` and rename ``tmp`` to ``path``: a failure leaves any earlier ``path`` intact.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], wrap: bool = True) -> None:
+    """Call ``write(tmp)``, flush ``tmp`` to disk and rename it to ``path``.
 
+    A failure (or a power cut) leaves any earlier ``path`` intact and never a half-written one.
     ``tmp`` is :func:`temporary_name` of ``path``; callers plan both names with :class:`OutputPlan`.
+    An OSError becomes a :class:`UserError` naming ``path`` unless ``wrap`` is false.
     """
     path = Path(path)
     tmp = temporary_name(path)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, folder=True)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        if not wrap:
+            raise
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _fsync(path: Path, folder: bool = False) -> None:
+    """Flush ``path`` to disk: its data, or (``folder``) a rename in it. Folders cannot be on Windows."""
+    if folder and os.name == "nt":
+        return
+    fd = os.open(path if str(path) else ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_output(path: Path) -> None:
@@ -180,75 +258,106 @@ def remove_output(path: Path) -> None:
 
 
 def lock_path(out: str | os.PathLike) -> Path:
-    """The lock file of output ``out``: ``NAME.lock`` beside it."""
+    """The lock file of output ``out``: ``NAME.lock`` beside it (``X.lock`` for ``X.tif`` and ``X.zarr``).
+
+    Named by the stem, as the resume state is (``X.partial.json``), so that jobs sharing a state name
+    also share the lock.
+    """
     out = Path(out)
-    return out.with_name(f"{out.name}.lock")
+    return out.with_name(f"{out.stem}.lock")
 
 
 class OutputLock:
     """An exclusive lock on one output: ``NAME.lock`` holding host, PID and start time.
 
-    The lock is the kernel's (``flock`` on that file), so it ends with its process however that
-    ends. A second writer is refused with a message naming the first. A lock file left by a process
-    that died is reported (``stale`` holds its record) and taken over; one written on another host
-    is refused, as it cannot be checked from here.
+    The lock is the kernel's (``flock`` on that file), so it ends with its process however that ends.
+    A second writer is refused with a message naming the first (or, with ``wait_s``, waited for). A
+    lock file left by a process that died is reported (``stale`` holds its record) and taken over;
+    one written on another host is refused, as it cannot be checked from here. A file at the lock's
+    name that is not a lock we wrote (empty, or anything else) is left alone unless ``overwrite``.
     """
 
-    def __init__(self, out: str | os.PathLike, command: str = "tem-ij"):
+    def __init__(self, out: str | os.PathLike, command: str = "tem-ij", overwrite: bool = False, wait_s: float = 0):
         self.out = Path(out)
         self.path = lock_path(self.out)
         self.command = command
+        self.overwrite = overwrite
+        self.wait_s = wait_s
         self.stale: dict | None = None
         self._fd: int | None = None
 
-    def _owner(self, fd: int) -> dict:
-        """The record in the lock file ({} when empty); a file that is not our lock is refused, not truncated."""
+    def _owner(self, fd: int) -> dict | None:
+        """The record in an existing lock file; None when it is not a lock file we wrote.
+
+        An empty file is what a process killed between creating its lock and writing the record
+        leaves (it holds nothing to lose): it reads as a dead owner.
+        """
         raw = os.pread(fd, 4096, 0)
         if not raw:
-            return {}
+            return {"pid": -1, "host": socket.gethostname(), "started": "?", "command": "(an empty lock file)"}
         try:
             data = json.loads(raw.decode("utf-8"))
         except ValueError:
-            data = None
+            return None
         if not isinstance(data, dict) or not isinstance(data.get("pid"), int) or "host" not in data:
-            raise UserError(f"{self.path} exists and is not a lock file written by tem_ij_plugin; move it away")
+            return None
         return data
 
     def acquire(self) -> OutputLock:
         """Take the lock (see the class docstring); returns self."""
-        for _ in range(5):
+        deadline = time.monotonic() + self.wait_s
+        while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise UserError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from exc
-            try:
-                owner = self._owner(fd)
-                try:
-                    _flock(fd, owner)
-                except BlockingIOError:
-                    raise UserError(f"{self.out} is being written by {_who(owner)}; wait for it to finish") from None
-                if os.fstat(fd).st_ino != getattr(_stat(self.path), "st_ino", None):
-                    os.close(fd)  # the file was removed by its owner in between: lock the new one
-                    continue
-                owner = self._owner(fd)
-                if owner and owner.get("host") != socket.gethostname():
+                fd = self._try_acquire()
+            except _Busy as busy:
+                if time.monotonic() >= deadline:
                     raise UserError(
-                        f"{self.out} is locked by {_who(owner)}; if that process is gone, delete {self.path}"
-                    )
-                if owner:
-                    log.warning(
-                        "%s: taking over the lock left by %s, which is no longer running", self.out, _who(owner)
-                    )
-                    self.stale = owner
-                record = json.dumps(_record(self.command)).encode()
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, record, 0)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
-            return self
-        raise UserError(f"cannot lock {self.out}: {self.path} keeps being replaced by another process")
+                        f"{self.out} is being written by {_who(busy.owner)}; wait for it to finish"
+                    ) from None
+                time.sleep(0.1)
+                continue
+            if fd is not None:
+                self._fd = fd
+                return self
+
+    def _try_acquire(self) -> int | None:
+        """A locked descriptor, None to retry (the file was replaced meanwhile), or :class:`_Busy`."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            created = True
+        except FileExistsError:
+            try:
+                fd = os.open(self.path, os.O_RDWR)
+            except FileNotFoundError:
+                return None  # removed by its owner in between
+            created = False
+        except OSError as exc:
+            raise UserError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from exc
+        try:
+            owner = None if created else self._owner(fd)
+            if not created and owner is None and not self.overwrite:
+                raise UserError(
+                    f"{self.path} exists and is not a lock file written by tem_ij_plugin; move it away, or pass "
+                    "--overwrite to replace it"
+                )
+            try:
+                _flock(fd, owner)
+            except BlockingIOError:
+                raise _Busy(owner or {}) from None
+            if os.fstat(fd).st_ino != getattr(_stat(self.path), "st_ino", None):
+                os.close(fd)  # the owner removed the file in between: lock the new one
+                return None
+            if owner and owner.get("host") != socket.gethostname():
+                raise UserError(f"{self.out} is locked by {_who(owner)}; if that process is gone, delete {self.path}")
+            if owner:
+                log.warning("%s: taking over the lock left by %s, which is no longer running", self.out, _who(owner))
+                self.stale = owner
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_record(self.command)).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def release(self) -> None:
         """Remove the lock file and release the lock (only if this object holds it)."""
@@ -264,10 +373,16 @@ class OutputLock:
         self.release()
 
 
-def _flock(fd: int, owner: dict) -> None:
+class _Busy(Exception):
+    def __init__(self, owner: dict):
+        super().__init__()
+        self.owner = owner
+
+
+def _flock(fd: int, owner: dict | None) -> None:
     if fcntl is not None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    elif owner:
+    elif owner:  # no flock (Windows): a lock file with a record is taken to be held
         raise BlockingIOError
 
 

@@ -368,7 +368,8 @@ class Project:
                 self.release(res)
                 raise
         try:
-            return self._register(res, model, image_path, rois_path, stop_reason)
+            with self._locked("tem-ij train"):  # another training may register its round at the same time
+                return self._register(res, model, image_path, rois_path, stop_reason)
         except UserError as exc:
             raise UserError(
                 f"{exc}; the trained model is saved as {res.model_path} but is not registered as a round of {self.root}"
@@ -439,11 +440,19 @@ class Project:
         Refused when the round's ``round.json`` or model file is missing, damaged or disagrees.
         """
         record = self.verified_round(number)
-        before = self.current
-        self.data["current"] = number
-        self.data["events"].append({"time": _now(), "action": "revert", "round": number, "from": before})
-        self.save()
+        with self._locked("tem-ij revert"):
+            self.data = Project.open(self.root).data  # as it is now, not as it was when opened
+            before = self.current
+            self.data["current"] = number
+            self.data["events"].append({"time": _now(), "action": "revert", "round": number, "from": before})
+            self.save()
         return record
+
+    def _locked(self, command: str):
+        """The lock on ``project.json`` (``project.lock``) for a read-modify-write; waits for another holder."""
+        from .outputs import OutputLock
+
+        return OutputLock(self.root / PROJECT_FILE, command, wait_s=60)
 
     def history(self) -> str:
         """The rounds as a text table (``*`` marks the current round)."""

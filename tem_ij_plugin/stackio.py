@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from .errors import UserError
 from .io import Calibration
-from .outputs import atomic_write, remove_output
+from .outputs import SOFTWARE, atomic_write, remove_output
 from .schemas import JobStateFile
 
 IMAGEJ_LIMIT = 2**32 - 2**25  # ImageJ TIFFs store 32-bit offsets; keep a margin for the metadata
@@ -123,6 +124,7 @@ class TiffPlaneWriter:
                     bigtiff=big,
                     byteorder="<",
                     photometric="minisblack",  # never RGB, even with 3 or 4 classes
+                    software=SOFTWARE,  # how a later run knows it may replace this file
                     resolution=(1.0 / cal.pixel_width, 1.0 / cal.pixel_height),
                     metadata=meta,
                     returnoffset=True,
@@ -235,6 +237,7 @@ class ZarrPlaneWriter:
             axes.append(ax)
             scale.append({"x": cal.pixel_width, "y": cal.pixel_height, "z": cal.z_spacing}.get(name, 1.0))
         attrs = {
+            SOFTWARE: {"written_by": "tem-ij predict"},  # how a later run knows it may replace this store
             "multiscales": [
                 {
                     "version": "0.4",
@@ -242,7 +245,7 @@ class ZarrPlaneWriter:
                     "axes": axes,
                     "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
                 }
-            ]
+            ],
         }
         if channel_names and self.layout.channels:
             top = 1.0 if self._dtype.kind == "f" else float(np.iinfo(self._dtype).max)
@@ -386,12 +389,21 @@ class JobState:
             raise UserError(f"cannot resume: {self.path} describes other output files; {start_over}")
         planes = {}
         for key, crcs in saved.planes.items():
-            if not key.isdigit() or int(key) >= n_planes or len(crcs) != len(self.outputs):
+            if not re.fullmatch(r"[0-9]{1,12}", key) or int(key) >= n_planes or len(crcs) != len(self.outputs):
                 raise UserError(
                     f"cannot resume: {self.path} lists a plane {key!r} this prediction has not; {start_over}"
                 )
             planes[int(key)] = list(crcs)
         self.planes = planes
+
+    def recorded_outputs(self) -> list | None:
+        """The final outputs an existing state file names (None when it cannot be read as a state)."""
+        try:
+            if self.path.stat().st_size > MAX_STATE_BYTES:
+                return None
+            return [o.path for o in JobStateFile.model_validate_json(self.path.read_bytes()).outputs]
+        except (OSError, ValidationError):
+            return None
 
     def verify(self, writers: list) -> list:
         """Drop (and return) the finished planes whose bytes in any partial file differ from those written."""
@@ -409,7 +421,8 @@ class JobState:
             "outputs": self.outputs,
             "planes": {str(i): c for i, c in sorted(self.planes.items())},
         }
-        atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(data), encoding="utf-8"))
+        # OSError, not UserError: a full disk here is reported by the job with what is safe and how to resume.
+        atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(data), encoding="utf-8"), wrap=False)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

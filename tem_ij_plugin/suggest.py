@@ -35,7 +35,7 @@ import numpy as np
 
 from .annotations import UNLABELLED
 from .errors import Cancelled, UserError
-from .outputs import atomic_write
+from .outputs import SUGGESTIONS_FORMAT, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -579,7 +579,7 @@ def write_suggestions(path: str | Path, result: SuggestResult, stack: bool) -> l
             writer.writeheader()
             writer.writerows(flat)
 
-    summary = {"phase": result.phase, "timings_s": result.timings, "suggestions": rows}
+    summary = {"format": SUGGESTIONS_FORMAT, "phase": result.phase, "timings_s": result.timings, "suggestions": rows}
     # Each file is written under its temporary name (planned by the caller) and renamed into place.
     atomic_write(path, lambda tmp: roifile.roiwrite(tmp, rois, mode="w"))
     atomic_write(csv_path, write_csv)

@@ -74,9 +74,9 @@ def files(tmp_path, synthetic):
 
 
 def tree_digest(folder) -> dict:
-    """Every file under ``folder`` (relative path -> SHA-256): what a refused command must leave as it was."""
+    """Every file (relative path -> SHA-256) and folder under ``folder``: what a refusal must leave as it was."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): sha256(p) if p.is_file() else "folder" for p in sorted(folder.rglob("*"))}
 
 
 def assert_refused(code: int, err: str, before: dict, after: dict, *needles: str) -> None:

@@ -358,7 +358,7 @@ def test_hostile_config_is_refused(files, capsys, name, content, needles, before
     code, _, err = run_cli(
         capsys, "train", files["image"], "--rois", files["rois"], "-o", d / "m.model", "--config", cfg
     )
-    assert time.perf_counter() - start < 3.0
+    assert time.perf_counter() - start < 10.0  # the alias bomb took 83 s before; margin for a loaded machine
     assert_refused(code, err, state, tree_digest(d), name, *needles)
     assert len(err) < 2000
 

@@ -19,6 +19,7 @@ import tifffile
 from conftest import assert_refused, run_cli, sha256, tree_digest
 from test_predict import save_random_model
 
+from tem_ij_plugin.errors import Cancelled
 from tem_ij_plugin.schemas import JobStateFile
 
 CLI = [sys.executable, "-m", "tem_ij_plugin"]
@@ -74,7 +75,7 @@ def test_scratch_names_never_touch_an_image_input(job, capsys, input_name, out_n
     assert_refused(code, err, before, tree_digest(job), "would overwrite the input", input_name)
 
 
-@pytest.mark.parametrize("model_name", ["X.partial.json", "X.tif.lock", ".X.partial.json.partial"])
+@pytest.mark.parametrize("model_name", ["X.partial.json", "X.lock", ".X.partial.json.partial"])
 def test_scratch_names_never_touch_the_model_file(job, capsys, model_name):
     shutil.copy(job / "m.model", job / model_name)
     before = tree_digest(job)
@@ -101,19 +102,68 @@ def test_a_foreign_partial_file_is_never_overwritten_without_overwrite(job, caps
     assert not (job / "X.partial.tif").exists()
 
 
-def test_an_existing_folder_is_replaced_only_with_overwrite(job, capsys):
-    (job / "X.zarr").mkdir()
-    (job / "X.zarr" / "keep.txt").write_text("not ours")
-    before = tree_digest(job)
-    code, _, err = predict(capsys, job, job / "stack.tif", job / "X.zarr")
-    assert_refused(code, err, before, tree_digest(job), "X.zarr", "existing folder")
-
-
-def test_an_existing_output_file_is_replaced_when_the_new_one_is_complete(job, capsys):
-    (job / "X.tif").write_bytes(b"old result")
-    code, _, err = predict(capsys, job, job / "stack.tif", job / "X.tif")
+def test_an_output_that_tem_ij_wrote_is_replaced_by_the_next_run(job, capsys):
+    assert predict(capsys, job, job / "stack.tif", job / "X.tif", "--output", "both")[0] == 0
+    tifffile.imwrite(job / "other.tif", tifffile.imread(job / "stack.tif")[:1])
+    code, _, err = predict(capsys, job, job / "other.tif", job / "X.tif", "--output", "both")
     assert code == 0, err
-    assert tifffile.imread(job / "X.tif").shape == (3, 2, 256, 256)
+    assert tifffile.imread(job / "X_labels.tif").shape == (256, 256)
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [("X.tif", []), ("X_labels.tif", ["--output", "both"]), ("X.zarr", [])],
+    ids=["output", "labels-beside-it", "zarr-folder"],
+)
+def test_an_existing_file_that_tem_ij_did_not_write_is_not_replaced(job, capsys, name, extra):
+    if name.endswith(".zarr"):
+        (job / name).mkdir()
+        (job / name / "keep.txt").write_text("not ours")
+    else:
+        tifffile.imwrite(job / name, np.ones((8, 8), np.uint8))  # e.g. labels a person painted
+    before = tree_digest(job)
+    code, _, err = predict(capsys, job, job / "stack.tif", job / "X.tif" if "zarr" not in name else job / name, *extra)
+    assert_refused(code, err, before, tree_digest(job), name, "did not write")
+    code, _, err = predict(capsys, job, job / "stack.tif", job / "X.tif" if "zarr" not in name else job / name, *extra)
+    assert code == 2
+    code, _, err = predict(
+        capsys, job, job / "stack.tif", job / "X.tif" if "zarr" not in name else job / name, *extra, "--overwrite"
+    )
+    assert code == 0, err
+
+
+@pytest.fixture()
+def project(files, capsys):
+    """A project folder with one trained round."""
+    d = files["dir"]
+    code, _, err = run_cli(
+        capsys, "train", files["image"], "--rois", files["rois"], "--project", d / "P", "--config", files["config"]
+    )
+    assert code == 0, err
+    return d / "P"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "{image}", "--rois", "{rois}", "--config", "{config}", "-o", "{P}/project.json"],
+            "inside the project",
+        ),
+        (["train", "{image}", "--rois", "{rois}", "--config", "{config}", "-o", "{P}/round-001/round.model"], "input"),
+        (["suggest", "{P}", "{image}", "-k", "1", "-o", "{P}/project.zip"], "inside the project folder"),
+        (["suggest", "{P}", "{image}", "-k", "1", "-o", "{P}/round-001/round.zip"], "inside the project folder"),
+    ],
+    ids=["train-o-project-json", "train-o-round-model", "suggest-json-beside-project", "suggest-json-beside-round"],
+)
+def test_nothing_is_written_into_a_project_folder_but_its_rounds(files, project, capsys, argv, message):
+    names = {"image": files["image"], "rois": files["rois"], "config": files["config"], "P": project}
+    argv = [a.format(**names) for a in argv]
+    if "--project" not in argv and argv[0] == "train":
+        argv += ["--project", str(project)]
+    before = tree_digest(files["dir"])
+    code, _, err = run_cli(capsys, *argv)
+    assert_refused(code, err, before, tree_digest(files["dir"]), message)
 
 
 def test_a_small_tile_without_overlap_is_refused_not_turned_into_thousands_of_tiles(job, capsys):
@@ -145,7 +195,7 @@ def _interrupted(job, capsys, out, monkeypatch, after=1):
 
         def counting(i, plane):
             if count["n"] >= after:
-                raise apply.Cancelled()
+                raise Cancelled()
             count["n"] += 1
             return write(i, plane)
 
@@ -189,7 +239,7 @@ def test_resume_into_another_output_format_is_refused(job, capsys, monkeypatch):
     _interrupted(job, capsys, job / "X.tif", monkeypatch)
     before = tree_digest(job)
     code, _, err = predict(capsys, job, job / "stack.tif", job / "X.zarr", "--resume")
-    assert_refused(code, err, before, tree_digest(job), "cannot resume", "X.partial.json")
+    assert_refused(code, err, before, tree_digest(job), "X.partial.json", "not to")
 
 
 def test_resume_without_state_checksums_from_version_0_2_is_refused(job, capsys, monkeypatch):
@@ -208,6 +258,7 @@ HOSTILE_STATES = {
     "deep-nesting": lambda s: "[" * 200_000 + "]" * 200_000,
     "plane-out-of-range": lambda s: json.dumps({**s, "planes": {"7": s["planes"]["0"]}}),
     "plane-not-a-number": lambda s: json.dumps({**s, "planes": {"x": s["planes"]["0"]}}),
+    "plane-a-superscript-digit": lambda s: json.dumps({**s, "planes": {"\u00b2": s["planes"]["0"]}}),
     "checksum-wrong-type": lambda s: json.dumps({**s, "planes": {"0": ["abc"]}}),
     "too-many-checksums": lambda s: json.dumps({**s, "planes": {"0": s["planes"]["0"] * 2}}),
     "newer-version": lambda s: json.dumps({**s, "format_version": 99}),
@@ -252,6 +303,10 @@ def _wait_for(condition, proc, timeout=120.0):
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_second_run_on_a_busy_output_is_refused_naming_the_first(job, capsys, resume):
     out = job / "X.tif"
+    # 24 planes: its state appears with the first one, and the rest takes far longer than the SIGSTOP below
+    tifffile.imwrite(
+        job / "stack.tif", np.tile(tifffile.imread(job / "stack.tif"), (8, 1, 1)), imagej=True, metadata={"axes": "ZYX"}
+    )
     first = _start(job, out)
     try:
         assert _wait_for(lambda: (job / "X.partial.json").exists(), first)
@@ -263,7 +318,7 @@ def test_a_second_run_on_a_busy_output_is_refused_naming_the_first(job, capsys, 
         first.send_signal(signal.SIGCONT)
         _, first_err = first.communicate(timeout=120)
     assert first.returncode == 0, first_err
-    assert tifffile.imread(out).shape == (3, 2, 256, 256)
+    assert tifffile.imread(out).shape == (24, 2, 256, 256)
 
 
 def _dead_pid() -> int:
@@ -274,11 +329,11 @@ def _dead_pid() -> int:
 
 def test_a_stale_lock_of_a_dead_process_is_reported_and_taken_over(job, capsys):
     lock = {"host": socket.gethostname(), "pid": _dead_pid(), "started": "2026-01-01T00:00:00+00:00", "command": "x"}
-    (job / "X.tif.lock").write_text(json.dumps(lock))
+    (job / "X.lock").write_text(json.dumps(lock))
     code, _, err = predict(capsys, job, job / "stack.tif", job / "X.tif")
     assert code == 0, err
     assert f"lock left by process {lock['pid']}" in err
-    assert not (job / "X.tif.lock").exists()
+    assert not (job / "X.lock").exists()
 
 
 @pytest.mark.parametrize(
@@ -290,10 +345,10 @@ def test_a_stale_lock_of_a_dead_process_is_reported_and_taken_over(job, capsys):
     ids=["other-host", "foreign-file"],
 )
 def test_a_lock_that_cannot_be_checked_is_refused_and_left_alone(job, capsys, content, message):
-    (job / "X.tif.lock").write_text(content)
+    (job / "X.lock").write_text(content)
     before = tree_digest(job)
     code, _, err = predict(capsys, job, job / "stack.tif", job / "X.tif")
-    assert_refused(code, err, before, tree_digest(job), message, "X.tif.lock")
+    assert_refused(code, err, before, tree_digest(job), message, "X.lock")
 
 
 # --- 4. killed at any point: nothing, or a valid resumable state -------------------------------------------------
@@ -317,7 +372,7 @@ def _kill_points(d):
 
     return {
         "at-start": lambda: True,
-        "lock-taken": lambda: (d / "K.tif.lock").exists(),
+        "lock-taken": lambda: (d / "K.lock").exists(),
         "state-saved": lambda: (d / "K.partial.json").exists(),
         "partial-created": lambda: (d / "K.partial.tif").exists(),
         "one-plane": planes(1),
@@ -339,25 +394,27 @@ def test_predict_killed_anywhere_resumes_to_identical_bytes(tmp_path, synthetic)
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err
     want = sha256(tmp_path / "ref.tif")
-    killed = 0
+    killed = {}  # kill point -> what the killed process had left
     for name, condition in _kill_points(tmp_path).items():
         proc = _start(tmp_path, tmp_path / "K.tif", "--tile", 256, "--resume")
         if _wait_for(condition, proc):
             proc.kill()
-            killed += 1
         proc.communicate(timeout=300)
         left = _scratch(tmp_path)
+        if proc.returncode == -signal.SIGKILL:  # killed before it ended by itself
+            killed[name] = tuple(left) + (("K.tif",) if (tmp_path / "K.tif").exists() else ())
         if "K.partial.json" in left:  # whatever a kill leaves is described by a valid state ...
             JobStateFile.model_validate_json((tmp_path / "K.partial.json").read_bytes())
-        else:  # ... or is nothing at all (a lock file of a dead process is reported and taken over)
-            assert set(left) <= {"K.tif.lock"}, name
+        else:  # ... or is nothing but a dead process's lock and a hidden temporary name, both taken over
+            assert set(left) <= {"K.lock", ".K.partial.json.partial"}, name
         rerun = _start(tmp_path, tmp_path / "K.tif", "--tile", 256, "--resume")
         _, err = rerun.communicate(timeout=300)
         assert rerun.returncode == 0, err
         assert sha256(tmp_path / "K.tif") == want, name
         assert _scratch(tmp_path) == [], name
         (tmp_path / "K.tif").unlink()
-    assert killed >= 5
+    assert len(killed) >= 5
+    assert len(set(killed.values())) >= 4, killed  # the kills landed in different phases of the job
 
 
 # --- folders of fixed file names --------------------------------------------------------------------------------
