@@ -83,3 +83,17 @@ def test_a_broken_manifest_is_refused(tmp_path):
     )
     with pytest.raises(UserError, match="gives key minutes"):
         load_manifest(bad)
+
+
+def test_install_replaces_our_old_menu_macros_but_keeps_a_users_own(tmp_path):
+    from tem_ij_plugin.fiji.launcher import install_scripts
+
+    folder = tmp_path / "plugins" / "TEM Segmentation"
+    folder.mkdir(parents=True)
+    old = folder / "TEM_Retired_Command.ijm"  # as an earlier version generated it
+    old.write_text("// TEM Retired Command (tem_ij_plugin 0.1.0)\n// Generated from plugin.yml by ...\n")
+    mine = folder / "My_Batch.ijm"
+    mine.write_text('run("TEM Predict Probabilities");\n')
+    install_scripts(tmp_path / "plugins")
+    assert not old.exists()
+    assert mine.read_text() == 'run("TEM Predict Probabilities");\n'

@@ -33,7 +33,7 @@ def scripts_folder() -> Path:
 
 
 def install_scripts(plugins_dir: Path) -> Path:
-    """Copy the menu macros into ``plugins_dir/TEM Segmentation/``; earlier versions' extra files go.
+    """Copy the menu macros into ``plugins_dir/TEM Segmentation/``; earlier versions' extra macros go.
 
     Returns
     -------
@@ -49,11 +49,21 @@ def install_scripts(plugins_dir: Path) -> Path:
     target = plugins_dir / SUBMENU
     target.mkdir(parents=True, exist_ok=True)
     for old in target.glob("*.ijm"):
-        if old.name not in names:
+        if old.name not in names and _generated(old):  # a macro of your own in this folder stays
             old.unlink()
     for name in sorted(names):
         shutil.copyfile(source / name, target / name)
     return target
+
+
+def _generated(path: Path) -> bool:
+    """Whether a menu macro is one we generated (an earlier version's), by the header we write."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1000)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "(tem_ij_plugin " in head and "Generated from plugin.yml" in head
 
 
 def install_fiji(fiji_dir: str | os.PathLike) -> Path:
