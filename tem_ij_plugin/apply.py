@@ -374,8 +374,8 @@ class PredictJob:
         for path in [*(partial_path(p) for p in self.final_paths()), state.path]:
             if (path.exists() or path.is_symlink()) and not self.overwrite:
                 raise UserError(
-                    f"{path} exists but no interrupted run of this job describes it; move it away, or pass "
-                    "--overwrite to replace it"
+                    f"{path} exists but no interrupted run of this job describes it; move it away "
+                    "(or, with tem-ij, pass --overwrite to replace it)"
                 )
 
     def _close(self) -> None:

@@ -155,8 +155,8 @@ class OutputPlan:
                 )
         if (path.exists() or path.is_symlink()) and not (replace or self.overwrite):
             raise UserError(
-                f"{path} exists and was not written by this job (it would be the {role}); move it away, "
-                "or pass --overwrite to replace it"
+                f"{path} exists and was not written by this job (it would be the {role}); move it away "
+                "(or, with tem-ij, pass --overwrite to replace it)"
             )
         self.paths[path] = role
         return path
@@ -180,7 +180,7 @@ class OutputPlan:
             kind = "folder" if path.is_dir() else "file"
             raise UserError(
                 f"the {role} {path} is an existing {kind} that tem_ij_plugin did not write; choose another "
-                "name, or pass --overwrite to replace it"
+                "name or move it away (or, with tem-ij, pass --overwrite to replace it)"
             )
         self.add(temporary_name(path), f"temporary name of {path.name}", replace=True)
         return path
@@ -337,8 +337,8 @@ class OutputLock:
             owner = None if created else self._owner(fd)
             if not created and owner is None and not self.overwrite:
                 raise UserError(
-                    f"{self.path} exists and is not a lock file written by tem_ij_plugin; move it away, or pass "
-                    "--overwrite to replace it"
+                    f"{self.path} exists and is not a lock file written by tem_ij_plugin; move it away "
+                    "(or, with tem-ij, pass --overwrite to replace it)"
                 )
             try:
                 _flock(fd, owner)
