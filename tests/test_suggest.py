@@ -213,7 +213,8 @@ def test_project_rounds_history_and_revert(big_files, capsys):
     proj = d / "cells.tem"
     args = ["--config", d / "tiny.yaml", "--project", proj]
     code, out, err = run_cli(capsys, "train", d / "image.tif", "--rois", d / "r1.zip", *args)
-    assert code == 0, err and "round 1" in out
+    assert code == 0, err
+    assert "round 1" in out
     code, out, err = run_cli(capsys, "train", d / "image.tif", "--rois", d / "r2.zip", *args)
     assert code == 0, err
     assert "warm-starts from round 1" in err
