@@ -151,6 +151,8 @@ class PredictJob:
                     locks.enter_context(OutputLock(p, "tem-ij predict", overwrite=self.overwrite)).stale
                     for p in self.final_paths()
                 ]
+                if self.resume and self._renamed_but_state_kept(names):
+                    return f"{', '.join(map(str, self.final_paths()))} already complete (the state was left behind)"
                 self._open(outputs, reader, predictor, names, any(stale))
                 elapsed = self._predict_all(predictor, reader, lo, hi, outputs, keep, progress, cancel)
                 for w in self.writers:
@@ -273,7 +275,8 @@ class PredictJob:
             outputs.append((self.final_paths()[-1], "labels", lay, sl or None))
         return outputs
 
-    def _signature(self, predictor, names) -> dict:
+    def _job(self, names) -> dict:
+        """What decides which result this job writes (recorded in each finished output)."""
         st = self.image_path.stat()
         return {
             "model_sha256": file_digest(self.model_path),
@@ -284,10 +287,51 @@ class PredictJob:
             "dtype": self.dtype,
             "classes": names,
             "channel": self.channel,
+        }
+
+    def _signature(self, predictor, names) -> dict:
+        """The job plus how it is computed: a resume must not mix two tilings or precisions in one file."""
+        return {
+            **self._job(names),
             "tile": predictor.tile,
             "overlap": predictor.overlap,
             "precision": predictor.precision,
         }
+
+    def already_done(self) -> bool:
+        """Whether every output exists, complete, from this very job (same model, image and options).
+
+        Checked from what the finished files record, so a resume of a batch skips only files that are
+        really done, never an older result from another model or image.
+        """
+        from .modelio import read_metadata
+        from .stackio import JobState
+
+        if JobState.path_for(self.out).exists():
+            return False
+        classes = read_metadata(self.model_path)["classes"]
+        return self._finals_record(self._job(list(self.classes) if self.classes else list(classes)))
+
+    def _finals_record(self, job: dict) -> bool:
+        from .stackio import recorded_job
+
+        return all(p.exists() and recorded_job(p) == job for p in self.final_paths())
+
+    def _renamed_but_state_kept(self, names) -> bool:
+        """A run killed after moving its finished files into place but before removing its state: done.
+
+        Only finished files are ever renamed to the final names, and they record the job that wrote them.
+        """
+        from .stackio import JobState, partial_path
+
+        state = JobState.path_for(self.out)
+        if not state.exists() or any(partial_path(p).exists() for p in self.final_paths()):
+            return False
+        if not self._finals_record(self._job(names)):
+            return False
+        log.info("%s: the outputs are complete; removing the state the interrupted run left", self.out)
+        state.unlink()
+        return True
 
     def _open(self, outputs, reader, predictor, names, stale_lock: bool) -> None:
         """The resume state and the plane writers: continued where verified, else created afresh.
@@ -331,12 +375,10 @@ class PredictJob:
         state.save()
 
         def create(resume: bool) -> list:
-            writers = []
+            writers, job = [], self._job(names)
             try:
                 for path, _, lay, labels in outputs:
-                    writers.append(
-                        open_writer(path, lay, reader.calibration, labels=labels, channel_names=names, resume=resume)
-                    )
+                    writers.append(open_writer(path, lay, reader.calibration, labels, names, resume=resume, job=job))
             except BaseException:
                 for w in writers:
                     w.close()

@@ -28,6 +28,7 @@ IMAGEJ_LIMIT = 2**32 - 2**25  # ImageJ TIFFs store 32-bit offsets; keep a margin
 TIFF_SUFFIXES = (".tif", ".tiff")
 BIGTIFF_SUFFIXES = (".btf", ".tf8", ".tf2")
 ZARR_SUFFIXES = (".zarr",)
+JOB_KEY = "tem_ij_plugin_job"  # what a finished output records about the job that wrote it
 
 
 def output_format(path: Path) -> str:
@@ -91,7 +92,9 @@ def _human(n: float) -> str:
 class TiffPlaneWriter:
     """ImageJ hyperstack (``imagej=True``) or BigTIFF, pre-allocated and filled plane by plane."""
 
-    def __init__(self, path: Path, layout: Layout, calibration: Calibration, labels=None, resume=False, big=False):
+    def __init__(
+        self, path: Path, layout: Layout, calibration: Calibration, labels=None, resume=False, big=False, job=None
+    ):
         import tifffile
 
         self.path, self.layout, self.big = path, layout, big
@@ -115,6 +118,10 @@ class TiffPlaneWriter:
                     meta["mode"] = "grayscale"
                 if labels:
                     meta["Labels"] = list(labels)
+                if job is not None:  # ImageJ keeps it as the image's Info (Image > Show Info)
+                    meta["Info"] = json.dumps({JOB_KEY: job})
+            elif job is not None:
+                meta[JOB_KEY] = job  # tifffile's JSON description of a shaped (non-ImageJ) file
             try:
                 self.offset, _ = tifffile.imwrite(
                     self.work,
@@ -193,7 +200,10 @@ class ZarrPlaneWriter:
 
     CHUNK = 1024
 
-    def __init__(self, path: Path, layout: Layout, calibration: Calibration, channel_names=None, resume=False):
+    def __init__(
+        self, path: Path, layout: Layout, calibration: Calibration, channel_names=None, resume=False, job=None
+    ):
+        self._job = job
         self.path, self.layout = path, layout
         self.work = partial_path(path)
         self._dtype = np.dtype(layout.dtype).newbyteorder("<")
@@ -237,7 +247,8 @@ class ZarrPlaneWriter:
             axes.append(ax)
             scale.append({"x": cal.pixel_width, "y": cal.pixel_height, "z": cal.z_spacing}.get(name, 1.0))
         attrs = {
-            SOFTWARE: {"written_by": "tem-ij predict"},  # how a later run knows it may replace this store
+            # how a later run knows it may replace this store, and what it holds
+            SOFTWARE: {"written_by": "tem-ij predict", JOB_KEY: self._job},
             "multiscales": [
                 {
                     "version": "0.4",
@@ -321,12 +332,36 @@ class ZarrPlaneWriter:
         os.replace(self.work, self.path)
 
 
-def open_writer(path: Path, layout: Layout, calibration: Calibration, labels=None, channel_names=None, resume=False):
-    """A plane writer for ``path``; the format follows the suffix (see :func:`output_format`)."""
+def open_writer(
+    path: Path, layout: Layout, calibration: Calibration, labels=None, channel_names=None, resume=False, job=None
+):
+    """A plane writer for ``path``; the format follows the suffix (see :func:`output_format`).
+
+    ``job`` (a JSON-able dict: what decides the result) is stored in the file; see :func:`recorded_job`.
+    """
     fmt = output_format(path)
     if fmt == "zarr":
-        return ZarrPlaneWriter(path, layout, calibration, channel_names, resume)
-    return TiffPlaneWriter(path, layout, calibration, labels, resume, big=fmt == "bigtiff")
+        return ZarrPlaneWriter(path, layout, calibration, channel_names, resume, job=job)
+    return TiffPlaneWriter(path, layout, calibration, labels, resume, big=fmt == "bigtiff", job=job)
+
+
+def recorded_job(path: Path) -> dict | None:
+    """The ``job`` a finished output of ours records (see :func:`open_writer`); None when it has none."""
+    import tifffile
+
+    try:
+        if output_format(path) == "zarr":
+            attrs = json.loads((path / ".zattrs").read_text(encoding="utf-8")[:1_000_000])
+            job = attrs[SOFTWARE][JOB_KEY]
+        else:
+            with tifffile.TiffFile(path) as tif:
+                if tif.is_imagej:
+                    job = json.loads((tif.imagej_metadata or {})["Info"])[JOB_KEY]
+                else:
+                    job = tif.shaped_metadata[0][JOB_KEY]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, UserError, tifffile.TiffFileError):
+        return None
+    return job if isinstance(job, dict) else None
 
 
 STATE_FORMAT = "tem_ij_plugin.predict-state"

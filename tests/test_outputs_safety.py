@@ -436,3 +436,32 @@ def test_an_experiment_never_writes_into_a_folder_of_someone_elses_files(files, 
         capsys, "experiment", files["image"], "--labels", truth, "-o", d, "--config", files["config"]
     )
     assert_refused(code, err, before, tree_digest(d), str(d), "did not write")
+
+
+def test_a_finished_output_records_its_job_and_only_that_job_counts_as_done(job, capsys):
+    from tem_ij_plugin.apply import PredictJob
+
+    assert predict(capsys, job, job / "stack.tif", job / "X.tif", "--output", "both")[0] == 0
+    same = PredictJob(job / "m.model", job / "stack.tif", job / "X.tif", kind="both")
+    assert same.already_done()
+    save_random_model(job / "other.model", seed=1)
+    assert not PredictJob(job / "other.model", job / "stack.tif", job / "X.tif", kind="both").already_done()
+    assert not PredictJob(job / "m.model", job / "stack.tif", job / "X.tif", kind="both", dtype="uint8").already_done()
+    (job / "X_labels.tif").unlink()
+    assert not same.already_done()
+
+
+def test_a_run_killed_after_its_renames_is_complete_on_resume_without_predicting_again(job, capsys, monkeypatch):
+    from tem_ij_plugin.stackio import JobState
+
+    # A kill between moving the finished files into place and removing the state, simulated by a remove
+    # that never happens.
+    monkeypatch.setattr(JobState, "remove", lambda self: None)
+    assert predict(capsys, job, job / "stack.tif", job / "X.tif")[0] == 0
+    monkeypatch.undo()
+    before = sha256(job / "X.tif")
+    code, out, err = predict(capsys, job, job / "stack.tif", job / "X.tif", "--resume")
+    assert code == 0, err
+    assert "already complete" in out
+    assert sha256(job / "X.tif") == before
+    assert not (job / "X.partial.json").exists()

@@ -468,7 +468,6 @@ def apply_to_stack(ctx) -> None:
     """TEM Apply Model To Stack: a TIFF file or a folder of TIFFs into an output folder, no windows."""
     from ..apply import PredictJob
     from ..modelio import save_model
-    from ..stackio import JobState
 
     source = Path(ctx.text("input")).expanduser()
     out_dir = Path(ctx.text("output")).expanduser()
@@ -494,11 +493,11 @@ def apply_to_stack(ctx) -> None:
             save_model(model_path, model)
         for i, f in enumerate(files, 1):
             out = out_dir / f"{f.stem}-{'labels' if kind == 'labels' else 'probabilities'}.tif"
-            if resume and out.exists() and not JobState.path_for(out).exists():
-                skipped.append(str(out))  # finished by the interrupted run
-                continue
             # Every image of the batch is an input: an output name must never hit a later one.
             job = PredictJob(model_path, f, out, kind=kind, device=ctx.choice("device"), resume=resume, inputs=files)
+            if resume and job.already_done():  # finished by the interrupted run, as the file itself records
+                skipped.append(str(out))
+                continue
             progress = _predict_progress(ctx, f"TEM apply: file {i}/{len(files)} {f.name}")
             try:
                 job.run(progress=progress, cancel=ctx.cancel)
