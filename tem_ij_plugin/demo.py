@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -19,6 +21,23 @@ def iou(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> list:
         union = np.logical_or(p, t).sum()
         out.append(float(np.logical_and(p, t).sum() / union) if union else float("nan"))
     return out
+
+
+DEMO_FILES = {"image.tif", "truth.tif", "RoiSet.zip", "demo.model", "probabilities.tif", "demo.png"}
+
+
+def _demo_of_version_0_2(folder: Path) -> bool:
+    """An unmarked folder holding nothing but the demo's own files, with the demo's model among them."""
+    from .modelio import read_metadata
+
+    try:
+        names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        if not names or not names <= DEMO_FILES or "demo.model" not in names:
+            return False
+        read_metadata(folder / "demo.model")
+    except (OSError, UserError):
+        return False
+    return True
 
 
 def run_demo(
@@ -46,6 +65,8 @@ def run_demo(
 
     start = time.perf_counter()
     dev = resolve_device(device)
+    if _demo_of_version_0_2(out_dir):  # written before demo folders were marked
+        (out_dir / ".tem-ij").write_text("tem-ij demo\n", encoding="utf-8")
     claim_folder(out_dir, "tem-ij demo")
     settings = Settings()
     settings.train.max_minutes = minutes

@@ -465,3 +465,18 @@ def test_a_run_killed_after_its_renames_is_complete_on_resume_without_predicting
     assert "already complete" in out
     assert sha256(job / "X.tif") == before
     assert not (job / "X.partial.json").exists()
+
+
+def test_a_demo_folder_of_version_0_2_is_recognised_and_nothing_else_is(tmp_path):
+    from tem_ij_plugin.demo import _demo_of_version_0_2
+
+    old = tmp_path / "tem-ij-demo"
+    old.mkdir()
+    save_random_model(old / "demo.model")
+    tifffile.imwrite(old / "image.tif", np.zeros((8, 8), np.uint8))
+    assert _demo_of_version_0_2(old)
+    (old / "notes.txt").write_text("mine")
+    assert not _demo_of_version_0_2(old)
+    (old / "notes.txt").unlink()
+    (old / "demo.model").write_bytes(b"not a model")
+    assert not _demo_of_version_0_2(old)
