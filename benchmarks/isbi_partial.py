@@ -62,12 +62,12 @@ def choose_patches(n: int, seed: int, n_sections: int = 15, size: int = 256, sid
     return [cells[i] for i in sorted(idx)]
 
 
-def partial_labels(truth, patches, seed, size=256):
+def partial_labels(truth, patches, seed, size=256, classes=("background", "cell")):
     from tem_ij_plugin.annotations import rasterize
     from tem_ij_plugin.synthetic import simulate_annotations
 
     rng = np.random.default_rng(seed)
-    classes = ["background", "cell"]
+    classes = list(classes)
     shapes = []
     for z, y, x in patches:
         shapes += simulate_annotations(truth[z], [(y, x, y + size, x + size)], classes, rng, slice_position=z + 1)

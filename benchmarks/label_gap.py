@@ -1,0 +1,151 @@
+"""The gap partial labels leave: dense-label ceiling vs partial labels vs the random forest, on ISBI 2012.
+
+For each task and seed, on sections 0-14 (training) and every pixel of sections 15-29 (test):
+
+* ``dense``: the default network trained on the *dense* labels of the training sections (the ceiling);
+* ``partial``: the same network on simulated partial polygons of 15 random 256x256 patches (the product);
+* ``rf``: the random-forest peer on exactly the same partial labels.
+
+For the networks it also records what the trainer saw: its best (smoothed) validation score, on the
+labelled pixels of its held-out patches, next to the dense test score. A trainer whose validation score
+is far above the test score selects its checkpoints on the easy pixels (issue "Learn the pixels nobody
+labelled").
+
+Tasks: ``membrane`` (cell interior vs membrane), ``profiles`` (large profiles vs rest) and ``mito``
+(background / membrane / mitochondria, from ``labels_cardona_mitochondria``).
+
+    python benchmarks/label_gap.py --minutes 2 --seeds 0            # a short look (about 20 min on 2 cores)
+    python benchmarks/label_gap.py --seeds 0,1,2                   # the full table (hours on 2 cores)
+
+Prints a table (mean and spread over seeds) and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from isbi_partial import DATA, choose_patches, large_profiles, load, miou, partial_labels, rf_peer  # noqa: E402
+
+CLASSES = {
+    "membrane": ["background", "cell"],
+    "profiles": ["background", "cell"],
+    "mito": ["background", "membrane", "mito"],
+}
+
+
+def truths(data: Path, images_shape) -> dict:
+    """Dense class-index truth per task, shape (30, 512, 512)."""
+    import imageio.v3 as iio
+
+    _, membrane, neurites = load(data)
+    mito = np.stack([iio.imread(data / "labels_cardona_mitochondria" / f"{i:02d}.png") for i in range(30)])
+    three = np.zeros(images_shape, np.uint8)  # background (cell interior and everything else)
+    three[membrane <= 127] = 1
+    three[mito > 0] = 2  # a mitochondrion's own membrane counts as mitochondrion
+    return {"membrane": (membrane > 127).astype(np.uint8), "profiles": large_profiles(neurites), "mito": three}
+
+
+def dense_labels(truth: np.ndarray, classes: list):
+    """Every pixel labelled: the ceiling's annotations."""
+    from tem_ij_plugin.annotations import Labels
+
+    return Labels(labels=truth.astype(np.int16), classes=list(classes))
+
+
+def train_and_score(train_img, labels, test_img, test_truth, minutes, seed) -> dict:
+    """Train the default network on ``labels``; its dense test mIoU and what its trainer validated."""
+    import torch
+
+    from tem_ij_plugin.config import Settings
+    from tem_ij_plugin.predict import predict_stack
+    from tem_ij_plugin.train import train
+
+    s = Settings()
+    s.train.seed = seed
+    if minutes is not None:
+        s.train.max_minutes = minutes
+    res = train(train_img, labels, s, device="cpu")
+    probs = predict_stack(res.model.net, test_img, res.model.normalization, torch.device("cpu"))
+    rnd = res.model.meta["history"]["rounds"][-1]
+    return {
+        "miou": round(miou(probs.argmax(1), test_truth, len(labels.classes)), 4),
+        "best_val": None if rnd["best_score"] is None else round(rnd["best_score"], 4),
+        "iterations": rnd["iterations"],
+        "train_s": rnd["duration_s"],
+        "stop_reason": res.stop_reason,
+        "val_patches": len(rnd["val_patches"]),
+    }
+
+
+def run_task(task, truth, images, seed, minutes, arms) -> dict:
+    classes = CLASSES[task]
+    train_img, test_img, test_truth = images[:15], images[15:], truth[15:]
+    lab = partial_labels(truth[:15], choose_patches(15, seed), seed, classes=classes)
+    row = {"labelled_fraction_of_15_patches": round(float((lab.labels >= 0).sum() / (15 * 256 * 256)), 3)}
+    if "rf" in arms:
+        pred, *_ = rf_peer(train_img, lab.labels, test_img, seed)
+        row["rf"] = {"miou": round(miou(pred, test_truth, len(classes)), 4)}
+    if "partial" in arms:
+        row["partial"] = train_and_score(train_img, lab, test_img, test_truth, minutes, seed)
+    if "dense" in arms:
+        row["dense"] = train_and_score(
+            train_img, dense_labels(truth[:15], classes), test_img, test_truth, minutes, seed
+        )
+    logging.info("%s seed %d: %s", task, seed, {k: v.get("miou") for k, v in row.items() if isinstance(v, dict)})
+    return row
+
+
+def summary(results: dict, arms) -> list:
+    """Table rows: per task and arm, mean and spread (min-max) of the test mIoU over seeds."""
+    lines = [f"{'task':9s} " + " ".join(f"{a:>22s}" for a in arms) + f" {'partial: val seen':>18s}"]
+    for task, by_seed in results["tasks"].items():
+        cells = []
+        for arm in arms:
+            v = [r[arm]["miou"] for r in by_seed.values() if arm in r]
+            cells.append(f"{np.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}]" if v else "-")
+        seen = [r["partial"]["best_val"] for r in by_seed.values() if "partial" in r and r["partial"]["best_val"]]
+        lines.append(
+            f"{task:9s} " + " ".join(f"{c:>22s}" for c in cells) + f" {np.mean(seen) if seen else float('nan'):18.3f}"
+        )
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--tasks", default="membrane,profiles,mito")
+    ap.add_argument("--arms", default="rf,partial,dense")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of patches, annotation and training")
+    ap.add_argument("--minutes", type=float, default=None, help="training budget (default: config default, 10)")
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "label_gap.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not (args.data / "images").is_dir():
+        print(f"SKIP: ISBI 2012 data not found at {args.data}")
+        return 0
+    arms = args.arms.split(",")
+    images = load(args.data)[0]
+    all_truths = truths(args.data, images.shape)
+    results = {"minutes": args.minutes, "seeds": args.seeds, "tasks": {}}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for task in args.tasks.split(","):
+            row = run_task(task, all_truths[task], images, seed, args.minutes, arms)
+            results["tasks"].setdefault(task, {})[str(seed)] = row
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))  # after every run: a long table survives a stop
+    print("\n".join(summary(results, arms)))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
