@@ -93,6 +93,7 @@ class PredictJob:
         self.device, self.backend, self.precision = device, backend, precision
         self.tile, self.overlap, self.batch_size, self.resume = tile, overlap, batch_size, resume
         self.overwrite, self.inputs = overwrite, [Path(p) for p in inputs]
+        self._model_sha256 = None
         self.n_planes = 0
         self.state = None
         self.writers: list = []
@@ -278,8 +279,10 @@ class PredictJob:
     def _job(self, names) -> dict:
         """What decides which result this job writes (recorded in each finished output)."""
         st = self.image_path.stat()
+        if self._model_sha256 is None:  # hashed once per job: the signature, the writers and resume all ask
+            self._model_sha256 = file_digest(self.model_path)
         return {
-            "model_sha256": file_digest(self.model_path),
+            "model_sha256": self._model_sha256,
             "image": str(self.image_path.resolve()),
             "image_size": st.st_size,
             "image_mtime_ns": st.st_mtime_ns,

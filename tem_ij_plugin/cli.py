@@ -574,7 +574,6 @@ def cmd_predict(args) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
-    job.plan()  # every path checked against the inputs before the model is even read
     reporter = PredictReporter()
     try:
         report, _ = _with_cancel_on_sigint(lambda c: job.run(progress=reporter, cancel=c))

@@ -33,7 +33,8 @@ MAX_ROI_BYTES = 64 << 20
 MAX_ROIS = 100_000
 
 
-def _size(nbytes: float) -> str:
+def human_size(nbytes: float) -> str:
+    """A byte count for messages: ``512 bytes``, ``4.3 GB`` (powers of 1000)."""
     for unit in ("bytes", "KB", "MB", "GB", "TB", "PB", "EB"):
         if nbytes < 1000 or unit == "EB":
             return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
@@ -63,7 +64,7 @@ def _check_fits(path: Path, what: str, nbytes: int) -> None:
     limit = memory_bytes()
     if limit is not None and nbytes > limit:
         raise UserError(
-            f"{path}: {what} needs {_size(nbytes)} of memory but this machine has {_size(limit)}; "
+            f"{path}: {what} needs {human_size(nbytes)} of memory but this machine has {human_size(limit)}; "
             "crop, bin or split the image in Fiji first"
         )
 
@@ -194,7 +195,7 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> Image:
         try:
             data = np.empty((r.n_planes, *r.plane_shape), r.dtype)
         except MemoryError as exc:
-            raise UserError(f"{r.path}: not enough free memory to read it ({_size(nbytes)})") from exc
+            raise UserError(f"{r.path}: not enough free memory to read it ({human_size(nbytes)})") from exc
         bad = []
         r.check_finite = False  # counted here over the whole stack, for one message with the total
         for i in range(r.n_planes):
@@ -416,8 +417,8 @@ class PlaneReader:
             end = int(series.dataoffset) + n_pages * plane_bytes
             if end > filesize:
                 raise UserError(
-                    f"{path} declares {n_pages} plane(s) of {size_txt} {dtype} ({_size(n_pages * plane_bytes)} of "
-                    f"pixel data from byte {series.dataoffset}) but the file is only {filesize} bytes long, "
+                    f"{path} declares {n_pages} plane(s) of {size_txt} {dtype} ({human_size(n_pages * plane_bytes)} "
+                    f"of pixel data from byte {series.dataoffset}) but the file is only {filesize} bytes long, "
                     f"holding {max(0, filesize - int(series.dataoffset)) // max(plane_bytes, 1)} complete plane(s): "
                     "it is truncated or its header is wrong"
                 )
@@ -440,8 +441,8 @@ class PlaneReader:
                 raw = getattr(keyframe, "compression", 1) == 1 and bits == dtype.itemsize * 8
                 if raw and sum(counts) < plane_bytes:
                     raise UserError(
-                        f"{path}: page {k + 1} declares {size_txt} {dtype} pixels ({_size(plane_bytes)}) but stores "
-                        f"only {sum(counts)} bytes: it is truncated or its header is wrong"
+                        f"{path}: page {k + 1} declares {size_txt} {dtype} pixels ({human_size(plane_bytes)}) but "
+                        f"stores only {sum(counts)} bytes: it is truncated or its header is wrong"
                     )
         _check_fits(path, f"one {size_txt} {dtype} plane", plane_bytes)
 
@@ -593,7 +594,9 @@ def read_rois(path: str | os.PathLike) -> list:
     else:
         size = path.stat().st_size
         if size > MAX_ROI_BYTES:
-            raise UserError(f"{path} is {_size(size)}, too large for an ImageJ ROI (at most {_size(MAX_ROI_BYTES)})")
+            raise UserError(
+                f"{path} is {human_size(size)}, too large for an ImageJ ROI (at most {human_size(MAX_ROI_BYTES)})"
+            )
         try:
             entries = [(path.name, path.read_bytes())]
         except OSError as exc:
@@ -626,8 +629,8 @@ def _zip_roi_entries(path: Path) -> list:
                     continue
                 if info.file_size > MAX_ROI_BYTES:
                     raise UserError(
-                        f"{path}: entry {info.filename} declares {_size(info.file_size)} uncompressed; an ImageJ ROI "
-                        f"is at most {_size(MAX_ROI_BYTES)}, so it was not decompressed"
+                        f"{path}: entry {info.filename} declares {human_size(info.file_size)} uncompressed; an ImageJ "
+                        f"ROI is at most {human_size(MAX_ROI_BYTES)}, so it was not decompressed"
                     )
                 try:
                     with zf.open(info) as fh:
@@ -637,7 +640,7 @@ def _zip_roi_entries(path: Path) -> list:
                 if len(data) > MAX_ROI_BYTES:
                     raise UserError(
                         f"{path}: entry {info.filename} is larger than its header says (over "
-                        f"{_size(MAX_ROI_BYTES)}); the zip file is damaged"
+                        f"{human_size(MAX_ROI_BYTES)}); the zip file is damaged"
                     )
                 out.append((info.filename, data))
     except zipfile.BadZipFile as exc:

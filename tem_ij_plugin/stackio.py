@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from .errors import UserError
-from .io import Calibration
+from .io import Calibration, human_size
 from .outputs import SOFTWARE, atomic_write, remove_output
 from .schemas import JobStateFile
 
@@ -81,14 +81,6 @@ class Layout:
         return self.n_planes * self.plane_bytes
 
 
-def _human(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 class TiffPlaneWriter:
     """ImageJ hyperstack (``imagej=True``) or BigTIFF, pre-allocated and filled plane by plane."""
 
@@ -102,7 +94,7 @@ class TiffPlaneWriter:
         self._dtype = np.dtype(layout.dtype).newbyteorder("<")
         if not big and layout.total_bytes > IMAGEJ_LIMIT:
             raise UserError(
-                f"the output would be {_human(layout.total_bytes)}, over the 4 GB limit of ImageJ TIFF files; "
+                f"the output would be {human_size(layout.total_bytes)}, over the 4 GB limit of ImageJ TIFF files; "
                 f"write {path.with_suffix('.btf').name} (BigTIFF) or {path.with_suffix('.zarr').name} (OME-Zarr), "
                 "or use --dtype uint8 (4x smaller than float32) or --classes to keep fewer channels"
             )
