@@ -33,7 +33,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from isbi_partial import DATA, choose_patches, large_profiles, load, miou, partial_labels, rf_peer  # noqa: E402
+from isbi_partial import (  # noqa: E402
+    DATA,
+    apply_overrides,
+    choose_patches,
+    large_profiles,
+    load,
+    miou,
+    partial_labels,
+    rf_peer,
+)
 
 CLASSES = {
     "membrane": ["background", "cell"],
@@ -61,32 +70,81 @@ def dense_labels(truth: np.ndarray, classes: list):
     return Labels(labels=truth.astype(np.int16), classes=list(classes))
 
 
-def train_and_score(train_img, labels, test_img, test_truth, minutes, seed) -> dict:
-    """Train the default network on ``labels``; its dense test mIoU and what its trainer validated."""
+def _score(net, test_img, test_truth, model, n_classes, tta="off") -> float:
     import torch
 
-    from tem_ij_plugin.config import Settings
     from tem_ij_plugin.predict import predict_stack
+
+    probs = predict_stack(net, test_img, model.normalization, torch.device("cpu"), tta=tta)
+    return round(miou(probs.argmax(1), test_truth, n_classes), 4)
+
+
+def prior_corrected(model, train_img, settings, max_iter=200):
+    """A copy of the trained network with the Saerens prior correction (estimated on ``train_img``)."""
+    import copy
+
+    import torch
+
+    from tem_ij_plugin.losses import class_weights
+    from tem_ij_plugin.predict import normalize
+    from tem_ij_plugin.priors import estimate_correction, shift_output_bias
+
+    rnd = model.meta["history"]["rounds"][-1]
+    counts = [rnd["labelled_pixels"][c] for c in model.classes]
+    weight = class_weights(counts, settings.train.class_balance).numpy()
+    lo, hi = model.normalization["training_range"]
+    net = copy.deepcopy(model.net).eval()
+    rec = estimate_correction(
+        net,
+        train_img,
+        lambda a: normalize(a, lo, hi),
+        counts,
+        weight,
+        torch.device("cpu"),
+        seed=settings.train.seed,
+        max_iter=max_iter,
+    )
+    shift_output_bias(net, rec["logit_shift"])
+    return net, rec
+
+
+def train_and_score(train_img, labels, test_img, test_truth, minutes, seed, overrides=(), variants=("raw",)) -> dict:
+    """Train the default network on ``labels``; its dense test mIoU and what its trainer validated.
+
+    ``variants`` are scored from the same training: ``raw``, ``prior`` (Saerens prior correction
+    estimated on the training image), ``prior1`` (one EM step: the mean posterior), ``tta`` (flip
+    test-time augmentation), and ``prior+tta`` / ``prior1+tta``.
+    """
+    from tem_ij_plugin.config import Settings
     from tem_ij_plugin.train import train
 
-    s = Settings()
+    s = apply_overrides(Settings(), overrides)
     s.train.seed = seed
     if minutes is not None:
         s.train.max_minutes = minutes
     res = train(train_img, labels, s, device="cpu")
-    probs = predict_stack(res.model.net, test_img, res.model.normalization, torch.device("cpu"))
     rnd = res.model.meta["history"]["rounds"][-1]
-    return {
-        "miou": round(miou(probs.argmax(1), test_truth, len(labels.classes)), 4),
+    n = len(labels.classes)
+    out = {
         "best_val": None if rnd["best_score"] is None else round(rnd["best_score"], 4),
         "iterations": rnd["iterations"],
         "train_s": rnd["duration_s"],
         "stop_reason": res.stop_reason,
         "val_patches": len(rnd["val_patches"]),
+        "variants": {},
     }
+    nets = {"raw": res.model.net}
+    for kind, iters in (("prior", 200), ("prior1", 1)):
+        if any(v.split("+")[0] == kind for v in variants):
+            nets[kind], out[f"{kind}_correction"] = prior_corrected(res.model, train_img, s, iters)
+    for v in variants:
+        net = nets[v.split("+")[0].replace("tta", "raw")]
+        out["variants"][v] = _score(net, test_img, test_truth, res.model, n, "flips" if v.endswith("tta") else "off")
+    out["miou"] = out["variants"][variants[0]]
+    return out
 
 
-def run_task(task, truth, images, seed, minutes, arms) -> dict:
+def run_task(task, truth, images, seed, minutes, arms, overrides=(), variants=("raw",)) -> dict:
     classes = CLASSES[task]
     train_img, test_img, test_truth = images[:15], images[15:], truth[15:]
     lab = partial_labels(truth[:15], choose_patches(15, seed), seed, classes=classes)
@@ -95,7 +153,7 @@ def run_task(task, truth, images, seed, minutes, arms) -> dict:
         pred, *_ = rf_peer(train_img, lab.labels, test_img, seed)
         row["rf"] = {"miou": round(miou(pred, test_truth, len(classes)), 4)}
     if "partial" in arms:
-        row["partial"] = train_and_score(train_img, lab, test_img, test_truth, minutes, seed)
+        row["partial"] = train_and_score(train_img, lab, test_img, test_truth, minutes, seed, overrides, variants)
     if "dense" in arms:
         row["dense"] = train_and_score(
             train_img, dense_labels(truth[:15], classes), test_img, test_truth, minutes, seed
@@ -104,18 +162,29 @@ def run_task(task, truth, images, seed, minutes, arms) -> dict:
     return row
 
 
+def _columns(by_seed: dict, arms) -> dict:
+    """Column name -> test mIoU per seed; the partial arm has a column per scored variant."""
+    cols = {}
+    for arm in arms:
+        for r in by_seed.values():
+            if arm not in r:
+                continue
+            for v, score in (r[arm].get("variants") or {"": r[arm]["miou"]}).items():
+                cols.setdefault(f"{arm}:{v}" if v else arm, []).append(score)
+    return cols
+
+
 def summary(results: dict, arms) -> list:
-    """Table rows: per task and arm, mean and spread (min-max) of the test mIoU over seeds."""
-    lines = [f"{'task':9s} " + " ".join(f"{a:>22s}" for a in arms) + f" {'partial: val seen':>18s}"]
+    """Table rows: per task and arm (and variant), mean and spread (min-max) of the test mIoU over seeds."""
+    lines = []
     for task, by_seed in results["tasks"].items():
-        cells = []
-        for arm in arms:
-            v = [r[arm]["miou"] for r in by_seed.values() if arm in r]
-            cells.append(f"{np.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}]" if v else "-")
+        cols = _columns(by_seed, arms)
         seen = [r["partial"]["best_val"] for r in by_seed.values() if "partial" in r and r["partial"]["best_val"]]
-        lines.append(
-            f"{task:9s} " + " ".join(f"{c:>22s}" for c in cells) + f" {np.mean(seen) if seen else float('nan'):18.3f}"
-        )
+        cols["partial: val seen"] = seen
+        if not lines:
+            lines.append(f"{'task':9s} " + " ".join(f"{c:>22s}" for c in cols))
+        cells = [f"{np.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}]" if v else "-" for v in cols.values()]
+        lines.append(f"{task:9s} " + " ".join(f"{c:>22s}" for c in cells))
     return lines
 
 
@@ -126,6 +195,10 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default="rf,partial,dense")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of patches, annotation and training")
     ap.add_argument("--minutes", type=float, default=None, help="training budget (default: config default, 10)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    ap.add_argument(
+        "--variants", default="raw,prior", help="scores of each partial training: raw, prior, tta, prior+tta"
+    )
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "label_gap.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -135,10 +208,11 @@ def main(argv=None) -> int:
     arms = args.arms.split(",")
     images = load(args.data)[0]
     all_truths = truths(args.data, images.shape)
-    results = {"minutes": args.minutes, "seeds": args.seeds, "tasks": {}}
+    variants = tuple(args.variants.split(","))
+    results = {"minutes": args.minutes, "seeds": args.seeds, "overrides": args.set, "variants": variants, "tasks": {}}
     for seed in (int(s) for s in args.seeds.split(",")):
         for task in args.tasks.split(","):
-            row = run_task(task, all_truths[task], images, seed, args.minutes, arms)
+            row = run_task(task, all_truths[task], images, seed, args.minutes, arms, args.set, variants)
             results["tasks"].setdefault(task, {})[str(seed)] = row
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1))  # after every run: a long table survives a stop

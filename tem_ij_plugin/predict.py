@@ -192,6 +192,7 @@ class TorchBackend:
     """Probabilities from the network in torch on ``device`` (tensors in, tensors out, on the device)."""
 
     name = "torch"
+    on_device = True  # takes and returns tensors on the compute device
 
     def __init__(self, net: torch.nn.Module, device: torch.device, precision: str = "fp32"):
         self.device = device
@@ -216,6 +217,7 @@ class OnnxBackend:
 
     name = "onnx"
     precision = "fp32"
+    on_device = False
 
     def __init__(self, net: torch.nn.Module, threads: int | None = None):
         import onnxruntime as ort
@@ -236,6 +238,51 @@ class OnnxBackend:
     def __call__(self, x) -> np.ndarray:
         x = x.numpy() if isinstance(x, torch.Tensor) else x
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+TTA_MODES = {"off": 1, "flips": 4, "dihedral": 8}
+
+
+def _dihedral(x, k: int, inverse: bool = False):
+    """Transform ``k`` of the 8 symmetries of the square on the last two axes (torch or numpy)."""
+    is_t = isinstance(x, torch.Tensor)
+    flip = (lambda a, d: torch.flip(a, d)) if is_t else (lambda a, d: np.flip(a, d))
+    swap = (lambda a: a.transpose(-1, -2)) if is_t else (lambda a: np.swapaxes(a, -1, -2))
+    fy, fx, tr = bool(k & 1), bool(k & 2), bool(k & 4)
+    if inverse and tr:
+        x = swap(x)
+    if fy:
+        x = flip(x, (-2,))
+    if fx:
+        x = flip(x, (-1,))
+    if not inverse and tr:
+        x = swap(x)
+    return x
+
+
+class TTABackend:
+    """Test-time augmentation: the mean probabilities over flips (4) or all 8 dihedral symmetries.
+
+    Tiles are square, so every symmetry keeps the tile's shape; each costs one more forward pass.
+    """
+
+    def __init__(self, backend, mode: str):
+        if mode not in TTA_MODES:
+            raise UserError(f"unknown test-time augmentation '{mode}'; use {', '.join(TTA_MODES)}")
+        self.backend = backend
+        self.n = TTA_MODES[mode]
+        self.name = backend.name
+        self.precision = backend.precision
+        self.on_device = backend.on_device
+
+    def __call__(self, x):
+        total = None
+        for k in range(self.n):
+            xk = _dihedral(x, k)
+            xk = xk.contiguous() if isinstance(xk, torch.Tensor) else np.ascontiguousarray(xk)
+            p = _dihedral(self.backend(xk), k, inverse=True)
+            total = p if total is None else total + p
+        return total / self.n
 
 
 def export_onnx(net: torch.nn.Module, size: int = 64) -> bytes:
@@ -356,7 +403,7 @@ class Predictor:
         tiles = tile_specs(padded.shape[0], padded.shape[1], tile, overlap)
         windows: dict = {}  # blend windows by border flags (numpy)
         device_windows: dict = {}  # the same on the compute device
-        on_device = isinstance(self.backend, TorchBackend)
+        on_device = self.backend.on_device
         if on_device:
             src = torch.from_numpy(padded)
             if self.device.type == "cuda":
@@ -432,6 +479,7 @@ def make_predictor(
     batch_size: int | None = None,
     probe: np.ndarray | None = None,
     halo: int | None = None,
+    tta: str = "off",
 ) -> Predictor:
     """A :class:`Predictor` for ``net`` with the fastest correct path unless told otherwise.
 
@@ -455,7 +503,12 @@ def make_predictor(
     halo : int, optional
         The network's effective receptive field radius (:data:`HALO_MASS`) if known (model files
         store it); computed otherwise.
+    tta : str
+        Test-time augmentation: ``off``, ``flips`` (mean over 4 flips, 4x the work) or ``dihedral``
+        (8 symmetries, 8x).
     """
+    if tta not in TTA_MODES:
+        raise UserError(f"unknown test-time augmentation '{tta}'; use {', '.join(TTA_MODES)}")
     if backend not in ("auto", "torch", "onnx"):
         raise UserError(f"unknown backend '{backend}'; use auto, torch or onnx")
     if precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -482,6 +535,8 @@ def make_predictor(
         # at 1, as 2 x 960-pixel tiles of the depth-5 model took the process to 2.3 GB.
         batch_size = 2
     batch_size = batch_size or d_batch
+    if tta != "off":
+        runner = TTABackend(runner, tta)
     return Predictor(runner, net.n_classes, net.size_multiple, tile, overlap, batch_size, halo, device)
 
 
@@ -593,8 +648,11 @@ def predict_stack(
     progress=None,
     cancel=None,
     backend: str = "torch",
+    tta: str = "off",
 ) -> np.ndarray:
     """Probabilities of every plane of an in-memory (Z, Y, X) stack, normalised as the model was trained.
+
+    ``tta``: test-time augmentation (see :func:`make_predictor`).
 
     Returns
     -------
@@ -602,7 +660,7 @@ def predict_stack(
     """
     lo, hi = sampled_range(lambda i: data[i], data.shape[0], normalization)
     probe = normalize(data[0, :256, :256], lo, hi)
-    pred = make_predictor(net, device, backend, precision, tile, overlap, batch_size, probe=probe)
+    pred = make_predictor(net, device, backend, precision, tile, overlap, batch_size, probe=probe, tta=tta)
     out = np.empty((data.shape[0], net.n_classes) + data.shape[1:], dtype=np.float32)
 
     def sink(i, probs):
