@@ -100,6 +100,30 @@ class TrainConfig(_Strict):
     )
     dice_weight: float = Field(0.0, ge=0, description="Weight of soft Dice on labelled pixels, added to CE.")
     step_decay: float = Field(0.4, gt=0, le=1, description="Deep supervision: step t weighs decay**(T-1-t).")
+    edge_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the edge-aware Potts term on every pixel of a crop (0 = off): label changes "
+        "cost little across image edges, much inside uniform regions (losses.edge_potts_loss).",
+    )
+    edge_sigma: float = Field(
+        0.1, gt=0, description="Intensity difference (normalised units) that makes two pixels an edge apart."
+    )
+    pseudo_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of cross-entropy towards the weight average's confident predictions on the "
+        "unlabelled pixels (0 = off; costs one more forward pass per step).",
+    )
+    pseudo_threshold: float = Field(
+        0.9, gt=0, le=1, description="Minimum confidence of the weight average for a pseudo-label."
+    )
+    prior_correction: Literal["off", "em", "mean"] = Field(
+        "off",
+        description="After training, shift the output towards the class priors of the whole image "
+        "(Saerens et al. 2002): 'em' iterates to the maximum-likelihood priors, 'mean' takes one step "
+        "(the mean posterior), 'off' keeps the labelled class mix.",
+    )
     validation_patches: int | None = Field(
         None, ge=0, description="Annotated patches held out for validation; None = about 20 %, at least 1 when 3+."
     )

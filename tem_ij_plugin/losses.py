@@ -71,3 +71,84 @@ def deep_supervision_loss(outs, labels, weight=None, decay: float = 0.4, dice_we
         total = total + wt * step_loss
         norm += wt
     return total / norm
+
+
+# Neighbour offsets of the edge-aware Potts term: 4 directions at distances 1 and 2 pixels. Longer jumps
+# would pair the bright pixels on both sides of a thin dark membrane and so charge for the membrane itself.
+EDGE_OFFSETS = tuple((d * dy, d * dx) for d in (1, 2) for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)))
+
+
+def _shifted_pairs(t: torch.Tensor, dy: int, dx: int):
+    """Views ``a``, ``b`` of ``t`` (..., H, W) such that ``b[..., i, j]`` is ``t[..., i + dy, j + dx]``."""
+    h, w = t.shape[-2:]
+    ys_a, ys_b = slice(0, h - dy), slice(dy, h)
+    if dx >= 0:
+        xs_a, xs_b = slice(0, w - dx), slice(dx, w)
+    else:
+        xs_a, xs_b = slice(-dx, w), slice(0, w + dx)
+    return t[..., ys_a, xs_a], t[..., ys_b, xs_b]
+
+
+def edge_potts_loss(probs: torch.Tensor, image: torch.Tensor, sigma: float = 0.1, offsets=EDGE_OFFSETS):
+    """Edge-aware Potts relaxation on every pixel, labelled or not (a local CRF loss; Tang et al. 2018).
+
+    For neighbouring pixels i, j it charges ``w_ij * (1 - p_i . p_j)``, the expected chance that their
+    labels differ, weighted by ``w_ij = exp(-(I_i - I_j)^2 / (2 sigma^2))``: a label change costs
+    little across an image edge and much inside a uniform region. It pulls the unlabelled boundary
+    band between outlines of different classes onto the image's edges.
+
+    Parameters
+    ----------
+    probs : torch.Tensor, shape (B, C, H, W)
+        Softmax probabilities.
+    image : torch.Tensor, shape (B, 1, H, W)
+        The (augmented, normalised) input image.
+    sigma : float
+        Intensity difference (normalised units) at which a pair's weight falls to exp(-1/2).
+    offsets : sequence of (dy, dx), dy >= 0
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar: the mean over pixel pairs, in [0, 1).
+    """
+    image = image.float()
+    probs = probs.float()
+    total = probs.new_zeros(())
+    count = 0
+    for dy, dx in offsets:
+        pa, pb = _shifted_pairs(probs, dy, dx)
+        ia, ib = _shifted_pairs(image, dy, dx)
+        w = torch.exp(-((ia - ib) ** 2) / (2 * sigma**2))[:, 0]
+        total = total + (w * (1.0 - (pa * pb).sum(dim=1))).sum()
+        count += w.numel()
+    return total / max(count, 1)
+
+
+def pseudo_label_loss(
+    logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor, threshold: float, weight=None
+):
+    """Cross-entropy towards a teacher's confident predictions on the *unlabelled* pixels only.
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape (B, C, H, W)
+        The student's output.
+    teacher_probs : torch.Tensor, shape (B, C, H, W)
+        The teacher's probabilities on the same input (no gradient).
+    labels : torch.Tensor of int64, shape (B, H, W)
+        Labelled pixels (>= 0) are left to the supervised loss.
+    threshold : float
+        Minimum teacher confidence for a pixel to become a pseudo-label.
+    weight : torch.Tensor, shape (C,), optional
+        Per-class weights (the supervised loss's), so pseudo-labels of a frequent class do not drown a
+        rare one.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar: the weighted mean over the pseudo-labelled pixels (0 when there are none).
+    """
+    conf, target = teacher_probs.max(dim=1)
+    target = torch.where((labels == UNLABELLED) & (conf >= threshold), target, torch.full_like(target, UNLABELLED))
+    return masked_cross_entropy(logits, target, weight)

@@ -23,7 +23,7 @@ from .annotations import UNLABELLED, Labels
 from .augment import Augmenter
 from .config import Settings
 from .errors import UserError
-from .losses import class_weights, deep_supervision_loss
+from .losses import class_weights, deep_supervision_loss, edge_potts_loss, pseudo_label_loss
 from .modelio import TrainedModel, build_network, software_versions
 from .patches import Patch, annotated_patches, split
 from .predict import (
@@ -36,6 +36,7 @@ from .predict import (
     normalize,
     predict_plane,
 )
+from .priors import estimate_correction, shift_output_bias
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class TrainResult:
 
 
 NON_FINITE = "non-finite loss"
+NO_VALIDATION_SCORE = "negative training loss (no validation patches)"
 
 
 def _expanded_box(p: Patch, context: int, shape, avoid: list) -> tuple:
@@ -177,6 +179,371 @@ def _all_finite(net) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in net.state_dict().values() if v.is_floating_point())
 
 
+def supervised_term(outs, y, x, teacher, trainer) -> torch.Tensor:
+    """Masked cross-entropy (+ soft Dice) on the labelled pixels, over every recurrent step."""
+    tc = trainer.tc
+    return deep_supervision_loss(outs, y, trainer.weight, tc.step_decay, tc.dice_weight)
+
+
+def edge_term(outs, y, x, teacher, trainer) -> torch.Tensor:
+    """The edge-aware Potts term on every pixel of the crop (last step)."""
+    return edge_potts_loss(torch.softmax(outs[-1].float(), dim=1), x, trainer.tc.edge_sigma)
+
+
+def pseudo_term(outs, y, x, teacher, trainer) -> torch.Tensor:
+    """Cross-entropy towards the weight average's confident predictions on unlabelled pixels (last step)."""
+    return pseudo_label_loss(outs[-1], teacher, y, trainer.tc.pseudo_threshold, trainer.weight)
+
+
+class Trainer:
+    """One training round: set-up, :meth:`step`, :meth:`evaluate`, :meth:`backtrack` and :meth:`result`.
+
+    :func:`train` runs it; the parts are separate so each can be tested and timed on its own. The loss
+    is a weighted sum of named terms (:attr:`terms`): ``supervised`` always, ``edge`` and ``pseudo``
+    when their weights are set.
+    """
+
+    def __init__(self, image, labels: Labels, settings: Settings, init=None, device="auto", calibration=None):
+        from .predict import resolve_device
+
+        self.s = settings
+        self.tc = tc = settings.train
+        self.dev = resolve_device(device)
+        if image.shape != labels.labels.shape:
+            raise UserError(f"labels of shape {labels.labels.shape} do not match the image {image.shape}")
+        self.image, self.labels, self.init, self.calibration = image, labels, init, calibration
+        self.classes = classes = labels.classes
+        n_classes = len(classes)
+        if init is not None and init.classes != classes:
+            raise UserError(
+                f"the starting model has classes {', '.join(init.classes)} but the annotations have "
+                f"{', '.join(classes)}; annotate the same classes or train a new model without --init"
+            )
+        self._build_network(init, n_classes)
+        self._build_data(n_classes)
+        self.terms = {"supervised": (1.0, supervised_term)}
+        if tc.edge_weight:
+            self.terms["edge"] = (tc.edge_weight, edge_term)
+        if tc.pseudo_weight:
+            self.terms["pseudo"] = (tc.pseudo_weight, pseudo_term)
+        self.lr = tc.learning_rate
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=tc.weight_decay)
+        self.it = 0
+        self.curves = {"iteration": [], "train_loss": [], "val_iteration": [], "val_score": [], "smoothed_score": []}
+        self.best = {"score": -np.inf, "iteration": 0, "state": None}
+        # The latest finite weight average seen at a validation during warm-up: what a non-finite loss
+        # during warm-up can still fall back to.
+        self.fallback = {"score": None, "iteration": 0, "state": None}
+        self.smoothed = None
+        self.bad = 0
+        self.backtracks = 0
+        self.loss_ema = None
+        self.last_val = None
+
+    def _build_network(self, init, n_classes: int) -> None:
+        """The network (new, or the warm start's), its weight average and the optimiser."""
+        torch.manual_seed(self.tc.seed)
+        if init is not None:
+            self.arch = dict(init.meta["architecture"])
+            self.net = build_network(self.arch)
+            self.net.load_state_dict(init.net.state_dict())
+        else:
+            self.arch = {"name": "RecurrentUNet", "in_channels": 1, "n_classes": n_classes}
+            self.arch.update(self.s.model.model_dump())
+            self.net = build_network(self.arch)
+        self.net.to(self.dev).to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.net).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    def _build_data(self, n_classes: int) -> None:
+        """The train/validation split, the crop sampler, the augmenter, the validator and class weights."""
+        tc, labels, image = self.tc, self.labels.labels, self.image
+        patches = annotated_patches(labels, self.s.patches.size)
+        self.train_p, self.val_p = split(labels, patches, tc.validation_patches, tc.seed, n_classes)
+        log.info("%d annotated patch(es): %d for training, %d for validation", len(patches), *map(len, self.split))
+        self.lo, self.hi = normalization_range(image)
+        self.augmenter = Augmenter(tc.crop_size, **self.s.augment.model_dump())
+        # Only the regions around annotated patches are normalised: a large stack is never copied whole.
+        src = self.augmenter.input_size()
+        self.sampler = _Sampler(image, self.norm, labels, self.train_p, self.val_p, tc.context, src, self.dev, tc.seed)
+        self.validator = _Validator(image, self.norm, labels, self.val_p, tc.context, n_classes) if self.val_p else None
+        self.counts = np.bincount(
+            np.concatenate([labels[p.z, p.y0 : p.y1, p.x0 : p.x1].ravel() for p in self.train_p]) + 1,
+            minlength=n_classes + 1,
+        )[1:]
+        self.weight = class_weights(self.counts, tc.class_balance).to(self.dev)
+        self.gen = torch.Generator(device=self.dev).manual_seed(tc.seed)
+
+    @property
+    def split(self) -> tuple:
+        """(training patches, validation patches)."""
+        return self.train_p, self.val_p
+
+    def norm(self, a):
+        return normalize(a, self.lo, self.hi)
+
+    def loss(self, outs, y, x) -> torch.Tensor:
+        """The weighted sum of :attr:`terms` on one augmented batch."""
+        teacher = None
+        if "pseudo" in self.terms and self.it >= self.tc.min_iterations:
+            with torch.no_grad(), autocast_context(self.dev, self.tc.precision):
+                teacher = torch.softmax(self.ema(x).float(), dim=1)
+        total = 0.0
+        for name, (w, term) in self.terms.items():
+            if name == "pseudo" and teacher is None:
+                continue  # the average is not worth learning from during warm-up
+            total = total + w * term(outs, y, x, teacher, self)
+        return total
+
+    def step(self) -> float:
+        """One optimiser step; returns the loss. A non-finite loss is returned without touching the weights."""
+        tc = self.tc
+        x, y = self.sampler.batch(tc.batch_size)
+        with torch.no_grad():
+            x, y = self.augmenter(x, y, self.gen)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(self.dev, tc.precision):
+            outs = self.net(x, all_steps=True)
+        loss = self.loss(outs, y, x)
+        lv = float(loss.detach())
+        if not np.isfinite(lv):
+            return lv
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.it += 1
+        self._average()
+        self.loss_ema = lv if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * lv
+        self.curves["iteration"].append(self.it)
+        self.curves["train_loss"].append(round(lv, 5))
+        return lv
+
+    def _average(self) -> None:
+        # Warm up the weight average quickly, then let it average over ~1/(1-decay) steps.
+        d = min(self.tc.ema_decay, (1 + self.it) / (10 + self.it))
+        with torch.no_grad():
+            for pe, pn in zip(self.ema.parameters(), self.net.parameters()):
+                pe.lerp_(pn, 1 - d)
+            # BatchNorm statistics are averaged like the weights they belong to.
+            for be, bn in zip(self.ema.buffers(), self.net.buffers()):
+                if be.is_floating_point():
+                    be.lerp_(bn, 1 - d)
+                else:
+                    be.copy_(bn)
+
+    def evaluate(self) -> bool:
+        """Validate the weight average; False (and nothing recorded) when its weights are not finite."""
+        tc = self.tc
+        if not _all_finite(self.ema):
+            return False
+        if self.validator is not None:
+            score = self.validator(self.ema, self.dev, tc.precision)
+        else:
+            score = -float(self.loss_ema if self.loss_ema is not None else np.inf)
+        self.last_val = score
+        self.smoothed = score if self.smoothed is None else tc.smoothing * self.smoothed + (1 - tc.smoothing) * score
+        self.curves["val_iteration"].append(self.it)
+        self.curves["val_score"].append(round(score, 5))
+        self.curves["smoothed_score"].append(round(self.smoothed, 5))
+        if self.it < tc.min_iterations:
+            # An early, barely trained score must not become the best to backtrack to.
+            self.fallback.update(score=self.smoothed, iteration=self.it, state=_state(self.ema))
+            return True
+        if self.smoothed > self.best["score"] + 1e-4:
+            self.best.update(score=self.smoothed, iteration=self.it, state=_state(self.ema))
+            self.bad = 0
+        else:
+            self.bad += 1
+        return True
+
+    def stalled(self) -> bool:
+        """Whether the smoothed score has not improved for ``patience`` validations after warm-up."""
+        return self.bad >= self.tc.patience and self.it >= self.tc.min_iterations
+
+    def backtrack(self) -> bool:
+        """Reload the best weights with a lower learning rate; False when no backtrack is left."""
+        tc = self.tc
+        if self.backtracks >= tc.backtracks:
+            return False
+        self.backtracks += 1
+        self.lr *= tc.backtrack_lr_factor
+        self.net.load_state_dict(self.best["state"])
+        self.ema.load_state_dict(self.best["state"])
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=tc.weight_decay)
+        self.bad = 0
+        log.info(
+            "backtrack %d at iteration %d: best from iteration %d, learning rate %.2g",
+            self.backtracks,
+            self.it,
+            self.best["iteration"],
+            self.lr,
+        )
+        return True
+
+    def event(self, elapsed: float, max_seconds: float) -> dict:
+        """The progress record after an iteration (see :func:`train`)."""
+        return {
+            "stage": "train",
+            "iteration": self.it,
+            "max_iterations": self.tc.max_iterations,
+            "elapsed_s": elapsed,
+            "max_seconds": max_seconds,
+            "train_loss": self.loss_ema,
+            "val_score": self.last_val,
+            "validated": self.it % self.tc.eval_every == 0,
+            "smoothed_score": self.smoothed,
+            "best_score": self.best["score"] if np.isfinite(self.best["score"]) else None,
+            "best_iteration": self.best["iteration"],
+            "backtracks": self.backtracks,
+            "lr": self.lr,
+        }
+
+    def run(self, progress=None, cancel=None) -> TrainResult:
+        """Train until early stopping, the time budget, the iteration cap, a cancel or a non-finite loss."""
+        tc = self.tc
+        max_seconds = tc.max_minutes * 60.0
+        start = time.perf_counter()
+        stop_reason, problem = "max iterations", None
+        self.net.train()
+        while True:
+            if cancel is not None and cancel.is_set():
+                stop_reason = "cancelled"
+                break
+            if time.perf_counter() - start > max_seconds:
+                stop_reason = "time budget"
+                break
+            if self.it >= tc.max_iterations:
+                stop_reason = "max iterations"
+                break
+            lv = self.step()
+            if not np.isfinite(lv):
+                # Stopped before this loss touched the weights: nothing non-finite reaches a saved model.
+                problem = f"the training loss became non-finite ({lv}) at iteration {self.it + 1}"
+                stop_reason = NON_FINITE
+                break
+            if self.it % tc.eval_every == 0:
+                if not self.evaluate():
+                    problem = f"the averaged weights became non-finite (NaN or infinite) by iteration {self.it}"
+                    stop_reason = NON_FINITE
+                    break
+                if self.stalled() and not self.backtrack():
+                    stop_reason = "early stopping"
+                    break
+            if progress is not None:
+                progress(self.event(time.perf_counter() - start, max_seconds))
+        if problem is None and (not self.curves["val_iteration"] or self.curves["val_iteration"][-1] != self.it):
+            if not self.evaluate():
+                problem = f"the averaged weights became non-finite (NaN or infinite) by iteration {self.it}"
+                stop_reason = NON_FINITE
+        return self.result(stop_reason, problem, time.perf_counter() - start)
+
+    def _settle_best(self, problem):
+        """The model to keep, and the user's message when a non-finite loss cut training short."""
+        best = self.best
+        if not np.isfinite(best["score"]):
+            if problem is None:  # stopped during warm-up: the latest weights are all there is
+                best.update(score=self.smoothed, iteration=self.it, state=_state(self.ema))
+            elif self.fallback["state"] is not None:  # the last finite average validated during warm-up
+                best.update(self.fallback)
+        if problem is None:
+            return None
+        advice = f"lower train.learning_rate (now {self.lr:g}) or check the image and the annotations"
+        if best["state"] is None:
+            raise UserError(
+                f"training failed: {problem}, before any model with finite weights was validated; "
+                f"nothing was saved ({advice})"
+            )
+        problem = (
+            f"training stopped early: {problem}; kept the best model with finite weights, from iteration "
+            f"{best['iteration']}; {advice}"
+        )
+        log.warning("%s", problem)
+        return problem
+
+    def correct_priors(self) -> dict | None:
+        """Shift the kept model's output towards the image's class priors (``train.prior_correction``)."""
+        mode = self.tc.prior_correction
+        if mode == "off":
+            return None
+        rec = estimate_correction(
+            self.ema,
+            self.image,
+            self.norm,
+            self.counts,
+            self.weight.cpu().numpy(),
+            self.dev,
+            self.tc.precision,
+            self.tc.seed,
+            max_iter=200 if mode == "em" else 1,
+        )
+        shift_output_bias(self.ema, rec["logit_shift"])
+        log.info(
+            "class priors: labelled mix %s, estimated on the image %s",
+            rec["train_prior"],
+            rec["image_prior"],
+        )
+        return {"method": mode, **rec}
+
+    def result(self, stop_reason: str, problem: str | None, elapsed: float) -> TrainResult:
+        """The best model with its history record and metadata."""
+        problem = self._settle_best(problem)
+        best = self.best
+        self.ema.load_state_dict(best["state"])
+        priors = self.correct_priors()
+        self.ema.cpu()
+        log.info(
+            "training stopped (%s) after %d iterations in %.0f s; best %s %.3f at iteration %d",
+            stop_reason,
+            self.it,
+            elapsed,
+            "validation mIoU" if self.validator else "-train loss",
+            best["score"],
+            best["iteration"],
+        )
+        init = self.init
+        history = copy.deepcopy(init.meta.get("history", {"rounds": []})) if init is not None else {"rounds": []}
+        record = {
+            "round": len(history["rounds"]) + 1,
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "iterations": self.it,
+            "duration_s": round(elapsed, 1),
+            "stop_reason": stop_reason,
+            "best_iteration": best["iteration"],
+            "best_score": float(best["score"]) if np.isfinite(best["score"]) else None,
+            "score": "validation mIoU (smoothed)"
+            if self.validator
+            else "negative training loss (no validation patches)",
+            "backtracks": self.backtracks,
+            "device": str(self.dev),
+            "loss_terms": {name: w for name, (w, _) in self.terms.items()},
+            "train_patches": [p.as_list() for p in self.train_p],
+            "val_patches": [p.as_list() for p in self.val_p],
+            "labelled_pixels": {c: int(n) for c, n in zip(self.classes, self.counts)},
+            "curves": self.curves,
+        }
+        if priors is not None:
+            record["prior_correction"] = priors
+        history["rounds"].append(record)
+        meta = {
+            "classes": self.classes,
+            "architecture": self.arch,
+            "normalization": {**DEFAULT_NORMALIZATION, "training_range": [self.lo, self.hi]},
+            "pixel_size": self.calibration or {},
+            "patch_size": self.s.patches.size,
+            "settings": self.s.model_dump(mode="json"),
+            "history": history,
+            "annotations_sha256": self.labels.digest(),
+            "versions": software_versions(),
+            # Prediction sizes its tile overlap from this; computed once here rather than at every start.
+            "effective_receptive_field": {
+                "mass": HALO_MASS,
+                "radius": effective_receptive_field(fold_batchnorm(self.ema), HALO_MASS),
+            },
+        }
+        return TrainResult(TrainedModel(net=self.ema, meta=meta), stop_reason, self.train_p, self.val_p, problem)
+
+
 def train(
     image: np.ndarray,
     labels: Labels,
@@ -223,247 +590,5 @@ def train(
     UserError
         Bad inputs, or a non-finite loss before any finite model was validated (nothing to keep).
     """
-    from .predict import resolve_device
-
-    s = settings or Settings()
-    tc = s.train
-    dev = resolve_device(device)
-    if image.shape != labels.labels.shape:
-        raise UserError(f"labels of shape {labels.labels.shape} do not match the image {image.shape}")
-    classes = labels.classes
-    n_classes = len(classes)
-    if init is not None and init.classes != classes:
-        raise UserError(
-            f"the starting model has classes {', '.join(init.classes)} but the annotations have "
-            f"{', '.join(classes)}; annotate the same classes or train a new model without --init"
-        )
-    patches = annotated_patches(labels.labels, s.patches.size)
-    train_p, val_p = split(labels.labels, patches, tc.validation_patches, tc.seed, n_classes)
-    log.info("%d annotated patch(es): %d for training, %d for validation", len(patches), len(train_p), len(val_p))
-
-    torch.manual_seed(tc.seed)
-    if init is not None:
-        arch = dict(init.meta["architecture"])
-        net = build_network(arch)
-        net.load_state_dict(init.net.state_dict())
-    else:
-        arch = {"name": "RecurrentUNet", "in_channels": 1, "n_classes": n_classes, **s.model.model_dump()}
-        net = build_network(arch)
-    net.to(dev).to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(net).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-
-    lo, hi = normalization_range(image)
-
-    # Only the regions around annotated patches are normalised: a large stack is never copied whole.
-    def norm(a):
-        return normalize(a, lo, hi)
-
-    augmenter = Augmenter(tc.crop_size, **s.augment.model_dump())
-    src = augmenter.input_size()
-    sampler = _Sampler(image, norm, labels.labels, train_p, val_p, tc.context, src, dev, tc.seed)
-    validator = _Validator(image, norm, labels.labels, val_p, tc.context, n_classes) if val_p else None
-    counts = np.bincount(
-        np.concatenate([labels.labels[p.z, p.y0 : p.y1, p.x0 : p.x1].ravel() for p in train_p]) + 1,
-        minlength=n_classes + 1,
-    )[1:]
-    weight = class_weights(counts, tc.class_balance).to(dev)
-    gen = torch.Generator(device=dev).manual_seed(tc.seed)
-
-    lr = tc.learning_rate
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=tc.weight_decay)
-
-    curves = {"iteration": [], "train_loss": [], "val_iteration": [], "val_score": [], "smoothed_score": []}
-    best = {"score": -np.inf, "iteration": 0, "state": None}  # set by evaluate() or after the loop
-    # The latest finite weight average seen at a validation during warm-up: what a non-finite loss
-    # during warm-up can still fall back to.
-    fallback = {"score": None, "iteration": 0, "state": None}
-    problem = None
-    smoothed = None
-    bad = 0
-    backtracks = 0
-    loss_ema = None
-    last_val = None
-    max_seconds = tc.max_minutes * 60.0
-    start = time.perf_counter()
-    stop_reason = "max iterations"
-    it = 0
-
-    def evaluate() -> bool:
-        """Validate the weight average; False (and nothing recorded) when its weights are not finite."""
-        nonlocal smoothed, bad, last_val
-        if not _all_finite(ema):
-            return False
-        if validator is not None:
-            score = validator(ema, dev, tc.precision)
-        else:
-            score = -float(loss_ema if loss_ema is not None else np.inf)
-        last_val = score
-        smoothed = score if smoothed is None else tc.smoothing * smoothed + (1 - tc.smoothing) * score
-        curves["val_iteration"].append(it)
-        curves["val_score"].append(round(score, 5))
-        curves["smoothed_score"].append(round(smoothed, 5))
-        if it < tc.min_iterations:
-            # An early, barely trained score must not become the best to backtrack to.
-            fallback.update(score=smoothed, iteration=it, state=_state(ema))
-            return True
-        if smoothed > best["score"] + 1e-4:
-            best.update(score=smoothed, iteration=it, state=_state(ema))
-            bad = 0
-        else:
-            bad += 1
-        return True
-
-    net.train()
-    while True:
-        if cancel is not None and cancel.is_set():
-            stop_reason = "cancelled"
-            break
-        if time.perf_counter() - start > max_seconds:
-            stop_reason = "time budget"
-            break
-        if it >= tc.max_iterations:
-            stop_reason = "max iterations"
-            break
-        x, y = sampler.batch(tc.batch_size)
-        with torch.no_grad():
-            x, y = augmenter(x, y, gen)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(dev, tc.precision):
-            outs = net(x, all_steps=True)
-        loss = deep_supervision_loss(outs, y, weight, tc.step_decay, tc.dice_weight)
-        lv = float(loss.detach())
-        if not np.isfinite(lv):
-            # Stop before this loss touches the weights: nothing non-finite ever reaches a saved model.
-            problem = f"the training loss became non-finite ({lv}) at iteration {it + 1}"
-            stop_reason = NON_FINITE
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        it += 1
-        # Warm up the weight average quickly, then let it average over ~1/(1-decay) steps.
-        d = min(tc.ema_decay, (1 + it) / (10 + it))
-        with torch.no_grad():
-            for pe, pn in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(pn, 1 - d)
-            # BatchNorm statistics are averaged like the weights they belong to.
-            for be, bn in zip(ema.buffers(), net.buffers()):
-                if be.is_floating_point():
-                    be.lerp_(bn, 1 - d)
-                else:
-                    be.copy_(bn)
-        loss_ema = lv if loss_ema is None else 0.95 * loss_ema + 0.05 * lv
-        curves["iteration"].append(it)
-        curves["train_loss"].append(round(lv, 5))
-        if it % tc.eval_every == 0:
-            if not evaluate():
-                problem = f"the averaged weights became non-finite (NaN or infinite) by iteration {it}"
-                stop_reason = NON_FINITE
-                break
-            if bad >= tc.patience and it >= tc.min_iterations:
-                if backtracks >= tc.backtracks:
-                    stop_reason = "early stopping"
-                    break
-                backtracks += 1
-                lr *= tc.backtrack_lr_factor
-                net.load_state_dict(best["state"])
-                ema.load_state_dict(best["state"])
-                opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=tc.weight_decay)
-                bad = 0
-                log.info(
-                    "backtrack %d at iteration %d: best from iteration %d, learning rate %.2g",
-                    backtracks,
-                    it,
-                    best["iteration"],
-                    lr,
-                )
-        if progress is not None:
-            progress(
-                {
-                    "stage": "train",
-                    "iteration": it,
-                    "max_iterations": tc.max_iterations,
-                    "elapsed_s": time.perf_counter() - start,
-                    "max_seconds": max_seconds,
-                    "train_loss": loss_ema,
-                    "val_score": last_val,
-                    "validated": it % tc.eval_every == 0,
-                    "smoothed_score": smoothed,
-                    "best_score": best["score"] if np.isfinite(best["score"]) else None,
-                    "best_iteration": best["iteration"],
-                    "backtracks": backtracks,
-                    "lr": lr,
-                }
-            )
-    if problem is None and (not curves["val_iteration"] or curves["val_iteration"][-1] != it):
-        if not evaluate():
-            problem = f"the averaged weights became non-finite (NaN or infinite) by iteration {it}"
-            stop_reason = NON_FINITE
-    if not np.isfinite(best["score"]):
-        if problem is None:  # stopped during warm-up: the latest weights are all there is
-            best.update(score=smoothed, iteration=it, state=_state(ema))
-        elif fallback["state"] is not None:  # the last finite average validated during warm-up
-            best.update(fallback)
-    if problem is not None:
-        advice = f"lower train.learning_rate (now {lr:g}) or check the image and the annotations"
-        if best["state"] is None:
-            raise UserError(
-                f"training failed: {problem}, before any model with finite weights was validated; "
-                f"nothing was saved ({advice})"
-            )
-        problem = (
-            f"training stopped early: {problem}; kept the best model with finite weights, from iteration "
-            f"{best['iteration']}; {advice}"
-        )
-        log.warning("%s", problem)
-    elapsed = time.perf_counter() - start
-    ema.load_state_dict(best["state"])
-    ema.cpu()
-    log.info(
-        "training stopped (%s) after %d iterations in %.0f s; best %s %.3f at iteration %d",
-        stop_reason,
-        it,
-        elapsed,
-        "validation mIoU" if validator else "-train loss",
-        best["score"],
-        best["iteration"],
-    )
-
-    history = copy.deepcopy(init.meta.get("history", {"rounds": []})) if init is not None else {"rounds": []}
-    history["rounds"].append(
-        {
-            "round": len(history["rounds"]) + 1,
-            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "iterations": it,
-            "duration_s": round(elapsed, 1),
-            "stop_reason": stop_reason,
-            "best_iteration": best["iteration"],
-            "best_score": float(best["score"]) if np.isfinite(best["score"]) else None,
-            "score": "validation mIoU (smoothed)" if validator else "negative training loss (no validation patches)",
-            "backtracks": backtracks,
-            "device": str(dev),
-            "train_patches": [p.as_list() for p in train_p],
-            "val_patches": [p.as_list() for p in val_p],
-            "labelled_pixels": {c: int(n) for c, n in zip(classes, counts)},
-            "curves": curves,
-        }
-    )
-    meta = {
-        "classes": classes,
-        "architecture": arch,
-        "normalization": {**DEFAULT_NORMALIZATION, "training_range": [lo, hi]},
-        "pixel_size": calibration or {},
-        "patch_size": s.patches.size,
-        "settings": s.model_dump(mode="json"),
-        "history": history,
-        "annotations_sha256": labels.digest(),
-        "versions": software_versions(),
-        # Prediction sizes its tile overlap from this; computed once here rather than at every start.
-        "effective_receptive_field": {
-            "mass": HALO_MASS,
-            "radius": effective_receptive_field(fold_batchnorm(ema), HALO_MASS),
-        },
-    }
-    return TrainResult(TrainedModel(net=ema, meta=meta), stop_reason, train_p, val_p, problem)
+    trainer = Trainer(image, labels, settings or Settings(), init, device, calibration)
+    return trainer.run(progress, cancel)
