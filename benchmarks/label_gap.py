@@ -108,21 +108,63 @@ def prior_corrected(model, train_img, settings, max_iter=200):
     return net, rec
 
 
-def train_and_score(train_img, labels, test_img, test_truth, minutes, seed, overrides=(), variants=("raw",)) -> dict:
+CHECKPOINT_SECTIONS = (0, 5, 10)  # of the test sections: the dense score followed over checkpoints
+
+
+def _checkpoint_recorder(trainer, test_img, test_truth, every: int):
+    """A progress callback that scores the weight average on a few dense test sections every ``every``
+    validations, next to both validation scores: how well each criterion ranks checkpoints."""
+    import torch
+
+    from tem_ij_plugin.predict import normalize, predict_plane
+
+    rows = []
+    n = len(trainer.classes)
+
+    def record(ev):
+        if not ev["validated"] or (ev["iteration"] // trainer.tc.eval_every) % every:
+            return
+        preds = [
+            predict_plane(trainer.ema, normalize(test_img[i], trainer.lo, trainer.hi), torch.device("cpu")).argmax(0)
+            for i in CHECKPOINT_SECTIONS
+        ]
+        test = miou(np.stack(preds), test_truth[list(CHECKPOINT_SECTIONS)], n)
+        c = trainer.curves
+        rows.append([ev["iteration"], c["val_labelled"][-1], c["val_band"][-1], round(test, 4)])
+
+    return rows, record
+
+
+def rank_correlations(checkpoints) -> dict:
+    """Spearman correlation over checkpoints between each validation criterion and the dense test score."""
+    from scipy.stats import spearmanr
+
+    if len(checkpoints) < 4:
+        return {}
+    a = np.asarray(checkpoints, dtype=np.float64)
+    return {name: round(float(spearmanr(a[:, k], a[:, 3])[0]), 3) for k, name in ((1, "labelled"), (2, "band"))}
+
+
+def train_and_score(
+    train_img, labels, test_img, test_truth, minutes, seed, overrides=(), variants=("raw",), checkpoints=0
+) -> dict:
     """Train the default network on ``labels``; its dense test mIoU and what its trainer validated.
 
     ``variants`` are scored from the same training: ``raw``, ``prior`` (Saerens prior correction
     estimated on the training image), ``prior1`` (one EM step: the mean posterior), ``tta`` (flip
-    test-time augmentation), and ``prior+tta`` / ``prior1+tta``.
+    test-time augmentation), and ``prior+tta`` / ``prior1+tta``. ``checkpoints`` > 0 follows the dense
+    score of a few test sections every that many validations (it costs training time).
     """
     from tem_ij_plugin.config import Settings
-    from tem_ij_plugin.train import train
+    from tem_ij_plugin.train import Trainer
 
     s = apply_overrides(Settings(), overrides)
     s.train.seed = seed
     if minutes is not None:
         s.train.max_minutes = minutes
-    res = train(train_img, labels, s, device="cpu")
+    trainer = Trainer(train_img, labels, s, device="cpu")
+    rows, record = _checkpoint_recorder(trainer, test_img, test_truth, checkpoints) if checkpoints else ([], None)
+    res = trainer.run(progress=record)
     rnd = res.model.meta["history"]["rounds"][-1]
     n = len(labels.classes)
     out = {
@@ -133,6 +175,9 @@ def train_and_score(train_img, labels, test_img, test_truth, minutes, seed, over
         "val_patches": len(rnd["val_patches"]),
         "variants": {},
     }
+    if rows:
+        out["checkpoints"] = {"columns": ["iteration", "val_labelled", "val_band", "test_3_sections"], "rows": rows}
+        out["rank_correlation"] = rank_correlations(rows)
     nets = {"raw": res.model.net}
     for kind, iters in (("prior", 200), ("prior1", 1)):
         if any(v.split("+")[0] == kind for v in variants):
@@ -144,7 +189,7 @@ def train_and_score(train_img, labels, test_img, test_truth, minutes, seed, over
     return out
 
 
-def run_task(task, truth, images, seed, minutes, arms, overrides=(), variants=("raw",)) -> dict:
+def run_task(task, truth, images, seed, minutes, arms, overrides=(), variants=("raw",), checkpoints=0) -> dict:
     classes = CLASSES[task]
     train_img, test_img, test_truth = images[:15], images[15:], truth[15:]
     lab = partial_labels(truth[:15], choose_patches(15, seed), seed, classes=classes)
@@ -153,7 +198,9 @@ def run_task(task, truth, images, seed, minutes, arms, overrides=(), variants=("
         pred, *_ = rf_peer(train_img, lab.labels, test_img, seed)
         row["rf"] = {"miou": round(miou(pred, test_truth, len(classes)), 4)}
     if "partial" in arms:
-        row["partial"] = train_and_score(train_img, lab, test_img, test_truth, minutes, seed, overrides, variants)
+        row["partial"] = train_and_score(
+            train_img, lab, test_img, test_truth, minutes, seed, overrides, variants, checkpoints
+        )
     if "dense" in arms:
         row["dense"] = train_and_score(
             train_img, dense_labels(truth[:15], classes), test_img, test_truth, minutes, seed
@@ -181,6 +228,14 @@ def summary(results: dict, arms) -> list:
         cols = _columns(by_seed, arms)
         seen = [r["partial"]["best_val"] for r in by_seed.values() if "partial" in r and r["partial"]["best_val"]]
         cols["partial: val seen"] = seen
+        for crit in ("labelled", "band"):
+            rho = [
+                r["partial"]["rank_correlation"][crit]
+                for r in by_seed.values()
+                if "partial" in r and r["partial"].get("rank_correlation")
+            ]
+            if rho:
+                cols[f"rho {crit} vs test"] = rho
         if not lines:
             lines.append(f"{'task':9s} " + " ".join(f"{c:>22s}" for c in cols))
         cells = [f"{np.mean(v):.3f} [{min(v):.3f}-{max(v):.3f}]" if v else "-" for v in cols.values()]
@@ -199,6 +254,13 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--variants", default="raw,prior", help="scores of each partial training: raw, prior, tta, prior+tta"
     )
+    ap.add_argument(
+        "--checkpoints",
+        type=int,
+        default=0,
+        metavar="K",
+        help="follow the dense score of 3 test sections every K validations of the partial arm (0 = off)",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "label_gap.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -212,7 +274,9 @@ def main(argv=None) -> int:
     results = {"minutes": args.minutes, "seeds": args.seeds, "overrides": args.set, "variants": variants, "tasks": {}}
     for seed in (int(s) for s in args.seeds.split(",")):
         for task in args.tasks.split(","):
-            row = run_task(task, all_truths[task], images, seed, args.minutes, arms, args.set, variants)
+            row = run_task(
+                task, all_truths[task], images, seed, args.minutes, arms, args.set, variants, args.checkpoints
+            )
             results["tasks"].setdefault(task, {})[str(seed)] = row
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1))  # after every run: a long table survives a stop

@@ -314,3 +314,40 @@ def rasterize(
     for msg in warnings:
         log.warning(msg)
     return Labels(labels=labels, classes=classes, warnings=warnings)
+
+
+def boundary_band(labels: np.ndarray, n_classes: int, width: float = 6.0) -> np.ndarray:
+    """The unlabelled band between outlines of different classes, given the class of the nearer outline.
+
+    People outline regions a few pixels inside their true boundaries, so where outlines of two classes
+    come within ``width`` pixels of each other the true boundary lies in the gap between them; its
+    best guess is the middle. A pixel of that gap gets the class of the nearest labelled pixel.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (H, W)
+        Partial labels (-1 = unlabelled).
+    n_classes : int
+    width : float
+        A pixel is in the band when labelled pixels of two different classes are both within this
+        distance.
+
+    Returns
+    -------
+    ndarray of int16, shape (H, W)
+        The nearer class on band pixels, -1 everywhere else (labelled pixels included).
+    """
+    from scipy import ndimage as ndi
+
+    dist = np.full((n_classes,) + labels.shape, np.inf, dtype=np.float32)
+    for c in range(n_classes):
+        if (labels == c).any():
+            dist[c] = ndi.distance_transform_edt(labels != c)
+    out = np.full(labels.shape, UNLABELLED, dtype=np.int16)
+    if n_classes < 2:
+        return out
+    order = np.argsort(dist, axis=0)
+    second = np.take_along_axis(dist, order[1:2], axis=0)[0]
+    band = (labels == UNLABELLED) & (second <= width)
+    out[band] = order[0][band]
+    return out

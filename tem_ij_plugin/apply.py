@@ -83,6 +83,7 @@ class PredictJob:
         resume: bool = False,
         overwrite: bool = False,
         inputs=(),
+        tta: str = "off",
     ):
         if kind not in ("probabilities", "labels", "both"):
             raise UserError(f"unknown output '{kind}'; use probabilities, labels or both")
@@ -93,6 +94,7 @@ class PredictJob:
         self.device, self.backend, self.precision = device, backend, precision
         self.tile, self.overlap, self.batch_size, self.resume = tile, overlap, batch_size, resume
         self.overwrite, self.inputs = overwrite, [Path(p) for p in inputs]
+        self.tta = tta
         self._model_sha256 = None
         self.n_planes = 0
         self.state = None
@@ -255,6 +257,7 @@ class PredictJob:
             self.batch_size,
             normalize(first[:256, :256], lo, hi),
             halo=erf.get("radius") if erf.get("mass") == HALO_MASS else None,
+            tta=self.tta,
         )
         log.info("prediction: %s", predictor.describe())
         return predictor, lo, hi
@@ -290,6 +293,8 @@ class PredictJob:
             "dtype": self.dtype,
             "classes": names,
             "channel": self.channel,
+            # Only when on, so that jobs without it keep the record they always had.
+            **({"tta": self.tta} if self.tta != "off" else {}),
         }
 
     def _signature(self, predictor, names) -> dict:

@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of fp32 on a probe tile of the image (default: auto)",
     )
     pr.add_argument(
+        "--tta",
+        choices=["off", "flips", "dihedral"],
+        default="off",
+        help="test-time augmentation: the mean over 4 flips or 8 flips and transposes of each tile, at 4x or 8x "
+        "the time (default: off)",
+    )
+    pr.add_argument(
         "--tile", type=int, help="tile side in pixels (default: 512 on CPU, 1024 on GPU, at least 4x the overlap)"
     )
     pr.add_argument("--overlap", type=int, help="tile overlap (default: from the model's effective receptive field)")
@@ -573,6 +580,7 @@ def cmd_predict(args) -> int:
         batch_size=args.batch_size,
         resume=args.resume,
         overwrite=args.overwrite,
+        tta=args.tta,
     )
     reporter = PredictReporter()
     try:

@@ -118,6 +118,20 @@ class TrainConfig(_Strict):
     pseudo_threshold: float = Field(
         0.9, gt=0, le=1, description="Minimum confidence of the weight average for a pseudo-label."
     )
+    band_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of cross-entropy on the unlabelled band between outlines of different classes, "
+        "each pixel given the class of the nearer outline (0 = off; annotations.boundary_band).",
+    )
+    band_width: float = Field(
+        6.0, gt=0, le=64, description="Pixels: outlines of two classes closer than this enclose a band."
+    )
+    selection: Literal["labelled", "band"] = Field(
+        "labelled",
+        description="What validation scores: mIoU on the labelled pixels of the held-out patches, or "
+        "('band') on those plus their boundary band, each band pixel taken as the nearer outline's class.",
+    )
     prior_correction: Literal["off", "em", "mean"] = Field(
         "off",
         description="After training, shift the output towards the class priors of the whole image "

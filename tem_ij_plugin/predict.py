@@ -376,6 +376,7 @@ class Predictor:
         return (
             f"{self.backend.name} {self.precision} on {self.device}, tiles {self.tile} px with {self.overlap} px "
             f"overlap (receptive-field radius {self.halo} px), batch {self.batch_size}"
+            + (f", test-time augmentation x{self.backend.n}" if isinstance(self.backend, TTABackend) else "")
         )
 
     def plane(self, image: np.ndarray, on_batch=None, cancel=None) -> np.ndarray:

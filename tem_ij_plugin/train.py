@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .annotations import UNLABELLED, Labels
+from .annotations import UNLABELLED, Labels, boundary_band
 from .augment import Augmenter
 from .config import Settings
 from .errors import UserError
-from .losses import class_weights, deep_supervision_loss, edge_potts_loss, pseudo_label_loss
+from .losses import class_weights, deep_supervision_loss, edge_potts_loss, masked_cross_entropy, pseudo_label_loss
 from .modelio import TrainedModel, build_network, software_versions
 from .patches import Patch, annotated_patches, split
 from .predict import (
@@ -101,14 +101,19 @@ def _expanded_box(p: Patch, context: int, shape, avoid: list) -> tuple:
 class _Sampler:
     """Draws training crops around the training patches, never touching validation patches."""
 
-    def __init__(self, image, norm, labels, train, val, context, src_size, device, seed):
+    def __init__(self, image, norm, labels, train, val, context, src_size, device, seed, band=None):
+        """``band``: None, or (n_classes, width): band pixels then carry ``n_classes + class``."""
         self.src = src_size
         half = src_size // 2 + 1
         self.regions = []
         for p in train:
             y0, x0, y1, x1 = _expanded_box(p, context, image.shape, val)
             img = np.pad(norm(image[p.z, y0:y1, x0:x1]), half, mode="reflect")
-            lab = np.pad(labels[p.z, y0:y1, x0:x1], half, mode="reflect")
+            lab = labels[p.z, y0:y1, x0:x1]
+            if band is not None:
+                b = boundary_band(lab, *band)
+                lab = np.where(b >= 0, band[0] + b, lab)
+            lab = np.pad(lab, half, mode="reflect")
             # Centres: anywhere in the box, or (more often) on a labelled pixel of the patch itself.
             ly, lx = np.nonzero(labels[p.z, p.y0 : p.y1, p.x0 : p.x1] != UNLABELLED)
             pts = np.stack([ly + p.y0 - y0 + half, lx + p.x0 - x0 + half], axis=1)
@@ -139,9 +144,9 @@ class _Sampler:
 
 
 class _Validator:
-    """Mean IoU over classes on the labelled pixels of the validation patches."""
+    """Scores of the weight average on whole held-out patches (see :meth:`scores`)."""
 
-    def __init__(self, image, norm, labels, val, context, n_classes):
+    def __init__(self, image, norm, labels, val, context, n_classes, band_width=6.0):
         self.items = []
         self.n_classes = n_classes
         _, h, w = image.shape
@@ -149,17 +154,29 @@ class _Validator:
             y0, x0 = max(0, p.y0 - context), max(0, p.x0 - context)
             y1, x1 = min(h, p.y1 + context), min(w, p.x1 + context)
             lab = labels[p.z, p.y0 : p.y1, p.x0 : p.x1]
-            keep = lab != UNLABELLED
+            # The labelled pixels, then the boundary band with the nearer outline's class.
+            truth = np.where(lab != UNLABELLED, lab, boundary_band(lab, n_classes, band_width))
+            keep = truth != UNLABELLED
+            in_band = (lab == UNLABELLED)[keep]
             region = norm(image[p.z, y0:y1, x0:x1])
-            self.items.append((region, (p.y0 - y0, p.x0 - x0), keep, lab[keep].astype(np.int64)))
+            self.items.append((region, (p.y0 - y0, p.x0 - x0), keep, truth[keep].astype(np.int64), in_band))
 
-    def __call__(self, net, device, precision) -> float:
-        conf = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
-        for img, (oy, ox), keep, truth in self.items:
+    def scores(self, net, device, precision) -> dict:
+        """``labelled``: mIoU on the labelled pixels; ``band``: on those and their boundary band."""
+        n = self.n_classes
+        labelled = np.zeros((n, n), dtype=np.int64)
+        band = np.zeros((n, n), dtype=np.int64)
+        for img, (oy, ox), keep, truth, in_band in self.items:
             probs = predict_plane(net, img, device, precision)
             pred = probs[:, oy : oy + keep.shape[0], ox : ox + keep.shape[1]].argmax(0)[keep]
-            conf += np.bincount(truth * self.n_classes + pred, minlength=self.n_classes**2).reshape(conf.shape)
-        return mean_iou(conf)
+            pairs = truth * n + pred
+            labelled += np.bincount(pairs[~in_band], minlength=n * n).reshape(n, n)
+            band += np.bincount(pairs[in_band], minlength=n * n).reshape(n, n)
+        return {"labelled": mean_iou(labelled), "band": mean_iou(labelled + band)}
+
+    def __call__(self, net, device, precision) -> float:
+        """Mean IoU on the labelled pixels of the validation patches."""
+        return self.scores(net, device, precision)["labelled"]
 
 
 def mean_iou(conf: np.ndarray) -> float:
@@ -179,28 +196,56 @@ def _all_finite(net) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in net.state_dict().values() if v.is_floating_point())
 
 
-def supervised_term(outs, y, x, teacher, trainer) -> torch.Tensor:
+@dataclass
+class Batch:
+    """One augmented training batch, as the loss terms see it.
+
+    Attributes
+    ----------
+    x : torch.Tensor, shape (B, 1, H, W)
+        The augmented, normalised crops.
+    y : torch.Tensor of int64, shape (B, H, W)
+        Labels (-1 = unlabelled).
+    band : torch.Tensor of int64 or None
+        The boundary band's nearer-outline classes (-1 elsewhere), when ``train.band_weight`` is set.
+    teacher : torch.Tensor or None
+        The weight average's probabilities on ``x``, when the pseudo-label term is active.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    band: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
+
+
+def supervised_term(outs, batch: Batch, trainer) -> torch.Tensor:
     """Masked cross-entropy (+ soft Dice) on the labelled pixels, over every recurrent step."""
     tc = trainer.tc
-    return deep_supervision_loss(outs, y, trainer.weight, tc.step_decay, tc.dice_weight)
+    return deep_supervision_loss(outs, batch.y, trainer.weight, tc.step_decay, tc.dice_weight)
 
 
-def edge_term(outs, y, x, teacher, trainer) -> torch.Tensor:
+def band_term(outs, batch: Batch, trainer) -> torch.Tensor:
+    """Cross-entropy on the boundary band, towards the nearer outline's class (last step)."""
+    return masked_cross_entropy(outs[-1], batch.band, trainer.weight)
+
+
+def edge_term(outs, batch: Batch, trainer) -> torch.Tensor:
     """The edge-aware Potts term on every pixel of the crop (last step)."""
-    return edge_potts_loss(torch.softmax(outs[-1].float(), dim=1), x, trainer.tc.edge_sigma)
+    return edge_potts_loss(torch.softmax(outs[-1].float(), dim=1), batch.x, trainer.tc.edge_sigma)
 
 
-def pseudo_term(outs, y, x, teacher, trainer) -> torch.Tensor:
+def pseudo_term(outs, batch: Batch, trainer) -> torch.Tensor:
     """Cross-entropy towards the weight average's confident predictions on unlabelled pixels (last step)."""
-    return pseudo_label_loss(outs[-1], teacher, y, trainer.tc.pseudo_threshold, trainer.weight)
+    y = batch.y if batch.band is None else torch.where(batch.band >= 0, batch.band, batch.y)
+    return pseudo_label_loss(outs[-1], batch.teacher, y, trainer.tc.pseudo_threshold, trainer.weight)
 
 
 class Trainer:
     """One training round: set-up, :meth:`step`, :meth:`evaluate`, :meth:`backtrack` and :meth:`result`.
 
     :func:`train` runs it; the parts are separate so each can be tested and timed on its own. The loss
-    is a weighted sum of named terms (:attr:`terms`): ``supervised`` always, ``edge`` and ``pseudo``
-    when their weights are set.
+    is a weighted sum of named terms (:attr:`terms`): ``supervised`` always; ``band``, ``edge`` and
+    ``pseudo`` when their weights are set.
     """
 
     def __init__(self, image, labels: Labels, settings: Settings, init=None, device="auto", calibration=None):
@@ -222,6 +267,8 @@ class Trainer:
         self._build_network(init, n_classes)
         self._build_data(n_classes)
         self.terms = {"supervised": (1.0, supervised_term)}
+        if tc.band_weight:
+            self.terms["band"] = (tc.band_weight, band_term)
         if tc.edge_weight:
             self.terms["edge"] = (tc.edge_weight, edge_term)
         if tc.pseudo_weight:
@@ -266,8 +313,15 @@ class Trainer:
         self.augmenter = Augmenter(tc.crop_size, **self.s.augment.model_dump())
         # Only the regions around annotated patches are normalised: a large stack is never copied whole.
         src = self.augmenter.input_size()
-        self.sampler = _Sampler(image, self.norm, labels, self.train_p, self.val_p, tc.context, src, self.dev, tc.seed)
-        self.validator = _Validator(image, self.norm, labels, self.val_p, tc.context, n_classes) if self.val_p else None
+        band = (n_classes, tc.band_width) if tc.band_weight else None
+        self.sampler = _Sampler(
+            image, self.norm, labels, self.train_p, self.val_p, tc.context, src, self.dev, tc.seed, band
+        )
+        self.validator = (
+            _Validator(image, self.norm, labels, self.val_p, tc.context, n_classes, tc.band_width)
+            if self.val_p
+            else None
+        )
         self.counts = np.bincount(
             np.concatenate([labels[p.z, p.y0 : p.y1, p.x0 : p.x1].ravel() for p in self.train_p]) + 1,
             minlength=n_classes + 1,
@@ -283,29 +337,36 @@ class Trainer:
     def norm(self, a):
         return normalize(a, self.lo, self.hi)
 
-    def loss(self, outs, y, x) -> torch.Tensor:
+    def loss(self, outs, batch: Batch) -> torch.Tensor:
         """The weighted sum of :attr:`terms` on one augmented batch."""
-        teacher = None
-        if "pseudo" in self.terms and self.it >= self.tc.min_iterations:
+        if "pseudo" in self.terms and self.it >= self.tc.min_iterations and batch.teacher is None:
             with torch.no_grad(), autocast_context(self.dev, self.tc.precision):
-                teacher = torch.softmax(self.ema(x).float(), dim=1)
+                batch.teacher = torch.softmax(self.ema(batch.x).float(), dim=1)
         total = 0.0
         for name, (w, term) in self.terms.items():
-            if name == "pseudo" and teacher is None:
+            if name == "pseudo" and batch.teacher is None:
                 continue  # the average is not worth learning from during warm-up
-            total = total + w * term(outs, y, x, teacher, self)
+            total = total + w * term(outs, batch, self)
         return total
 
-    def step(self) -> float:
-        """One optimiser step; returns the loss. A non-finite loss is returned without touching the weights."""
-        tc = self.tc
-        x, y = self.sampler.batch(tc.batch_size)
+    def batch(self) -> Batch:
+        """Draw and augment a batch; band pixels (encoded as ``n_classes + class``) are split off."""
+        x, y = self.sampler.batch(self.tc.batch_size)
         with torch.no_grad():
             x, y = self.augmenter(x, y, self.gen)
         x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_context(self.dev, tc.precision):
-            outs = self.net(x, all_steps=True)
-        loss = self.loss(outs, y, x)
+        if "band" not in self.terms:
+            return Batch(x, y)
+        n = len(self.classes)
+        band = torch.where(y >= n, y - n, torch.full_like(y, UNLABELLED))
+        return Batch(x, torch.where(y >= n, torch.full_like(y, UNLABELLED), y), band)
+
+    def step(self) -> float:
+        """One optimiser step; returns the loss. A non-finite loss is returned without touching the weights."""
+        batch = self.batch()
+        with autocast_context(self.dev, self.tc.precision):
+            outs = self.net(batch.x, all_steps=True)
+        loss = self.loss(outs, batch)
         lv = float(loss.detach())
         if not np.isfinite(lv):
             return lv
@@ -338,7 +399,10 @@ class Trainer:
         if not _all_finite(self.ema):
             return False
         if self.validator is not None:
-            score = self.validator(self.ema, self.dev, tc.precision)
+            scores = self.validator.scores(self.ema, self.dev, tc.precision)
+            score = scores[tc.selection]
+            for k, v in scores.items():  # both criteria, whichever selects: model files show how they compare
+                self.curves.setdefault(f"val_{k}", []).append(round(v, 5))
         else:
             score = -float(self.loss_ema if self.loss_ema is not None else np.inf)
         self.last_val = score

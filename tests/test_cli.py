@@ -273,3 +273,31 @@ def test_invalid_option_values_are_exit_2(files, capsys, option, value):
         capsys, "train", files["image"], "--rois", files["rois"], "-o", files["dir"] / "m.model", option, value
     )
     assert code == 2 and option in err and "Traceback" not in err
+
+
+def test_predict_tta_is_the_mean_over_flips(files, model, capsys):
+    from tem_ij_plugin.modelio import load_model
+    from tem_ij_plugin.predict import predict_stack
+
+    out = files["dir"] / "tta.tif"
+    code, _, err = run(capsys, "predict", model, files["image"], "-o", out, "--tta", "flips", "--backend", "torch")
+    assert code == 0, err
+    import torch
+
+    m = load_model(model)
+    image = tifffile.imread(files["image"]).astype(np.float32)[None]
+    expected = predict_stack(m.net, image, m.normalization, torch.device("cpu"), tta="flips")[0]
+    assert np.allclose(tifffile.imread(out), expected, atol=1e-4)
+
+
+def test_predict_records_tta_in_the_job(files, model, capsys):
+    out = files["dir"] / "tta.tif"
+    code, _, err = run(capsys, "predict", model, files["image"], "-o", out, "--tta", "flips")
+    assert code == 0, err
+    import json
+
+    from tem_ij_plugin.stackio import JOB_KEY
+
+    with tifffile.TiffFile(out) as tif:
+        job = json.loads(tif.imagej_metadata["Info"])[JOB_KEY]
+    assert job["tta"] == "flips"

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_settings
-from tem_ij_plugin.annotations import rasterize
+
+from tem_ij_plugin.annotations import boundary_band, rasterize
 from tem_ij_plugin.errors import UserError
 from tem_ij_plugin.losses import edge_potts_loss, pseudo_label_loss
 from tem_ij_plugin.nn import RecurrentUNet
-from tem_ij_plugin.predict import TTA_MODES, TTABackend, TorchBackend, _dihedral, make_predictor
+from tem_ij_plugin.predict import TTA_MODES, TorchBackend, TTABackend, _dihedral, make_predictor
 from tem_ij_plugin.priors import (
     MIN_PRIOR,
     effective_training_prior,
@@ -29,6 +29,7 @@ def with_terms(synthetic):
     s = tiny_settings(8)
     s.model.steps = 1
     s.train.edge_weight, s.train.pseudo_weight, s.train.prior_correction = 0.5, 0.5, "em"
+    s.train.band_weight, s.train.selection = 0.5, "band"
     trainer = Trainer(image[None], rasterize(shapes, (1,) + image.shape), s, device="cpu")
     return trainer, trainer.run()
 
@@ -50,6 +51,33 @@ def _step_probs(edge: int, size: int = 32) -> torch.Tensor:
     p1 = torch.full((1, 1, size, size), 0.05)
     p1[..., edge:] = 0.95
     return torch.cat([1 - p1, p1], dim=1)
+
+
+# -- the boundary band ------------------------------------------------------------------------------
+def _two_outlines(gap: int = 4):
+    """Class 0 on columns 0-9, class 1 from column 10 + gap; unlabelled in between and below row 20."""
+    lab = np.full((30, 30), -1, np.int16)
+    lab[:20, :10] = 0
+    lab[:20, 10 + gap :] = 1
+    return lab
+
+
+def test_band_gives_the_gap_the_nearer_class():
+    band = boundary_band(_two_outlines(4), 2, width=6)
+    assert band[5, 10:14].tolist() == [0, 0, 1, 1]
+
+
+def test_band_leaves_labelled_pixels_out():
+    lab = _two_outlines(4)
+    assert (boundary_band(lab, 2, width=6)[lab >= 0] == -1).all()
+
+
+def test_band_leaves_pixels_far_from_a_second_class_out():
+    assert (boundary_band(_two_outlines(4), 2, width=6)[27, :] == -1).all()
+
+
+def test_no_band_between_distant_outlines():
+    assert (boundary_band(_two_outlines(14), 2, width=6) == -1).all()
 
 
 # -- edge-aware Potts term ------------------------------------------------------------------------
@@ -243,7 +271,23 @@ def test_tta_modes_name_their_cost():
 # -- the trainer with the terms on ------------------------------------------------------------------
 def test_trainer_records_its_loss_terms(with_terms):
     rnd = with_terms[1].model.meta["history"]["rounds"][-1]
-    assert rnd["loss_terms"] == {"supervised": 1.0, "edge": 0.5, "pseudo": 0.5}
+    assert rnd["loss_terms"] == {"supervised": 1.0, "band": 0.5, "edge": 0.5, "pseudo": 0.5}
+
+
+def test_trainer_selects_on_the_band_score_when_told(with_terms):
+    curves = with_terms[1].model.meta["history"]["rounds"][-1]["curves"]
+    assert curves["val_score"] == curves["val_band"]
+
+
+def test_trainer_records_both_validation_scores(with_terms):
+    curves = with_terms[1].model.meta["history"]["rounds"][-1]["curves"]
+    assert len(curves["val_labelled"]) == len(curves["val_iteration"])
+
+
+def test_band_pixels_reach_the_band_term(with_terms):
+    trainer = with_terms[0]
+    band = torch.cat([trainer.batch().band for _ in range(4)])
+    assert int((band >= 0).sum()) > 0
 
 
 def test_trainer_records_the_prior_correction(with_terms):
@@ -269,6 +313,6 @@ def test_pseudo_term_waits_for_the_warm_up(synthetic):
     s = tiny_settings(4)
     s.train.pseudo_weight, s.train.min_iterations = 1.0, 100
     trainer = Trainer(image[None], rasterize(shapes, (1,) + image.shape), s, device="cpu")
-    x, y = trainer.sampler.batch(2)
-    outs = trainer.net(x, all_steps=True)
-    assert torch.equal(trainer.loss(outs, y, x), trainer.terms["supervised"][1](outs, y, x, None, trainer))
+    batch = trainer.batch()
+    outs = trainer.net(batch.x, all_steps=True)
+    assert torch.equal(trainer.loss(outs, batch), trainer.terms["supervised"][1](outs, batch, trainer))
