@@ -515,14 +515,7 @@ def cmd_train(args) -> int:
     finally:
         reporter.close()
     saved = _save_trained(result, out, project, reservation, args)
-    last = result.model.meta["history"]["rounds"][-1]
-    best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
-    print(
-        f"saved {' and '.join(saved)}: {last['iterations']} iterations in {last['duration_s']:.0f} s "
-        f"({result.stop_reason}); "
-        f"best {last['score']} {best} at iteration {last['best_iteration']}; "
-        f"{len(result.train_patches)} training / {len(result.val_patches)} validation patches"
-    )
+    print(f"saved {' and '.join(saved)}: {result.summary()}")
     return EXIT_CANCELLED if cancel.is_set() else 0
 
 

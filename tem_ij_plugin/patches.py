@@ -54,11 +54,14 @@ def default_validation_count(n_patches: int) -> int:
     return max(1, int(round(0.2 * n_patches)))
 
 
-def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_classes: int):
+def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_classes: int, keep_val=()):
     """Choose validation patches; the rest train.
 
     The split is random (seeded) but keeps every class present in the training patches, and
     prefers validation patches that hold more than one class so that the score is informative.
+    Patches in ``keep_val`` (as ``Patch.as_list()``: an earlier round's validation patches) stay in
+    validation, so that a warm-started round is judged on everything held out before and never trains
+    on it; the validation set grows to the default size when they are fewer.
 
     Returns
     -------
@@ -73,6 +76,9 @@ def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_cla
     if n_val == 0:
         return list(patches), []
     rng = np.random.default_rng(seed)
+    kept = {tuple(k) for k in keep_val}
+    forced = [i for i, p in enumerate(patches) if tuple(p.as_list()) in kept][: n - 1]
+    n_val = max(n_val, len(forced))
 
     def classes_in(ps):
         found = set()
@@ -86,7 +92,7 @@ def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_cla
     for _ in range(200):
         order = rng.permutation(n)
         # Multi-class patches first: a one-class validation patch cannot tell the classes apart.
-        order = sorted(order, key=lambda i: (i not in multi, rng.random()))
+        order = sorted(order, key=lambda i: (i not in forced, i not in multi, rng.random()))
         val_idx = set(order[:n_val])
         train = [p for i, p in enumerate(patches) if i not in val_idx]
         if classes_in(train) == every:

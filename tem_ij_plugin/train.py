@@ -65,6 +65,19 @@ class TrainResult:
     val_patches: list
     problem: str | None = None
 
+    def summary(self) -> str:
+        """One line for the user: iterations, time, why it stopped, the best score and the split."""
+        last = self.model.meta["history"]["rounds"][-1]
+        best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
+        text = (
+            f"{last['iterations']} iterations in {last['duration_s']:.0f} s ({self.stop_reason}); "
+            f"best {last['score']} {best} at iteration {last['best_iteration']}; "
+            f"{len(self.train_patches)} training / {len(self.val_patches)} validation patches"
+        )
+        if last.get("kept_previous_model"):
+            text += "; kept the starting model: no checkpoint of this round scored better on the validation patches"
+        return text
+
 
 NON_FINITE = "non-finite loss"
 NO_VALIDATION_SCORE = "negative training loss (no validation patches)"
@@ -286,6 +299,9 @@ class Trainer:
         self.backtracks = 0
         self.loss_ema = None
         self.last_val = None
+        self.start_score = None  # the warm start's validation score, when there is one
+        if init is not None and self.validator is not None:
+            self._start_from_previous()
 
     def _build_network(self, init, n_classes: int) -> None:
         """The network (new, or the warm start's), its weight average and the optimiser."""
@@ -294,6 +310,10 @@ class Trainer:
             self.arch = dict(init.meta["architecture"])
             self.net = build_network(self.arch)
             self.net.load_state_dict(init.net.state_dict())
+            last = (init.meta.get("history", {}).get("rounds") or [{}])[-1]
+            if "prior_correction" in last:
+                # Continue from the network as it was trained: this round estimates its own correction.
+                shift_output_bias(self.net, -np.asarray(last["prior_correction"]["logit_shift"]))
         else:
             self.arch = {"name": "RecurrentUNet", "in_channels": 1, "n_classes": n_classes}
             self.arch.update(self.s.model.model_dump())
@@ -307,7 +327,10 @@ class Trainer:
         """The train/validation split, the crop sampler, the augmenter, the validator and class weights."""
         tc, labels, image = self.tc, self.labels.labels, self.image
         patches = annotated_patches(labels, self.s.patches.size)
-        self.train_p, self.val_p = split(labels, patches, tc.validation_patches, tc.seed, n_classes)
+        earlier = (
+            [v for r in self.init.meta["history"]["rounds"] for v in r.get("val_patches") or []] if self.init else []
+        )
+        self.train_p, self.val_p = split(labels, patches, tc.validation_patches, tc.seed, n_classes, earlier)
         log.info("%d annotated patch(es): %d for training, %d for validation", len(patches), *map(len, self.split))
         self.lo, self.hi = normalization_range(image)
         self.augmenter = Augmenter(tc.crop_size, **self.s.augment.model_dump())
@@ -393,11 +416,9 @@ class Trainer:
                 else:
                     be.copy_(bn)
 
-    def evaluate(self) -> bool:
-        """Validate the weight average; False (and nothing recorded) when its weights are not finite."""
+    def _validate(self) -> None:
+        """Score the weight average and record it (raw and smoothed) in the curves."""
         tc = self.tc
-        if not _all_finite(self.ema):
-            return False
         if self.validator is not None:
             scores = self.validator.scores(self.ema, self.dev, tc.precision)
             score = scores[tc.selection]
@@ -410,6 +431,19 @@ class Trainer:
         self.curves["val_iteration"].append(self.it)
         self.curves["val_score"].append(round(score, 5))
         self.curves["smoothed_score"].append(round(self.smoothed, 5))
+
+    def _start_from_previous(self) -> None:
+        """A warm start is scored first and is the best so far: a round that does not beat it keeps it."""
+        self._validate()
+        self.best.update(score=self.smoothed, iteration=0, state=_state(self.ema))
+        self.start_score = self.smoothed
+
+    def evaluate(self) -> bool:
+        """Validate the weight average; False (and nothing recorded) when its weights are not finite."""
+        tc = self.tc
+        if not _all_finite(self.ema):
+            return False
+        self._validate()
         if self.it < tc.min_iterations:
             # An early, barely trained score must not become the best to backtrack to.
             self.fallback.update(score=self.smoothed, iteration=self.it, state=_state(self.ema))
@@ -525,6 +559,11 @@ class Trainer:
         log.warning("%s", problem)
         return problem
 
+    @property
+    def kept_previous(self) -> bool:
+        """Whether the result is the warm start itself: nothing this round trained scored better."""
+        return self.start_score is not None and self.best["iteration"] == 0
+
     def correct_priors(self) -> dict | None:
         """Shift the kept model's output towards the image's class priors (``train.prior_correction``)."""
         mode = self.tc.prior_correction
@@ -553,6 +592,11 @@ class Trainer:
         """The best model with its history record and metadata."""
         problem = self._settle_best(problem)
         best = self.best
+        if self.kept_previous:
+            log.info(
+                "no checkpoint of this round beat the starting model on the validation patches (%.3f); kept it",
+                self.start_score,
+            )
         self.ema.load_state_dict(best["state"])
         priors = self.correct_priors()
         self.ema.cpu()
@@ -588,6 +632,8 @@ class Trainer:
         }
         if priors is not None:
             record["prior_correction"] = priors
+        if self.kept_previous:
+            record["kept_previous_model"] = True
         history["rounds"].append(record)
         meta = {
             "classes": self.classes,

@@ -199,3 +199,83 @@ def test_no_best_model_from_the_warm_up(synthetic):
     s.train.min_iterations = 8
     rnd = train(image[None], labels, s, device="cpu").model.meta["history"]["rounds"][-1]
     assert rnd["curves"]["val_iteration"] == [4, 8, 12] and rnd["best_iteration"] in (8, 12)
+
+
+# -- warm-started rounds ----------------------------------------------------------------------------
+def _four_patch_labels():
+    labels = np.full((1, 512, 512), -1, np.int16)
+    for y, x in ((0, 0), (0, 256), (256, 0), (256, 256)):
+        labels[0, y : y + 10, x : x + 10] = 0
+        labels[0, y + 20 : y + 30, x : x + 10] = 1
+    return labels
+
+
+def test_split_keeps_earlier_validation_patches():
+    labels = _four_patch_labels()
+    patches = annotated_patches(labels, 256)
+    for seed in range(5):
+        _, val_p = split(labels, patches, None, seed, 2, keep_val=[[0, 0, 256, 256, 512]])
+        assert [p.as_list() for p in val_p] == [[0, 0, 256, 256, 512]]
+
+
+def test_split_grows_validation_to_hold_every_earlier_patch():
+    labels = _four_patch_labels()
+    earlier = [[0, 0, 0, 256, 256], [0, 256, 256, 512, 512]]
+    _, val_p = split(labels, annotated_patches(labels, 256), None, 0, 2, keep_val=earlier)
+    assert sorted(p.as_list() for p in val_p) == earlier
+
+
+def test_a_warm_start_that_is_not_beaten_is_kept(trained):
+    image, labels, res, _ = trained
+    cancel = threading.Event()
+    cancel.set()
+    res2 = train(image[None], labels, tiny_settings(4), init=res.model, device="cpu", cancel=cancel)
+    assert res2.model.meta["history"]["rounds"][-1]["kept_previous_model"] is True
+
+
+def test_a_kept_warm_start_has_the_previous_weights(trained):
+    image, labels, res, _ = trained
+    cancel = threading.Event()
+    cancel.set()
+    res2 = train(image[None], labels, tiny_settings(4), init=res.model, device="cpu", cancel=cancel)
+    before, after = res.model.net.state_dict(), res2.model.net.state_dict()
+    assert all(torch.equal(before[k].cpu(), after[k].cpu()) for k in before)
+
+
+def test_a_warm_start_is_validated_on_the_earlier_held_out_patches(trained):
+    image, labels, res, _ = trained
+    earlier = res.model.meta["history"]["rounds"][-1]["val_patches"]
+    patches = annotated_patches(labels.labels, 128)
+    # A seed whose own split would hold out another patch.
+    seed = next(
+        k for k in range(1, 50) if [p.as_list() for p in split(labels.labels, patches, None, k, 2)[1]] != earlier
+    )
+    s = tiny_settings(2)
+    s.train.seed = seed
+    res2 = train(image[None], labels, s, init=res.model, device="cpu")
+    assert res2.model.meta["history"]["rounds"][-1]["val_patches"] == earlier
+
+
+def test_a_warm_start_resumes_from_the_uncorrected_network(trained):
+    from tem_ij_plugin.train import Trainer
+
+    image, labels, _, _ = trained
+    s = tiny_settings(4)
+    s.model.steps, s.train.prior_correction = 1, "em"
+    first = train(image[None], labels, s, device="cpu").model
+    shift = first.meta["history"]["rounds"][-1]["prior_correction"]["logit_shift"]
+    warm = Trainer(image[None], labels, s, init=first, device="cpu")
+    corrected = first.net.unet.out.bias.detach()
+    assert torch.allclose(warm.net.unet.out.bias.detach().cpu(), corrected - torch.tensor(shift), atol=1e-6)
+
+
+def test_the_summary_says_when_the_starting_model_was_kept(trained):
+    image, labels, res, _ = trained
+    cancel = threading.Event()
+    cancel.set()
+    res2 = train(image[None], labels, tiny_settings(4), init=res.model, device="cpu", cancel=cancel)
+    assert "kept the starting model" in res2.summary()
+
+
+def test_the_summary_of_a_new_model_keeps_nothing(trained):
+    assert "kept" not in trained[2].summary()

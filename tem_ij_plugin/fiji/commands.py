@@ -279,13 +279,7 @@ def train_model(ctx) -> None:
     if plot is not None:
         plot.draw(force=True)
         _activate(ctx.image)  # the plot window took the focus; the next command must see the image
-    last = result.model.meta["history"]["rounds"][-1]
-    best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
-    summary = (
-        f"TEM Train Model: {last['iterations']} iterations in {last['duration_s']:.0f} s ({result.stop_reason}); "
-        f"best {last['score']} {best}; {len(result.train_patches)} training / {len(result.val_patches)} "
-        f"validation patches; classes {', '.join(result.model.classes)}"
-    )
+    summary = f"TEM Train Model: {result.summary()}; classes {', '.join(result.model.classes)}"
     if project is not None:
         with tempfile.TemporaryDirectory() as tmp:
             roiset = Path(tmp) / "RoiSet.zip"
@@ -308,7 +302,7 @@ def train_model(ctx) -> None:
         raise UserError(f"{result.problem}; the best model before that is the current model (TEM Save Model keeps it)")
     ctx.results.update(
         stop_reason=result.stop_reason,
-        iterations=last["iterations"],
+        iterations=result.model.meta["history"]["rounds"][-1]["iterations"],
         classes=result.model.classes,
         train_patches=len(result.train_patches),
         val_patches=len(result.val_patches),
