@@ -79,30 +79,19 @@ def _score(net, test_img, test_truth, model, n_classes, tta="off") -> float:
     return round(miou(probs.argmax(1), test_truth, n_classes), 4)
 
 
-def prior_corrected(model, train_img, settings, max_iter=200):
-    """A copy of the trained network with the Saerens prior correction (estimated on ``train_img``)."""
+def prior_corrected(trainer, model, max_iter=200):
+    """A copy of the trained network with the Saerens prior correction (estimated on the training image)."""
     import copy
 
     import torch
 
-    from tem_ij_plugin.losses import class_weights
-    from tem_ij_plugin.predict import normalize
     from tem_ij_plugin.priors import estimate_correction, shift_output_bias
 
-    rnd = model.meta["history"]["rounds"][-1]
-    counts = [rnd["labelled_pixels"][c] for c in model.classes]
-    weight = class_weights(counts, settings.train.class_balance).numpy()
-    lo, hi = model.normalization["training_range"]
     net = copy.deepcopy(model.net).eval()
+    seed = trainer.tc.seed
+    prior = trainer.training_prior()
     rec = estimate_correction(
-        net,
-        train_img,
-        lambda a: normalize(a, lo, hi),
-        counts,
-        weight,
-        torch.device("cpu"),
-        seed=settings.train.seed,
-        max_iter=max_iter,
+        net, trainer.image, trainer.norm, prior, torch.device("cpu"), seed=seed, max_iter=max_iter
     )
     shift_output_bias(net, rec["logit_shift"])
     return net, rec
@@ -160,6 +149,7 @@ def train_and_score(
 
     s = apply_overrides(Settings(), overrides)
     s.train.seed = seed
+    s.train.prior_correction = "off"  # scored as variants below, from the same training
     if minutes is not None:
         s.train.max_minutes = minutes
     trainer = Trainer(train_img, labels, s, device="cpu")
@@ -181,7 +171,7 @@ def train_and_score(
     nets = {"raw": res.model.net}
     for kind, iters in (("prior", 200), ("prior1", 1)):
         if any(v.split("+")[0] == kind for v in variants):
-            nets[kind], out[f"{kind}_correction"] = prior_corrected(res.model, train_img, s, iters)
+            nets[kind], out[f"{kind}_correction"] = prior_corrected(trainer, res.model, iters)
     for v in variants:
         net = nets[v.split("+")[0].replace("tta", "raw")]
         out["variants"][v] = _score(net, test_img, test_truth, res.model, n, "flips" if v.endswith("tta") else "off")

@@ -133,7 +133,7 @@ class TrainConfig(_Strict):
         "('band') on those plus their boundary band, each band pixel taken as the nearer outline's class.",
     )
     prior_correction: Literal["off", "em", "mean"] = Field(
-        "off",
+        "em",
         description="After training, shift the output towards the class priors of the whole image "
         "(Saerens et al. 2002): 'em' iterates to the maximum-likelihood priors, 'mean' takes one step "
         "(the mean posterior), 'off' keeps the labelled class mix.",

@@ -22,7 +22,7 @@ import numpy as np
 MIN_PRIOR = 1e-3
 
 
-def effective_training_prior(counts, weight) -> np.ndarray:
+def effective_training_prior(counts, weight, band_counts=None, band_weight: float = 0.0) -> np.ndarray:
     """The class mix a network sees when it learns from ``counts`` labelled pixels with loss ``weight``.
 
     Parameters
@@ -31,13 +31,23 @@ def effective_training_prior(counts, weight) -> np.ndarray:
         Labelled pixels per class.
     weight : array-like, shape (C,)
         Per-class loss weights (see :func:`tem_ij_plugin.losses.class_weights`).
+    band_counts : array-like, shape (C,), optional
+        Boundary-band pixels per class, learnt by a second term (``train.band_weight``).
+    band_weight : float
+        That term's weight. Each term is a weighted mean over its own pixels, so each contributes its
+        own class mix, in proportion to its weight.
 
     Returns
     -------
     ndarray, shape (C,)
         Sums to 1; every entry at least :data:`MIN_PRIOR` (then renormalised).
     """
-    mass = np.asarray(counts, np.float64) * np.asarray(weight, np.float64)
+    w = np.asarray(weight, np.float64)
+    mass = np.asarray(counts, np.float64) * w
+    mass = mass / mass.sum()
+    if band_counts is not None and band_weight and np.sum(band_counts) > 0:
+        band = np.asarray(band_counts, np.float64) * w
+        mass = mass + band_weight * band / band.sum()
     return _normalised(mass)
 
 
@@ -135,7 +145,7 @@ def sample_posteriors(predict, image, norm, n_crops: int = 16, size: int = 256, 
 
 
 def estimate_correction(
-    net, image, norm, counts, weight, device, precision="fp32", seed=0, n_crops=16, max_iter=200
+    net, image, norm, train_prior, device, precision="fp32", seed=0, n_crops=16, max_iter=200
 ) -> dict:
     """Saerens EM on pixels sampled from ``image``: the priors there and the logit shift towards them.
 
@@ -147,8 +157,8 @@ def estimate_correction(
         The raw training image; its unlabelled pixels are what the priors are estimated from.
     norm : callable
         Raw crop -> normalised crop, as in training.
-    counts, weight : array-like, shape (C,)
-        Labelled pixels per class and their loss weights (the network's training prior).
+    train_prior : array-like, shape (C,)
+        The class mix the network learnt (:func:`effective_training_prior`).
     device : torch.device
     precision : str
     seed : int
@@ -166,7 +176,7 @@ def estimate_correction(
     """
     from .predict import predict_plane
 
-    base = effective_training_prior(counts, weight)
+    base = _normalised(np.asarray(train_prior, np.float64))
     probs = sample_posteriors(lambda a: predict_plane(net, a, device, precision), image, norm, n_crops, seed=seed)
     prior, iterations = em_priors(probs, base, max_iter=max_iter)
     return {

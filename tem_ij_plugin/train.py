@@ -36,7 +36,7 @@ from .predict import (
     normalize,
     predict_plane,
 )
-from .priors import estimate_correction, shift_output_bias
+from .priors import effective_training_prior, estimate_correction, shift_output_bias
 
 log = logging.getLogger(__name__)
 
@@ -559,6 +559,19 @@ class Trainer:
         log.warning("%s", problem)
         return problem
 
+    def training_prior(self) -> np.ndarray:
+        """The class mix this round's loss taught: labelled pixels, and band pixels when that term is on."""
+        band_counts = None
+        if "band" in self.terms:
+            n = len(self.classes)
+            lab = self.labels.labels
+            band_counts = np.zeros(n, np.int64)
+            for p in self.train_p:
+                b = boundary_band(lab[p.z, p.y0 : p.y1, p.x0 : p.x1], n, self.tc.band_width)
+                band_counts += np.bincount(b[b >= 0].ravel(), minlength=n)
+        weight = self.weight.cpu().numpy()
+        return effective_training_prior(self.counts, weight, band_counts, self.tc.band_weight)
+
     @property
     def kept_previous(self) -> bool:
         """Whether the result is the warm start itself: nothing this round trained scored better."""
@@ -573,8 +586,7 @@ class Trainer:
             self.ema,
             self.image,
             self.norm,
-            self.counts,
-            self.weight.cpu().numpy(),
+            self.training_prior(),
             self.dev,
             self.tc.precision,
             self.tc.seed,

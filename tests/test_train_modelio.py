@@ -239,7 +239,8 @@ def test_a_kept_warm_start_has_the_previous_weights(trained):
     cancel.set()
     res2 = train(image[None], labels, tiny_settings(4), init=res.model, device="cpu", cancel=cancel)
     before, after = res.model.net.state_dict(), res2.model.net.state_dict()
-    assert all(torch.equal(before[k].cpu(), after[k].cpu()) for k in before)
+    # Equal up to the rounding of the prior correction, which is removed and estimated again.
+    assert all(torch.allclose(before[k].cpu().double(), after[k].cpu().double(), atol=1e-4) for k in before)
 
 
 def test_a_warm_start_is_validated_on_the_earlier_held_out_patches(trained):

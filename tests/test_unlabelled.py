@@ -190,6 +190,11 @@ def test_effective_training_prior_weighs_counts():
     assert np.allclose(effective_training_prior([300, 100], [1.0, 3.0]), [0.5, 0.5])
 
 
+def test_effective_training_prior_adds_the_band_term_by_its_weight():
+    prior = effective_training_prior([100, 100], [1.0, 1.0], band_counts=[0, 50], band_weight=0.5)
+    assert np.allclose(prior, [0.5 / 1.5, 1.0 / 1.5])
+
+
 @pytest.mark.parametrize("steps", [1, 2])
 def test_output_bias_shift_moves_every_logit_by_the_shift(steps):
     torch.manual_seed(0)
@@ -208,7 +213,7 @@ def test_estimate_correction_on_a_network():
     torch.manual_seed(0)
     net = RecurrentUNet(1, 2, depth=2, base_channels=4, steps=1).eval()
     image = np.random.default_rng(0).random((2, 64, 64)).astype(np.float32)
-    rec = estimate_correction(net, image, lambda a: a, [100, 100], [1.0, 1.0], torch.device("cpu"), n_crops=3)
+    rec = estimate_correction(net, image, lambda a: a, [0.5, 0.5], torch.device("cpu"), n_crops=3)
     assert sum(rec["image_prior"]) == pytest.approx(1.0, abs=1e-4)
     assert rec["em_iterations"] >= 1
 
