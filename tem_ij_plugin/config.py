@@ -119,7 +119,7 @@ class TrainConfig(_Strict):
         0.9, gt=0, le=1, description="Minimum confidence of the weight average for a pseudo-label."
     )
     band_weight: float = Field(
-        0.0,
+        0.5,
         ge=0,
         description="Weight of cross-entropy on the unlabelled band between outlines of different classes, "
         "each pixel given the class of the nearer outline (0 = off; annotations.boundary_band).",

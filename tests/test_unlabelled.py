@@ -316,7 +316,7 @@ def test_pseudo_term_waits_for_the_warm_up(synthetic):
 
     image, _, shapes = synthetic
     s = tiny_settings(4)
-    s.train.pseudo_weight, s.train.min_iterations = 1.0, 100
+    s.train.pseudo_weight, s.train.min_iterations, s.train.band_weight = 1.0, 100, 0.0
     trainer = Trainer(image[None], rasterize(shapes, (1,) + image.shape), s, device="cpu")
     batch = trainer.batch()
     outs = trainer.net(batch.x, all_steps=True)
