@@ -579,6 +579,7 @@ def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):
     imagej = clean
     bridge = imagej["bridge"]
     long = tiny_settings(iterations=100_000)
+    long.train.patience = 100_000  # only the stop command may end it, however busy the machine
     cfg = tmp_path / "long.yaml"
     cfg.write_text(dump_settings(long))
     macro = (
@@ -616,7 +617,9 @@ def test_escape_cancels_training_and_keeps_the_model(clean, data, tmp_path, monk
     imagej = clean
     bridge = imagej["bridge"]
     cfg = tmp_path / "long.yaml"
-    cfg.write_text(dump_settings(tiny_settings(iterations=100_000)))
+    long = tiny_settings(iterations=100_000)
+    long.train.patience = 100_000  # only Esc may end it, however slowly a busy machine delivers the key
+    cfg.write_text(dump_settings(long))
     real_train = engine.train
 
     def slow_to_stop(*args, **kwargs):
