@@ -133,10 +133,11 @@ class TrainConfig(_Strict):
         "('band') on those plus their boundary band, each band pixel taken as the nearer outline's class.",
     )
     prior_correction: Literal["off", "em", "mean"] = Field(
-        "em",
+        "mean",
         description="After training, shift the output towards the class priors of the whole image "
-        "(Saerens et al. 2002): 'em' iterates to the maximum-likelihood priors, 'mean' takes one step "
-        "(the mean posterior), 'off' keeps the labelled class mix.",
+        "(Saerens et al. 2002): 'mean' takes one EM step (the mean posterior), 'em' iterates to the "
+        "maximum-likelihood priors (it over-corrected with the band term on: ISBI profiles 0.565 vs 0.658), "
+        "'off' keeps the labelled class mix.",
     )
     validation_patches: int | None = Field(
         None, ge=0, description="Annotated patches held out for validation; None = about 20 %, at least 1 when 3+."

@@ -22,7 +22,7 @@ import numpy as np
 MIN_PRIOR = 1e-3
 
 
-def effective_training_prior(counts, weight, band_counts=None, band_weight: float = 0.0) -> np.ndarray:
+def effective_training_prior(counts, weight) -> np.ndarray:
     """The class mix a network sees when it learns from ``counts`` labelled pixels with loss ``weight``.
 
     Parameters
@@ -31,23 +31,13 @@ def effective_training_prior(counts, weight, band_counts=None, band_weight: floa
         Labelled pixels per class.
     weight : array-like, shape (C,)
         Per-class loss weights (see :func:`tem_ij_plugin.losses.class_weights`).
-    band_counts : array-like, shape (C,), optional
-        Boundary-band pixels per class, learnt by a second term (``train.band_weight``).
-    band_weight : float
-        That term's weight. Each term is a weighted mean over its own pixels, so each contributes its
-        own class mix, in proportion to its weight.
 
     Returns
     -------
     ndarray, shape (C,)
         Sums to 1; every entry at least :data:`MIN_PRIOR` (then renormalised).
     """
-    w = np.asarray(weight, np.float64)
-    mass = np.asarray(counts, np.float64) * w
-    mass = mass / mass.sum()
-    if band_counts is not None and band_weight and np.sum(band_counts) > 0:
-        band = np.asarray(band_counts, np.float64) * w
-        mass = mass + band_weight * band / band.sum()
+    mass = np.asarray(counts, np.float64) * np.asarray(weight, np.float64)
     return _normalised(mass)
 
 

@@ -560,17 +560,12 @@ class Trainer:
         return problem
 
     def training_prior(self) -> np.ndarray:
-        """The class mix this round's loss taught: labelled pixels, and band pixels when that term is on."""
-        band_counts = None
-        if "band" in self.terms:
-            n = len(self.classes)
-            lab = self.labels.labels
-            band_counts = np.zeros(n, np.int64)
-            for p in self.train_p:
-                b = boundary_band(lab[p.z, p.y0 : p.y1, p.x0 : p.x1], n, self.tc.band_width)
-                band_counts += np.bincount(b[b >= 0].ravel(), minlength=n)
-        weight = self.weight.cpu().numpy()
-        return effective_training_prior(self.counts, weight, band_counts, self.tc.band_weight)
+        """The class mix of the labelled pixels, as weighted by the loss: what the posteriors are calibrated to.
+
+        The boundary band's pixels are left out: counting them (by the band term's weight) gave worse
+        corrections on ISBI (band + ``mean``, seed 0: mito 0.640 vs 0.655, membrane 0.759 vs 0.765).
+        """
+        return effective_training_prior(self.counts, self.weight.cpu().numpy())
 
     @property
     def kept_previous(self) -> bool:

@@ -190,11 +190,6 @@ def test_effective_training_prior_weighs_counts():
     assert np.allclose(effective_training_prior([300, 100], [1.0, 3.0]), [0.5, 0.5])
 
 
-def test_effective_training_prior_adds_the_band_term_by_its_weight():
-    prior = effective_training_prior([100, 100], [1.0, 1.0], band_counts=[0, 50], band_weight=0.5)
-    assert np.allclose(prior, [0.5 / 1.5, 1.0 / 1.5])
-
-
 @pytest.mark.parametrize("steps", [1, 2])
 def test_output_bias_shift_moves_every_logit_by_the_shift(steps):
     torch.manual_seed(0)
