@@ -156,6 +156,20 @@ class _Sampler:
         return torch.stack(imgs)[:, None], torch.stack(labs)
 
 
+def labelled_criterion(labelled: np.ndarray, band: np.ndarray) -> float:
+    """Selection score: mIoU on the labelled pixels of the held-out patches (confusion matrices in)."""
+    return mean_iou(labelled)
+
+
+def band_criterion(labelled: np.ndarray, band: np.ndarray) -> float:
+    """Selection score: mIoU on the labelled pixels plus their boundary band (nearer outline's class)."""
+    return mean_iou(labelled + band)
+
+
+# ``train.selection`` -> criterion; the validator reports every one of them.
+SELECTION = {"labelled": labelled_criterion, "band": band_criterion}
+
+
 class _Validator:
     """Scores of the weight average on whole held-out patches (see :meth:`scores`)."""
 
@@ -185,7 +199,7 @@ class _Validator:
             pairs = truth * n + pred
             labelled += np.bincount(pairs[~in_band], minlength=n * n).reshape(n, n)
             band += np.bincount(pairs[in_band], minlength=n * n).reshape(n, n)
-        return {"labelled": mean_iou(labelled), "band": mean_iou(labelled + band)}
+        return {name: criterion(labelled, band) for name, criterion in SELECTION.items()}
 
     def __call__(self, net, device, precision) -> float:
         """Mean IoU on the labelled pixels of the validation patches."""

@@ -316,3 +316,32 @@ def test_pseudo_term_waits_for_the_warm_up(synthetic):
     batch = trainer.batch()
     outs = trainer.net(batch.x, all_steps=True)
     assert torch.equal(trainer.loss(outs, batch), trainer.terms["supervised"][1](outs, batch, trainer))
+
+
+# -- selection criteria ----------------------------------------------------------------------------
+def _confusions(band_right: bool):
+    """Labelled pixels all right; band pixels all right or all wrong (truth x prediction)."""
+    labelled = np.array([[50, 0], [0, 50]])
+    band = np.array([[10, 0], [0, 10]]) if band_right else np.array([[0, 10], [10, 0]])
+    return labelled, band
+
+
+def test_labelled_criterion_ignores_the_band():
+    from tem_ij_plugin.train import labelled_criterion
+
+    assert labelled_criterion(*_confusions(False)) == labelled_criterion(*_confusions(True))
+
+
+def test_band_criterion_penalises_errors_in_the_band():
+    from tem_ij_plugin.train import band_criterion
+
+    assert band_criterion(*_confusions(False)) < band_criterion(*_confusions(True))
+
+
+def test_every_selection_setting_has_a_criterion():
+    from typing import get_args
+
+    from tem_ij_plugin.config import TrainConfig
+    from tem_ij_plugin.train import SELECTION
+
+    assert set(get_args(TrainConfig.model_fields["selection"].annotation)) == set(SELECTION)
