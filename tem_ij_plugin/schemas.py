@@ -107,6 +107,20 @@ class ReceptiveField(_Open):
     radius: int | None = Field(None, ge=0, le=4096)
 
 
+Priors = Annotated[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]], Field(max_length=MAX_CLASSES)]
+
+
+class PriorCorrection(_Open):
+    """The class-prior correction folded into a round's output bias (see :mod:`tem_ij_plugin.priors`)."""
+
+    method: Literal["em", "mean"]
+    train_prior: Priors
+    image_prior: Priors
+    # Bounded by log(1 / MIN_PRIOR) ~ 6.9 either way; a warm start subtracts it from the bias.
+    logit_shift: list[Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)]] = Field(max_length=MAX_CLASSES)
+    em_iterations: Count | None = None
+
+
 class HistoryRound(_Open):
     """One training round in a model's history; the keys callers read are typed when present."""
 
@@ -124,6 +138,7 @@ class HistoryRound(_Open):
     val_patches: list[PatchList] | None = Field(None, max_length=MAX_PATCHES)
     labelled_pixels: dict[Name, Count] | None = None
     curves: dict[Name, list[float | None]] | None = None  # a diverged run may have logged NaN losses
+    prior_correction: PriorCorrection | None = None
 
     @field_validator("finished")
     @classmethod
@@ -167,6 +182,12 @@ class ModelMeta(_Open):
             raise ValueError(
                 f"architecture.n_classes is {self.architecture.n_classes} but {len(self.classes)} classes are named"
             )
+        for r in self.history.rounds if self.history else []:
+            if r.prior_correction is not None and len(r.prior_correction.logit_shift) != len(self.classes):
+                raise ValueError(
+                    f"round {r.round}: the prior correction has {len(r.prior_correction.logit_shift)} logit "
+                    f"shift(s) for {len(self.classes)} classes"
+                )
         return self
 
 

@@ -152,6 +152,9 @@ def header_length(value):
     return tamper
 
 
+PRIOR = {"method": "mean", "train_prior": [0.5, 0.5], "image_prior": [0.5, 0.5], "logit_shift": [0.0, 0.0]}
+
+
 def history_rounds(value):
     return with_meta(lambda m: m["history"].update(rounds=value))
 
@@ -210,6 +213,18 @@ HOSTILE_MODELS = [
     ("history_rounds_a_mapping_as_init", "init", history_rounds({"1": {}}), ["history.rounds"]),
     ("history_finished_not_a_time_as_init", "init", last_round(finished="yesterday"), ["finished"]),
     ("history_iterations_a_string_as_init", "init", last_round(iterations="12"), ["iterations"]),
+    (
+        "prior_shift_for_other_classes_as_init",
+        "init",
+        last_round(prior_correction={**PRIOR, "logit_shift": [0.1, 0.2, 0.3]}),
+        ["prior correction", "3 logit"],
+    ),
+    (
+        "prior_shift_huge_as_init",
+        "init",
+        last_round(prior_correction={**PRIOR, "logit_shift": [1e30, 0.0]}),
+        ["logit_shift"],
+    ),
 ]
 
 
