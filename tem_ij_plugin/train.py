@@ -318,7 +318,7 @@ class Trainer:
             self._start_from_previous()
 
     def _build_network(self, init, n_classes: int) -> None:
-        """The network (new, or the warm start's), its weight average and the optimiser."""
+        """The network (new, or the warm start's, uncorrected) and its weight average."""
         torch.manual_seed(self.tc.seed)
         if init is not None:
             self.arch = dict(init.meta["architecture"])
