@@ -4,7 +4,8 @@ and what test-time augmentation costs at prediction.
 Uses the default network on the ISBI 2012 ``mito`` task's partial labels (see ``label_gap.py``) on the
 CPU. Arms are interleaved (one step of each in turn), so a machine that gets busier or quieter
 changes every arm alike; the median over ``--steps`` rounds is reported with its ratio to the
-0.2 step ("no band": the current default without its band term; "default" includes it). Prediction:
+0.2 step ("no band": the current default without its band term; "default" includes it). Also timed:
+the prior correction that ends every training (median of 3). Prediction:
 the median of 3 passes over 5 sections of 512x512 with ``tta`` off and ``flips``. Run it alone: two
 benchmarks at once on two cores measure each other.
 
@@ -35,6 +36,18 @@ ARMS = {
     "edge": ["train.edge_weight=1.0"],
     "pseudo": ["train.pseudo_weight=0.5", "train.min_iterations=0"],
 }
+
+
+def prior_cost(trainer) -> float:
+    """Median seconds of 3 estimates of the prior correction (what a training does once, at its end)."""
+    from tem_ij_plugin.priors import estimate_correction
+
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        estimate_correction(trainer.ema, trainer.image, trainer.norm, trainer.training_prior(), trainer.dev, max_iter=1)
+        runs.append(time.perf_counter() - t0)
+    return round(float(np.median(runs)), 3)
 
 
 def tta_cost(net, sections) -> dict:
@@ -87,11 +100,17 @@ def main(argv=None) -> int:
     result = {a: {"median_s": round(med[a], 4), "ratio_to_0.2": round(med[a] / base, 3)} for a in arms}
     for a, r in result.items():
         print(f"{a:8s} {r['median_s'] * 1000:7.1f} ms/step  x{r['ratio_to_0.2']:.2f} of the 0.2 step")
+    prior_s = prior_cost(trainers["default"])
+    print(f"prior correction (once per training): {prior_s:.2f} s = {prior_s / med['default']:.0f} default steps")
     tta = tta_cost(trainers["default"].ema, images[15:20])
     for mode, sec in tta.items():
         print(f"predict 5 sections, tta {mode:5s} {sec:6.2f} s  x{sec / tta['off']:.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"steps": args.steps, "arms": result, "predict_5_sections_s": tta}, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {"steps": args.steps, "arms": result, "prior_correction_s": prior_s, "predict_5_sections_s": tta}, indent=1
+        )
+    )
     print(f"wrote {args.json}")
     return 0
 

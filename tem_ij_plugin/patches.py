@@ -54,14 +54,16 @@ def default_validation_count(n_patches: int) -> int:
     return max(1, int(round(0.2 * n_patches)))
 
 
-def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_classes: int, keep_val=()):
+def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_classes: int, keep_val=(), trained=()):
     """Choose validation patches; the rest train.
 
     The split is random (seeded) but keeps every class present in the training patches, and
     prefers validation patches that hold more than one class so that the score is informative.
     Patches in ``keep_val`` (as ``Patch.as_list()``: an earlier round's validation patches) stay in
     validation, so that a warm-started round is judged on everything held out before and never trains
-    on it; the validation set grows to the default size when they are fewer.
+    on it; the validation set grows to the default size when they are fewer. Patches in ``trained`` (an
+    earlier round's training patches) are held out only when no other patch can be: a warm start
+    scored on a patch it learnt from would look better than it is.
 
     Returns
     -------
@@ -78,6 +80,8 @@ def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_cla
     rng = np.random.default_rng(seed)
     kept = {tuple(k) for k in keep_val}
     forced = [i for i, p in enumerate(patches) if tuple(p.as_list()) in kept][: n - 1]
+    seen = {tuple(k) for k in trained}
+    learnt = {i for i, p in enumerate(patches) if tuple(p.as_list()) in seen}
     n_val = max(n_val, len(forced))
 
     def classes_in(ps):
@@ -92,7 +96,7 @@ def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_cla
     for _ in range(200):
         order = rng.permutation(n)
         # Multi-class patches first: a one-class validation patch cannot tell the classes apart.
-        order = sorted(order, key=lambda i: (i not in forced, i not in multi, rng.random()))
+        order = sorted(order, key=lambda i: (i not in forced, i in learnt, i not in multi, rng.random()))
         val_idx = set(order[:n_val])
         train = [p for i, p in enumerate(patches) if i not in val_idx]
         if classes_in(train) == every:

@@ -314,7 +314,9 @@ class Trainer:
         self.loss_ema = None
         self.last_val = None
         self.start_score = None  # the warm start's validation score, when there is one
-        if init is not None and self.validator is not None:
+        # The warm start competes only on patches it never trained on: elsewhere its score flatters it.
+        fresh = not any(tuple(p.as_list()) in self.learnt for p in self.val_p)
+        if init is not None and self.validator is not None and fresh:
             self._start_from_previous()
 
     def _build_network(self, init, n_classes: int) -> None:
@@ -341,10 +343,12 @@ class Trainer:
         """The train/validation split, the crop sampler, the augmenter, the validator and class weights."""
         tc, labels, image = self.tc, self.labels.labels, self.image
         patches = annotated_patches(labels, self.s.patches.size)
-        earlier = (
-            [v for r in self.init.meta["history"]["rounds"] for v in r.get("val_patches") or []] if self.init else []
+        rounds = self.init.meta["history"]["rounds"] if self.init is not None else []
+        earlier = [v for r in rounds for v in r.get("val_patches") or []]
+        self.learnt = {tuple(t) for r in rounds for t in r.get("train_patches") or []}
+        self.train_p, self.val_p = split(
+            labels, patches, tc.validation_patches, tc.seed, n_classes, earlier, self.learnt
         )
-        self.train_p, self.val_p = split(labels, patches, tc.validation_patches, tc.seed, n_classes, earlier)
         log.info("%d annotated patch(es): %d for training, %d for validation", len(patches), *map(len, self.split))
         self.lo, self.hi = normalization_range(image)
         self.augmenter = Augmenter(tc.crop_size, **self.s.augment.model_dump())

@@ -280,3 +280,23 @@ def test_the_summary_says_when_the_starting_model_was_kept(trained):
 
 def test_the_summary_of_a_new_model_keeps_nothing(trained):
     assert "kept" not in trained[2].summary()
+
+
+def test_split_holds_out_a_patch_no_earlier_round_trained_on():
+    labels = _four_patch_labels()
+    patches = annotated_patches(labels, 256)
+    trained = [[0, 0, 0, 256, 256], [0, 0, 256, 256, 512], [0, 256, 0, 512, 256]]
+    for seed in range(5):
+        _, val_p = split(labels, patches, None, seed, 2, trained=trained)
+        assert [p.as_list() for p in val_p] == [[0, 256, 256, 512, 512]]
+
+
+def test_a_warm_start_is_not_judged_on_patches_it_trained_on(trained):
+    from tem_ij_plugin.train import Trainer
+
+    image, labels, _, _ = trained
+    s = tiny_settings(4)
+    s.train.validation_patches = 0  # the first round trains on every patch
+    first = train(image[None], labels, s, device="cpu").model
+    s.train.validation_patches = 1
+    assert Trainer(image[None], labels, s, init=first, device="cpu").start_score is None
