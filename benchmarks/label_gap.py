@@ -70,7 +70,8 @@ def dense_labels(truth: np.ndarray, classes: list):
     return Labels(labels=truth.astype(np.int16), classes=list(classes))
 
 
-def _score(net, test_img, test_truth, model, n_classes, tta="off") -> float:
+def dense_score(net, test_img, test_truth, model, n_classes, tta="off") -> float:
+    """Dense test mIoU of ``net`` (normalised as ``model`` was) on ``test_img``."""
     import torch
 
     from tem_ij_plugin.predict import predict_stack
@@ -174,7 +175,8 @@ def train_and_score(
             nets[kind], out[f"{kind}_correction"] = prior_corrected(trainer, res.model, iters)
     for v in variants:
         net = nets[v.split("+")[0].replace("tta", "raw")]
-        out["variants"][v] = _score(net, test_img, test_truth, res.model, n, "flips" if v.endswith("tta") else "off")
+        tta = "flips" if v.endswith("tta") else "off"
+        out["variants"][v] = dense_score(net, test_img, test_truth, res.model, n, tta)
     out["miou"] = out["variants"][variants[0]]
     return out
 

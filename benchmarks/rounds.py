@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from isbi_partial import DATA, apply_overrides, choose_patches, load, miou, partial_labels, rf_peer  # noqa: E402
-from label_gap import CLASSES, truths  # noqa: E402
+from label_gap import CLASSES, dense_score, truths  # noqa: E402
 
 SCHEDULE = (1, 2, 4, 8, 15)
 
@@ -43,12 +43,7 @@ def first_patches(labels, patches, k: int, size: int = 256):
 
 
 def score(model, test_img, test_truth) -> float:
-    import torch
-
-    from tem_ij_plugin.predict import predict_stack
-
-    probs = predict_stack(model.net, test_img, model.normalization, torch.device("cpu"))
-    return round(miou(probs.argmax(1), test_truth, len(model.classes)), 4)
+    return dense_score(model.net, test_img, test_truth, model, len(model.classes))
 
 
 def run(task, truth, images, seed, args) -> dict:
