@@ -136,7 +136,7 @@ def rank_correlations(checkpoints) -> dict:
 
 
 def train_and_score(
-    train_img, labels, test_img, test_truth, minutes, seed, overrides=(), variants=("raw",), checkpoints=0
+    train_img, labels, test_img, test_truth, minutes, seed, overrides=(), variants=("raw",), checkpoints=0, refits=()
 ) -> dict:
     """Train the default network on ``labels``; its dense test mIoU and what its trainer validated.
 
@@ -151,13 +151,13 @@ def train_and_score(
     s = apply_overrides(Settings(), overrides)
     s.train.seed = seed
     s.train.prior_correction = "off"  # scored as variants below, from the same training
+    s.train.refit = 0.0  # likewise (refit_scores)
     if minutes is not None:
         s.train.max_minutes = minutes
     trainer = Trainer(train_img, labels, s, device="cpu")
     rows, record = _checkpoint_recorder(trainer, test_img, test_truth, checkpoints) if checkpoints else ([], None)
     res = trainer.run(progress=record)
     rnd = res.model.meta["history"]["rounds"][-1]
-    n = len(labels.classes)
     out = {
         "best_val": None if rnd["best_score"] is None else round(rnd["best_score"], 4),
         "iterations": rnd["iterations"],
@@ -169,19 +169,56 @@ def train_and_score(
     if rows:
         out["checkpoints"] = {"columns": ["iteration", "val_labelled", "val_band", "test_3_sections"], "rows": rows}
         out["rank_correlation"] = rank_correlations(rows)
-    nets = {"raw": res.model.net}
-    for kind, iters in (("prior", 200), ("prior1", 1)):
-        if any(v.split("+")[0] == kind for v in variants):
-            nets[kind], out[f"{kind}_correction"] = prior_corrected(trainer, res.model, iters)
-    for v in variants:
-        net = nets[v.split("+")[0].replace("tta", "raw")]
-        tta = "flips" if v.endswith("tta") else "off"
-        out["variants"][v] = dense_score(net, test_img, test_truth, res.model, n, tta)
+    out["variants"], corrections = score_variants(trainer, res.model, test_img, test_truth, variants)
+    out.update(corrections)
     out["miou"] = out["variants"][variants[0]]
+    if refits:
+        out["refit"] = refit_scores(trainer, res.model, test_img, test_truth, refits, variants)
     return out
 
 
-def run_task(task, truth, images, seed, minutes, arms, overrides=(), variants=("raw",), checkpoints=0) -> dict:
+def score_variants(trainer, model, test_img, test_truth, variants) -> tuple:
+    """Dense test mIoU of each variant of ``model`` (see :func:`train_and_score`), and the corrections."""
+    nets, corrections = {"raw": model.net}, {}
+    for kind, iters in (("prior", 200), ("prior1", 1)):
+        if any(v.split("+")[0] == kind for v in variants):
+            nets[kind], corrections[f"{kind}_correction"] = prior_corrected(trainer, model, iters)
+    scores = {}
+    for v in variants:
+        net = nets[v.split("+")[0].replace("tta", "raw")]
+        tta = "flips" if v.endswith("tta") else "off"
+        scores[v] = dense_score(net, test_img, test_truth, model, len(trainer.classes), tta)
+    return scores, corrections
+
+
+def refit_scores(trainer, model, test_img, test_truth, fractions, variants) -> dict:
+    """Continue the selected model on every patch (``Trainer.refit``) and score it at each fraction.
+
+    The refit runs at a constant learning rate, so one continuation to the largest fraction passes
+    through every shorter one: the weight average is copied on the way.
+    """
+    import copy
+
+    best_it = trainer.best["iteration"]
+    marks = {trainer.it + round(f * best_it): f for f in fractions}
+    snaps = {}
+
+    def snapshot(ev):
+        if ev["iteration"] in marks:
+            snaps[marks[ev["iteration"]]] = copy.deepcopy(trainer.ema.state_dict())
+
+    trainer.tc.refit = max(fractions)
+    trainer.refit(lambda: 0.0, float("inf"), snapshot)
+    scores = {}
+    for f, state in sorted(snaps.items()):
+        model.net.load_state_dict(state)
+        scores[str(f)] = score_variants(trainer, model, test_img, test_truth, variants)[0]
+    return scores
+
+
+def run_task(
+    task, truth, images, seed, minutes, arms, overrides=(), variants=("raw",), checkpoints=0, refits=()
+) -> dict:
     classes = CLASSES[task]
     train_img, test_img, test_truth = images[:15], images[15:], truth[15:]
     lab = partial_labels(truth[:15], choose_patches(15, seed), seed, classes=classes)
@@ -191,7 +228,7 @@ def run_task(task, truth, images, seed, minutes, arms, overrides=(), variants=("
         row["rf"] = {"miou": round(miou(pred, test_truth, len(classes)), 4)}
     if "partial" in arms:
         row["partial"] = train_and_score(
-            train_img, lab, test_img, test_truth, minutes, seed, overrides, variants, checkpoints
+            train_img, lab, test_img, test_truth, minutes, seed, overrides, variants, checkpoints, refits
         )
     if "dense" in arms:
         row["dense"] = train_and_score(
@@ -253,6 +290,12 @@ def main(argv=None) -> int:
         metavar="K",
         help="follow the dense score of 3 test sections every K validations of the partial arm (0 = off)",
     )
+    ap.add_argument(
+        "--refit",
+        default="",
+        metavar="F,F",
+        help="also score the partial arm refitted on every patch for these fractions of its iterations",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "label_gap.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -263,11 +306,12 @@ def main(argv=None) -> int:
     images = load(args.data)[0]
     all_truths = truths(args.data, images.shape)
     variants = tuple(args.variants.split(","))
+    refits = tuple(float(f) for f in args.refit.split(",") if f)
     results = {"minutes": args.minutes, "seeds": args.seeds, "overrides": args.set, "variants": variants, "tasks": {}}
     for seed in (int(s) for s in args.seeds.split(",")):
         for task in args.tasks.split(","):
             row = run_task(
-                task, all_truths[task], images, seed, args.minutes, arms, args.set, variants, args.checkpoints
+                task, all_truths[task], images, seed, args.minutes, arms, args.set, variants, args.checkpoints, refits
             )
             results["tasks"].setdefault(task, {})[str(seed)] = row
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -295,12 +295,16 @@ class TrainReporter(_Reporter):
         }
         if self.interactive:
             bar = self._bar(ev["max_iterations"], "training", "it")
+            if ev["stage"] == "refit" and bar.total != ev["max_iterations"]:
+                bar.total = ev["max_iterations"]
+                bar.set_description("refit on every patch")
             bar.n = ev["iteration"]
             bar.set_postfix(fields, refresh=True)
             return
         if self._due():
             log.info(
-                "iteration %d  %.0f/%.0f s  loss %s  val %s  best %s  backtracks %d",
+                "%s iteration %d  %.0f/%.0f s  loss %s  val %s  best %s  backtracks %d",
+                "refit" if ev["stage"] == "refit" else "training",
                 ev["iteration"],
                 ev["elapsed_s"],
                 ev["max_seconds"],

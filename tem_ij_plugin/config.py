@@ -142,6 +142,14 @@ class TrainConfig(_Strict):
     validation_patches: int | None = Field(
         None, ge=0, description="Annotated patches held out for validation; None = about 20 %, at least 1 when 3+."
     )
+    refit: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="After selection, continue the selected model on every annotated patch, validation "
+        "patches included, for this fraction of its iterations (0 = off): the held-out labels are learnt "
+        "too, at the cost of a model no patch has validated.",
+    )
     eval_every: int = Field(25, ge=1, description="Iterations between validations.")
     smoothing: float = Field(0.6, ge=0, lt=1, description="EMA factor of the validation score.")
     patience: int = Field(6, ge=1, description="Validations without improvement before backtracking.")

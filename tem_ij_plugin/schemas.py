@@ -121,6 +121,14 @@ class PriorCorrection(_Open):
     em_iterations: Count | None = None
 
 
+class Refit(_Open):
+    """The continuation of a round's selected model on every patch (``train.refit``)."""
+
+    iterations: Count
+    from_iteration: Count
+    patches: list[PatchList] = Field(max_length=MAX_PATCHES)
+
+
 class HistoryRound(_Open):
     """One training round in a model's history; the keys callers read are typed when present."""
 
@@ -139,6 +147,7 @@ class HistoryRound(_Open):
     labelled_pixels: dict[Name, Count] | None = None
     curves: dict[Name, list[float | None]] | None = None  # a diverged run may have logged NaN losses
     prior_correction: PriorCorrection | None = None
+    refit: Refit | None = None
 
     @field_validator("finished")
     @classmethod

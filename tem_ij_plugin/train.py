@@ -314,6 +314,7 @@ class Trainer:
         self.loss_ema = None
         self.last_val = None
         self.start_score = None  # the warm start's validation score, when there is one
+        self.refitted = None  # the refit's record, once it has run
         # The warm start competes only on patches it never trained on: elsewhere its score flatters it.
         fresh = not any(tuple(p.as_list()) in self.learnt for p in self.val_p)
         if init is not None and self.validator is not None and fresh:
@@ -344,8 +345,12 @@ class Trainer:
         tc, labels, image = self.tc, self.labels.labels, self.image
         patches = annotated_patches(labels, self.s.patches.size)
         rounds = self.init.meta["history"]["rounds"] if self.init is not None else []
-        earlier = [v for r in rounds for v in r.get("val_patches") or []]
-        self.learnt = {tuple(t) for r in rounds for t in r.get("train_patches") or []}
+        # A refit trained on its validation patches too: they are no longer fresh for a warm start.
+        self.learnt = {
+            tuple(t) for r in rounds for t in (r.get("train_patches") or []) + (r.get("refit") or {}).get("patches", [])
+        }
+        # Earlier validation patches stay held out unless a refit has learnt them since.
+        earlier = [v for r in rounds for v in r.get("val_patches") or [] if tuple(v) not in self.learnt]
         self.train_p, self.val_p = split(
             labels, patches, tc.validation_patches, tc.seed, n_classes, earlier, self.learnt
         )
@@ -353,11 +358,7 @@ class Trainer:
         self.lo, self.hi = normalization_range(image)
         self.augmenter = Augmenter(tc.crop_size, **self.s.augment.model_dump())
         # Only the regions around annotated patches are normalised: a large stack is never copied whole.
-        src = self.augmenter.input_size()
-        band = (n_classes, tc.band_width) if tc.band_weight else None
-        self.sampler = _Sampler(
-            image, self.norm, labels, self.train_p, self.val_p, tc.context, src, self.dev, tc.seed, band
-        )
+        self.sampler = self._sampler(self.train_p, self.val_p, tc.seed)
         self.validator = (
             _Validator(image, self.norm, labels, self.val_p, tc.context, n_classes, tc.band_width)
             if self.val_p
@@ -369,6 +370,12 @@ class Trainer:
         )[1:]
         self.weight = class_weights(self.counts, tc.class_balance).to(self.dev)
         self.gen = torch.Generator(device=self.dev).manual_seed(tc.seed)
+
+    def _sampler(self, train: list, avoid: list, seed: int) -> _Sampler:
+        tc, n_classes = self.tc, len(self.classes)
+        band = (n_classes, tc.band_width) if tc.band_weight else None
+        src = self.augmenter.input_size()
+        return _Sampler(self.image, self.norm, self.labels.labels, train, avoid, tc.context, src, self.dev, seed, band)
 
     @property
     def split(self) -> tuple:
@@ -497,12 +504,12 @@ class Trainer:
         )
         return True
 
-    def event(self, elapsed: float, max_seconds: float) -> dict:
-        """The progress record after an iteration (see :func:`train`)."""
+    def event(self, elapsed: float, max_seconds: float, stage: str = "train", last: int | None = None) -> dict:
+        """The progress record after an iteration (see :func:`train`); ``last``: the stage's final iteration."""
         return {
-            "stage": "train",
+            "stage": stage,
             "iteration": self.it,
-            "max_iterations": self.tc.max_iterations,
+            "max_iterations": self.tc.max_iterations if last is None else last,
             "elapsed_s": elapsed,
             "max_seconds": max_seconds,
             "train_loss": self.loss_ema,
@@ -519,6 +526,8 @@ class Trainer:
         """Train until early stopping, the time budget, the iteration cap, a cancel or a non-finite loss."""
         tc = self.tc
         max_seconds = tc.max_minutes * 60.0
+        # A refit continues for up to `refit` x the selected length: selection gets its share of the budget.
+        select_seconds = max_seconds / (1 + tc.refit) if self.val_p else max_seconds
         start = time.perf_counter()
         stop_reason, problem = "max iterations", None
         self.net.train()
@@ -526,7 +535,7 @@ class Trainer:
             if cancel is not None and cancel.is_set():
                 stop_reason = "cancelled"
                 break
-            if time.perf_counter() - start > max_seconds:
+            if time.perf_counter() - start > select_seconds:
                 stop_reason = "time budget"
                 break
             if self.it >= tc.max_iterations:
@@ -552,7 +561,48 @@ class Trainer:
             if not self.evaluate():
                 problem = f"the averaged weights became non-finite (NaN or infinite) by iteration {self.it}"
                 stop_reason = NON_FINITE
+        if problem is None and stop_reason != "cancelled":
+            self._settle_best(None)
+            self.refit(lambda: time.perf_counter() - start, max_seconds, progress, cancel)
         return self.result(stop_reason, problem, time.perf_counter() - start)
+
+    def refit(self, elapsed, max_seconds: float, progress=None, cancel=None) -> None:
+        """Continue the selected model on every annotated patch, validation patches included (``train.refit``).
+
+        Early stopping needed the held-out patches unseen; the final model need not leave their labels
+        unused. The continuation runs ``refit`` x the selected model's iterations at the current learning
+        rate, or until the time budget. Nothing can validate it: a cancel or a non-finite loss keeps the
+        selected model, and a warm start from it never competes on those patches (they count as learnt).
+        """
+        tc, best = self.tc, self.best
+        n = round(tc.refit * best["iteration"])
+        if n == 0 or not self.val_p or self.kept_previous or best["state"] is None:
+            return
+        log.info(
+            "refit: %d iterations on all %d patches from iteration %d",
+            n,
+            len(self.train_p) + len(self.val_p),
+            best["iteration"],
+        )
+        self.sampler = self._sampler(self.train_p + self.val_p, [], tc.seed + 1)
+        self.net.load_state_dict(best["state"])
+        self.ema.load_state_dict(best["state"])
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=tc.weight_decay)
+        first, last = self.it, self.it + n
+        while self.it < last and elapsed() <= max_seconds:
+            if cancel is not None and cancel.is_set():
+                log.info("refit cancelled: kept the selected model")
+                return
+            if not np.isfinite(self.step()):
+                log.warning("refit stopped: the loss became non-finite; kept the selected model")
+                return
+            if progress is not None:
+                progress(self.event(elapsed(), max_seconds, "refit", last))
+        if not _all_finite(self.ema):
+            log.warning("refit stopped: the averaged weights became non-finite; kept the selected model")
+            return
+        best["state"] = _state(self.ema)
+        self.refitted = {"iterations": self.it - first, "from_iteration": best["iteration"]}
 
     def _settle_best(self, problem):
         """The model to keep, and the user's message when a non-finite loss cut training short."""
@@ -655,6 +705,8 @@ class Trainer:
             "labelled_pixels": {c: int(n) for c, n in zip(self.classes, self.counts)},
             "curves": self.curves,
         }
+        if self.refitted is not None:
+            record["refit"] = {**self.refitted, "patches": [p.as_list() for p in self.val_p]}
         if priors is not None:
             record["prior_correction"] = priors
         if self.kept_previous:

@@ -225,6 +225,12 @@ HOSTILE_MODELS = [
         last_round(prior_correction={**PRIOR, "logit_shift": [1e30, 0.0]}),
         ["logit_shift"],
     ),
+    (
+        "refit_patches_not_boxes_as_init",
+        "init",
+        last_round(refit={"iterations": 2, "from_iteration": 4, "patches": [[0, 0]]}),
+        ["refit"],
+    ),
 ]
 
 

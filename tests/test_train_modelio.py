@@ -300,3 +300,101 @@ def test_a_warm_start_is_not_judged_on_patches_it_trained_on(trained):
     first = train(image[None], labels, s, device="cpu").model
     s.train.validation_patches = 1
     assert Trainer(image[None], labels, s, init=first, device="cpu").start_score is None
+
+
+# -- refit on every patch (train.refit) -------------------------------------------------------------
+def _refit_settings(refit: float = 0.5):
+    s = tiny_settings(12)
+    s.train.refit = refit
+    return s
+
+
+@pytest.fixture(scope="module")
+def refitted(synthetic):
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    events = []
+    res = train(image[None], labels, _refit_settings(), device="cpu", progress=events.append)
+    return image, labels, res, events
+
+
+def test_refit_runs_its_fraction_of_the_selected_length(refitted):
+    rnd = refitted[2].model.meta["history"]["rounds"][-1]
+    assert rnd["refit"]["iterations"] == round(0.5 * rnd["best_iteration"])
+
+
+def test_refit_learns_the_validation_patches(refitted):
+    rnd = refitted[2].model.meta["history"]["rounds"][-1]
+    assert rnd["refit"]["patches"] == rnd["val_patches"]
+
+
+def test_refit_steps_are_reported_as_their_own_stage(refitted):
+    rnd = refitted[2].model.meta["history"]["rounds"][-1]
+    assert sum(ev["stage"] == "refit" for ev in refitted[3]) == rnd["refit"]["iterations"]
+
+
+def test_refit_changes_the_selected_model(refitted, trained):
+    # Same seed and settings up to the refit: `trained` is the selected model without it.
+    a, b = trained[2].model.net.state_dict(), refitted[2].model.net.state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_refit_keeps_the_selection_score(refitted, trained):
+    a, b = (r[2].model.meta["history"]["rounds"][-1] for r in (trained, refitted))
+    assert b["best_score"] == a["best_score"]
+
+
+@pytest.fixture(scope="module")
+def cancelled_refit(trained):
+    """The `trained` run with a refit that is cancelled at its first step."""
+    image, labels, _, _ = trained
+    cancel = threading.Event()
+
+    def progress(ev):
+        if ev["stage"] == "refit":
+            cancel.set()
+
+    return train(image[None], labels, _refit_settings(), device="cpu", progress=progress, cancel=cancel)
+
+
+def test_cancelled_refit_keeps_the_selected_model(cancelled_refit, trained):
+    a, b = trained[2].model.net.state_dict(), cancelled_refit.model.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cancelled_refit_is_not_recorded(cancelled_refit):
+    assert "refit" not in cancelled_refit.model.meta["history"]["rounds"][-1]
+
+
+def test_no_refit_without_validation_patches(synthetic):
+    image, _, shapes = synthetic
+    s = _refit_settings()
+    s.train.validation_patches = 0
+    res = train(image[None], rasterize(shapes, (1,) + image.shape), s, device="cpu")
+    assert "refit" not in res.model.meta["history"]["rounds"][-1]
+
+
+def test_a_warm_start_from_a_refit_does_not_compete_on_patches_it_learnt(refitted):
+    image, labels, res, _ = refitted
+    rnd = train(image[None], labels, tiny_settings(4), init=res.model, device="cpu").model.meta["history"]["rounds"][-1]
+    assert rnd["curves"]["val_iteration"][0] != 0
+
+
+@pytest.fixture(scope="module")
+def refit_then_new_patch(synthetic):
+    """A refit on three patches, then a warm-started round with the fourth annotated too."""
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    three = labels.labels.copy()
+    three[0, 128:, 128:] = -1  # the fourth patch is annotated in the second round only
+    first = train(image[None], type(labels)(labels=three, classes=labels.classes), _refit_settings(), device="cpu")
+    return train(image[None], labels, tiny_settings(4), init=first.model, device="cpu")
+
+
+def test_after_a_refit_a_warm_start_is_validated_on_a_new_patch(refit_then_new_patch):
+    assert [p.as_list() for p in refit_then_new_patch.val_patches] == [[0, 128, 128, 256, 256]]
+
+
+def test_after_a_refit_a_warm_start_competes_on_the_new_patch(refit_then_new_patch):
+    rnd = refit_then_new_patch.model.meta["history"]["rounds"][-1]
+    assert rnd["curves"]["val_iteration"][0] == 0

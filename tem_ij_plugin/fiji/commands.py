@@ -237,8 +237,9 @@ def train_model(ctx) -> None:
 
     def progress(ev):
         bridge.progress = ev
+        stage = "training" if ev["stage"] == "train" else "refit on every patch"
         ctx.status(
-            f"TEM training: iteration {ev['iteration']}, loss {ev['train_loss'] or 0:.3f}, "
+            f"TEM {stage}: iteration {ev['iteration']}, loss {ev['train_loss'] or 0:.3f}, "
             f"best {ev['best_score'] or 0:.3f} (Esc or TEM Stop Training stops)",
             ev["elapsed_s"] / max(ev["max_seconds"], 1e-9),
         )
