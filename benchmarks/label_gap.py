@@ -136,7 +136,17 @@ def rank_correlations(checkpoints) -> dict:
 
 
 def train_and_score(
-    train_img, labels, test_img, test_truth, minutes, seed, overrides=(), variants=("raw",), checkpoints=0, refits=()
+    train_img,
+    labels,
+    test_img,
+    test_truth,
+    minutes,
+    seed,
+    overrides=(),
+    variants=("raw",),
+    checkpoints=0,
+    refits=(),
+    refit_control=False,
 ) -> dict:
     """Train the default network on ``labels``; its dense test mIoU and what its trainer validated.
 
@@ -173,7 +183,7 @@ def train_and_score(
     out.update(corrections)
     out["miou"] = out["variants"][variants[0]]
     if refits:
-        out["refit"] = refit_scores(trainer, res.model, test_img, test_truth, refits, variants)
+        out["refit"] = refit_scores(trainer, res.model, test_img, test_truth, refits, variants, refit_control)
     return out
 
 
@@ -191,24 +201,47 @@ def score_variants(trainer, model, test_img, test_truth, variants) -> tuple:
     return scores, corrections
 
 
-def refit_scores(trainer, model, test_img, test_truth, fractions, variants) -> dict:
+def refit_scores(trainer, model, test_img, test_truth, fractions, variants, control=False) -> dict:
     """Continue the selected model on every patch (``Trainer.refit``) and score it at each fraction.
 
     The refit runs at a constant learning rate, so one continuation to the largest fraction passes
-    through every shorter one: the weight average is copied on the way.
+    through every shorter one: the weight average is copied on the way. ``control`` adds the same
+    continuation on the training patches alone (key ``control``): what the extra iterations give
+    without the validation patches' labels.
     """
     import copy
 
     best_it = trainer.best["iteration"]
-    marks = {trainer.it + round(f * best_it): f for f in fractions}
+    selected = copy.deepcopy(trainer.best["state"])
+    scores = {
+        str(f): s
+        for f, s in _continuation_scores(trainer, model, test_img, test_truth, fractions, variants, None).items()
+    }
+    if control:
+        trainer.best["state"] = selected
+        n = round(max(fractions) * best_it)
+        scores["control"] = _continuation_scores(
+            trainer, model, test_img, test_truth, fractions, variants, (trainer.train_p, n)
+        )
+    return scores
+
+
+def _continuation_scores(trainer, model, test_img, test_truth, fractions, variants, control) -> dict:
+    """Scores at each fraction of one continuation: the refit, or ``control`` = (patches, iterations)."""
+    import copy
+
+    marks = {trainer.it + round(f * trainer.best["iteration"]): f for f in fractions}
     snaps = {}
 
     def snapshot(ev):
         if ev["iteration"] in marks:
             snaps[marks[ev["iteration"]]] = copy.deepcopy(trainer.ema.state_dict())
 
-    trainer.tc.refit = max(fractions)
-    trainer.refit(lambda: 0.0, float("inf"), snapshot)
+    if control is None:
+        trainer.tc.refit = max(fractions)
+        trainer.refit(lambda: 0.0, float("inf"), snapshot)
+    else:
+        trainer.continue_selected(*control, lambda: 0.0, float("inf"), snapshot)
     scores = {}
     for f, state in sorted(snaps.items()):
         model.net.load_state_dict(state)
@@ -217,7 +250,17 @@ def refit_scores(trainer, model, test_img, test_truth, fractions, variants) -> d
 
 
 def run_task(
-    task, truth, images, seed, minutes, arms, overrides=(), variants=("raw",), checkpoints=0, refits=()
+    task,
+    truth,
+    images,
+    seed,
+    minutes,
+    arms,
+    overrides=(),
+    variants=("raw",),
+    checkpoints=0,
+    refits=(),
+    refit_control=False,
 ) -> dict:
     classes = CLASSES[task]
     train_img, test_img, test_truth = images[:15], images[15:], truth[15:]
@@ -228,7 +271,7 @@ def run_task(
         row["rf"] = {"miou": round(miou(pred, test_truth, len(classes)), 4)}
     if "partial" in arms:
         row["partial"] = train_and_score(
-            train_img, lab, test_img, test_truth, minutes, seed, overrides, variants, checkpoints, refits
+            train_img, lab, test_img, test_truth, minutes, seed, overrides, variants, checkpoints, refits, refit_control
         )
     if "dense" in arms:
         row["dense"] = train_and_score(
@@ -296,6 +339,11 @@ def main(argv=None) -> int:
         metavar="F,F",
         help="also score the partial arm refitted on every patch for these fractions of its iterations",
     )
+    ap.add_argument(
+        "--refit-control",
+        action="store_true",
+        help="with --refit: also continue on the training patches alone as long (more steps, no more labels)",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "label_gap.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -311,7 +359,17 @@ def main(argv=None) -> int:
     for seed in (int(s) for s in args.seeds.split(",")):
         for task in args.tasks.split(","):
             row = run_task(
-                task, all_truths[task], images, seed, args.minutes, arms, args.set, variants, args.checkpoints, refits
+                task,
+                all_truths[task],
+                images,
+                seed,
+                args.minutes,
+                arms,
+                args.set,
+                variants,
+                args.checkpoints,
+                refits,
+                args.refit_control,
             )
             results["tasks"].setdefault(task, {})[str(seed)] = row
             args.json.parent.mkdir(parents=True, exist_ok=True)

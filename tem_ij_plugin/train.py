@@ -584,25 +584,44 @@ class Trainer:
             len(self.train_p) + len(self.val_p),
             best["iteration"],
         )
-        self.sampler = self._sampler(self.train_p + self.val_p, [], tc.seed + 1)
-        self.net.load_state_dict(best["state"])
-        self.ema.load_state_dict(best["state"])
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=tc.weight_decay)
-        first, last = self.it, self.it + n
+        first = self.it
+        if self.continue_selected(self.train_p + self.val_p, n, elapsed, max_seconds, progress, cancel):
+            best["state"] = _state(self.ema)
+            self.refitted = {"iterations": self.it - first, "from_iteration": best["iteration"]}
+
+    def continue_selected(
+        self, patches: list, iterations: int, elapsed, max_seconds: float, progress=None, cancel=None
+    ) -> bool:
+        """Train on from the selected model on ``patches`` for ``iterations`` steps (progress stage ``refit``).
+
+        A fresh optimiser at the current learning rate and a new sampler seed; the weight average restarts
+        from the selected weights. The benchmarks also call it on the training patches alone: the control
+        that tells the refit's extra labels from its extra iterations.
+
+        Returns
+        -------
+        bool
+            True when the continuation ended with finite weights (at ``iterations`` or at the time
+            budget); False on a cancel or a non-finite loss, and :attr:`ema` must then not be kept.
+        """
+        self.sampler = self._sampler(patches, [], self.tc.seed + 1)
+        self.net.load_state_dict(self.best["state"])
+        self.ema.load_state_dict(self.best["state"])
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.tc.weight_decay)
+        last = self.it + iterations
         while self.it < last and elapsed() <= max_seconds:
             if cancel is not None and cancel.is_set():
                 log.info("refit cancelled: kept the selected model")
-                return
+                return False
             if not np.isfinite(self.step()):
                 log.warning("refit stopped: the loss became non-finite; kept the selected model")
-                return
+                return False
             if progress is not None:
                 progress(self.event(elapsed(), max_seconds, "refit", last))
         if not _all_finite(self.ema):
             log.warning("refit stopped: the averaged weights became non-finite; kept the selected model")
-            return
-        best["state"] = _state(self.ema)
-        self.refitted = {"iterations": self.it - first, "from_iteration": best["iteration"]}
+            return False
+        return True
 
     def _settle_best(self, problem):
         """The model to keep, and the user's message when a non-finite loss cut training short."""
