@@ -825,11 +825,12 @@ def cmd_fiji(args) -> int:
 
 def cmd_install_fiji(args) -> int:
     from .errors import UserError
-    from .fiji.launcher import install_fiji, scripts_folder
-    from .fiji.manifest import write_scripts
+    from .fiji.launcher import install_fiji, source_scripts_folder
+    from .fiji.manifest import load_manifest, repo_root, write_scripts
 
     if args.write_scripts:
-        for path in write_scripts(scripts_folder()):
+        folder = source_scripts_folder()
+        for path in write_scripts(folder, load_manifest(repo_root() / "plugin.yml")):
             print(f"wrote {path}")
         if not args.fiji_app:
             return 0

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from tem_ij_plugin import __version__
 from tem_ij_plugin.errors import UserError
 from tem_ij_plugin.fiji.manifest import load_manifest, macro_key, macro_source, parse_options, repo_root
 
@@ -35,7 +36,7 @@ def test_every_command_has_its_menu_file_with_matching_dialog_fields():
         for a in cmd.args:  # each field is handed to Python under its key
             assert f" {a.key}" in text
         # the committed file is what plugin.yml generates (edit plugin.yml, then --write-scripts)
-        assert text == macro_source(cmd, manifest["version"]), f"regenerate {cmd.filename}"
+        assert text == macro_source(cmd, __version__), f"regenerate {cmd.filename}"
         assert callable(_target(cmd.function)), cmd.function
 
 

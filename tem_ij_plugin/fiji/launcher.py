@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .manifest import SUBMENU, load_manifest, repo_root
+from .manifest import SUBMENU, load_manifest, menu_root, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,22 @@ DEBIAN_IJ_JAR = "/usr/share/java/ij.jar"
 
 
 def scripts_folder() -> Path:
-    """``fiji_scripts/`` of the source tree."""
-    folder = repo_root() / "fiji_scripts"
+    """The menu macros of this installation (see :func:`~tem_ij_plugin.fiji.manifest.menu_root`)."""
+    folder = menu_root() / "fiji_scripts"
     if not folder.is_dir():
-        raise UserError(f"{folder} not found; the Fiji commands need a source checkout (pip install -e .)")
+        raise UserError(f"{folder} not found: this installation of tem_ij_plugin is incomplete; reinstall it")
     return folder
+
+
+def source_scripts_folder() -> Path:
+    """``fiji_scripts/`` of the source checkout, which ``install-fiji --write-scripts`` regenerates."""
+    root = repo_root()
+    if not (root / "plugin.yml").is_file() or not (root / "tem_ij_plugin").is_dir():
+        raise UserError(
+            "--write-scripts regenerates fiji_scripts/ of a source checkout (developers); "
+            "this installation has none (an installed package keeps its generated copy)"
+        )
+    return root / "fiji_scripts"
 
 
 def install_scripts(plugins_dir: Path) -> Path:

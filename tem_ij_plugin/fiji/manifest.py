@@ -56,8 +56,18 @@ class Command:
 
 
 def repo_root() -> Path:
-    """The source tree holding ``plugin.yml`` and ``fiji_scripts/`` (an editable or source install)."""
+    """The source tree holding ``plugin.yml`` and ``fiji_scripts/``: the source of truth of the menus."""
     return Path(__file__).resolve().parents[2]
+
+
+def menu_root() -> Path:
+    """The folder holding ``plugin.yml`` and ``fiji_scripts/`` in this installation.
+
+    A wheel carries a copy in the package (``tem_ij_plugin/fiji/menu/``, written by ``setup.py`` at
+    build time); an editable install or a source checkout has no such copy and reads the source tree.
+    """
+    packaged = Path(__file__).resolve().parent / "menu"
+    return packaged if (packaged / "plugin.yml").is_file() else repo_root()
 
 
 def macro_key(label: str) -> str:
@@ -76,9 +86,9 @@ def load_manifest(path: str | Path | None = None) -> dict:
     """
     import yaml
 
-    path = Path(path) if path else repo_root() / "plugin.yml"
+    path = Path(path) if path else menu_root() / "plugin.yml"
     if not path.is_file():
-        raise UserError(f"{path} not found; the Fiji commands need a source checkout (pip install -e .)")
+        raise UserError(f"{path} not found: this installation of tem_ij_plugin is incomplete; reinstall it")
     data = yaml.safe_load(path.read_text())
     commands = []
     for c in data.get("commands") or []:
@@ -151,13 +161,15 @@ def macro_source(cmd: Command, version: str) -> str:
 
 def write_scripts(folder: str | Path, manifest: dict | None = None) -> list:
     """Write every command's macro into ``folder``; returns the paths."""
+    from .. import __version__
+
     manifest = manifest or load_manifest()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for cmd in manifest["commands"]:
         p = folder / cmd.filename
-        p.write_text(macro_source(cmd, manifest["version"]))
+        p.write_text(macro_source(cmd, __version__))
         paths.append(p)
     return paths
 
