@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tem_ij_plugin.metrics import miou
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "isbi2012"
 
@@ -72,13 +74,6 @@ def partial_labels(truth, patches, seed, size=256, classes=("background", "cell"
     for z, y, x in patches:
         shapes += simulate_annotations(truth[z], [(y, x, y + size, x + size)], classes, rng, slice_position=z + 1)
     return rasterize(shapes, truth.shape, classes=classes)
-
-
-def miou(pred, truth, n=2):
-    from tem_ij_plugin.train import mean_iou
-
-    conf = np.bincount(truth.ravel().astype(np.int64) * n + pred.ravel(), minlength=n * n).reshape(n, n)
-    return mean_iou(conf)
 
 
 def rf_peer(train_img, labels, test_img, seed):

@@ -1,4 +1,4 @@
-"""Validation curves of an ``isbi_partial.py`` run as a PNG (needs matplotlib: ``pip install -e .[bench]``).
+"""Validation curves of an ``isbi_partial.py`` run as a PNG (needs matplotlib: ``pip install -e .[experiment]``).
 
 python benchmarks/plot_curves.py benchmarks/results/isbi_partial.json docs/isbi_curves.png
 """

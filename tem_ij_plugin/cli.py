@@ -219,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument(
         "--write-scripts", action="store_true", help="regenerate fiji_scripts/*.ijm from plugin.yml (developers)"
     )
+
+    doc = sub.add_parser(
+        "doctor",
+        help="Python, torch, the device and a training-speed probe, with what to do when something is missing",
+        description="The same report as Fiji's TEM Check Environment.",
+    )
+    doc.add_argument("--probe-seconds", type=float, default=5.0, help="length of the speed probe (default: 5)")
     return parser
 
 
@@ -382,69 +389,12 @@ def _with_cancel_on_sigint(work):
         signal.signal(signal.SIGINT, previous)
 
 
-def _save_trained(result, out, project, reservation, args) -> list:
-    """Save a trained model to its round (if any) and ``out`` (if any); returns where, for the summary.
-
-    A trained model is never discarded: what can be saved is saved first (the model in the reserved
-    round folder, then ``-o``), the round is registered last, and if anything fails the one error
-    names every place the model went.
-    """
-    from .errors import UserError
-    from .modelio import save_model
-
-    saved, kept, problems = [], [], []
-    if reservation is not None:
-        try:
-            kept.append(project.save_round_model(reservation, result.model, save_model))
-        except UserError as exc:
-            problems.append(str(exc))
-            project.release(reservation)
-    if out is not None:
-        try:
-            save_model(out, result.model)
-            kept.append(out)
-            saved.append(str(out))
-        except UserError as exc:
-            problems.append(str(exc))
-    if reservation is not None and reservation.model_saved:
-        try:
-            record = project.add_round(
-                result.model, args.image, args.rois, result.stop_reason, save_model, reservation=reservation
-            )
-            saved.insert(0, f"round {record['round']} of {project.root} ({record['model']})")
-        except UserError as exc:
-            problems.append(str(exc))
-    if result.problem:  # e.g. a non-finite loss: the best finite model is saved, and the run still failed
-        problems.append(result.problem)
-    if problems:
-        message = "; ".join(problems)
-        unnamed = [str(k) for k in kept if str(k) not in message]
-        if unnamed:
-            message += f"; the trained model is saved in {' and '.join(unnamed)}"
-        elif not kept:
-            message += "; " + _rescue(result.model)
-        raise UserError(message)
-    return saved
-
-
-def _rescue(model) -> str:
-    """Save a model that could not go where it was asked to, in the temporary folder; says where."""
-    import tempfile
-
-    from .errors import UserError
-    from .modelio import save_model
-
-    path = Path(tempfile.gettempdir()) / f"tem-ij-unsaved-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.model"
-    try:
-        save_model(path, model)
-    except UserError as exc:
-        return f"the trained model could not be saved anywhere ({exc})"
-    return f"the trained model is saved as {path} (move it somewhere safe)"
-
-
 def cmd_train(args) -> int:
     from .config import dump_settings
     from .errors import UserError
+    from .io import read_image, read_rois
+    from .modelio import load_model
+    from .workflows import train_round, warm_start_path
 
     settings = _settings(args)
     if args.print_config:
@@ -457,69 +407,41 @@ def cmd_train(args) -> int:
         from .project import Project
 
         project = Project.open(args.project, create=True)
-        if args.init is None and project.current_model_path() is not None:
-            args.init = str(project.current_model_path())
-            log.info(
-                "project %s: round %d warm-starts from round %d", args.project, len(project.rounds) + 1, project.current
-            )
+        if args.init is None:
+            args.init = warm_start_path(project)
     inputs = [args.image, args.rois, args.init, args.config]
     protect = [args.project] if args.project else []
     out = _check_output(args.out, inputs, args.overwrite, protect) if args.out else None
-
-    from .annotations import rasterize
-    from .io import read_image, read_rois
-    from .modelio import load_model
-    from .predict import resolve_device
-    from .train import train
-
-    device = resolve_device(args.device)
     image = read_image(args.image, channel=args.channel)
     shapes = read_rois(args.rois)
     init = load_model(args.init) if args.init else None
     classes = [c.strip().lower() for c in args.classes.split(",")] if args.classes else None
-    if init is not None:
-        if classes is not None and classes != init.classes:
-            raise UserError(f"--classes {','.join(classes)} differ from the --init model's {','.join(init.classes)}")
-        classes = init.classes
-    labels = rasterize(
-        shapes,
-        image.data.shape,
-        classes=classes,
-        all_slices=args.all_slices,
-        group_names=_parse_group_names(args.group_names),
-    )
-    log.info(
-        "image %s %s %s; classes %s; %d ROI(s)",
-        args.image,
-        "x".join(map(str, image.data.shape)),
-        image.data.dtype,
-        ", ".join(labels.classes),
-        len(shapes),
-    )
+    log.info("image %s", args.image)
     reporter = TrainReporter()
-    # The round is taken before training (a stray round folder is skipped, never a reason to lose the work).
-    reservation = project.reserve_round() if project is not None else None
     try:
-        result, cancel = _with_cancel_on_sigint(
-            lambda c: train(
-                image.data,
-                labels,
+        done, cancel = _with_cancel_on_sigint(
+            lambda c: train_round(
+                image,
+                shapes,
                 settings,
                 init=init,
-                device=str(device),
+                classes=classes,
+                all_slices=args.all_slices,
+                group_names=_parse_group_names(args.group_names),
+                project=project,
+                out=out,
+                image_path=args.image,
+                rois_path=args.rois,
+                device=args.device,
                 progress=reporter,
                 cancel=c,
-                calibration=image.calibration.as_dict(),
             )
         )
-    except BaseException:
-        if reservation is not None:
-            project.release(reservation)
-        raise
     finally:
         reporter.close()
-    saved = _save_trained(result, out, project, reservation, args)
-    print(f"saved {' and '.join(saved)}: {result.summary()}")
+    if done.error:
+        raise UserError(done.error)
+    print(f"saved {' and '.join(done.saved)}: {done.result.summary()}")
     return EXIT_CANCELLED if cancel.is_set() else 0
 
 
@@ -598,7 +520,6 @@ def cmd_predict(args) -> int:
 
 def _model_path(path: str) -> str:
     """A model file, or the current round's model when ``path`` is a project folder."""
-    import os
 
     from .errors import UserError
     from .project import PROJECT_FILE, Project
@@ -823,6 +744,16 @@ def cmd_fiji(args) -> int:
     return status
 
 
+def cmd_doctor(args) -> int:
+    from .errors import UserError
+    from .workflows import doctor
+
+    if not 0 < args.probe_seconds <= 600:
+        raise UserError(f"--probe-seconds {args.probe_seconds:g}: give a length in (0, 600] seconds")
+    doctor(write=lambda line: print(line, flush=True), probe_seconds=args.probe_seconds)
+    return 0
+
+
 def cmd_install_fiji(args) -> int:
     from .errors import UserError
     from .fiji.launcher import install_fiji, source_scripts_folder
@@ -862,6 +793,7 @@ def main(argv=None) -> int:
             "experiment": cmd_experiment,
             "fiji": cmd_fiji,
             "install-fiji": cmd_install_fiji,
+            "doctor": cmd_doctor,
         }
         return commands[args.command](args)
     except UserError as exc:

@@ -172,14 +172,6 @@ class PatchConfig(_Strict):
     size: int = Field(256, ge=32, description="Patch side in pixels (the grid annotators work on).")
 
 
-class TilingConfig(_Strict):
-    """Tiled prediction."""
-
-    tile: int = Field(256, ge=32, description="Tile side in pixels.")
-    overlap: int = Field(32, ge=0, description="Overlap between neighbouring tiles in pixels.")
-    batch_size: int = Field(4, ge=1, description="Tiles per forward pass.")
-
-
 class Settings(_Strict):
     """All settings; ``tem-ij train --print-config`` prints the defaults."""
 
@@ -187,14 +179,13 @@ class Settings(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     patches: PatchConfig = Field(default_factory=PatchConfig)
-    tiling: TilingConfig = Field(default_factory=TilingConfig)
 
 
 def load_settings(path: str | Path) -> Settings:
     """Read settings from a YAML or JSON file; missing keys take their defaults.
 
     The file must be UTF-8 text of at most :data:`MAX_CONFIG_BYTES` whose top level is a mapping of
-    sections (``model``, ``augment``, ``train``, ``patches``, ``tiling``). An empty file (or one holding
+    sections (``model``, ``augment``, ``train``, ``patches``). An empty file (or one holding
     only comments) and an empty section (``train:`` with nothing under it) mean "all defaults". Any other
     top level (``0``, ``[]``, a string) is an error, as are YAML anchors and aliases (config files have no
     use for them, and expanding them is how a 400-byte file becomes gigabytes), nesting deeper than
@@ -231,13 +222,17 @@ def load_settings(path: str | Path) -> Settings:
         return Settings()
     if not isinstance(data, dict):
         raise UserError(
-            f"config file {path} must be a mapping of sections (model, augment, train, patches, tiling), "
-            f"not {_kind(data)}"
+            f"config file {path} must be a mapping of sections (model, augment, train, patches), not {_kind(data)}"
         )
     if _depth(data) > MAX_CONFIG_DEPTH:
         raise UserError(f"config file {path} is nested too deeply (more than {MAX_CONFIG_DEPTH} levels)")
     # An empty section ("train:" with everything below commented out) means that section's defaults.
     data = {k: ({} if v is None else v) for k, v in data.items()}
+    if "tiling" in data:  # 0.2 wrote one, and never read it: refuse it rather than ignore it again
+        raise UserError(
+            f"config file {path}: the tiling section is not a setting (prediction tiles are chosen per run: "
+            "tem-ij predict --tile, --overlap, --batch-size); remove it"
+        )
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

@@ -9,18 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .metrics import class_iou, confusion
 
 log = logging.getLogger(__name__)
-
-
-def iou(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> list:
-    """Per-class IoU of two dense label images."""
-    out = []
-    for c in range(n_classes):
-        p, t = pred == c, truth == c
-        union = np.logical_or(p, t).sum()
-        out.append(float(np.logical_and(p, t).sum() / union) if union else float("nan"))
-    return out
 
 
 DEMO_FILES = {"image.tif", "truth.tif", "RoiSet.zip", "demo.model", "probabilities.tif", "demo.png"}
@@ -98,9 +89,9 @@ def run_demo(
     other_probs = predict_stack(net, other[None], result.model.normalization, dev)
     pred = probs[0].argmax(0)
     unannotated = labels.labels[0] < 0
-    iou_all = iou(pred, truth, 2)
-    iou_unlabelled = iou(np.where(unannotated, pred, -1), np.where(unannotated, truth, -2), 2)
-    iou_other = iou(other_probs[0].argmax(0), other_truth, 2)
+    iou_all = class_iou(confusion(pred, truth, 2))
+    iou_unlabelled = class_iou(confusion(np.where(unannotated, pred, -1), truth, 2))
+    iou_other = class_iou(confusion(other_probs[0].argmax(0), other_truth, 2))
 
     lab2d = labels.labels[0]
     train_p = [p for p in result.train_patches if p.z == 0]

@@ -18,19 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, UserError
+from .metrics import miou
 
 log = logging.getLogger(__name__)
 
 ARMS = ("random", "suggest")
 DEFAULT_SCHEDULE = (1, 2, 3, 5, 8, 12, 15)
-
-
-def confusion_miou(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
-    """Mean IoU over classes of two 1-D label arrays."""
-    from .train import mean_iou
-
-    conf = np.bincount(truth.astype(np.int64) * n_classes + pred, minlength=n_classes**2)
-    return mean_iou(conf.reshape(n_classes, n_classes))
 
 
 def split_grid(shape, size: int, test_fraction: float, seed: int = 12345):
@@ -213,7 +206,7 @@ def run_experiment(
                     "arm": arm,
                     "patches": len(chosen),
                     "annotated_pixels": int((labels.labels >= 0).sum()),
-                    "miou": round(confusion_miou(pred[test_mask], truth[test_mask], n_classes), 4),
+                    "miou": round(miou(pred[test_mask], truth[test_mask], n_classes), 4),
                     "train_iterations": model.meta["history"]["rounds"][-1]["iterations"],
                     "train_s": model.meta["history"]["rounds"][-1]["duration_s"],
                     "stop_reason": result.stop_reason,
@@ -224,7 +217,7 @@ def run_experiment(
                     clf = peer.fit(labels.labels)
                     got = np.concatenate([peer.predict(clf, int(z), test_mask[z]) for z in test_planes])
                     want = np.concatenate([truth[z][test_mask[z]] for z in test_planes])
-                    row["rf_miou"] = round(confusion_miou(got, want, n_classes), 4)
+                    row["rf_miou"] = round(miou(got, want, n_classes), 4)
                 row["round_s"] = round(time.perf_counter() - t0, 1)
                 rows.append(row)
                 log.info(

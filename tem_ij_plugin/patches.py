@@ -32,7 +32,11 @@ class Patch:
 
 
 def grid(shape, size: int) -> list:
-    """Every grid cell of a (Z, Y, X) image; cells at the right/bottom edge may be smaller."""
+    """Every grid cell of a (Z, Y, X) image; cells at the right/bottom edge may be smaller.
+
+    >>> [p.as_list() for p in grid((1, 300, 256), 256)]
+    [[0, 0, 0, 256, 256], [0, 256, 0, 300, 256]]
+    """
     nz, h, w = shape
     return [
         Patch(z, y, x, min(y + size, h), min(x + size, w))

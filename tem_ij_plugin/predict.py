@@ -80,10 +80,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise UserError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps")
 
 
+def resolve_precision(device: torch.device, precision: str, checked: bool = False) -> str:
+    """What ``precision="auto"`` means, for training and prediction alike; other values pass through.
+
+    bf16 on a CUDA GPU that supports it; fp16 on an older CUDA GPU only where the result is ``checked``
+    against fp32 (prediction's probe tile: training has no loss scaling, so fp16 could underflow);
+    fp32 elsewhere, CPUs included (bf16 there was twice as fast but moved probabilities by up to
+    0.047-0.066 somewhere in a 3840x2920 image while passing the probe check).
+    """
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    if torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp16" if checked else "fp32"
+
+
 def autocast_context(device: torch.device, precision: str):
-    """Autocast for ``bf16``/``fp16``; ``auto`` means bf16 on CUDA that supports it, fp32 elsewhere."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    """Autocast for ``bf16``/``fp16`` (``auto``: see :func:`resolve_precision`); nothing for fp32."""
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -453,13 +469,7 @@ def _check_reduced_precision(net, device, precision, probe: np.ndarray) -> str:
 
 def _auto_runner(infer, device, backend: str, precision: str, probe):
     """The torch or (for ``backend="auto"``) onnxruntime runner; reduced precision checked on ``probe``."""
-    if precision == "auto":
-        # Not bf16 on CPUs, even with native bf16: it was twice as fast but moved probabilities by up to
-        # 0.047-0.066 somewhere in a 3840x2920 image (mIoU unchanged) while passing the probe check.
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
+    precision = resolve_precision(device, precision, checked=probe is not None)
     if precision != "fp32" and probe is not None:
         precision = _check_reduced_precision(infer, device, precision, probe)
     if precision == "fp32" and backend == "auto" and device.type == "cpu" and onnx_available():

@@ -106,7 +106,11 @@ def stitch(accumulator: np.ndarray, weights: np.ndarray, tile: Tile, values: np.
 
 
 def pad_amounts(height: int, width: int, tile: int, multiple: int) -> tuple:
-    """Bottom/right padding so that the image is at least one tile and a multiple of ``multiple``."""
+    """Bottom/right padding so that the image is at least one tile and a multiple of ``multiple``.
+
+    >>> pad_amounts(100, 530, 256, 16)
+    (156, 14)
+    """
 
     def need(n):
         target = max(n, tile)

@@ -24,6 +24,7 @@ from .augment import Augmenter
 from .config import Settings
 from .errors import UserError
 from .losses import class_weights, deep_supervision_loss, edge_potts_loss, masked_cross_entropy, pseudo_label_loss
+from .metrics import mean_iou
 from .modelio import TrainedModel, build_network, software_versions
 from .patches import Patch, annotated_patches, split
 from .predict import (
@@ -204,14 +205,6 @@ class _Validator:
     def __call__(self, net, device, precision) -> float:
         """Mean IoU on the labelled pixels of the validation patches."""
         return self.scores(net, device, precision)["labelled"]
-
-
-def mean_iou(conf: np.ndarray) -> float:
-    """Mean IoU over the classes that occur in truth or prediction of a confusion matrix (truth x pred)."""
-    tp = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean()) if present.any() else 0.0
 
 
 def _state(net) -> dict:

@@ -45,9 +45,11 @@ def test_fill_integer_polygon_covers_exact_pixels():
 def test_fill_uses_pixel_centres_and_even_odd_holes():
     # Vertices at .4/.6 keep or drop a pixel depending on where its centre falls.
     m = fill_polygons([square(1.6, 1.6, 4.4, 4.4)], 6, 6)
-    assert m.sum() == 4 and m[2:4, 2:4].all()
+    assert m.sum() == 4
+    assert m[2:4, 2:4].all()
     ring = fill_polygons([square(0, 0, 8, 8), square(2, 2, 6, 6)], 8, 8)
-    assert ring.sum() == 64 - 16 and not ring[2:6, 2:6].any()
+    assert ring.sum() == 64 - 16
+    assert not ring[2:6, 2:6].any()
 
 
 def test_fill_triangle_area_close_to_geometry():
@@ -69,23 +71,30 @@ def test_rasterize_classes_ignore_and_conflicts():
     lab = rasterize(shapes, (1, 40, 40))
     assert lab.classes == ["background", "cell"]
     l = lab.labels[0]
-    assert (l[5:10, 5:10] == 1).all() and (l[:5, :5] == -1).all()
+    assert (l[5:10, 5:10] == 1).all()
+    assert (l[:5, :5] == -1).all()
     assert (l[25:30, 25:30] == -1).all(), "pixels claimed by two classes stay unlabelled"
-    assert (l[20:25, 20:25] == 0).all() and (l[30:35, 30:35] == 1).all()
+    assert (l[20:25, 20:25] == 0).all()
+    assert (l[30:35, 30:35] == 1).all()
     assert any("different classes" in w for w in lab.warnings)
 
 
 def test_rect_and_oval_shapes():
     lab = rasterize([shape("bg", 0, 0, 4, 3, kind="rect"), shape("cell", 10, 10, 20, 20, kind="oval")], (1, 30, 30))
     l = lab.labels[0]
-    assert (l[:3, :4] == 0).all() and (l == 0).sum() == 12
-    assert l[15, 15] == 1 and l[10, 10] == -1 and 60 < (l == 1).sum() < 100
+    assert (l[:3, :4] == 0).all()
+    assert (l == 0).sum() == 12
+    assert l[15, 15] == 1
+    assert l[10, 10] == -1
+    assert 60 < (l == 1).sum() < 100
 
 
 def test_slices_and_positions():
     shapes = [shape("bg", 0, 0, 5, 5, position=2), shape("cell", 5, 5, 9, 9, position=3)]
     lab = rasterize(shapes, (3, 10, 10))
-    assert (lab.labels[0] == -1).all() and (lab.labels[1] == 0).sum() == 25 and (lab.labels[2] == 1).sum() == 16
+    assert (lab.labels[0] == -1).all()
+    assert (lab.labels[1] == 0).sum() == 25
+    assert (lab.labels[2] == 1).sum() == 16
     with pytest.raises(UserError, match="slice 3 but the image has 2"):
         rasterize(shapes, (2, 10, 10))
     with pytest.raises(UserError, match="no slice position"):
@@ -120,7 +129,8 @@ def test_unknown_class_lists_names_and_allowed():
 
 def test_partly_outside_is_clipped_with_warning():
     lab = rasterize([shape("bg", -5, -5, 3, 3), shape("cell", 5, 5, 9, 9)], (1, 10, 10))
-    assert (lab.labels[0] == 0).sum() == 9 and any("clipped" in w for w in lab.warnings)
+    assert (lab.labels[0] == 0).sum() == 9
+    assert any("clipped" in w for w in lab.warnings)
 
 
 def test_group_names_give_classes():
@@ -130,10 +140,12 @@ def test_group_names_give_classes():
     ]
     shapes[1].name = ""
     lab = rasterize(shapes, (1, 10, 10), group_names={1: "cell", 2: "background"})
-    assert (lab.labels[0] == 1).sum() == 16 and (lab.labels[0] == 0).sum() == 16
+    assert (lab.labels[0] == 1).sum() == 16
+    assert (lab.labels[0] == 0).sum() == 16
 
 
 def test_digest_changes_with_labels():
     a = rasterize([shape("bg", 0, 0, 5, 5), shape("cell", 5, 5, 9, 9)], (1, 10, 10))
     b = rasterize([shape("bg", 0, 0, 5, 5), shape("cell", 5, 5, 9, 8)], (1, 10, 10))
-    assert a.digest() != b.digest() and a.digest() == a.digest()
+    assert a.digest() != b.digest()
+    assert a.digest() == a.digest()

@@ -31,9 +31,11 @@ def test_train_then_predict_probabilities(files, model, capsys):
         data = tif.series[0].asarray()
         meta = tif.imagej_metadata
         xres = tif.pages[0].tags["XResolution"].value
-    assert data.dtype == np.float32 and data.shape == (2, 256, 256)  # C, Y, X (Z = 1 squeezed)
+    assert data.dtype == np.float32
+    assert data.shape == (2, 256, 256)  # C, Y, X (Z = 1 squeezed)
     assert np.allclose(data.sum(0), 1, atol=1e-4)
-    assert meta["Labels"] == ["background", "cell"] and meta["unit"] == "\\u00B5m"
+    assert meta["Labels"] == ["background", "cell"]
+    assert meta["unit"] == "\\u00B5m"
     assert xres[0] / xres[1] == pytest.approx(200.0)
     assert {k: sha256(files[k]) for k in ("image", "rois")} == before, "inputs are never modified"
 
@@ -45,7 +47,9 @@ def test_predict_labels_on_stack(files, model, capsys):
     code, _, err = run(capsys, "predict", model, files["dir"] / "stack.tif", "-o", out, "--output", "labels")
     assert code == 0, err
     lab = tifffile.imread(out)
-    assert lab.shape == (2, 256, 256) and lab.dtype == np.uint8 and set(np.unique(lab)) <= {0, 1}
+    assert lab.shape == (2, 256, 256)
+    assert lab.dtype == np.uint8
+    assert set(np.unique(lab)) <= {0, 1}
 
 
 def test_small_image_is_padded(files, model, capsys):
@@ -144,7 +148,8 @@ def test_train_bad_input_exit_2_without_traceback(files, capsys, case, message):
     before = sha256(image), sha256(rois)
     code, _, err = run(capsys, "train", image, "--rois", rois, "-o", out, *extra)
     assert code == 2
-    assert message in err and "Traceback" not in err
+    assert message in err
+    assert "Traceback" not in err
     assert (sha256(image), sha256(rois)) == before
     if case != "same_output":
         assert not out.exists()
@@ -154,7 +159,8 @@ def test_init_with_different_classes(files, model, capsys):
     d = files["dir"]
     write_rois(d / "three.zip", [("bg", TRI), ("mito-1", [[100, 100], [150, 100], [100, 150]])])
     code, _, err = run(capsys, "train", files["image"], "--rois", d / "three.zip", "-o", d / "x.model", "--init", model)
-    assert code == 2 and "unknown class(es) mito" in err
+    assert code == 2
+    assert "unknown class(es) mito" in err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
@@ -163,7 +169,8 @@ def test_unwritable_output_dir(files, capsys):
     ro.mkdir()
     ro.chmod(0o500)
     code, _, err = run(capsys, "train", files["image"], "--rois", files["rois"], "-o", ro / "m.model")
-    assert code == 2 and "not writable" in err
+    assert code == 2
+    assert "not writable" in err
 
 
 def test_unwritable_output_as_root_too(files, capsys):
@@ -171,19 +178,23 @@ def test_unwritable_output_as_root_too(files, capsys):
     blocker = files["dir"] / "blocker"
     blocker.write_text("x")
     code, _, err = run(capsys, "train", files["image"], "--rois", files["rois"], "-o", blocker / "m.model")
-    assert code == 2 and "does not exist" in err
+    assert code == 2
+    assert "does not exist" in err
 
 
 def test_predict_with_corrupt_model(files, capsys):
     bad = files["dir"] / "bad.model"
     bad.write_bytes(b"PK\x03\x04 this is a zip header, not a model")
     code, _, err = run(capsys, "predict", bad, files["image"], "-o", files["dir"] / "p.tif")
-    assert code == 2 and "not a tem_ij_plugin model" in err
+    assert code == 2
+    assert "not a tem_ij_plugin model" in err
 
 
 def test_print_config_round_trips(files, capsys, tmp_path):
     code, out, _ = run(capsys, "train", "--print-config")
-    assert code == 0 and "max_minutes: 10.0" in out and "steps:" in out
+    assert code == 0
+    assert "max_minutes: 10.0" in out
+    assert "steps:" in out
     (tmp_path / "c.yaml").write_text(out)
     from tem_ij_plugin.config import Settings, load_settings
 
@@ -198,14 +209,17 @@ def test_missing_cuda_is_exit_2(files, capsys):
     code, _, err = run(
         capsys, "train", files["image"], "--rois", files["rois"], "-o", files["dir"] / "m.model", "--device", "cuda"
     )
-    assert code == 2 and "CUDA is not available" in err
+    assert code == 2
+    assert "CUDA is not available" in err
 
 
 def test_console_script_help():
     exe = shutil.which("tem-ij")
     cmd = [exe] if exe else [sys.executable, "-m", "tem_ij_plugin.cli"]
     r = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "demo" in r.stdout and "predict" in r.stdout
+    assert r.returncode == 0
+    assert "demo" in r.stdout
+    assert "predict" in r.stdout
 
 
 def test_import_is_light():
@@ -262,7 +276,8 @@ def test_ctrl_c_saves_best_model_and_exits_130(files):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "cancelled" in stdout and "Traceback" not in stderr
+    assert "cancelled" in stdout
+    assert "Traceback" not in stderr
     model = load_model(out)
     assert model.meta["history"]["rounds"][-1]["stop_reason"] == "cancelled"
 
@@ -272,7 +287,9 @@ def test_invalid_option_values_are_exit_2(files, capsys, option, value):
     code, _, err = run(
         capsys, "train", files["image"], "--rois", files["rois"], "-o", files["dir"] / "m.model", option, value
     )
-    assert code == 2 and option in err and "Traceback" not in err
+    assert code == 2
+    assert option in err
+    assert "Traceback" not in err
 
 
 def test_predict_tta_is_the_mean_over_flips(files, model, capsys):

@@ -8,8 +8,10 @@ from tem_ij_plugin.synthetic import SYNTHETIC_CLASSES, make_tem_image, simulate_
 def test_synthetic_is_seeded_and_two_class():
     a, ta = make_tem_image(128, 160, seed=4, cell_radius=25)
     b, tb = make_tem_image(128, 160, seed=4, cell_radius=25)
-    assert a.shape == (128, 160) and a.dtype == np.uint8
-    assert np.array_equal(a, b) and np.array_equal(ta, tb)
+    assert a.shape == (128, 160)
+    assert a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert np.array_equal(ta, tb)
     assert 0.2 < ta.mean() < 0.8
     # Cells are darker than the extracellular space, as in TEM.
     assert a[ta == 1].mean() < a[ta == 0].mean()
@@ -36,4 +38,5 @@ def test_demo_end_to_end(tmp_path):
     files = {p.name for p in (tmp_path / "demo").iterdir()}
     assert {"image.tif", "RoiSet.zip", "demo.model", "probabilities.tif", "demo.png"} <= files
     fig = iio.imread(tmp_path / "demo" / "demo.png")
-    assert fig.ndim == 3 and fig.shape[1] > 3 * 768
+    assert fig.ndim == 3
+    assert fig.shape[1] > 3 * 768

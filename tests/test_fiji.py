@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_settings
+from conftest import run_cli, tiny_settings
 
 pytestmark = pytest.mark.fiji
 IJ_JAR = Path("/usr/share/java/ij.jar")
@@ -226,7 +226,8 @@ def test_roi_slice_positions_label_their_plane_only(imagej):
     labels = rasterize(to_shapes([a, b]), (3, 40, 40))
     assert labels.classes == ["background", "cell"]
     assert (labels.labels[0] >= 0).sum() == 0
-    assert (labels.labels[1] == 1).sum() == 100 and (labels.labels[1] == 0).sum() == 0
+    assert (labels.labels[1] == 1).sum() == 100
+    assert (labels.labels[1] == 0).sum() == 0
     assert (labels.labels[2] == 0).sum() == 64
 
 
@@ -309,10 +310,13 @@ def test_macro_train_predict_suggest_grid(clean, data, tmp_path):
     with tifffile.TiffFile(out) as tif:
         data = tif.asarray()
         meta = tif.imagej_metadata
-    assert data.shape == (2, 256, 256) and data.dtype == np.float32
-    assert meta["channels"] == 2 and meta["Labels"] == ["background", "cell"]
+    assert data.shape == (2, 256, 256)
+    assert data.dtype == np.float32
+    assert meta["channels"] == 2
+    assert meta["Labels"] == ["background", "cell"]
     cal = read_image(out, channel=1).calibration
-    assert cal.pixel_width == pytest.approx(0.005) and cal.unit == "µm"
+    assert cal.pixel_width == pytest.approx(0.005)
+    assert cal.unit == "µm"
     assert np.allclose(data.sum(axis=0), 1.0, atol=1e-4)
     # the same numbers as the engine gives for the same model
     from tem_ij_plugin.predict import predict_stack, resolve_device
@@ -396,14 +400,17 @@ def test_labels_output_save_load_apply_check(clean, data, tmp_path):
         """,
     )
     assert result != "[aborted]", _log(imagej)
-    assert model.is_file() and bridge.model_path == model
+    assert model.is_file()
+    assert bridge.model_path == model
     assert "labels 8 1 image-labels" in _log(imagej)
     assert "shown image-probabilities 1 cell" in _log(imagej)  # show=cell: the cell channel only
     written = sorted(p.name for p in out.iterdir())
     assert written == ["a-probabilities.tif", "b-probabilities.tif"]
     assert read_image(out / "a-probabilities.tif", channel=2).data.shape == (1, 256, 256)
     report = bridge.last["TEM Check Environment"]["report"]
-    assert "torch" in report and "speed probe" in report and "ImageJ 1." in report
+    assert "torch" in report
+    assert "speed probe" in report
+    assert "ImageJ 1." in report
     assert bridge.last["TEM Stop Training"]["running"] is False
 
 
@@ -444,12 +451,15 @@ def test_apply_to_stack_cancelled_then_resumed(clean, data, synthetic, tmp_path,
     monkeypatch.setattr(commands, "_predict_progress", esc_after_first_plane_of_b)
     apply = f'setBatchMode(true); run("TEM Apply Model To Stack", "input=[{folder}] output=[{out}] device=cpu'
     assert _macro(imagej, apply + '");') == "[aborted]"
-    assert "1 of 2 file(s) done" in _log(imagej) and "Resume" in _log(imagej)
-    assert (out / "a-probabilities.tif").is_file() and not (out / "b-probabilities.tif").exists()
+    assert "1 of 2 file(s) done" in _log(imagej)
+    assert "Resume" in _log(imagej)
+    assert (out / "a-probabilities.tif").is_file()
+    assert not (out / "b-probabilities.tif").exists()
     monkeypatch.setattr(commands, "_predict_progress", real)
     assert _macro(imagej, apply + ' resume");') != "[aborted]", _log(imagej)
     done = bridge.last["TEM Apply Model To Stack"]
-    assert done["skipped"] == [str(out / "a-probabilities.tif")] and done["files"] == [str(out / "b-probabilities.tif")]
+    assert done["skipped"] == [str(out / "a-probabilities.tif")]
+    assert done["files"] == [str(out / "b-probabilities.tif")]
     assert sorted(p.name for p in out.iterdir()) == ["a-probabilities.tif", "b-probabilities.tif"]
     fresh = tmp_path / "fresh.tif"
     PredictJob(model, folder / "b.tif", fresh, device="cpu").run()
@@ -470,7 +480,8 @@ def test_real_menu_click_dialog_and_recorder(clean, data):
     assert _macro(imagej, train) != "[aborted]"
     assert str(jimport("ij.WindowManager").getCurrentImage().getTitle()) == "image.tif"
     plot = jimport("ij.WindowManager").getImage("TEM training: image.tif")  # the live plot, kept
-    assert plot is not None and plot.getWindow() is not None
+    assert plot is not None
+    assert plot.getWindow() is not None
     IJ = imagej["IJ"]
     IJ.run("Record...")
     Recorder = jimport("ij.plugin.frame.Recorder")
@@ -520,7 +531,8 @@ def test_recorder_line_is_completed_when_the_dialog_recorded_nothing(clean):
         # what ImageJ's Executer does for a menu command, from a thread that is not a macro's
         t, errors = _in_thread(lambda: Recorder.setCommand(command.name))
         t.join(10)
-        assert not errors and str(Recorder.getCommand()) == command.name
+        assert not errors
+        assert str(Recorder.getCommand()) == command.name
         second = command.args[1].key
         Recorder.recordOption(second, options[second])  # only a later field got recorded: order must still hold
         complete_recording(command, options)
@@ -545,7 +557,8 @@ def test_rois_without_slice_position_on_a_stack_need_all_slices(clean, data, syn
     write_hyperstack(stack, np.stack([image, image[:, ::-1]]), Calibration(0.005, 0.005, "µm"))
     train = f'setBatchMode(true); open("{stack}"); run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]'
     assert _macro(imagej, train + '");') == "[aborted]"
-    assert "no slice position" in _log(imagej) and "All slices" in _log(imagej)
+    assert "no slice position" in _log(imagej)
+    assert "All slices" in _log(imagej)
     assert _macro(imagej, train + ' all");') != "[aborted]", _log(imagej)
     done = bridge.last["TEM Train Model"]
     assert done["train_patches"] + done["val_patches"] == 8  # the 4 annotated patches, on both slices
@@ -566,11 +579,46 @@ def test_train_with_a_project_folder_keeps_rounds(clean, data, tmp_path):
         """
     assert _macro(imagej, macro) != "[aborted]", _log(imagej)
     rounds = Project.open(project).rounds
-    assert [r["round"] for r in rounds] == [1, 2] and rounds[1]["parent"] == 1
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[1]["parent"] == 1
     assert rounds[0]["image"] == str(data["image"].resolve())
     assert rounds[1]["image"] is None  # an image never saved is not given a made-up path
     assert all((project / r["model"]).is_file() and (project / r["annotations"]).is_file() for r in rounds)
     assert imagej["bridge"].model_path == project / rounds[1]["model"]
+
+
+def test_fiji_and_the_cli_train_the_same_model_from_the_same_inputs(clean, data, tmp_path, capsys):
+    """Both front ends call workflows.train_round: same image, ROIs, settings and seed give the same weights."""
+    import torch
+
+    from tem_ij_plugin.modelio import load_model
+
+    code, _, err = run_cli(
+        capsys, "train", data["image"], "--rois", data["rois"], "--config", data["config"], "--device", "cpu",
+        "-o", tmp_path / "cli.model",
+    )  # fmt: skip
+    assert code == 0, err
+    macro = (
+        f'setBatchMode(true); open("{data["image"]}"); '
+        f'run("TEM Train Model", "max=10 device=cpu new rois=[{data["rois"]}] settings=[{data["config"]}]");'
+    )
+    assert _macro(clean, macro) != "[aborted]", _log(clean)
+    cli, fiji = load_model(tmp_path / "cli.model").net.state_dict(), clean["bridge"].model.net.state_dict()
+    differ = [k for k in cli if not torch.equal(cli[k], fiji[k])]
+    assert differ == []
+
+
+def test_tem_ij_doctor_prints_the_check_environment_report(clean, capsys):
+    """One report from one function (workflows.doctor), both front ends; the speed figure varies."""
+    code, out, _ = run_cli(capsys, "doctor", "--probe-seconds", "0.2")
+    assert code == 0
+    assert _macro(clean, 'run("TEM Check Environment", "x");') != "[aborted]", _log(clean)
+    fiji = clean["bridge"].last["TEM Check Environment"]["report"]
+
+    def steady(text):
+        return [line for line in text.splitlines() if not line.startswith(("speed probe:", "ImageJ "))]
+
+    assert steady(out) == steady(fiji)
 
 
 def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):
@@ -593,13 +641,16 @@ def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):
     start = time.monotonic()
     # a second command while training runs is never blocked
     assert _macro(imagej, 'run("TEM Stop Training");', timeout=30) is None
-    assert bridge.last["TEM Stop Training"]["running"] and bridge.last["TEM Stop Training"]["iteration"] >= 2
+    assert bridge.last["TEM Stop Training"]["running"]
+    assert bridge.last["TEM Stop Training"]["iteration"] >= 2
     thread.join(60)
-    assert not thread.is_alive() and not errors
+    assert not thread.is_alive()
+    assert not errors
     assert time.monotonic() - start < 30
     assert bridge.last["TEM Train Model"]["stop_reason"] == "cancelled"
     assert 2 <= bridge.last["TEM Train Model"]["iterations"] < 100_000
-    assert bridge.model is not None and "after training" in _log(imagej)
+    assert bridge.model is not None
+    assert "after training" in _log(imagej)
 
 
 def test_escape_cancels_training_and_keeps_the_model(clean, data, tmp_path, monkeypatch):
@@ -640,13 +691,15 @@ def test_escape_cancels_training_and_keeps_the_model(clean, data, tmp_path, monk
     thread.join(60)
     dialogs = [f"{d.getTitle()}: {_dialog_text(d)}" for d in _dialogs()]
     # IJ.run tells its caller that Esc aborted it ("Macro canceled"); nothing else may surface
-    assert not thread.is_alive() and not dialogs, dialogs
+    assert not thread.is_alive(), dialogs
+    assert not dialogs, dialogs
     assert all(str(e).endswith("Macro canceled") for e in errors), errors
     assert not bridge.errors, bridge.errors
     assert bridge.last["TEM Train Model"]["stop_reason"] == "cancelled"
     assert 2 <= bridge.last["TEM Train Model"]["iterations"] < 100_000
     assert bridge.model is not None
-    assert _macro(imagej, 'print("still alive");') is None and "still alive" in _log(imagej)
+    assert _macro(imagej, 'print("still alive");') is None
+    assert "still alive" in _log(imagej)
 
 
 def test_errors_reach_the_log_in_batch_mode_and_abort_the_macro(clean, data, tmp_path):
@@ -658,15 +711,19 @@ def test_errors_reach_the_log_in_batch_mode_and_abort_the_macro(clean, data, tmp
     )
     assert result == "[aborted]"
     log = _log(imagej)
-    assert "TEM Train Model" in log and "missing.zip: no such file" in log and "must not run" not in log
+    assert "TEM Train Model" in log
+    assert "missing.zip: no such file" in log
+    assert "must not run" not in log
     # unknown classes in the ROI Manager
     result = _macro(
         imagej,
         f'setBatchMode(true); open("{data["image"]}"); makeRectangle(1, 1, 20, 20); roiManager("Add"); '
         'roiManager("Select", 0); roiManager("Rename", "mitochondrion-1"); run("TEM Train Model", "max=1 new");',
     )
-    assert result == "[aborted]" and "mitochondrion" in _log(imagej)
-    assert _macro(imagej, 'print("still alive");') is None and "still alive" in _log(imagej)
+    assert result == "[aborted]"
+    assert "mitochondrion" in _log(imagej)
+    assert _macro(imagej, 'print("still alive");') is None
+    assert "still alive" in _log(imagej)
 
 
 def test_python_error_shows_an_imagej_error_dialog_and_imagej_lives_on(clean, data, monkeypatch):
@@ -684,11 +741,14 @@ def test_python_error_shows_an_imagej_error_dialog_and_imagej_lives_on(clean, da
     assert dialog.isModal()
     dialog.dispose()  # the user presses OK
     thread.join(30)
-    assert not thread.is_alive() and not errors
+    assert not thread.is_alive()
+    assert not errors
     log = _log(imagej)
-    assert "RuntimeError: a bug" in log and "must not run" not in log
+    assert "RuntimeError: a bug" in log
+    assert "must not run" not in log
     assert imagej["bridge"].errors[-1][1].startswith("internal error: RuntimeError: a bug")
-    assert _macro(imagej, "print(1 + 1);") is None and "2" in _log(imagej)
+    assert _macro(imagej, "print(1 + 1);") is None
+    assert "2" in _log(imagej)
 
 
 def test_without_the_bridge_the_menu_says_how_to_start_it(clean):
@@ -700,7 +760,8 @@ def test_without_the_bridge_the_menu_says_how_to_start_it(clean):
         dialog = _wait_for(lambda: [d for d in _dialogs() if "tem-ij fiji" in _dialog_text(d)])[0]
         dialog.dispose()
         thread.join(30)
-        assert not thread.is_alive() and not errors
+        assert not thread.is_alive()
+        assert not errors
     finally:
         bridge.attach()
 
@@ -754,7 +815,8 @@ def test_tem_ij_fiji_runs_a_macro_and_exits_with_its_status(imagej, data, tmp_pa
     ]
     ok = subprocess.run([*cmd, "--macro", str(good)], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    assert "done 2" in ok.stdout and out.is_file()
+    assert "done 2" in ok.stdout
+    assert out.is_file()
     failed = subprocess.run([*cmd, "--macro", str(bad)], capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1
     assert "there is no current model" in failed.stdout

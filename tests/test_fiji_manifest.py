@@ -50,7 +50,6 @@ def test_nothing_outside_the_manifest():
     public = {n for n, f in vars(module).items() if callable(f) and getattr(f, "__module__", "") == module.__name__}
     # every public command function of the module is in the manifest (helpers are private or classes)
     assert {n for n in public if not n.startswith("_") and n[0].islower()} - served <= {
-        "environment_report",
         "roi_manager",
     }
     for entry in manifest["cli"]:

@@ -38,8 +38,23 @@ def test_predictor_on_cuda_matches_cpu(synthetic):
     cpu = make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=128).plane(x)
     # auto on CUDA: bf16 (or fp16) autocast, checked against fp32 on the probe; plane stitched on the device
     gpu = make_predictor(net, torch.device("cuda"), "auto", "auto", tile=128, probe=x[:128, :128])
-    assert gpu.backend.name == "torch" and gpu.precision in ("bf16", "fp16", "fp32")
+    assert gpu.backend.name == "torch"
+    assert gpu.precision in ("bf16", "fp16", "fp32")
     # the check covers the probe tile; elsewhere reduced precision may move a little more
     assert np.abs(gpu.plane(x) - cpu).max() <= 0.05
     exact = make_predictor(net, torch.device("cuda"), "torch", "fp32", tile=128)
     assert np.abs(exact.plane(x) - cpu).max() <= 1e-3
+
+
+def test_auto_precision_on_this_gpu_is_bf16_or_checked_fp16():
+    from tem_ij_plugin.predict import resolve_precision
+
+    cuda = torch.device("cuda")
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert resolve_precision(cuda, "auto", checked=True) == expected
+
+
+def test_auto_precision_never_trains_in_unscaled_fp16():
+    from tem_ij_plugin.predict import resolve_precision
+
+    assert resolve_precision(torch.device("cuda"), "auto", checked=False) in ("bf16", "fp32")

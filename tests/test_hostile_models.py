@@ -284,7 +284,8 @@ def test_version_1_groupnorm_file_still_loads(tmp_path):
     header["__metadata__"]["tem_ij_plugin"] = json.dumps(m)
     (tmp_path / "v1.model").write_bytes(join(header, body))
     model = load_model(tmp_path / "v1.model")
-    assert model.net.norm == "group" and model.meta["format_version"] == 1
+    assert model.net.norm == "group"
+    assert model.meta["format_version"] == 1
 
 
 # -- hostile project folders ---------------------------------------------------------------------------------------
@@ -434,11 +435,15 @@ def test_a_stray_round_folder_does_not_cost_the_training(stray, work, capsys):
     code, out, err = run_cli(capsys, *train_args(work, "--project", proj, "-o", work / "also.model"))
     # The old code trained, then threw the model (and -o) away with exit 2 because round-003 existed.
     assert code == 0, err
-    assert "round 4 of" in out and "round-003" in err and "skipped" in err
+    assert "round 4 of" in out
+    assert "round-003" in err
+    assert "skipped" in err
     assert (tree_digest(third) if third.is_dir() else third.read_bytes()) == stray_before, "never touched"
     project = assert_consistent(proj, strays=["round-003"] if stray != "killed_reservation" else [])
-    assert [r["round"] for r in project.rounds] == [1, 2, 4] and project.current == 4
-    assert project.round(4)["parent"] == 2 and not (proj / "round-004" / RESERVATION_FILE).exists()
+    assert [r["round"] for r in project.rounds] == [1, 2, 4]
+    assert project.current == 4
+    assert project.round(4)["parent"] == 2
+    assert not (proj / "round-004" / RESERVATION_FILE).exists()
     load_model(work / "also.model")
 
 
@@ -455,8 +460,11 @@ def test_project_write_failure_after_training_keeps_the_model(work, capsys, monk
     monkeypatch.setattr(Project, "save", full_disk)
     code, _, err = run_cli(capsys, *train_args(work, "--project", proj, "-o", work / "out.model"))
     # The old code saved the round's model but said nothing of it, and never wrote -o.
-    assert code == 2 and "Traceback" not in err and err.count(": error: ") == 1
-    assert "No space left on device" in err and str(proj / "round-003" / "round.model") in err
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.count(": error: ") == 1
+    assert "No space left on device" in err
+    assert str(proj / "round-003" / "round.model") in err
     assert str(work / "out.model") in err
     load_model(proj / "round-003" / "round.model")
     load_model(work / "out.model")
@@ -465,7 +473,9 @@ def test_project_write_failure_after_training_keeps_the_model(work, capsys, monk
     monkeypatch.undo()
     assert_consistent(proj)
     code, out, err = run_cli(capsys, *train_args(work, "--project", proj))
-    assert code == 0 and "round 4 of" in out and "round-003" in err, err
+    assert code == 0, err
+    assert "round 4 of" in out, err
+    assert "round-003" in err, err
 
 
 def test_output_write_failure_after_training_keeps_the_round(work, capsys, monkeypatch):
@@ -484,8 +494,11 @@ def test_output_write_failure_after_training_keeps_the_round(work, capsys, monke
     monkeypatch.setattr(modelio, "save_model", failing)
     code, _, err = run_cli(capsys, *train_args(work, "--project", proj, "-o", out))
     # The old code registered the round, then failed on -o without saying that the round holds the model.
-    assert code == 2 and "Traceback" not in err and err.count(": error: ") == 1
-    assert "Input/output error" in err and str(proj / "round-003" / "round.model") in err
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.count(": error: ") == 1
+    assert "Input/output error" in err
+    assert str(proj / "round-003" / "round.model") in err
     assert not out.exists()
     project = assert_consistent(proj)
     assert project.current == 3
@@ -504,7 +517,8 @@ def test_a_refused_training_gives_its_round_back(work, capsys, monkeypatch):
     assert_refused(code, err, before, tree_digest(work), "single class")
     # A new project folder is only written once a training starts: a refusal leaves nothing behind.
     code, _, err = run_cli(capsys, *train_args(work, "--project", work / "new", "--classes", "x"))
-    assert code == 2 and not (work / "new").exists()
+    assert code == 2
+    assert not (work / "new").exists()
 
 
 # -- SIGKILL at chosen points --------------------------------------------------------------------------------------

@@ -15,9 +15,12 @@ def test_tiff_round_trip_with_calibration(tmp_path, dtype):
     p = tmp_path / "s.tif"
     write_hyperstack(p, data, Calibration(0.25, 0.5, "µm", 2.0))
     img = read_image(p)
-    assert img.data.dtype == dtype and np.array_equal(img.data, data)
+    assert img.data.dtype == dtype
+    assert np.array_equal(img.data, data)
     cal = img.calibration
-    assert cal.unit == "µm" and cal.pixel_width == pytest.approx(0.25) and cal.pixel_height == pytest.approx(0.5)
+    assert cal.unit == "µm"
+    assert cal.pixel_width == pytest.approx(0.25)
+    assert cal.pixel_height == pytest.approx(0.5)
     assert cal.z_spacing == pytest.approx(2.0)
 
 
@@ -26,7 +29,8 @@ def test_hyperstack_channels_and_labels(tmp_path):
     p = tmp_path / "h.tif"
     write_hyperstack(p, data, channel_names=["background", "cell", "mito"])
     with tifffile.TiffFile(p) as tif:
-        assert tif.series[0].axes == "ZCYX" and tif.series[0].shape == (2, 3, 8, 9)
+        assert tif.series[0].axes == "ZCYX"
+        assert tif.series[0].shape == (2, 3, 8, 9)
         assert tif.imagej_metadata["Labels"] == ["background", "cell", "mito"] * 2
         assert tif.imagej_metadata["channels"] == 3
 
@@ -70,7 +74,8 @@ def test_roiset_types_and_positions(tmp_path):
     assert [s.kind for s in shapes] == ["polygon", "rect", "oval"]
     assert [s.name for s in shapes] == ["cell-1", "bg", "cell 2"]
     assert shapes[0].position == 2
-    assert np.allclose(shapes[1].polygons[0].min(0), [2, 3]) and np.allclose(shapes[1].polygons[0].max(0), [7, 8])
+    assert np.allclose(shapes[1].polygons[0].min(0), [2, 3])
+    assert np.allclose(shapes[1].polygons[0].max(0), [7, 8])
 
 
 def test_single_roi_file_and_line_roi_error(tmp_path):
@@ -112,6 +117,9 @@ def test_composite_roi_with_hole(tmp_path):
     roi.shape_roi_size = len(mc)
     roi.tofile(tmp_path / "ring.roi")
     (shape,) = read_rois(tmp_path / "ring.roi")
-    assert shape.kind == "composite" and len(shape.polygons) == 2
+    assert shape.kind == "composite"
+    assert len(shape.polygons) == 2
     mask = shape_mask(shape, 12, 12)
-    assert mask.sum() == 100 - 9 and not mask[3:6, 3:6].any() and mask[0:3, 0:10].all()
+    assert mask.sum() == 100 - 9
+    assert not mask[3:6, 3:6].any()
+    assert mask[0:3, 0:10].all()

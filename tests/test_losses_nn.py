@@ -46,7 +46,8 @@ def test_recurrent_unet_shapes(steps, feedback):
     net = RecurrentUNet(1, 3, depth=3, base_channels=8, steps=steps, feedback=feedback)
     x = torch.randn(2, 1, 40, 48)
     outs = net(x, all_steps=True)
-    assert len(outs) == steps and all(o.shape == (2, 3, 40, 48) for o in outs)
+    assert len(outs) == steps
+    assert all(o.shape == (2, 3, 40, 48) for o in outs)
     assert torch.equal(net(x), outs[-1])
     assert net.size_multiple == 4
 

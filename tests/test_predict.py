@@ -75,7 +75,8 @@ def test_plane_reader_reads_contiguous_stacks_plane_by_plane(stack):
         assert r._offset is not None, "an uncompressed ImageJ stack is read with positioned reads"
         assert all(np.array_equal(r.read(i), data[i]) for i in (2, 0, 1))
         assert r.slice_labels == ["s1", "s2", "s3"]
-        assert r.calibration.unit == "µm" and r.calibration.pixel_width == pytest.approx(0.005)
+        assert r.calibration.unit == "µm"
+        assert r.calibration.pixel_width == pytest.approx(0.005)
 
 
 def test_plane_reader_hyperstack_channel_and_order(tmp_path):
@@ -98,7 +99,8 @@ def test_plane_reader_compressed_pages_and_bigtiff(tmp_path):
     tifffile.imwrite(tmp_path / "b.tif", data, bigtiff=True, photometric="minisblack")
     for name in ("c.tif", "b.tif"):
         with PlaneReader(tmp_path / name) as r:
-            assert r.n_planes == 4 and all(np.array_equal(r.read(i), data[i]) for i in range(4))
+            assert r.n_planes == 4
+            assert all(np.array_equal(r.read(i), data[i]) for i in range(4))
 
 
 # --- writing planes -------------------------------------------------------------------------------------------
@@ -110,11 +112,14 @@ def test_tiff_writer_fills_a_hyperstack_plane_by_plane(tmp_path):
     w = TiffPlaneWriter(tmp_path / "o.tif", lay, Calibration(0.5, 0.5, "nm", 2.0), labels=["a", "b"] * 6)
     for i in (5, 0, 3, 1, 4, 2):  # any order
         w.write(i, data.reshape(6, 2, 8, 9)[i])
-    assert not (tmp_path / "o.tif").exists() and (tmp_path / "o.partial.tif").exists()
+    assert not (tmp_path / "o.tif").exists()
+    assert (tmp_path / "o.partial.tif").exists()
     w.finish()
     with tifffile.TiffFile(tmp_path / "o.tif") as tif:
-        assert tif.series[0].axes == "TZCYX" and np.array_equal(tif.series[0].asarray(), data)
-        assert tif.imagej_metadata["Labels"][:2] == ["a", "b"] and tif.imagej_metadata["unit"] == "nm"
+        assert tif.series[0].axes == "TZCYX"
+        assert np.array_equal(tif.series[0].asarray(), data)
+        assert tif.imagej_metadata["Labels"][:2] == ["a", "b"]
+        assert tif.imagej_metadata["unit"] == "nm"
     assert not (tmp_path / "o.partial.tif").exists()
 
 
@@ -125,7 +130,8 @@ def test_imagej_limit_suggests_bigtiff_or_zarr(tmp_path):
     assert not list(tmp_path.iterdir()), "nothing is created when the output cannot hold the result"
     TiffPlaneWriter(tmp_path / "o.btf", lay, Calibration(), big=True).close()  # sparse, so cheap to create
     with tifffile.TiffFile(tmp_path / "o.partial.btf") as tif:
-        assert tif.is_bigtiff and tif.series[0].shape == (400, 2, 2048, 2048)
+        assert tif.is_bigtiff
+        assert tif.series[0].shape == (400, 2, 2048, 2048)
 
 
 def test_zarr_writer_is_readable_ome_zarr(tmp_path):
@@ -141,7 +147,8 @@ def test_zarr_writer_is_readable_ome_zarr(tmp_path):
     assert np.array_equal(arr[:], data.transpose(1, 0, 2, 3))
     attrs = json.loads((tmp_path / "o.zarr" / ".zattrs").read_text())
     ms = attrs["multiscales"][0]
-    assert [a["name"] for a in ms["axes"]] == ["c", "z", "y", "x"] and ms["axes"][-1]["unit"] == "micrometer"
+    assert [a["name"] for a in ms["axes"]] == ["c", "z", "y", "x"]
+    assert ms["axes"][-1]["unit"] == "micrometer"
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.05, 0.004, 0.004]
     assert [c["label"] for c in attrs["omero"]["channels"]] == ["background", "cell"]
 
@@ -173,7 +180,8 @@ def _seam_difference(norm, overlap=None):
 
 def test_tiles_match_one_whole_tile():
     diff, pred = _seam_difference("batch")
-    assert int(3 / 8 * pred.overlap) >= pred.halo and pred.tile == 64
+    assert int(3 / 8 * pred.overlap) >= pred.halo
+    assert pred.tile == 64
     assert diff <= 0.02, f"tiled and whole-image probabilities differ by {diff:.3f}"
     # The check can fail: GroupNorm statistics depend on the tile, and this test sees it.
     # (Its receptive field asks for more overlap than a 64 px tile has, so it gets the largest that fits.)
@@ -244,13 +252,16 @@ def test_predict_stack_both_outputs_uint8_with_calibration_and_labels(stack, mod
     assert code == 0, err
     with tifffile.TiffFile(out) as tif:
         probs = tif.series[0].asarray()
-        assert tif.series[0].axes == "ZCYX" and probs.dtype == np.uint8 and probs.shape == (3, 2, 256, 256)
+        assert tif.series[0].axes == "ZCYX"
+        assert probs.dtype == np.uint8
+        assert probs.shape == (3, 2, 256, 256)
         assert tif.imagej_metadata["Labels"][:3] == ["background: s1", "cell: s1", "background: s2"]
         assert tif.imagej_metadata["spacing"] == pytest.approx(0.05)
         assert tif.pages[0].tags["XResolution"].value[0] / tif.pages[0].tags["XResolution"].value[1] == 200
     assert np.all(np.abs(probs.astype(int).sum(1) - 255) <= 1)
     labels = tifffile.imread(tmp_path / "p_labels.tif")
-    assert labels.shape == (3, 256, 256) and np.array_equal(labels, probs.argmax(1))
+    assert labels.shape == (3, 256, 256)
+    assert np.array_equal(labels, probs.argmax(1))
     assert sha256(path) == before
     assert not list(tmp_path.glob("*partial*")), "no partial files remain after a complete run"
 
@@ -280,7 +291,8 @@ def test_cancel_then_resume_completes_without_redoing_planes(stack, model_file, 
     job = PredictJob(model_file, path, out, backend="torch")
     with pytest.raises(Cancelled):
         job.run(progress=stop_after_first_plane, cancel=cancel)
-    assert job.planes_done == 1 and not out.exists()
+    assert job.planes_done == 1
+    assert not out.exists()
     partial = tmp_path / "p.partial.tif"
     with tifffile.TiffFile(partial) as tif:
         assert tif.series[0].shape == (3, 2, 256, 256), "the partial output is a valid TIFF"
@@ -297,7 +309,8 @@ def test_cancel_then_resume_completes_without_redoing_planes(stack, model_file, 
     fresh = tmp_path / "fresh.tif"
     PredictJob(model_file, path, fresh, backend="torch").run()
     assert np.array_equal(tifffile.imread(out), tifffile.imread(fresh))
-    assert not partial.exists() and not (tmp_path / "p.partial.json").exists()
+    assert not partial.exists()
+    assert not (tmp_path / "p.partial.json").exists()
 
 
 def test_output_over_the_file_size_limit_is_a_clear_error(stack, model_file, tmp_path):
@@ -310,7 +323,9 @@ def test_output_over_the_file_size_limit_is_a_clear_error(stack, model_file, tmp
         f"sys.exit(main(['predict', {str(model_file)!r}, {str(path)!r}, '-o', {str(out)!r}, '--backend', 'torch']))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "Traceback" not in res.stderr and "File too large" in res.stderr, res.stderr
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "File too large" in res.stderr, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.model", "stack.tif"], "nothing half-written is left"
 
 
@@ -330,10 +345,12 @@ def test_disk_full_mid_run_keeps_finished_planes_for_resume(stack, model_file, t
     monkeypatch.setattr(TiffPlaneWriter, "write", write)
     with pytest.raises(UserError, match=r"No space left on device.*1 of 3 plane.*p\.partial\.tif.*--resume"):
         PredictJob(model_file, path, out, backend="torch").run()
-    assert not out.exists() and list(json.loads((tmp_path / "p.partial.json").read_text())["planes"]) == ["0"]
+    assert not out.exists()
+    assert list(json.loads((tmp_path / "p.partial.json").read_text())["planes"]) == ["0"]
     monkeypatch.setattr(TiffPlaneWriter, "write", real_write)
     PredictJob(model_file, path, out, backend="torch", resume=True).run()
-    assert tifffile.imread(out).shape == (3, 2, 256, 256) and not (tmp_path / "p.partial.tif").exists()
+    assert tifffile.imread(out).shape == (3, 2, 256, 256)
+    assert not (tmp_path / "p.partial.tif").exists()
 
 
 @pytest.mark.parametrize(
@@ -373,7 +390,8 @@ def test_predict_bad_input_is_exit_2(case, message, stack, model_file, capsys, t
         image = tmp_path / "c.tif"
         tifffile.imwrite(image, np.zeros((2, 32, 32), np.uint8), imagej=True, metadata={"axes": "CYX"})
     code, _, err = run(capsys, "predict", model, image, "-o", out, *extra)
-    assert code == 2 and "Traceback" not in err
+    assert code == 2
+    assert "Traceback" not in err
     assert __import__("re").search(message, err), err
     assert not out.exists()
 
@@ -383,15 +401,18 @@ def test_predict_progress_reports_tiles_throughput_and_eta(stack, model_file, tm
     events = []
     PredictJob(model_file, path, tmp_path / "p.tif", backend="torch", tile=128).run(progress=events.append)
     last = events[-1]
-    assert last["done"] == last["total"] == 3 and last["tiles_done"] == last["tiles_total"] > 1
-    assert last["megapixels_per_s"] > 0 and last["eta_s"] == pytest.approx(0, abs=1e-6)
+    assert last["done"] == last["total"] == 3
+    assert last["tiles_done"] == last["tiles_total"] > 1
+    assert last["megapixels_per_s"] > 0
+    assert last["eta_s"] == pytest.approx(0, abs=1e-6)
     assert any(ev["tiles_done"] < ev["tiles_total"] for ev in events), "progress within a plane too"
 
 
 def test_unwritable_partial_location_is_exit_2(stack, model_file, capsys, tmp_path):
     path, _ = stack
     code, _, err = run(capsys, "predict", model_file, path, "-o", tmp_path / "missing" / "p.tif")
-    assert code == 2 and "does not exist" in err
+    assert code == 2
+    assert "does not exist" in err
     assert sorted(os.listdir(tmp_path)) == ["m.model", "stack.tif"], "nothing is written"
 
 
@@ -402,4 +423,18 @@ def test_version_1_groupnorm_model_files_still_predict(stack, tmp_path):
     save_model(tmp_path / "old.model", TrainedModel(net, meta))
     PredictJob(tmp_path / "old.model", stack[0], tmp_path / "p.tif", backend="torch").run()
     probs = tifffile.imread(tmp_path / "p.tif")
-    assert probs.shape == (3, 2, 256, 256) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert probs.shape == (3, 2, 256, 256)
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_auto_precision_is_fp32_on_a_cpu_for_training_and_prediction(checked):
+    from tem_ij_plugin.predict import resolve_precision
+
+    assert resolve_precision(torch.device("cpu"), "auto", checked) == "fp32"
+
+
+def test_an_explicit_precision_is_kept():
+    from tem_ij_plugin.predict import resolve_precision
+
+    assert resolve_precision(torch.device("cpu"), "bf16") == "bf16"

@@ -57,7 +57,8 @@ def test_candidate_windows_follow_the_grid_or_the_stride():
         (256, 512),
     }
     fine = candidate_boxes((1, 256, 256), 128, stride=64)
-    assert len(fine) == 3 * 3 and fine[:, 1].tolist() == [0, 0, 0, 64, 64, 64, 128, 128, 128]
+    assert len(fine) == 3 * 3
+    assert fine[:, 1].tolist() == [0, 0, 0, 64, 64, 64, 128, 128, 128]
     assert len(candidate_boxes((1, 50, 60), 128)) == 1  # an image smaller than a window is one window
 
 
@@ -102,7 +103,8 @@ def test_the_confusing_region_is_suggested_first(confusing_image, trained):
     why = res.suggestions[0].reasons
     others = [c.reasons["uncertainty"] for c in res.candidates if c.box() != CONFUSING]
     assert why["uncertainty"] > max(others), "it is first because the model is unsure there"
-    assert why["confused"] == "background/cell" and 0 <= why["novelty"] <= 1
+    assert why["confused"] == "background/cell"
+    assert 0 <= why["novelty"] <= 1
     # Stochastic draws (default temperature) put it first more often than any other window. (Asserting
     # 3 of 4 seeds was flaky: its draw probability is about 0.6-0.7 against ~0.06 for the runner-up.)
     firsts = [
@@ -139,7 +141,8 @@ def test_write_suggestions_roiset_csv_json(tmp_path, confusing_image, trained):
     assert rows[0].startswith("name,slice,x,y,width,height,score,typicality,uncertainty,disagreement,novelty")
     assert len(rows) == 4
     data = json.loads(files[2].read_text())
-    assert data["suggestions"][0]["name"] == "suggest-1" and "uncertainty" in data["suggestions"][0]
+    assert data["suggestions"][0]["name"] == "suggest-1"
+    assert "uncertainty" in data["suggestions"][0]
 
 
 def test_suggest_rejects_bad_arguments(confusing_image):
@@ -179,7 +182,8 @@ def test_cli_suggest_without_and_with_a_model(big_files, capsys):
         capsys, "suggest", d / "image.tif", "--rois", d / "r1.zip", "-k", 3, "--size", 128, "-o", d / "first.zip"
     )
     assert code == 0, err
-    assert "typical-diverse" in out and "suggest-3" in out
+    assert "typical-diverse" in out
+    assert "suggest-3" in out
     assert [r.name for r in roifile.roiread(d / "first.zip")] == ["suggest-1", "suggest-2", "suggest-3"]
     code, out, err = run_cli(
         capsys, "train", d / "image.tif", "--rois", d / "r1.zip", "-o", d / "m.model", "--config", d / "tiny.yaml"
@@ -190,7 +194,8 @@ def test_cli_suggest_without_and_with_a_model(big_files, capsys):
     )
     assert code == 0, err
     assert "uncertainty x representativeness" in out
-    assert (d / "next.csv").is_file() and (d / "next.json").is_file()
+    assert (d / "next.csv").is_file()
+    assert (d / "next.json").is_file()
     for r in roifile.roiread(d / "next.zip"):
         assert not (r.left < 128 and r.top < 128), "the annotated patch is never suggested"
     assert (sha256(d / "image.tif"), sha256(d / "r1.zip")) == before, "inputs are never modified"
@@ -199,13 +204,17 @@ def test_cli_suggest_without_and_with_a_model(big_files, capsys):
 def test_cli_suggest_errors(big_files, capsys):
     d = big_files
     code, _, err = run_cli(capsys, "suggest", d / "image.tif", "-o", d / "s.tif")
-    assert code == 2 and "RoiSet .zip" in err
+    assert code == 2
+    assert "RoiSet .zip" in err
     code, _, err = run_cli(capsys, "suggest", d / "image.tif", "-k", 0, "-o", d / "s.zip")
-    assert code == 2 and "-k" in err
+    assert code == 2
+    assert "-k" in err
     code, _, err = run_cli(capsys, "suggest", d / "nope.model", d / "image.tif", "-o", d / "s.zip")
-    assert code == 2 and "no such model file" in err
+    assert code == 2
+    assert "no such model file" in err
     code, _, err = run_cli(capsys, "suggest", d / "image.tif", "--rois", d / "r1.zip", "-o", d / "r1.zip")
-    assert code == 2 and "would overwrite the input" in err
+    assert code == 2
+    assert "would overwrite the input" in err
 
 
 def test_project_rounds_history_and_revert(big_files, capsys):
@@ -219,23 +228,27 @@ def test_project_rounds_history_and_revert(big_files, capsys):
     assert code == 0, err
     assert "warm-starts from round 1" in err
     data = json.loads((proj / "project.json").read_text())
-    assert [r["round"] for r in data["rounds"]] == [1, 2] and data["current"] == 2
+    assert [r["round"] for r in data["rounds"]] == [1, 2]
+    assert data["current"] == 2
     assert data["rounds"][1]["parent"] == 1
     assert len(data["rounds"][1]["train_patches"]) + len(data["rounds"][1]["val_patches"]) == 2
     assert sha256(proj / data["rounds"][1]["annotations"]) == sha256(d / "r2.zip")
     code, out, _ = run_cli(capsys, "history", proj)
     assert code == 0
     lines = out.splitlines()
-    assert lines[1].split()[0] == "1" and lines[2].startswith("*")
+    assert lines[1].split()[0] == "1"
+    assert lines[2].startswith("*")
 
     code, out, err = run_cli(capsys, "revert", proj, 1)
     assert code == 0, err
-    assert "round 1 is current again" in out and "stay on disk" in out
+    assert "round 1 is current again" in out
+    assert "stay on disk" in out
     assert (proj / "round-002" / "round.model").is_file(), "nothing is deleted by a revert"
     code, out, err = run_cli(capsys, "train", d / "image.tif", "--rois", d / "r2.zip", *args)
     assert code == 0, err
     data = json.loads((proj / "project.json").read_text())
-    assert data["current"] == 3 and data["rounds"][2]["parent"] == 1
+    assert data["current"] == 3
+    assert data["rounds"][2]["parent"] == 1
     assert [e["action"] for e in data["events"]] == ["train", "train", "revert", "train"]
     code, out, _ = run_cli(capsys, "history", proj)
     assert "reverted to round 1 (from 2)" in out
@@ -246,12 +259,16 @@ def test_project_rounds_history_and_revert(big_files, capsys):
     assert code == 0, err
 
     code, _, err = run_cli(capsys, "revert", proj, 7)
-    assert code == 2 and "no round 7" in err and "rounds: 1, 2, 3" in err
+    assert code == 2
+    assert "no round 7" in err
+    assert "rounds: 1, 2, 3" in err
     code, _, err = run_cli(capsys, "history", d)
-    assert code == 2 and "not a project folder" in err
+    assert code == 2
+    assert "not a project folder" in err
     (proj / "project.json").write_text("{broken")
     code, _, err = run_cli(capsys, "history", proj)
-    assert code == 2 and "corrupt" in err
+    assert code == 2
+    assert "corrupt" in err
 
 
 def test_experiment_end_to_end(big_files, capsys):
@@ -278,7 +295,8 @@ def test_experiment_end_to_end(big_files, capsys):
     assert [(r["arm"], r["patches"]) for r in rows] == [("random", 1), ("random", 2), ("suggest", 1), ("suggest", 2)]
     assert all(0 <= r["miou"] <= 1 for r in rows)
     assert all("rf_miou" in r for r in rows if r["arm"] == "random")
-    assert rows[3]["analysis_model_patches"] == 1 and 0 <= rows[3]["top5_error"] <= 1
+    assert rows[3]["analysis_model_patches"] == 1
+    assert 0 <= rows[3]["top5_error"] <= 1
     for arm in ("random", "suggest"):
         picked = [tuple(p) for r in rows if r["arm"] == arm for p in r["new_patches"]]
         assert len(set(picked)) == 2, "a patch is annotated once"

@@ -23,9 +23,13 @@ def test_tile_stitch_round_trip_is_exact(shape, tile, overlap):
 
 def test_window_positive_with_halo_and_ramp():
     w = blend_window(64, 16)[32]  # a row through the centre
-    assert w.min() > 0 and w[32] == 1
-    assert np.all(w[:6] <= 1e-6) and np.all(w[-6:] <= 1e-6), "the halo (3/8 of the overlap) gets no weight"
-    assert np.all(np.diff(w[:16]) >= 0) and 0 < w[7] < 1 and w[10] == 1
+    assert w.min() > 0
+    assert w[32] == 1
+    assert np.all(w[:6] <= 1e-6), "the halo (3/8 of the overlap) gets no weight"
+    assert np.all(w[-6:] <= 1e-6), "the halo (3/8 of the overlap) gets no weight"
+    assert np.all(np.diff(w[:16]) >= 0)
+    assert 0 < w[7] < 1
+    assert w[10] == 1
 
 
 def test_blended_pixels_come_from_tile_interiors():
@@ -43,8 +47,10 @@ def test_blended_pixels_come_from_tile_interiors():
 
 def test_window_of_a_tile_narrower_than_its_blending_zones_weights_its_centre():
     w = blend_window(256, 240)[128]  # halo 90, ramp 60: the two sides meet in the middle
-    assert np.all(w[:90] <= 1e-6) and np.all(w[-90:] <= 1e-6)
-    assert np.argmax(w) in (127, 128) and np.allclose(w, w[::-1])
+    assert np.all(w[:90] <= 1e-6)
+    assert np.all(w[-90:] <= 1e-6)
+    assert np.argmax(w) in (127, 128)
+    assert np.allclose(w, w[::-1])
 
 
 def test_overlap_for_halo():
@@ -52,7 +58,9 @@ def test_overlap_for_halo():
 
     for halo in (0, 5, 34, 40):
         ov = overlap_for_halo(halo)
-        assert ov % 8 == 0 and int(3 / 8 * ov) >= halo and int(3 / 8 * (ov - 8)) < halo
+        assert ov % 8 == 0
+        assert int(3 / 8 * ov) >= halo
+        assert int(3 / 8 * (ov - 8)) < halo
 
 
 def test_pad_amounts():
@@ -70,12 +78,14 @@ def test_geometry_keeps_image_and_labels_aligned():
     lab[:, :, :30] = -1
     aug = Augmenter(64, elastic_alpha=4, rotation_deg=30, scale=0.2)
     out_img, out_lab = aug.geometry(img, lab, g)
-    assert out_img.shape == (4, 1, 64, 64) and out_lab.shape == (4, 64, 64)
+    assert out_img.shape == (4, 1, 64, 64)
+    assert out_lab.shape == (4, 64, 64)
     known = out_lab >= 0
     crisp = (out_img[:, 0] < 0.1) | (out_img[:, 0] > 0.9)
     agree = (out_lab[known & crisp] == (out_img[:, 0][known & crisp] > 0.5).long()).float().mean()
     assert agree > 0.99
-    assert set(out_lab.unique().tolist()) <= {-1, 0, 1} and (out_lab == -1).any()
+    assert set(out_lab.unique().tolist()) <= {-1, 0, 1}
+    assert (out_lab == -1).any()
 
 
 def test_augmentation_is_seeded():
@@ -85,7 +95,9 @@ def test_augmentation_is_seeded():
     a = aug(x, y, torch.Generator().manual_seed(5))
     b = aug(x, y, torch.Generator().manual_seed(5))
     c = aug(x, y, torch.Generator().manual_seed(6))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
 
 
 def test_input_size_covers_rotation_and_zoom():
@@ -99,6 +111,7 @@ def test_normalization_ignores_nan_and_constant_images():
     a = np.linspace(0, 100, 10001, dtype=np.float32).reshape(1, 1, -1)
     a[0, 0, :50] = np.nan
     lo, hi = normalization_range(a)
-    assert np.isfinite([lo, hi]).all() and hi > lo
+    assert np.isfinite([lo, hi]).all()
+    assert hi > lo
     assert np.isfinite(normalize(a, lo, hi)).all()
     assert normalization_range(np.full((4, 4), 7.0)) == (7.0, 8.0)

@@ -7,10 +7,11 @@ from conftest import tiny_settings
 
 from tem_ij_plugin.annotations import rasterize
 from tem_ij_plugin.errors import ModelFileError, UserError
+from tem_ij_plugin.metrics import mean_iou
 from tem_ij_plugin.modelio import FORMAT_VERSION, load_model, read_metadata, save_model
 from tem_ij_plugin.patches import Patch, annotated_patches, default_validation_count, split
 from tem_ij_plugin.predict import predict_stack
-from tem_ij_plugin.train import _expanded_box, mean_iou, train
+from tem_ij_plugin.train import _expanded_box, train
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,13 @@ def trained(synthetic):
 def test_train_returns_best_model_with_history(trained):
     image, labels, res, events = trained
     rnd = res.model.meta["history"]["rounds"][-1]
-    assert res.stop_reason == "max iterations" and rnd["iterations"] == 12
-    assert len(res.val_patches) == 1 and len(res.train_patches) == 3
+    assert res.stop_reason == "max iterations"
+    assert rnd["iterations"] == 12
+    assert len(res.val_patches) == 1
+    assert len(res.train_patches) == 3
     assert rnd["curves"]["val_iteration"] == [4, 8, 12]
-    assert rnd["best_iteration"] in (4, 8, 12) and 0 <= rnd["best_score"] <= 1
+    assert rnd["best_iteration"] in (4, 8, 12)
+    assert 0 <= rnd["best_score"] <= 1
     assert res.model.meta["annotations_sha256"] == labels.digest()
     assert res.model.classes == ["background", "cell"]
     assert [e["iteration"] for e in events] == list(range(1, 13))
@@ -40,7 +44,8 @@ def test_train_does_not_modify_inputs(synthetic):
     labels = rasterize(shapes, (1,) + image.shape)
     img_copy, lab_copy = image.copy(), labels.labels.copy()
     train(image[None], labels, tiny_settings(2), device="cpu")
-    assert np.array_equal(image, img_copy) and np.array_equal(labels.labels, lab_copy)
+    assert np.array_equal(image, img_copy)
+    assert np.array_equal(labels.labels, lab_copy)
 
 
 def test_same_seed_same_model(synthetic):
@@ -64,7 +69,8 @@ def test_cancel_leaves_valid_model(synthetic):
     assert res.stop_reason == "cancelled"
     assert res.model.meta["history"]["rounds"][-1]["iterations"] == 3
     probs = predict_stack(res.model.net, image[None], res.model.normalization, torch.device("cpu"))
-    assert probs.shape == (1, 2) + image.shape and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert probs.shape == (1, 2) + image.shape
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
 
 
 def test_backtracking_and_early_stopping(synthetic):
@@ -77,7 +83,9 @@ def test_backtracking_and_early_stopping(synthetic):
     s.train.smoothing = 0.0
     res = train(image[None], labels, s, device="cpu")
     rnd = res.model.meta["history"]["rounds"][-1]
-    assert res.stop_reason == "early stopping" and rnd["backtracks"] == 2 and rnd["iterations"] < 400
+    assert res.stop_reason == "early stopping"
+    assert rnd["backtracks"] == 2
+    assert rnd["iterations"] < 400
 
 
 def test_warm_start_continues_history_and_checks_classes(trained, synthetic):
@@ -102,10 +110,12 @@ def test_model_file_round_trip(tmp_path, trained):
     p = tmp_path / "m.model"
     save_model(p, res.model)
     m = load_model(p)
-    assert m.classes == res.model.classes and m.meta["format_version"] == FORMAT_VERSION
+    assert m.classes == res.model.classes
+    assert m.meta["format_version"] == FORMAT_VERSION
     sd1, sd2 = res.model.net.state_dict(), m.net.state_dict()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
-    assert "torch" in m.meta["versions"] and m.meta["history"]["rounds"][0]["curves"]["train_loss"]
+    assert "torch" in m.meta["versions"]
+    assert m.meta["history"]["rounds"][0]["curves"]["train_loss"]
 
 
 def test_bad_model_files(tmp_path, trained):
@@ -149,9 +159,12 @@ def test_split_keeps_classes_and_holds_out():
     labels[0, 300:310, 300:310] = 1
     labels[0, 310:320, 300:310] = 0
     patches = annotated_patches(labels, 256)
-    assert len(patches) == 4 and default_validation_count(4) == 1 and default_validation_count(2) == 0
+    assert len(patches) == 4
+    assert default_validation_count(4) == 1
+    assert default_validation_count(2) == 0
     train_p, val_p = split(labels, patches, None, 0, 2)
-    assert len(val_p) == 1 and val_p[0].grid_index == (0, 256, 256), "the only two-class patch validates"
+    assert len(val_p) == 1, "the only two-class patch validates"
+    assert val_p[0].grid_index == (0, 256, 256), "the only two-class patch validates"
     with pytest.raises(UserError, match="only 4 patch"):
         split(labels, patches, 4, 0, 2)
 
@@ -161,7 +174,9 @@ def test_training_crops_never_reach_validation_patches():
     val = [Patch(0, 0, 256, 256, 512), Patch(0, 256, 0, 512, 256), Patch(0, 0, 0, 256, 256)]
     y0, x0, y1, x1 = _expanded_box(p, 32, (1, 1024, 1024), val)
     assert not any(v.overlaps(0, y0, x0, y1, x1) for v in val)
-    assert (y1, x1) == (544, 544) and y0 == 256 and x0 == 256
+    assert (y1, x1) == (544, 544)
+    assert y0 == 256
+    assert x0 == 256
 
 
 def test_mean_iou():
@@ -176,7 +191,8 @@ def test_image_smaller_than_one_patch_trains_and_predicts(synthetic):
         [s for s in shapes if s.polygons[0].max(0)[0] < 100 and s.polygons[0].max(0)[1] < 90], (1,) + small.shape
     )
     res = train(small[None], labels, tiny_settings(3), device="cpu")
-    assert res.val_patches == [] and len(res.train_patches) == 1
+    assert res.val_patches == []
+    assert len(res.train_patches) == 1
     probs = predict_stack(res.model.net, small[None], res.model.normalization, torch.device("cpu"), tile=256)
     assert probs.shape == (1, 2, 90, 100)
 
@@ -188,8 +204,10 @@ def test_cancel_before_first_step_still_gives_a_scored_model(synthetic):
     cancel.set()
     res = train(image[None], labels, tiny_settings(10), device="cpu", cancel=cancel)
     rnd = res.model.meta["history"]["rounds"][-1]
-    assert res.stop_reason == "cancelled" and rnd["iterations"] == 0
-    assert rnd["best_score"] is not None and rnd["curves"]["val_iteration"] == [0]
+    assert res.stop_reason == "cancelled"
+    assert rnd["iterations"] == 0
+    assert rnd["best_score"] is not None
+    assert rnd["curves"]["val_iteration"] == [0]
 
 
 def test_no_best_model_from_the_warm_up(synthetic):
@@ -198,7 +216,8 @@ def test_no_best_model_from_the_warm_up(synthetic):
     s = tiny_settings(12)
     s.train.min_iterations = 8
     rnd = train(image[None], labels, s, device="cpu").model.meta["history"]["rounds"][-1]
-    assert rnd["curves"]["val_iteration"] == [4, 8, 12] and rnd["best_iteration"] in (8, 12)
+    assert rnd["curves"]["val_iteration"] == [4, 8, 12]
+    assert rnd["best_iteration"] in (8, 12)
 
 
 # -- warm-started rounds ----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ image's overlay.
 from __future__ import annotations
 
 import logging
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -209,8 +208,8 @@ class TrainingPlot:
 def train_model(ctx) -> None:
     """TEM Train Model."""
     from ..config import Settings, load_settings
-    from ..modelio import load_model, save_model
-    from ..train import train
+    from ..modelio import load_model as read_model
+    from ..workflows import warm_start_path
 
     bridge = ctx.bridge
     settings_path = ctx.text("settings")
@@ -220,23 +219,80 @@ def train_model(ctx) -> None:
     device = _device(ctx)
     image = to_image(ctx.image)
     rois, shapes = _annotation_rois(ctx)
-
     project = None
     init = None if ctx.options.get("new") else bridge.model
     if ctx.text("project"):
         from ..project import Project
 
         project = Project.open(ctx.text("project"), create=True)
-        if not ctx.options.get("new") and project.current_model_path() is not None:
-            init = load_model(project.current_model_path())
-    labels = _labels(ctx, image, shapes, classes=init.classes if init is not None else None)
-
+        warm = None if ctx.options.get("new") else warm_start_path(project)
+        if warm is not None:  # the project's current round wins over the model in memory
+            init = read_model(warm)
     if not bridge.training.acquire(blocking=False):
         raise UserError("a training is already running; stop it with TEM Stop Training first")
     plot = None if ctx.batch else TrainingPlot(f"TEM training: {ctx.image.getTitle()}")
+    try:
+        bridge.stop.clear()
+        bridge.progress = None
+        done = _train_round(ctx, image, rois, shapes, settings, init, project, device, _train_progress(ctx, plot))
+    finally:
+        bridge.training.release()
+        bridge.stop.clear()
+    result = done.result
+    bridge.model = result.model
+    bridge.model_path = project.root / done.record["model"] if done.record is not None else None
+    if plot is not None:
+        plot.draw(force=True)
+        _activate(ctx.image)  # the plot window took the focus; the next command must see the image
+    summary = f"TEM Train Model: {result.summary()}; classes {', '.join(result.model.classes)}"
+    if done.record is not None:
+        summary += f"; saved as round {done.record['round']} of {project.root}"
+    jimport("ij.IJ").log(summary)
+    ctx.status(summary)
+    if done.error:  # the model is kept as the current model; the command still failed
+        raise UserError(f"{done.error}; the trained model is the current model (TEM Save Model keeps it)")
+    ctx.results.update(
+        stop_reason=result.stop_reason,
+        iterations=result.model.meta["history"]["rounds"][-1]["iterations"],
+        classes=result.model.classes,
+        train_patches=len(result.train_patches),
+        val_patches=len(result.val_patches),
+    )
+    _show_trained(ctx, image, device, result.model.classes)
+
+
+def _train_round(ctx, image, rois, shapes, settings, init, project, device, progress):
+    """The shared training use case, with the ROI Manager's annotations kept as the round's RoiSet.zip."""
+    from ..workflows import train_round
+
+    info = ctx.image.getOriginalFileInfo()
+    saved = info is not None and info.directory is not None and info.fileName is not None
+    image_path = Path(str(info.directory), str(info.fileName)) if saved else None
+    with tempfile.TemporaryDirectory() as tmp:
+        roiset = Path(ctx.text("rois")) if rois is None else Path(tmp) / "RoiSet.zip"
+        if rois is not None and project is not None:
+            write_roiset(roiset, rois)
+        return train_round(
+            image,
+            shapes,
+            settings,
+            init=init,
+            all_slices=ctx.options.get("all") is True,
+            project=project,
+            image_path=image_path,
+            rois_path=roiset,
+            device=str(device),
+            progress=progress,
+            cancel=ctx.cancel,
+            rescue=False,
+        )
+
+
+def _train_progress(ctx, plot):
+    """The progress sink of a training: ImageJ's status and progress bars, and the live plot."""
 
     def progress(ev):
-        bridge.progress = ev
+        ctx.bridge.progress = ev
         stage = "training" if ev["stage"] == "train" else "refit on every patch"
         ctx.status(
             f"TEM {stage}: iteration {ev['iteration']}, loss {ev['train_loss'] or 0:.3f}, "
@@ -247,74 +303,19 @@ def train_model(ctx) -> None:
             plot.add(ev)
             plot.draw()
 
-    try:
-        bridge.stop.clear()
-        bridge.progress = None
-        # The round is taken before training: a stray round folder never costs a finished training.
-        reservation = project.reserve_round() if project is not None else None
-        try:
-            result = train(
-                image.data,
-                labels,
-                settings,
-                init=init,
-                device=str(device),
-                progress=progress,
-                cancel=ctx.cancel,
-                calibration=image.calibration.as_dict(),
-            )
-        except BaseException:
-            if reservation is not None:
-                project.release(reservation)
-            raise
-    finally:
-        bridge.training.release()
-        bridge.stop.clear()
-    bridge.model, bridge.model_path = result.model, None
-    if reservation is not None:  # save what can be saved first
-        try:
-            project.save_round_model(reservation, result.model, save_model)
-        except BaseException:
-            project.release(reservation)
-            raise
-    if plot is not None:
-        plot.draw(force=True)
-        _activate(ctx.image)  # the plot window took the focus; the next command must see the image
-    summary = f"TEM Train Model: {result.summary()}; classes {', '.join(result.model.classes)}"
-    if project is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            roiset = Path(tmp) / "RoiSet.zip"
-            if rois is None:
-                roiset = Path(ctx.text("rois"))
-            else:
-                write_roiset(roiset, rois)
-            info = ctx.image.getOriginalFileInfo()
-            saved = info is not None and info.directory is not None and info.fileName is not None
-            image_path = Path(str(info.directory), str(info.fileName)) if saved else None
-            # The model is saved in the reserved round folder first; a failure after that names where it is.
-            record = project.add_round(
-                result.model, image_path, roiset, result.stop_reason, save_model, reservation=reservation
-            )
-        bridge.model_path = project.root / record["model"]
-        summary += f"; saved as round {record['round']} of {project.root}"
-    jimport("ij.IJ").log(summary)
-    ctx.status(summary)
-    if result.problem:  # the best finite model is kept (and saved to the project); the command still failed
-        raise UserError(f"{result.problem}; the best model before that is the current model (TEM Save Model keeps it)")
-    ctx.results.update(
-        stop_reason=result.stop_reason,
-        iterations=result.model.meta["history"]["rounds"][-1]["iterations"],
-        classes=result.model.classes,
-        train_patches=len(result.train_patches),
-        val_patches=len(result.val_patches),
-    )
+    return progress
+
+
+def _show_trained(ctx, image, device, classes) -> None:
+    """The ``show=`` option: the new model's probabilities of some or all classes."""
     show = ctx.text("show").lower() or "none"
-    if show != "none":
-        wanted = result.model.classes if show == "all" else [c.strip() for c in show.split(",")]
-        unknown = [c for c in wanted if c not in result.model.classes]
-        if unknown:
-            raise UserError(f"show={show}: no class {', '.join(unknown)} in {', '.join(result.model.classes)}")
-        _show(ctx, _probabilities(ctx, image, device, wanted)[0])
+    if show == "none":
+        return
+    wanted = classes if show == "all" else [c.strip() for c in show.split(",")]
+    unknown = [c for c in wanted if c not in classes]
+    if unknown:
+        raise UserError(f"show={show}: no class {', '.join(unknown)} in {', '.join(classes)}")
+    _show(ctx, _probabilities(ctx, image, device, wanted)[0])
 
 
 def _probabilities(ctx, image, device, classes=None):
@@ -545,65 +546,13 @@ def stop_training(ctx) -> None:
     jimport("ij.IJ").showStatus(message)
 
 
-def environment_report(probe_seconds: float = 5.0) -> str:
-    """Python, torch, device, versions and a short training-speed probe, with advice on what is missing."""
-    import sys
-
-    import torch
-
-    from .. import __version__
-    from ..config import Settings
-    from ..modelio import build_network
-
-    lines = [f"tem_ij_plugin {__version__}", f"Python {sys.version.split()[0]} ({platform.platform()})"]
-    lines.append(f"torch {torch.__version__}, numpy {np.__version__}")
-    advice = []
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        lines.append(f"device: {props.name}, {props.total_memory / 2**30:.1f} GiB (CUDA {torch.version.cuda})")
-        device = torch.device("cuda")
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        lines.append("device: Apple GPU (MPS)")
-        device = torch.device("mps")
-    else:
-        lines.append(f"device: CPU only ({torch.get_num_threads()} threads)")
-        device = torch.device("cpu")
-        advice.append(
-            "No GPU found: training runs on the CPU (minutes per round). With an NVIDIA GPU, install the CUDA "
-            "build of PyTorch (https://pytorch.org/get-started/locally/) into this Python."
-        )
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        advice.append("Optional: pip install onnxruntime makes prediction on the CPU faster.")
-    s = Settings()
-    arch = {"name": "RecurrentUNet", "in_channels": 1, "n_classes": 2, **s.model.model_dump()}
-    net = build_network(arch).to(device)
-    opt = torch.optim.AdamW(net.parameters(), 1e-3)
-    x = torch.randn(2, 1, 128, 128, device=device)
-    y = torch.randint(0, 2, (2, 128, 128), device=device)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < probe_seconds or n == 0:
-        out = net(x)
-        logits = out[-1] if isinstance(out, (list, tuple)) else out
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        n += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    rate = n / (time.perf_counter() - start)
-    lines.append(f"speed probe: {rate:.1f} training steps/s (2 crops of 128x128, default network)")
-    lines += ["", "What to do:" if advice else "Everything needed is installed."] + [f"- {a}" for a in advice]
-    return "\n".join(lines)
-
-
 def check_environment(ctx) -> None:
     """TEM Check Environment."""
     IJ = jimport("ij.IJ")
     ctx.status("TEM: measuring speed (5 s)...")
-    text = environment_report()
+    from ..workflows import doctor
+
+    text = doctor(write=lambda line: None)
     text = f"{text}\nImageJ {IJ.getFullVersion()}, Java {jimport('java.lang.System').getProperty('java.version')}"
     ctx.results.update(report=text)
     if ctx.batch:
