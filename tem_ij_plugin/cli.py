@@ -274,7 +274,7 @@ class _Reporter:
             self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
         return self.bar
 
-    def _due(self, force: bool = False) -> bool:
+    def due(self, force: bool = False) -> bool:
         """Whether a log line is due now (and note that one is written)."""
         now = time.monotonic()
         if force or now - self.last >= self.every_s:
@@ -308,7 +308,7 @@ class TrainReporter(_Reporter):
             bar.n = ev["iteration"]
             bar.set_postfix(fields, refresh=True)
             return
-        if self._due():
+        if self.due():
             log.info(
                 "%s iteration %d  %.0f/%.0f s  loss %s  val %s  best %s  backtracks %d",
                 "refit" if ev["stage"] == "refit" else "training",
@@ -458,7 +458,7 @@ class PredictReporter(_Reporter):
             bar.n = round(frac, 2)
             bar.set_postfix({"MP/s": f"{ev['megapixels_per_s']:.2f}"}, refresh=True)
             return
-        if self._due(force=ev["done"] == ev["total"] and ev["tiles_done"] == ev["tiles_total"]):
+        if self.due(force=ev["done"] == ev["total"] and ev["tiles_done"] == ev["tiles_total"]):
             log.info(
                 "plane %d/%d, tiles %d/%d, %.2f MP/s, %.0f s elapsed, ETA %.0f s",
                 ev["plane"],
@@ -533,11 +533,11 @@ def _model_path(path: str) -> str:
 
 
 def cmd_suggest(args) -> int:
-    from .annotations import rasterize
     from .errors import UserError
     from .io import read_image, read_rois
     from .modelio import load_model
-    from .suggest import suggest, write_suggestions
+    from .suggest import write_suggestions
+    from .workflows import suggest_round
 
     if len(args.paths) > 2:
         raise UserError("suggest takes [MODEL] IMAGE: at most two paths")
@@ -554,41 +554,32 @@ def cmd_suggest(args) -> int:
         raise UserError("-k must be at least 1")
     if not 0 <= args.temperature <= 10:
         raise UserError("--temperature must be between 0 and 10")
-    model = load_model(model_path) if model_path else None
-    size = args.size or (model.meta.get("patch_size", 256) if model else 256)
-    if size < 16:
+    if args.size is not None and args.size < 16:
         raise UserError("--size must be at least 16")
+    model = load_model(model_path) if model_path else None
     image = read_image(image_path, channel=args.channel)
-    labels = None
-    if args.rois:
-        labels = rasterize(
-            read_rois(args.rois),
-            image.data.shape,
-            classes=model.classes if model else None,
-            all_slices=args.all_slices,
-            group_names=_parse_group_names(args.group_names),
-        ).labels
-    elif model is not None:
-        log.warning("no --rois given: suggestions may fall on patches you already annotated")
+    shapes = read_rois(args.rois) if args.rois else []
     reporter = _Reporter(interactive=False, every_s=10.0)
 
     def progress(ev):
-        if reporter._due(force=ev["plane"] == ev["planes"]) and ev["planes"] > 1:
+        if reporter.due(force=ev["plane"] == ev["planes"]) and ev["planes"] > 1:
             log.info("%s: plane %d/%d", ev["stage"], ev["plane"], ev["planes"])
 
     result, _ = _with_cancel_on_sigint(
-        lambda c: suggest(
-            image.data,
-            labels,
+        lambda c: suggest_round(
+            image,
+            shapes,
             model,
             k=args.k,
-            size=size,
-            stride=args.stride,
-            temperature=args.temperature,
-            seed=args.seed,
+            size=args.size,
+            all_slices=args.all_slices,
+            group_names=_parse_group_names(args.group_names),
             device=args.device,
             progress=progress,
             cancel=c,
+            stride=args.stride,
+            temperature=args.temperature,
+            seed=args.seed,
         )
     )
     files = write_suggestions(out, result, stack=image.data.shape[0] > 1)

@@ -197,6 +197,71 @@ def _rescue(model) -> str:
     return f"the trained model is saved as {path} (move it somewhere safe)"
 
 
+def suggestion_size(model, settings=None) -> int:
+    """The window side of suggestions: the patch size the model was trained on, else the settings' patch size."""
+    from .config import Settings
+
+    if model is not None and model.meta.get("patch_size"):
+        return int(model.meta["patch_size"])
+    return (settings or Settings()).patches.size
+
+
+def suggest_round(
+    image,
+    shapes: list,
+    model,
+    *,
+    k: int = 5,
+    size: int | None = None,
+    settings=None,
+    all_slices: bool = False,
+    group_names: dict | None = None,
+    device: str = "auto",
+    progress=None,
+    cancel=None,
+    **options,
+):
+    """The next windows to annotate (:func:`tem_ij_plugin.suggest.suggest`) given what is annotated.
+
+    Parameters
+    ----------
+    image : tem_ij_plugin.io.Image
+    shapes : list of Shape
+        The annotations so far; none is fine (suggestions then come from image statistics alone).
+    model : TrainedModel or None
+    k : int
+        How many suggestions.
+    size : int, optional
+        The window side; default :func:`suggestion_size`.
+    settings : Settings, optional
+        Their patch size is the default window side for a session without a model.
+    all_slices, group_names
+        How the shapes become labels (:func:`tem_ij_plugin.annotations.rasterize`).
+    device, progress, cancel, **options
+        Passed on to :func:`~tem_ij_plugin.suggest.suggest` (``stride``, ``temperature``, ``seed``).
+
+    Returns
+    -------
+    SuggestResult
+    """
+    from .annotations import rasterize
+    from .suggest import suggest
+
+    size = size or suggestion_size(model, settings)
+    if size < 16:
+        raise UserError(f"the suggestion window must be at least 16 pixels, not {size}")
+    labels = None
+    if shapes:
+        classes = model.classes if model is not None else None
+        labels = rasterize(shapes, image.data.shape, classes=classes, all_slices=all_slices, group_names=group_names)
+    elif model is not None:
+        log.warning("no annotations given: suggestions may fall on patches you already annotated")
+    return suggest(
+        image.data, None if labels is None else labels.labels, model, k=k, size=size, device=str(device),
+        progress=progress, cancel=cancel, **options,
+    )  # fmt: skip
+
+
 def doctor(write=print, probe_seconds: float = 5.0) -> str:
     """Python, torch, the device, versions and a short training-speed probe, with advice on what is missing.
 

@@ -608,6 +608,32 @@ def test_fiji_and_the_cli_train_the_same_model_from_the_same_inputs(clean, data,
     assert differ == []
 
 
+def test_fiji_and_the_cli_suggest_the_same_windows(clean, data, synthetic, tmp_path, capsys):
+    """Both front ends call workflows.suggest_round: same model, image and ROIs give the same windows."""
+    import json
+
+    from tem_ij_plugin.io import write_rois
+
+    model = tmp_path / "m.model"
+    train = ["train", data["image"], "--rois", data["rois"], "--config", data["config"], "-o", model]
+    assert run_cli(capsys, *train)[0] == 0
+    # Annotations on the first 128 px patch only: three patches are left to suggest from
+    rois = tmp_path / "first-patch.zip"
+    write_rois(rois, [sh for sh in synthetic[2] if all(c.max() < 128 for c in sh.polygons)])
+    out = tmp_path / "s.zip"
+    code, _, err = run_cli(capsys, "suggest", model, data["image"], "--rois", rois, "-k", 2, "-o", out)
+    assert code == 0, err
+    rows = json.loads(out.with_suffix(".json").read_text())["suggestions"]
+    cli = [(r["slice"] - 1, r["y"], r["x"], r["y"] + r["height"], r["x"] + r["width"]) for r in rows]
+    macro = (
+        f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model", "model=[{model}]"); '
+        f'run("TEM Suggest Next Patches", "number=2 rois=[{rois}] device=cpu");'
+    )
+    assert _macro(clean, macro) != "[aborted]", _log(clean)
+    fiji = [tuple(b) for b in clean["bridge"].last["TEM Suggest Next Patches"]["suggestions"]]
+    assert fiji == cli
+
+
 def test_tem_ij_doctor_prints_the_check_environment_report(clean, capsys):
     """One report from one function (workflows.doctor), both front ends; the speed figure varies."""
     code, out, _ = run_cli(capsys, "doctor", "--probe-seconds", "0.2")

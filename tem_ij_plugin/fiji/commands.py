@@ -358,26 +358,21 @@ def predict_probabilities(ctx) -> None:
 
 def suggest_patches(ctx) -> None:
     """TEM Suggest Next Patches."""
-    from ..suggest import suggest
+    from ..workflows import suggest_round
 
     k = int(ctx.number("number", low=1))
-    device = _device(ctx)
     image = to_image(ctx.image)
-    model = ctx.bridge.model
     # Nothing annotated yet is fine: suggestions then come from image statistics alone. Any other
     # problem with the ROIs (a line ROI, an unknown class) is still an error.
     shapes = _annotation_rois(ctx)[1] if ctx.text("rois") or _manager_rois(ctx) else []
-    labels = _labels(ctx, image, shapes, model.classes if model is not None else None).labels if shapes else None
 
     def progress(ev):
         ctx.status(f"TEM suggestions: {ev['stage']}, plane {ev['plane']}/{ev['planes']}", ev["plane"] / ev["planes"])
 
-    from ..config import Settings
-
-    size = (ctx.bridge.settings or Settings()).patches.size  # the patches training will split into
-    result = suggest(
-        image.data, labels, model, k=k, size=size, device=str(device), progress=progress, cancel=ctx.cancel
-    )
+    result = suggest_round(
+        image, shapes, ctx.bridge.model, k=k, settings=ctx.bridge.settings, all_slices=ctx.options.get("all") is True,
+        device=str(_device(ctx)), progress=progress, cancel=ctx.cancel,
+    )  # fmt: skip
 
     Roi = jimport("ij.gui.Roi")
     manager = roi_manager(ctx, create=True)
