@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import Cancelled, ModelFileError, UserError
+from .events import PredictEvent
 from .tiling import overlap_for_halo, pad_amounts, stitch, tile_specs, tile_window
 
 log = logging.getLogger(__name__)
@@ -621,18 +622,18 @@ def predict_planes(
                     elapsed = time.perf_counter() - start
                     frac = (k + ev.tiles_done / ev.tiles_total) / len(todo)
                     progress(
-                        {
-                            "stage": "predict",
-                            "plane": i + 1,
-                            "planes": n_planes,
-                            "tiles_done": ev.tiles_done,
-                            "tiles_total": ev.tiles_total,
-                            "done": done_before + k + (ev.tiles_done == ev.tiles_total),
-                            "total": n_planes,
-                            "elapsed_s": elapsed,
-                            "megapixels_per_s": pixels / 1e6 / max(elapsed, 1e-9),
-                            "eta_s": elapsed * (1 - frac) / max(frac, 1e-9),
-                        }
+                        PredictEvent(
+                            stage="predict",
+                            plane=i + 1,
+                            planes=n_planes,
+                            tiles_done=ev.tiles_done,
+                            tiles_total=ev.tiles_total,
+                            done=done_before + k + (ev.tiles_done == ev.tiles_total),
+                            total=n_planes,
+                            elapsed_s=elapsed,
+                            megapixels_per_s=pixels / 1e6 / max(elapsed, 1e-9),
+                            eta_s=elapsed * (1 - frac) / max(frac, 1e-9),
+                        )
                     )
 
                 probs = predictor.plane(normalize(plane, lo, hi), on_batch, cancel)

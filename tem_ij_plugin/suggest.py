@@ -35,6 +35,7 @@ import numpy as np
 
 from .annotations import UNLABELLED
 from .errors import Cancelled, UserError
+from .events import PlaneEvent
 from .outputs import SUGGESTIONS_FORMAT, atomic_write
 
 log = logging.getLogger(__name__)
@@ -521,7 +522,7 @@ def _check(cancel) -> None:
 
 def _report(progress, stage: str, z: int, nz: int) -> None:
     if progress is not None:
-        progress({"stage": stage, "plane": z + 1, "planes": nz})
+        progress(PlaneEvent(stage=stage, plane=z + 1, planes=nz))
 
 
 def write_suggestions(path: str | Path, result: SuggestResult, stack: bool) -> list:

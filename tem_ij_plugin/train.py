@@ -23,6 +23,7 @@ from .annotations import UNLABELLED, Labels, boundary_band
 from .augment import Augmenter
 from .config import Settings
 from .errors import UserError
+from .events import CancelToken, ProgressSink, TrainEvent
 from .losses import class_weights, deep_supervision_loss, edge_potts_loss, masked_cross_entropy, pseudo_label_loss
 from .metrics import mean_iou
 from .modelio import TrainedModel, build_network, software_versions
@@ -497,25 +498,25 @@ class Trainer:
         )
         return True
 
-    def event(self, elapsed: float, max_seconds: float, stage: str = "train", last: int | None = None) -> dict:
+    def event(self, elapsed: float, max_seconds: float, stage: str = "train", last: int | None = None) -> TrainEvent:
         """The progress record after an iteration (see :func:`train`); ``last``: the stage's final iteration."""
-        return {
-            "stage": stage,
-            "iteration": self.it,
-            "max_iterations": self.tc.max_iterations if last is None else last,
-            "elapsed_s": elapsed,
-            "max_seconds": max_seconds,
-            "train_loss": self.loss_ema,
-            "val_score": self.last_val,
-            "validated": self.it % self.tc.eval_every == 0,
-            "smoothed_score": self.smoothed,
-            "best_score": self.best["score"] if np.isfinite(self.best["score"]) else None,
-            "best_iteration": self.best["iteration"],
-            "backtracks": self.backtracks,
-            "lr": self.lr,
-        }
+        return TrainEvent(
+            stage=stage,
+            iteration=self.it,
+            max_iterations=self.tc.max_iterations if last is None else last,
+            elapsed_s=elapsed,
+            max_seconds=max_seconds,
+            train_loss=self.loss_ema,
+            val_score=self.last_val,
+            validated=self.it % self.tc.eval_every == 0,
+            smoothed_score=self.smoothed,
+            best_score=self.best["score"] if np.isfinite(self.best["score"]) else None,
+            best_iteration=self.best["iteration"],
+            backtracks=self.backtracks,
+            lr=self.lr,
+        )
 
-    def run(self, progress=None, cancel=None) -> TrainResult:
+    def run(self, progress: ProgressSink | None = None, cancel: CancelToken | None = None) -> TrainResult:
         """Train until early stopping, the time budget, the iteration cap, a cancel or a non-finite loss."""
         tc = self.tc
         max_seconds = tc.max_minutes * 60.0
@@ -559,7 +560,9 @@ class Trainer:
             self.refit(lambda: time.perf_counter() - start, max_seconds, progress, cancel)
         return self.result(stop_reason, problem, time.perf_counter() - start)
 
-    def refit(self, elapsed, max_seconds: float, progress=None, cancel=None) -> None:
+    def refit(
+        self, elapsed, max_seconds: float, progress: ProgressSink | None = None, cancel: CancelToken | None = None
+    ) -> None:
         """Continue the selected model on every annotated patch, validation patches included (``train.refit``).
 
         Early stopping needed the held-out patches unseen; the final model need not leave their labels
@@ -583,7 +586,13 @@ class Trainer:
             self.refitted = {"iterations": self.it - first, "from_iteration": best["iteration"]}
 
     def continue_selected(
-        self, patches: list, iterations: int, elapsed, max_seconds: float, progress=None, cancel=None
+        self,
+        patches: list,
+        iterations: int,
+        elapsed,
+        max_seconds: float,
+        progress: ProgressSink | None = None,
+        cancel: CancelToken | None = None,
     ) -> bool:
         """Train on from the selected model on ``patches`` for ``iterations`` steps (progress stage ``refit``).
 
@@ -749,8 +758,8 @@ def train(
     settings: Settings | None = None,
     init: TrainedModel | None = None,
     device: str = "auto",
-    progress=None,
-    cancel=None,
+    progress: ProgressSink | None = None,
+    cancel: CancelToken | None = None,
     calibration: dict | None = None,
 ) -> TrainResult:
     """Train a recurrent U-Net on partial labels.

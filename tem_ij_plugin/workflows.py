@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .events import CancelToken, ProgressSink
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def train_round(
     image_path: Path | None = None,
     rois_path: Path | None = None,
     device: str = "auto",
-    progress=None,
-    cancel=None,
+    progress: ProgressSink | None = None,
+    cancel: CancelToken | None = None,
     rescue: bool = True,
 ) -> TrainedRound:
     """Rasterise the annotations, train (warm-starting from ``init``) and save the model.
@@ -217,8 +218,8 @@ def suggest_round(
     all_slices: bool = False,
     group_names: dict | None = None,
     device: str = "auto",
-    progress=None,
-    cancel=None,
+    progress: ProgressSink | None = None,
+    cancel: CancelToken | None = None,
     **options,
 ):
     """The next windows to annotate (:func:`tem_ij_plugin.suggest.suggest`) given what is annotated.

@@ -396,6 +396,14 @@ def test_predict_bad_input_is_exit_2(case, message, stack, model_file, capsys, t
     assert not out.exists()
 
 
+def test_prediction_events_carry_exactly_the_keys_of_their_contract(stack, model_file, tmp_path):
+    from tem_ij_plugin.events import PredictEvent
+
+    events = []
+    PredictJob(model_file, stack[0], tmp_path / "p.tif", backend="torch", tile=128).run(progress=events.append)
+    assert {frozenset(ev) for ev in events} == {frozenset(PredictEvent.__annotations__)}
+
+
 def test_predict_progress_reports_tiles_throughput_and_eta(stack, model_file, tmp_path):
     path, _ = stack
     events = []

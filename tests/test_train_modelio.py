@@ -23,6 +23,12 @@ def trained(synthetic):
     return image, labels, res, events
 
 
+def test_training_events_carry_exactly_the_keys_of_their_contract(trained):
+    from tem_ij_plugin.events import TrainEvent
+
+    assert {frozenset(ev) for ev in trained[3]} == {frozenset(TrainEvent.__annotations__)}
+
+
 def test_train_returns_best_model_with_history(trained):
     image, labels, res, events = trained
     rnd = res.model.meta["history"]["rounds"][-1]
