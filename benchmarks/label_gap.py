@@ -106,7 +106,8 @@ def _checkpoint_recorder(trainer, test_img, test_truth, every: int):
     validations, next to both validation scores: how well each criterion ranks checkpoints."""
     import torch
 
-    from tem_ij_plugin.predict import normalize, predict_plane
+    from tem_ij_plugin.normalization import normalize
+    from tem_ij_plugin.predict import predict_plane
 
     rows = []
     n = len(trainer.classes)

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from tem_ij_plugin.modelio import TrainedModel, build_network, save_model
-    from tem_ij_plugin.predict import DEFAULT_NORMALIZATION
+    from tem_ij_plugin.normalization import DEFAULT_NORMALIZATION
 
     work = args.out or Path(tempfile.mkdtemp(prefix="tem-ij-mem-"))
     work.mkdir(parents=True, exist_ok=True)

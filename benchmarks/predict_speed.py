@@ -130,16 +130,13 @@ def main(argv=None) -> int:
     import torch
     from isbi_partial import miou, rf_peer
 
+    from tem_ij_plugin.backends import onnx_available
     from tem_ij_plugin.config import Settings
     from tem_ij_plugin.io import write_hyperstack
     from tem_ij_plugin.modelio import build_network, save_model
-    from tem_ij_plugin.predict import (
-        fold_batchnorm,
-        make_predictor,
-        normalization_range,
-        normalize,
-        onnx_available,
-    )
+    from tem_ij_plugin.normalization import normalization_range, normalize
+    from tem_ij_plugin.predict import make_predictor
+    from tem_ij_plugin.receptive import fold_batchnorm
     from tem_ij_plugin.tiling import pad_amounts, tile_specs
     from tem_ij_plugin.train import train
 
@@ -174,7 +171,7 @@ def main(argv=None) -> int:
                 net, torch.device("cpu"), backend, precision, probe=probe if backend == "auto" else None
             )
             if precision not in ("fp32", "auto"):
-                from tem_ij_plugin.predict import _check_reduced_precision
+                from tem_ij_plugin.backends import _check_reduced_precision
 
                 checked = _check_reduced_precision(fold_batchnorm(net), torch.device("cpu"), precision, probe)
             pred.plane(x[:512, :512])  # warm-up (allocations, onnxruntime's first run)

@@ -54,7 +54,8 @@ def tta_cost(net, sections) -> dict:
     """Median seconds of 3 predictions of ``sections`` per test-time augmentation mode."""
     import torch
 
-    from tem_ij_plugin.predict import DEFAULT_NORMALIZATION, predict_stack
+    from tem_ij_plugin.normalization import DEFAULT_NORMALIZATION
+    from tem_ij_plugin.predict import predict_stack
 
     out = {}
     for mode in ("off", "flips"):

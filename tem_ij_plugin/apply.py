@@ -209,7 +209,8 @@ class PredictJob:
     def _load_model(self):
         """The model on its device, the indices of the classes to write and their names."""
         from .modelio import load_model
-        from .predict import check_normalization, resolve_device
+        from .normalization import check_normalization
+        from .runtime import resolve_device
 
         model = load_model(self.model_path, device=resolve_device(self.device))
         check_normalization(model.normalization)
@@ -230,7 +231,10 @@ class PredictJob:
 
     def _predictor(self, model, reader):
         """The tiled predictor for this image, and the image's normalisation range."""
-        from .predict import HALO_MASS, make_predictor, normalize, resolve_device, sampled_range
+        from .normalization import normalize, sampled_range
+        from .predict import make_predictor
+        from .receptive import HALO_MASS
+        from .runtime import resolve_device
 
         n = reader.n_planes
         log.info(

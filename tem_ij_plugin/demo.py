@@ -50,7 +50,8 @@ def run_demo(
     from .modelio import save_model
     from .outputs import claim_folder
     from .patches import grid
-    from .predict import predict_stack, resolve_device
+    from .predict import predict_stack
+    from .runtime import resolve_device
     from .synthetic import SYNTHETIC_CLASSES, make_tem_image, simulate_annotations
     from .train import train
 

@@ -105,7 +105,8 @@ def run_experiment(
     """
     from .annotations import class_of, rasterize
     from .config import Settings
-    from .predict import predict_stack, resolve_device
+    from .predict import predict_stack
+    from .runtime import resolve_device
     from .suggest import suggest
     from .synthetic import simulate_annotations
     from .train import train

@@ -33,7 +33,7 @@ class RandomForestPeer:
 
     def __init__(self, image: np.ndarray, seed: int = 0, n_estimators: int = 100):
         _require_sklearn()
-        from .predict import normalization_range
+        from .normalization import normalization_range
 
         self.image = image
         self.seed = seed
@@ -46,7 +46,7 @@ class RandomForestPeer:
         if z not in self._features:
             from skimage.feature import multiscale_basic_features
 
-            from .predict import normalize
+            from .normalization import normalize
 
             f = multiscale_basic_features(
                 normalize(self.image[z], self.lo, self.hi),

@@ -83,7 +83,7 @@ class Architecture(_Strict):
 
 class Normalization(_Open):
     """How input images are scaled. Other methods than ``percentile`` pass here and are refused, with
-    their own message, by :func:`tem_ij_plugin.predict.check_normalization`."""
+    their own message, by :func:`tem_ij_plugin.normalization.check_normalization`."""
 
     method: Name
     low: float = Field(1.0, ge=0, le=100, allow_inf_nan=False)

@@ -400,7 +400,7 @@ def suggest(
 
     nz = image.shape[0]
     if model is None:
-        from .predict import normalization_range, normalize
+        from .normalization import normalization_range, normalize
 
         lo, hi = normalization_range(image)
         means = np.zeros((len(all_boxes), 7))
@@ -418,7 +418,10 @@ def suggest(
         phase = "typical-diverse (no model yet)"
         classes = []
     else:
-        from .predict import fold_batchnorm, make_predictor, normalize, resolve_device, sampled_range
+        from .normalization import normalize, sampled_range
+        from .predict import make_predictor
+        from .receptive import fold_batchnorm
+        from .runtime import resolve_device
 
         dev = resolve_device(device)
         net = fold_batchnorm(model.net.to(dev)).float()

@@ -27,18 +27,12 @@ from .events import CancelToken, ProgressSink, TrainEvent
 from .losses import class_weights, deep_supervision_loss, edge_potts_loss, masked_cross_entropy, pseudo_label_loss
 from .metrics import mean_iou
 from .modelio import TrainedModel, build_network, software_versions
+from .normalization import DEFAULT_NORMALIZATION, normalization_range, normalize
 from .patches import Patch, annotated_patches, split
-from .predict import (
-    DEFAULT_NORMALIZATION,
-    HALO_MASS,
-    autocast_context,
-    effective_receptive_field,
-    fold_batchnorm,
-    normalization_range,
-    normalize,
-    predict_plane,
-)
+from .predict import predict_plane
 from .priors import effective_training_prior, estimate_correction, shift_output_bias
+from .receptive import HALO_MASS, effective_receptive_field, fold_batchnorm
+from .runtime import autocast_context
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +264,7 @@ class Trainer:
     """
 
     def __init__(self, image, labels: Labels, settings: Settings, init=None, device="auto", calibration=None):
-        from .predict import resolve_device
+        from .runtime import resolve_device
 
         self.s = settings
         self.tc = tc = settings.train

@@ -108,7 +108,7 @@ def train_round(
     TrainedRound
     """
     from .annotations import rasterize
-    from .predict import resolve_device
+    from .runtime import resolve_device
     from .train import train
 
     if init is not None:

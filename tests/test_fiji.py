@@ -319,7 +319,8 @@ def test_macro_train_predict_suggest_grid(clean, data, tmp_path):
     assert cal.unit == "µm"
     assert np.allclose(data.sum(axis=0), 1.0, atol=1e-4)
     # the same numbers as the engine gives for the same model
-    from tem_ij_plugin.predict import predict_stack, resolve_device
+    from tem_ij_plugin.predict import predict_stack
+    from tem_ij_plugin.runtime import resolve_device
 
     raw = read_image(image).data
     model = bridge.model

@@ -47,7 +47,7 @@ def test_predictor_on_cuda_matches_cpu(synthetic):
 
 
 def test_auto_precision_on_this_gpu_is_bf16_or_checked_fp16():
-    from tem_ij_plugin.predict import resolve_precision
+    from tem_ij_plugin.runtime import resolve_precision
 
     cuda = torch.device("cuda")
     expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -55,6 +55,6 @@ def test_auto_precision_on_this_gpu_is_bf16_or_checked_fp16():
 
 
 def test_auto_precision_never_trains_in_unscaled_fp16():
-    from tem_ij_plugin.predict import resolve_precision
+    from tem_ij_plugin.runtime import resolve_precision
 
     assert resolve_precision(torch.device("cuda"), "auto", checked=False) in ("bf16", "fp32")

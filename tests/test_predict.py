@@ -13,16 +13,13 @@ import torch
 from conftest import run_cli, sha256
 
 from tem_ij_plugin.apply import PredictJob
+from tem_ij_plugin.backends import onnx_available
 from tem_ij_plugin.errors import Cancelled, UserError
 from tem_ij_plugin.io import Calibration, PlaneReader
 from tem_ij_plugin.modelio import TrainedModel, build_network, save_model
-from tem_ij_plugin.predict import (
-    DEFAULT_NORMALIZATION,
-    effective_receptive_field,
-    fold_batchnorm,
-    make_predictor,
-    onnx_available,
-)
+from tem_ij_plugin.normalization import DEFAULT_NORMALIZATION
+from tem_ij_plugin.predict import make_predictor
+from tem_ij_plugin.receptive import effective_receptive_field, fold_batchnorm
 from tem_ij_plugin.stackio import Layout, TiffPlaneWriter, ZarrPlaneWriter
 
 
@@ -216,13 +213,13 @@ def test_onnx_matches_torch_within_1e4():
 
 
 def test_reduced_precision_is_checked_against_fp32(monkeypatch):
-    import tem_ij_plugin.predict as predict
+    import tem_ij_plugin.backends as backends
 
     net, _ = random_net(depth=3)
     probe = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     dev = torch.device("cpu")
     assert make_predictor(net, dev, backend="torch", precision="bf16", probe=probe).precision == "bf16"
-    monkeypatch.setattr(predict, "PRECISION_TOLERANCE", 0.0)  # now any bf16 rounding is too much
+    monkeypatch.setattr(backends, "PRECISION_TOLERANCE", 0.0)  # now any bf16 rounding is too much
     assert make_predictor(net, dev, backend="torch", precision="bf16", probe=probe).precision == "fp32"
 
 
@@ -437,12 +434,12 @@ def test_version_1_groupnorm_model_files_still_predict(stack, tmp_path):
 
 @pytest.mark.parametrize("checked", [False, True])
 def test_auto_precision_is_fp32_on_a_cpu_for_training_and_prediction(checked):
-    from tem_ij_plugin.predict import resolve_precision
+    from tem_ij_plugin.runtime import resolve_precision
 
     assert resolve_precision(torch.device("cpu"), "auto", checked) == "fp32"
 
 
 def test_an_explicit_precision_is_kept():
-    from tem_ij_plugin.predict import resolve_precision
+    from tem_ij_plugin.runtime import resolve_precision
 
     assert resolve_precision(torch.device("cpu"), "bf16") == "bf16"

@@ -106,7 +106,7 @@ def test_input_size_covers_rotation_and_zoom():
 
 
 def test_normalization_ignores_nan_and_constant_images():
-    from tem_ij_plugin.predict import normalization_range, normalize
+    from tem_ij_plugin.normalization import normalization_range, normalize
 
     a = np.linspace(0, 100, 10001, dtype=np.float32).reshape(1, 1, -1)
     a[0, 0, :50] = np.nan

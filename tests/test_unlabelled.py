@@ -6,10 +6,11 @@ import torch
 from conftest import tiny_settings
 
 from tem_ij_plugin.annotations import boundary_band, rasterize
+from tem_ij_plugin.backends import TTA_MODES, TorchBackend, TTABackend, _dihedral
 from tem_ij_plugin.errors import UserError
 from tem_ij_plugin.losses import edge_potts_loss, pseudo_label_loss
 from tem_ij_plugin.nn import RecurrentUNet
-from tem_ij_plugin.predict import TTA_MODES, TorchBackend, TTABackend, _dihedral, make_predictor
+from tem_ij_plugin.predict import make_predictor
 from tem_ij_plugin.priors import (
     MIN_PRIOR,
     effective_training_prior,

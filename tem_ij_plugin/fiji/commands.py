@@ -98,7 +98,7 @@ def _current_model(ctx):
 
 
 def _device(ctx):
-    from ..predict import resolve_device
+    from ..runtime import resolve_device
 
     return resolve_device(ctx.choice("device"))
 
