@@ -34,14 +34,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _common_options()
+    for add in (_add_demo, _add_train, _add_predict, _add_suggest, _add_project_tools, _add_experiment, _add_fiji):
+        add(sub, common)
+    return parser
 
-    demo = sub.add_parser("demo", help="train and predict on a built-in synthetic TEM image, write a figure")
+
+def _common_options() -> dict:
+    """Options several subcommands share, as argparse parents: one spelling and one help text each."""
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
+    channel = argparse.ArgumentParser(add_help=False)
+    channel.add_argument("--channel", type=int, help="1-based channel to use of a multichannel hyperstack")
+    rois = argparse.ArgumentParser(add_help=False)
+    rois.add_argument(
+        "--all-slices", action="store_true", help="let ROIs without a slice position label every slice of a stack"
+    )
+    rois.add_argument(
+        "--group-names", metavar="N=NAME,...", help="class names of ImageJ ROI groups, e.g. 1=cell,2=background"
+    )
+    return {"device": device, "channel": channel, "rois": rois}
+
+
+def _add_demo(sub, common) -> None:
+    """``tem-ij demo``."""
+    demo = sub.add_parser(
+        "demo", parents=[common["device"]], help="train and predict on a built-in synthetic TEM image, write a figure"
+    )
     demo.add_argument("-o", "--out", default="tem-ij-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--minutes", type=float, default=1.5, help="training budget (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    demo.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
 
-    tr = sub.add_parser("train", help="train a model from an image and its ImageJ ROIs")
+
+def _add_train(sub, common) -> None:
+    """``tem-ij train``."""
+    tr = sub.add_parser(
+        "train",
+        parents=[common["device"], common["channel"], common["rois"]],
+        help="train a model from an image and its ImageJ ROIs",
+    )
     tr.add_argument("image", nargs="?", help="2-D image or Z stack (TIFF; PNG for 2-D)")
     tr.add_argument("--rois", help="ImageJ RoiSet.zip or .roi; ROI names give the classes")
     tr.add_argument("-o", "--out", help="model file to write (e.g. cells.model); optional with --project")
@@ -53,23 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
         "from its current round; see 'tem-ij history' and 'tem-ij revert'",
     )
     tr.add_argument("--max-minutes", type=float, help="wall-clock training budget (default from config: 10)")
-    tr.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
     tr.add_argument("--seed", type=int, help="random seed (default from config: 0)")
     tr.add_argument("--config", metavar="FILE", help="YAML or JSON settings (see --print-config)")
     tr.add_argument("--print-config", action="store_true", help="print the effective settings as YAML and exit")
     tr.add_argument("--classes", help="comma-separated allowed classes in order, e.g. background,cell,mito")
-    tr.add_argument("--channel", type=int, help="1-based channel to learn from in a multichannel hyperstack")
     tr.add_argument("--val-patches", type=int, help="annotated patches held out for validation (default: ~20%%)")
-    tr.add_argument(
-        "--all-slices", action="store_true", help="let ROIs without a slice position label every slice of a stack"
-    )
-    tr.add_argument(
-        "--group-names", metavar="N=NAME,...", help="class names of ImageJ ROI groups, e.g. 1=cell,2=background"
-    )
     tr.add_argument("--overwrite", action="store_true", help="let -o replace a file that tem_ij_plugin did not write")
 
+
+def _add_predict(sub, common) -> None:
+    """``tem-ij predict``."""
     pr = sub.add_parser(
         "predict",
+        parents=[common["device"], common["channel"]],
         help="probability maps (or labels) of an image or stack",
         description="Predict an image or stack plane by plane (bounded memory). Output type from the suffix: "
         ".tif ImageJ hyperstack, .btf BigTIFF, .zarr OME-Zarr. Ctrl-C keeps the finished planes in NAME.partial.* "
@@ -92,8 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="probabilities as float32 (default) or scaled to 0..255 / 0..65535 (4x / 2x smaller)",
     )
     pr.add_argument("--classes", help="comma-separated classes to write (probabilities), e.g. cell")
-    pr.add_argument("--channel", type=int, help="1-based channel to segment in a multichannel hyperstack")
-    pr.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
     pr.add_argument(
         "--backend",
         choices=["auto", "torch", "onnx"],
@@ -131,8 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         "files, a file at NAME.lock); inputs are never replaced",
     )
 
+
+def _add_suggest(sub, common) -> None:
+    """``tem-ij suggest``."""
     sg = sub.add_parser(
         "suggest",
+        parents=[common["device"], common["channel"], common["rois"]],
         usage="tem-ij suggest [-h] [MODEL|PROJECT] IMAGE -o suggestions.zip [--rois ROIS] [-k K] [options]",
         help="which patches to annotate next (rectangles suggest-1..k for Fiji's ROI Manager)",
         description="Rank the candidate windows that hold no annotation yet and draw k suggestions: typical, "
@@ -154,14 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=0.2, help="randomness of the draw, 0 = greedy (default: %(default)s)"
     )
     sg.add_argument("--seed", type=int, default=0, help="random seed of the draw (default: %(default)s)")
-    sg.add_argument("--channel", type=int, help="1-based channel of a multichannel hyperstack")
-    sg.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
-    sg.add_argument("--all-slices", action="store_true", help="let ROIs without a slice position label every slice")
-    sg.add_argument("--group-names", metavar="N=NAME,...", help="class names of ImageJ ROI groups")
     sg.add_argument(
         "--overwrite", action="store_true", help="replace NAME.zip/.csv/.json even if tem_ij_plugin did not write them"
     )
 
+
+def _add_project_tools(sub, common) -> None:
+    """``tem-ij history`` and ``tem-ij revert``."""
     hi = sub.add_parser("history", help="the annotation rounds of a project folder")
     hi.add_argument("project", help="project folder (from 'tem-ij train --project DIR')")
     hi.add_argument("--json", action="store_true", help="print project.json instead of a table")
@@ -172,8 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("project", help="project folder")
     rv.add_argument("round", type=int, help="round number (see 'tem-ij history')")
 
+
+def _add_experiment(sub, common) -> None:
+    """``tem-ij experiment``."""
     ex = sub.add_parser(
         "experiment",
+        parents=[common["device"], common["channel"]],
         help="simulate annotation rounds on an image with full ground truth: random vs suggested patches",
         description="A simulated annotator outlines partial polygons on the patches each arm picks; each round "
         "retrains (warm start) and is scored on held-out patches. Writes learning_curves.png, per-round "
@@ -195,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--iterations-per-round", type=int, help="cap on training iterations per round")
     ex.add_argument("--config", metavar="FILE", help="training settings of every round (YAML or JSON)")
     ex.add_argument("--no-rf", action="store_true", help="skip the random-forest peer")
-    ex.add_argument("--channel", type=int, help="1-based channel of a multichannel hyperstack")
-    ex.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps (default: auto)")
 
+
+def _add_fiji(sub, common) -> None:
+    """``tem-ij fiji``, ``tem-ij install-fiji`` and ``tem-ij doctor``."""
     fj = sub.add_parser(
         "fiji",
         help="start Fiji (or a plain ImageJ) with the TEM Segmentation menu commands attached",
@@ -226,7 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="The same report as Fiji's TEM Check Environment.",
     )
     doc.add_argument("--probe-seconds", type=float, default=5.0, help="length of the speed probe (default: 5)")
-    return parser
 
 
 class _StderrHandler(logging.StreamHandler):
