@@ -377,6 +377,43 @@ def suggest(
     -------
     SuggestResult
     """
+    _check_request(image, labels, k, size, stride)
+    rng = np.random.default_rng(seed)
+    timings = {}
+    t0 = time.perf_counter()
+    boxes, n_cand, n_annotated = _windows(image.shape, labels, size, stride, candidates)
+    if model is None:
+        sc = _typical_diverse(image, boxes, n_cand, rng, timings, progress, cancel)
+    else:
+        sc = _uncertain_representative(
+            image, boxes, n_cand, n_annotated, model, k, device, probabilities, rng, timings, progress, cancel
+        )
+    chosen = draw(sc.score, sc.desc[:n_cand], boxes[:n_cand], k, sc.scale, temperature, rng)
+    timings["total_s"] = time.perf_counter() - t0
+    candidates = [
+        Candidate(*map(int, boxes[j]), score=float(sc.score[j]), reasons=_reasons(sc, j)) for j in range(n_cand)
+    ]
+    return SuggestResult([candidates[j] for j in chosen], candidates, sc.phase, timings)
+
+
+@dataclass
+class _Scores:
+    """A ranking of the candidate windows and what it was made of (the ``reasons`` of each)."""
+
+    score: np.ndarray
+    desc: np.ndarray  # descriptors of every window (candidates first, then annotated grid cells)
+    scale: float
+    typ: np.ndarray
+    phase: str
+    classes: list = field(default_factory=list)
+    unc: np.ndarray | None = None
+    dis: np.ndarray | None = None
+    nov: np.ndarray | None = None
+    unc_means: np.ndarray | None = None  # entropy, pairwise ambiguity, mean class probabilities
+    pairs: list = field(default_factory=list)
+
+
+def _check_request(image, labels, k, size, stride) -> None:
     if image.ndim != 3:
         raise UserError(f"expected a (Z, Y, X) image, got shape {image.shape}")
     if k < 1:
@@ -385,137 +422,158 @@ def suggest(
         raise UserError(f"the stride must be between 1 and the window size {size}")
     if labels is not None and labels.shape != image.shape:
         raise UserError(f"labels of shape {labels.shape} do not match the image {image.shape}")
-    rng = np.random.default_rng(seed)
-    timings = {}
-    t0 = time.perf_counter()
-    boxes = candidate_boxes(image.shape, size, stride) if candidates is None else np.asarray(candidates, np.int64)
+
+
+def _windows(shape, labels, size, stride, candidates) -> tuple:
+    """The free candidate windows, then the annotated grid cells (for novelty only), and their counts."""
+    boxes = candidate_boxes(shape, size, stride) if candidates is None else np.asarray(candidates, np.int64)
     taken = annotated_boxes(labels, boxes)
-    grid_boxes = candidate_boxes(image.shape, size)
+    grid_boxes = candidate_boxes(shape, size)
     grid_taken = grid_boxes[annotated_boxes(labels, grid_boxes)]
-    n_annotated = len(grid_taken)
     if taken.all():
         raise UserError("every candidate window already holds annotations; nothing left to suggest")
-    all_boxes = np.concatenate([boxes[~taken], grid_taken])  # annotated grid cells: for novelty only
-    n_cand = int((~taken).sum())
+    return np.concatenate([boxes[~taken], grid_taken]), int((~taken).sum()), len(grid_taken)
 
+
+def _typical_diverse(image, boxes, n_cand, rng, timings, progress, cancel) -> _Scores:
+    """Without a model: rank by typicality of image descriptors (the draw keeps them diverse)."""
+    from .normalization import normalization_range, normalize
+
+    t0 = time.perf_counter()
     nz = image.shape[0]
-    if model is None:
-        from .normalization import normalization_range, normalize
+    lo, hi = normalization_range(image)
+    means = np.zeros((len(boxes), 7))
+    for z in range(nz):
+        _check(cancel)
+        rows = np.nonzero(boxes[:, 0] == z)[0]
+        if len(rows):
+            means[rows] = window_means(image_descriptor_maps(normalize(image[z], lo, hi)), boxes[rows, 1:])
+        _report(progress, "describe", z, nz)
+    desc = _pca(_image_descriptors(means))
+    timings["describe_s"] = time.perf_counter() - t0
+    typ, scale = _typicality(desc[:n_cand], rng)
+    return _Scores(typ.copy(), desc, scale, typ, "typical-diverse (no model yet)")
 
-        lo, hi = normalization_range(image)
-        means = np.zeros((len(all_boxes), 7))
-        for z in range(nz):
-            _check(cancel)
-            rows = np.nonzero(all_boxes[:, 0] == z)[0]
-            if len(rows):
-                means[rows] = window_means(image_descriptor_maps(normalize(image[z], lo, hi)), all_boxes[rows, 1:])
-            _report(progress, "describe", z, nz)
-        desc = _pca(_image_descriptors(means))
-        timings["describe_s"] = time.perf_counter() - t0
-        typ, scale = _typicality(desc[:n_cand], rng)
-        unc = dis = nov = None
-        score = typ.copy()
-        phase = "typical-diverse (no model yet)"
-        classes = []
+
+def _uncertain_representative(
+    image, boxes, n_cand, n_annotated, model, k, device, probabilities, rng, timings, progress, cancel
+) -> _Scores:
+    """With a model: uncertainty (entropy + flip disagreement) x representativeness x novelty."""
+    from .normalization import sampled_range
+    from .receptive import fold_batchnorm
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    net = fold_batchnorm(model.net.to(dev)).float()
+    lo, hi = sampled_range(lambda i: image[i], image.shape[0], model.normalization)
+    classes = model.classes
+    pairs = [(a, b) for a in range(len(classes)) for b in range(a + 1, len(classes))]
+    unc_means, feat_means = _model_window_means(
+        image, boxes, model, net, dev, (lo, hi), pairs, probabilities, timings, progress, cancel
+    )
+    desc = _pca(feat_means)
+    typ, scale = _typicality(desc[:n_cand], rng)
+    if n_annotated:
+        nearest = _distances(desc[:n_cand], desc[n_cand:]).min(1)
+        nov = 1 - np.exp(-((nearest / scale) ** 2))
     else:
-        from .normalization import normalize, sampled_range
-        from .predict import make_predictor
-        from .receptive import fold_batchnorm
-        from .runtime import resolve_device
+        nov = np.ones(n_cand)
+    unc = unc_means[:n_cand, 0]
+    # The model may have learnt from more patches than the ROIs given here show.
+    rounds = model.meta.get("history", {}).get("rounds") or [{}]
+    learnt = len(rounds[-1].get("train_patches", [])) + len(rounds[-1].get("val_patches", []))
+    weight = min(1.0, max(n_annotated, learnt) / FEW_PATCHES)
 
-        dev = resolve_device(device)
-        net = fold_batchnorm(model.net.to(dev)).float()
-        classes = model.classes
-        lo, hi = sampled_range(lambda i: image[i], nz, model.normalization)
-        predictor = None
-        if probabilities is None:
-            probe = normalize(image[0, :256, :256], lo, hi)
-            predictor = make_predictor(
-                model.net, dev, probe=probe, halo=(model.meta.get("effective_receptive_field") or {}).get("radius")
-            )
-        pairs = [(a, b) for a in range(len(classes)) for b in range(a + 1, len(classes))]
-        unc_means = np.zeros((len(all_boxes), 1 + len(pairs) + len(classes)))
-        feat_means = None
-        t_prob = t_feat = 0.0
-        for z in range(nz):
-            _check(cancel)
-            rows = np.nonzero(all_boxes[:, 0] == z)[0]
-            if not len(rows):
-                continue
-            plane = normalize(image[z], lo, hi)
-            t1 = time.perf_counter()
-            probs = probabilities(z) if probabilities is not None else predictor.plane(plane, cancel=cancel)
-            entropy, amb = uncertainty_maps(probs)
-            maps = np.concatenate([entropy[None], np.stack([amb[p] for p in pairs]), probs])
-            unc_means[rows] = window_means(maps, all_boxes[rows, 1:])
-            t2 = time.perf_counter()
-            fm = feature_maps(net, plane, dev)
-            # Square roots tame the heavy tails of ReLU features before they are compared.
-            f = np.sqrt(np.maximum(window_means(fm, all_boxes[rows, 1:], scale=net.size_multiple), 0))
-            if feat_means is None:
-                feat_means = np.zeros((len(all_boxes), f.shape[1]))
-            feat_means[rows] = f
-            t_prob += t2 - t1
-            t_feat += time.perf_counter() - t2
-            _report(progress, "score", z, nz)
-        timings["probabilities_s"], timings["features_s"] = t_prob, t_feat
-        desc = _pca(feat_means)
-        typ, scale = _typicality(desc[:n_cand], rng)
-        if n_annotated:
-            nearest = _distances(desc[:n_cand], desc[n_cand:]).min(1)
-            nov = 1 - np.exp(-((nearest / scale) ** 2))
-        else:
-            nov = np.ones(n_cand)
-        unc = unc_means[:n_cand, 0]
-        # The model may have learnt from more patches than the ROIs given here show.
-        rounds = model.meta.get("history", {}).get("rounds") or [{}]
-        learnt = len(rounds[-1].get("train_patches", [])) + len(rounds[-1].get("val_patches", []))
-        weight = min(1.0, max(n_annotated, learnt) / FEW_PATCHES)
+    # Representativeness moves from full typicality (few labels) to a tie-breaker in [0.7, 1], so
+    # that a strongly uncertain region is not buried for being unusual; look-alikes of annotated
+    # patches keep a quarter of their score.
+    rep = typ ** (1 - weight) * (0.7 + 0.3 * typ) ** weight
+    damp = 0.25 + 0.75 * nov
 
-        # Representativeness moves from full typicality (few labels) to a tie-breaker in [0.7, 1], so
-        # that a strongly uncertain region is not buried for being unusual; look-alikes of annotated
-        # patches keep a quarter of their score.
-        rep = typ ** (1 - weight) * (0.7 + 0.3 * typ) ** weight
-        damp = 0.25 + 0.75 * nov
+    def combine(u):
+        return (u / max(u.max(), 1e-9)) ** weight * rep * damp
 
-        def combine(u):
-            return (u / max(u.max(), 1e-9)) ** weight * rep * damp
+    # Disagreement costs three passes per window: only for the candidates that could be drawn.
+    t3 = time.perf_counter()
+    dis = np.zeros(n_cand)
+    top = np.argsort(-combine(unc))[: min(n_cand, max(3 * k, 12))]
+    for j in top:
+        _check(cancel)
+        dis[j] = _window_disagreement(net, image, boxes[j], (lo, hi), dev)
+    timings["disagreement_s"] = time.perf_counter() - t3
+    # Disagreement is on another scale than entropy; rank-free: both are mean distances in [0, 1].
+    phase = f"uncertainty x representativeness (uncertainty weight {weight:.2f})"
+    return _Scores(combine(unc + dis), desc, scale, typ, phase, classes, unc, dis, nov, unc_means, pairs)
 
-        # Disagreement costs three passes per window: only for the candidates that could be drawn.
-        t3 = time.perf_counter()
-        dis = np.zeros(n_cand)
-        top = np.argsort(-combine(unc))[: min(n_cand, max(3 * k, 12))]
-        ctx = 32
-        for j in top:
-            _check(cancel)
-            z, y0, x0, y1, x1 = all_boxes[j]
-            cy0, cx0 = max(0, y0 - ctx), max(0, x0 - ctx)
-            cy1, cx1 = min(image.shape[1], y1 + ctx), min(image.shape[2], x1 + ctx)
-            crop = normalize(image[z, cy0:cy1, cx0:cx1], lo, hi)
-            dis[j] = _tta_disagreement(net, crop, (y0 - cy0, x0 - cx0, y1 - cy0, x1 - cx0), dev)
-        timings["disagreement_s"] = time.perf_counter() - t3
-        # Disagreement is on another scale than entropy; rank-free: both are mean distances in [0, 1].
-        score = combine(unc + dis)
-        phase = f"uncertainty x representativeness (uncertainty weight {weight:.2f})"
-    chosen = draw(score, desc[:n_cand], all_boxes[:n_cand], k, scale, temperature, rng)
-    timings["total_s"] = time.perf_counter() - t0
 
-    candidates = []
-    for j in range(n_cand):
-        reasons = {"typicality": round(float(typ[j]), 4)}
-        if model is not None:
-            reasons["uncertainty"] = round(float(unc[j]), 4)
-            reasons["disagreement"] = round(float(dis[j]), 4) if dis[j] > 0 else None
-            reasons["novelty"] = round(float(nov[j]), 4)
-            row = unc_means[j]
-            if pairs:
-                best = int(np.argmax(row[1 : 1 + len(pairs)]))
-                a, b = pairs[best]
-                reasons["confused"] = f"{classes[a]}/{classes[b]}"
-                reasons["ambiguous_fraction"] = round(float(row[1 + best]), 4)
-            reasons["predicted"] = {c: round(float(v), 3) for c, v in zip(classes, row[1 + len(pairs) :])}
-        candidates.append(Candidate(*map(int, all_boxes[j]), score=float(score[j]), reasons=reasons))
-    return SuggestResult([candidates[j] for j in chosen], candidates, phase, timings)
+def _model_window_means(image, boxes, model, net, dev, lo_hi, pairs, probabilities, timings, progress, cancel):
+    """Per window: mean entropy, pairwise ambiguity and class probabilities; and mean network features."""
+    from .normalization import normalize
+    from .predict import make_predictor
+
+    lo, hi = lo_hi
+    nz = image.shape[0]
+    predictor = None
+    if probabilities is None:
+        probe = normalize(image[0, :256, :256], lo, hi)
+        predictor = make_predictor(
+            model.net, dev, probe=probe, halo=(model.meta.get("effective_receptive_field") or {}).get("radius")
+        )
+    unc_means = np.zeros((len(boxes), 1 + len(pairs) + len(model.classes)))
+    feat_means = None
+    t_prob = t_feat = 0.0
+    for z in range(nz):
+        _check(cancel)
+        rows = np.nonzero(boxes[:, 0] == z)[0]
+        if not len(rows):
+            continue
+        plane = normalize(image[z], lo, hi)
+        t1 = time.perf_counter()
+        probs = probabilities(z) if probabilities is not None else predictor.plane(plane, cancel=cancel)
+        entropy, amb = uncertainty_maps(probs)
+        maps = np.concatenate([entropy[None], np.stack([amb[p] for p in pairs]), probs])
+        unc_means[rows] = window_means(maps, boxes[rows, 1:])
+        t2 = time.perf_counter()
+        fm = feature_maps(net, plane, dev)
+        # Square roots tame the heavy tails of ReLU features before they are compared.
+        f = np.sqrt(np.maximum(window_means(fm, boxes[rows, 1:], scale=net.size_multiple), 0))
+        if feat_means is None:
+            feat_means = np.zeros((len(boxes), f.shape[1]))
+        feat_means[rows] = f
+        t_prob += t2 - t1
+        t_feat += time.perf_counter() - t2
+        _report(progress, "score", z, nz)
+    timings["probabilities_s"], timings["features_s"] = t_prob, t_feat
+    return unc_means, feat_means
+
+
+def _window_disagreement(net, image, box, lo_hi, dev, ctx: int = 32) -> float:
+    """Flip disagreement of one window, computed on the window with ``ctx`` pixels of context."""
+    from .normalization import normalize
+
+    z, y0, x0, y1, x1 = box
+    cy0, cx0 = max(0, y0 - ctx), max(0, x0 - ctx)
+    cy1, cx1 = min(image.shape[1], y1 + ctx), min(image.shape[2], x1 + ctx)
+    crop = normalize(image[z, cy0:cy1, cx0:cx1], *lo_hi)
+    return _tta_disagreement(net, crop, (y0 - cy0, x0 - cx0, y1 - cy0, x1 - cx0), dev)
+
+
+def _reasons(sc: _Scores, j: int) -> dict:
+    """Why candidate ``j`` scored as it did: the terms of its score, the most confused classes, the prediction."""
+    reasons = {"typicality": round(float(sc.typ[j]), 4)}
+    if sc.unc is None:
+        return reasons
+    reasons["uncertainty"] = round(float(sc.unc[j]), 4)
+    reasons["disagreement"] = round(float(sc.dis[j]), 4) if sc.dis[j] > 0 else None
+    reasons["novelty"] = round(float(sc.nov[j]), 4)
+    row = sc.unc_means[j]
+    if sc.pairs:
+        best = int(np.argmax(row[1 : 1 + len(sc.pairs)]))
+        a, b = sc.pairs[best]
+        reasons["confused"] = f"{sc.classes[a]}/{sc.classes[b]}"
+        reasons["ambiguous_fraction"] = round(float(row[1 + best]), 4)
+    reasons["predicted"] = {c: round(float(v), 3) for c, v in zip(sc.classes, row[1 + len(sc.pairs) :])}
+    return reasons
 
 
 def _check(cancel) -> None:
