@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +104,46 @@ def run_experiment(
     dict
         ``rows`` (one per seed, arm and round) and ``summary`` (per arm: mean curve, area under it).
     """
-    from .annotations import class_of, rasterize
-    from .config import Settings
-    from .predict import predict_stack
     from .runtime import resolve_device
-    from .suggest import suggest
-    from .synthetic import simulate_annotations
-    from .train import train
 
+    schedule = _checked_schedule(schedule, pool, arms, test_mask)
+    dev = resolve_device(device)  # before the forest's features: a bad device fails at once
+    peer = None
+    if rf:
+        from .peer import RandomForestPeer
+
+        peer = RandomForestPeer(image)
+    setup = _Setup(image, truth, list(classes), pool, test_mask, settings, dev, peer)
+    peer_arm = "random" if "random" in arms else arms[0]
+    rows, frames = [], {}
+    total = len(seeds) * len(arms) * len(schedule)
+    for seed in seeds:
+        for arm in arms:
+            run = _ArmRun(setup, arm, seed, with_peer=arm == peer_arm)
+            for target in schedule:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                row, result, probs = run.round(target, cancel)
+                rows.append(row)
+                if figures and out_dir is not None:
+                    train_p = [p.as_list() for p in result.train_patches]
+                    val_p = [p.as_list() for p in result.val_patches]
+                    frame = montage(image, probs, pool, train_p, val_p, test_mask, title=_title(row))
+                    frames.setdefault((arm, seed), []).append(frame)
+                    _write_png(out_dir / f"montage-{arm}-s{seed}-r{len(frames[arm, seed]):02d}.png", frame)
+                if progress is not None:
+                    done = {"done": len(rows), "total": total, "arm": arm, "seed": seed}
+                    progress({**done, "patches": row["patches"], "miou": row["miou"]})
+    out = {"classes": list(classes), "schedule": schedule, "seeds": list(seeds), "arms": list(arms), "rows": rows}
+    out["summary"] = summarize(rows, schedule, arms)
+    if out_dir is not None and figures:
+        for (arm, seed), fr in frames.items():
+            _write_gif(out_dir / f"rounds-{arm}-s{seed}.gif", fr)
+    return out
+
+
+def _checked_schedule(schedule, pool, arms, test_mask) -> list:
+    """The schedule sorted and deduplicated, after checking it, the arms and the held-out pixels."""
     schedule = sorted(set(int(s) for s in schedule))
     if not schedule or schedule[0] < 1:
         raise UserError("the schedule must list patch counts of at least 1")
@@ -121,139 +154,143 @@ def run_experiment(
         raise UserError(f"unknown arm(s) {', '.join(bad)}; use random and/or suggest")
     if not test_mask.any():
         raise UserError("no held-out pixels to score")
-    dev = resolve_device(device)
-    n_classes = len(classes)
-    peer_arm = "random" if "random" in arms else arms[0]
-    peer = None
-    if rf:
-        from .peer import RandomForestPeer
+    return schedule
 
-        peer = RandomForestPeer(image)
-    test_planes = np.nonzero(test_mask.any((1, 2)))[0]
-    rows = []
-    frames: dict = {}
-    total = len(seeds) * len(arms) * len(schedule)
-    done = 0
-    for seed in seeds:
-        for arm in arms:
-            rng = np.random.default_rng(seed)
-            ann_rng = np.random.default_rng(seed + 1)
-            chosen: list = []
-            declined: set = set()
-            shapes: list = []
-            labels = None
-            model = None
-            probs = None
-            pred = None
-            for target in schedule:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                t0 = time.perf_counter()
-                need = target - len(chosen)
-                unused = np.array([i for i in range(len(pool)) if i not in chosen and i not in declined])
-                analysis = {}
-                if arm == "random":
-                    order = list(rng.permutation(unused))
-                else:
-                    res = suggest(
-                        image,
-                        None if labels is None else labels.labels,  # the previous round's labels
-                        model,
-                        k=max(need, 5) + 3,  # spares, should the annotator decline one
-                        size=int((pool[:, 3] - pool[:, 1]).max()),
-                        seed=int(rng.integers(1 << 31)),
-                        device=str(dev),
-                        probabilities=None if probs is None else probs.__getitem__,
-                        candidates=pool[unused],
-                    )
-                    index = {tuple(pool[i]): i for i in unused}
-                    order = [index[c.box()] for c in res.suggestions]
-                    if pred is not None:
-                        cand = np.array([c.box() for c in res.candidates])
-                        top = np.array([c.box() for c in res.suggestions[:5]])
-                        analysis = {
-                            "analysis_model_patches": len(chosen),
-                            "top5_error": round(float(_window_error(pred, truth, top).mean()), 4),
-                            "mean_candidate_error": round(float(_window_error(pred, truth, cand).mean()), 4),
-                        }
-                picks = []
-                for i in order:
-                    if len(picks) == need:
-                        break
-                    z, y0, x0, y1, x1 = pool[i]
-                    new = simulate_annotations(
-                        truth[z], [(y0, x0, y1, x1)], classes, ann_rng, slice_position=int(z) + 1
-                    )
-                    # Training needs two classes: a patch that would leave only one is declined (a
-                    # person would outline another), which can only happen in the first round.
-                    if len(picks) == need - 1 and len({class_of(x.name) for x in shapes + new}) < 2:
-                        declined.add(int(i))
-                        continue
-                    shapes += new
-                    picks.append(int(i))
-                if len(picks) < need:
-                    raise UserError(f"{arm} found only {len(picks)} of {need} patches with two classes to annotate")
-                chosen += picks
-                labels = rasterize(shapes, image.shape, classes=classes)
-                s = (settings or Settings()).model_copy(deep=True)
-                s.train.seed = seed
-                result = train(image, labels, s, init=model, device=str(dev), cancel=cancel)
-                model = result.model
-                probs = predict_stack(model.net.to(dev), image, model.normalization, dev)
-                model.net.cpu()
-                pred = probs.argmax(1)
-                row = {
-                    "seed": seed,
-                    "arm": arm,
-                    "patches": len(chosen),
-                    "annotated_pixels": int((labels.labels >= 0).sum()),
-                    "miou": round(miou(pred[test_mask], truth[test_mask], n_classes), 4),
-                    "train_iterations": model.meta["history"]["rounds"][-1]["iterations"],
-                    "train_s": model.meta["history"]["rounds"][-1]["duration_s"],
-                    "stop_reason": result.stop_reason,
-                    "new_patches": [pool[i].tolist() for i in picks],
-                    **analysis,
-                }
-                if peer is not None and arm == peer_arm:
-                    clf = peer.fit(labels.labels)
-                    got = np.concatenate([peer.predict(clf, int(z), test_mask[z]) for z in test_planes])
-                    want = np.concatenate([truth[z][test_mask[z]] for z in test_planes])
-                    row["rf_miou"] = round(miou(got, want, n_classes), 4)
-                row["round_s"] = round(time.perf_counter() - t0, 1)
-                rows.append(row)
-                log.info(
-                    "seed %d %s: %d patches, mIoU %.3f%s (%.0f s)",
-                    seed,
-                    arm,
-                    row["patches"],
-                    row["miou"],
-                    f", RF {row['rf_miou']:.3f}" if "rf_miou" in row else "",
-                    row["round_s"],
-                )
-                if figures and out_dir is not None:
-                    train_p = [p.as_list() for p in result.train_patches]
-                    val_p = [p.as_list() for p in result.val_patches]
-                    frame = montage(image, probs, pool, train_p, val_p, test_mask, title=_title(row))
-                    frames.setdefault((arm, seed), []).append(frame)
-                    _write_png(out_dir / f"montage-{arm}-s{seed}-r{len(frames[arm, seed]):02d}.png", frame)
-                done += 1
-                if progress is not None:
-                    progress(
-                        {
-                            "done": done,
-                            "total": total,
-                            "arm": arm,
-                            "seed": seed,
-                            "patches": len(chosen),
-                            "miou": row["miou"],
-                        }
-                    )
-    out = {"classes": list(classes), "schedule": schedule, "seeds": list(seeds), "arms": list(arms), "rows": rows}
-    out["summary"] = summarize(rows, schedule, arms)
-    if out_dir is not None and figures:
-        for (arm, seed), fr in frames.items():
-            _write_gif(out_dir / f"rounds-{arm}-s{seed}.gif", fr)
-    return out
+
+@dataclass
+class _Setup:
+    """What every arm of an experiment shares."""
+
+    image: np.ndarray
+    truth: np.ndarray
+    classes: list
+    pool: np.ndarray
+    test_mask: np.ndarray
+    settings: object
+    device: object
+    peer: object
+
+
+class _ArmRun:
+    """One arm with one seed: its picks, its simulated annotations and its model, round after round."""
+
+    def __init__(self, setup: _Setup, arm: str, seed: int, with_peer: bool):
+        self.setup, self.arm, self.seed = setup, arm, seed
+        self.peer = setup.peer if with_peer else None
+        self.rng = np.random.default_rng(seed)
+        self.ann_rng = np.random.default_rng(seed + 1)
+        self.chosen: list = []
+        self.declined: set = set()
+        self.shapes: list = []
+        self.labels = self.model = self.probs = self.pred = None
+
+    def round(self, target: int, cancel) -> tuple:
+        """Annotate up to ``target`` patches, retrain (warm start) and score; returns (row, result, probs)."""
+        from .annotations import rasterize
+        from .config import Settings
+        from .predict import predict_stack
+        from .train import train
+
+        st, t0 = self.setup, time.perf_counter()
+        need = target - len(self.chosen)
+        unused = np.array([i for i in range(len(st.pool)) if i not in self.chosen and i not in self.declined])
+        order, analysis = self._order(need, unused)
+        picks = self._annotate(order, need)
+        self.chosen += picks
+        self.labels = rasterize(self.shapes, st.image.shape, classes=st.classes)
+        s = (st.settings or Settings()).model_copy(deep=True)
+        s.train.seed = self.seed
+        result = train(st.image, self.labels, s, init=self.model, device=str(st.device), cancel=cancel)
+        self.model = result.model
+        self.probs = predict_stack(self.model.net.to(st.device), st.image, self.model.normalization, st.device)
+        self.model.net.cpu()
+        self.pred = self.probs.argmax(1)
+        row = self._row(result, picks, analysis)
+        row["round_s"] = round(time.perf_counter() - t0, 1)
+        rf = f", RF {row['rf_miou']:.3f}" if "rf_miou" in row else ""
+        log.info(
+            "seed %d %s: %d patches, mIoU %.3f%s (%.0f s)", self.seed, self.arm, row["patches"], row["miou"], rf,
+            row["round_s"],
+        )  # fmt: skip
+        return row, result, self.probs
+
+    def _order(self, need: int, unused: np.ndarray) -> tuple:
+        """The unused patches in the order this arm would annotate them, and (suggest) how good that order is."""
+        from .suggest import suggest
+
+        st = self.setup
+        if self.arm == "random":
+            return list(self.rng.permutation(unused)), {}
+        res = suggest(
+            st.image,
+            None if self.labels is None else self.labels.labels,  # the previous round's labels
+            self.model,
+            k=max(need, 5) + 3,  # spares, should the annotator decline one
+            size=int((st.pool[:, 3] - st.pool[:, 1]).max()),
+            seed=int(self.rng.integers(1 << 31)),
+            device=str(st.device),
+            probabilities=None if self.probs is None else self.probs.__getitem__,
+            candidates=st.pool[unused],
+        )
+        index = {tuple(st.pool[i]): i for i in unused}
+        order = [index[c.box()] for c in res.suggestions]
+        if self.pred is None:
+            return order, {}
+        cand = np.array([c.box() for c in res.candidates])
+        top = np.array([c.box() for c in res.suggestions[:5]])
+        return order, {
+            "analysis_model_patches": len(self.chosen),
+            "top5_error": round(float(_window_error(self.pred, st.truth, top).mean()), 4),
+            "mean_candidate_error": round(float(_window_error(self.pred, st.truth, cand).mean()), 4),
+        }
+
+    def _annotate(self, order: list, need: int) -> list:
+        """Simulate the annotator on the first ``need`` patches of ``order`` that it can annotate."""
+        from .annotations import class_of
+        from .synthetic import simulate_annotations
+
+        st, picks = self.setup, []
+        for i in order:
+            if len(picks) == need:
+                break
+            z, y0, x0, y1, x1 = st.pool[i]
+            new = simulate_annotations(
+                st.truth[z], [(y0, x0, y1, x1)], st.classes, self.ann_rng, slice_position=int(z) + 1
+            )
+            # Training needs two classes: a patch that would leave only one is declined (a
+            # person would outline another), which can only happen in the first round.
+            if len(picks) == need - 1 and len({class_of(x.name) for x in self.shapes + new}) < 2:
+                self.declined.add(int(i))
+                continue
+            self.shapes += new
+            picks.append(int(i))
+        if len(picks) < need:
+            raise UserError(f"{self.arm} found only {len(picks)} of {need} patches with two classes to annotate")
+        return picks
+
+    def _row(self, result, picks: list, analysis: dict) -> dict:
+        """The round's table row: its score on the held-out pixels (and the forest's, for the peer arm)."""
+        st, n_classes = self.setup, len(self.setup.classes)
+        last = self.model.meta["history"]["rounds"][-1]
+        row = {
+            "seed": self.seed,
+            "arm": self.arm,
+            "patches": len(self.chosen),
+            "annotated_pixels": int((self.labels.labels >= 0).sum()),
+            "miou": round(miou(self.pred[st.test_mask], st.truth[st.test_mask], n_classes), 4),
+            "train_iterations": last["iterations"],
+            "train_s": last["duration_s"],
+            "stop_reason": result.stop_reason,
+            "new_patches": [st.pool[i].tolist() for i in picks],
+            **analysis,
+        }
+        if self.peer is not None:
+            planes = np.nonzero(st.test_mask.any((1, 2)))[0]
+            clf = self.peer.fit(self.labels.labels)
+            got = np.concatenate([self.peer.predict(clf, int(z), st.test_mask[z]) for z in planes])
+            want = np.concatenate([st.truth[z][st.test_mask[z]] for z in planes])
+            row["rf_miou"] = round(miou(got, want, n_classes), 4)
+        return row
 
 
 def _title(row: dict) -> str:
