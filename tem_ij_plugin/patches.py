@@ -12,7 +12,10 @@ from .errors import UserError
 
 @dataclass(frozen=True)
 class Patch:
-    """One grid cell: plane ``z``, pixel box ``[y0, y1) x [x0, x1)``."""
+    """A box in a (Z, Y, X) image: plane ``z`` (0-based), pixels ``[y0, y1) x [x0, x1)``.
+
+    The one box type: grid cells, training and validation patches, and (with a score) suggestions.
+    """
 
     z: int
     y0: int
@@ -27,23 +30,55 @@ class Patch:
     def as_list(self) -> list:
         return [self.z, self.y0, self.x0, self.y1, self.x1]
 
+    def box(self) -> tuple:
+        return self.z, self.y0, self.x0, self.y1, self.x1
+
     def overlaps(self, z: int, y0: int, x0: int, y1: int, x1: int) -> bool:
         return z == self.z and y0 < self.y1 and self.y0 < y1 and x0 < self.x1 and self.x0 < x1
 
 
+def grid_boxes(shape, size: int, stride: int | None = None, drop_slivers: bool = False) -> np.ndarray:
+    """Windows of side ``size`` starting every ``stride`` pixels of a (Z, Y, X) image (default: the patch grid).
+
+    On the patch grid, cells are clipped at the image edge; ``drop_slivers`` drops edge cells less than
+    half a window high or wide (suggestions), unless the image itself is smaller than a window. With a
+    finer stride every window is whole, the last one flush with the image edge.
+
+    Returns
+    -------
+    ndarray of int, shape (N, 5)
+        Rows of (z, y0, x0, y1, x1).
+
+    >>> grid_boxes((1, 300, 256), 256).tolist()
+    [[0, 0, 0, 256, 256], [0, 256, 0, 300, 256]]
+    >>> grid_boxes((1, 300, 256), 256, drop_slivers=True).tolist()
+    [[0, 0, 0, 256, 256]]
+    >>> grid_boxes((1, 300, 256), 256, stride=128).tolist()
+    [[0, 0, 0, 256, 256], [0, 44, 0, 300, 256]]
+    """
+    nz, h, w = shape
+    stride = stride or size
+
+    def starts(n):
+        if stride == size:  # the patch grid: cells as annotators see them
+            keep = min(size, n) / 2 if drop_slivers else 0
+            return [s for s in range(0, n, size) if min(s + size, n) - s >= keep]
+        out = list(range(0, max(n - size, 0) + 1, stride))
+        if out[-1] + size < n:
+            out.append(n - size)
+        return out
+
+    rows = [(z, y, x, min(y + size, h), min(x + size, w)) for z in range(nz) for y in starts(h) for x in starts(w)]
+    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+
+
 def grid(shape, size: int) -> list:
-    """Every grid cell of a (Z, Y, X) image; cells at the right/bottom edge may be smaller.
+    """Every grid cell of a (Z, Y, X) image as a :class:`Patch`; cells at the right/bottom edge may be smaller.
 
     >>> [p.as_list() for p in grid((1, 300, 256), 256)]
     [[0, 0, 0, 256, 256], [0, 256, 0, 300, 256]]
     """
-    nz, h, w = shape
-    return [
-        Patch(z, y, x, min(y + size, h), min(x + size, w))
-        for z in range(nz)
-        for y in range(0, h, size)
-        for x in range(0, w, size)
-    ]
+    return [Patch(*map(int, b)) for b in grid_boxes(shape, size)]
 
 
 def annotated_patches(labels: np.ndarray, size: int) -> list:

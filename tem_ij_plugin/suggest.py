@@ -37,6 +37,7 @@ from .annotations import UNLABELLED
 from .errors import Cancelled, UserError
 from .events import PlaneEvent
 from .outputs import SUGGESTIONS_FORMAT, atomic_write
+from .patches import Patch, grid_boxes
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +45,12 @@ FEW_PATCHES = 4  # annotated patches at which uncertainty gets its full weight
 MAX_REFERENCE = 2000  # candidates used as the reference set for densities (keeps memory bounded)
 
 
-@dataclass
-class Candidate:
-    """One scored window: plane ``z`` (0-based), box ``[y0, y1) x [x0, x1)``, score and its reasons."""
+@dataclass(frozen=True)
+class Candidate(Patch):
+    """One scored window (a :class:`~tem_ij_plugin.patches.Patch`), its score and the reasons for it."""
 
-    z: int
-    y0: int
-    x0: int
-    y1: int
-    x1: int
     score: float = 0.0
     reasons: dict = field(default_factory=dict)
-
-    def box(self) -> tuple:
-        return self.z, self.y0, self.x0, self.y1, self.x1
 
 
 @dataclass
@@ -83,31 +76,8 @@ class SuggestResult:
 
 
 def candidate_boxes(shape, size: int, stride: int | None = None) -> np.ndarray:
-    """Windows of side ``size`` starting every ``stride`` pixels (default: the patch grid).
-
-    Grid cells are clipped at the image edge, and edge slivers less than half a window high or wide
-    are dropped unless the image itself is smaller than a window. With a finer stride every window is
-    whole, the last one flush with the image edge.
-
-    Returns
-    -------
-    ndarray of int, shape (N, 5)
-        Rows of (z, y0, x0, y1, x1).
-    """
-    nz, h, w = shape
-    stride = stride or size
-
-    def starts(n):
-        if stride == size:  # the patch grid: cells as annotators see them, edge slivers dropped
-            return [s for s in range(0, n, size) if min(s + size, n) - s >= min(size, n) / 2]
-        # finer strides: whole windows only, the last one flush with the edge
-        out = list(range(0, max(n - size, 0) + 1, stride))
-        if out[-1] + size < n:
-            out.append(n - size)
-        return out
-
-    rows = [(z, y, x, min(y + size, h), min(x + size, w)) for z in range(nz) for y in starts(h) for x in starts(w)]
-    return np.array(rows, dtype=np.int64).reshape(-1, 5)
+    """Candidate windows: :func:`~tem_ij_plugin.patches.grid_boxes` without edge slivers (rows z, y0, x0, y1, x1)."""
+    return grid_boxes(shape, size, stride, drop_slivers=True)
 
 
 def window_means(maps: np.ndarray, boxes: np.ndarray, scale: int = 1) -> np.ndarray:
