@@ -119,7 +119,7 @@ def run_model(train_img, labels, test_img, steps, minutes, seed, overrides=()):
     t1 = time.perf_counter()
     probs = predict_stack(res.model.net, test_img, res.model.normalization, torch.device("cpu"))
     pred_s = time.perf_counter() - t1
-    rnd = res.model.meta["history"]["rounds"][-1]
+    rnd = res.model.last_round
     return probs.argmax(1), {
         "steps": s.model.steps,
         "train_s": round(train_s, 1),

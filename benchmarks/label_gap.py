@@ -168,7 +168,7 @@ def train_and_score(
     trainer = Trainer(train_img, labels, s, device="cpu")
     rows, record = _checkpoint_recorder(trainer, test_img, test_truth, checkpoints) if checkpoints else ([], None)
     res = trainer.run(progress=record)
-    rnd = res.model.meta["history"]["rounds"][-1]
+    rnd = res.model.last_round
     out = {
         "best_val": None if rnd["best_score"] is None else round(rnd["best_score"], 4),
         "iterations": rnd["iterations"],

@@ -67,7 +67,7 @@ def run(task, truth, images, seed, args) -> dict:
             train_img, first_patches(labels, patches, k), settings(args.round_iterations), init=model, device="cpu"
         )
         model = res.model
-        last = model.meta["history"]["rounds"][-1]
+        last = model.last_round
         row["rounds"].append(
             {
                 "patches": k,

@@ -101,7 +101,7 @@ def run_demo(
         [to_rgb(image), probability_rgb(probs[0, 1]), patch_overlay(image, lab2d, psize, train_p, val_p)]
     )
     iio.imwrite(out_dir / "demo.png", figure)
-    rounds = result.model.meta["history"]["rounds"][-1]
+    rounds = result.model.last_round
     elapsed = time.perf_counter() - start
     return "\n".join(
         [

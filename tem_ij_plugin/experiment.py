@@ -271,7 +271,7 @@ class _ArmRun:
     def _row(self, result, picks: list, analysis: dict) -> dict:
         """The round's table row: its score on the held-out pixels (and the forest's, for the peer arm)."""
         st, n_classes = self.setup, len(self.setup.classes)
-        last = self.model.meta["history"]["rounds"][-1]
+        last = self.model.last_round
         row = {
             "seed": self.seed,
             "arm": self.arm,

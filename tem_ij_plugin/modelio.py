@@ -44,6 +44,17 @@ class TrainedModel:
     def normalization(self) -> dict:
         return dict(self.meta["normalization"])
 
+    @property
+    def rounds(self) -> list:
+        """The training rounds of its history, oldest first ([] for a model never trained here)."""
+        return list((self.meta.get("history") or {}).get("rounds") or [])
+
+    @property
+    def last_round(self) -> dict:
+        """The record of its latest training round ({} for a model never trained here)."""
+        rounds = self.rounds
+        return rounds[-1] if rounds else {}
+
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -385,7 +385,7 @@ class Project:
             shutil.copy2(rois_path, rois_copy)
         except OSError as exc:
             raise UserError(f"cannot copy the annotations to {rois_copy}: {exc.strerror or exc}") from exc
-        last = model.meta["history"]["rounds"][-1]
+        last = model.last_round
         # Re-read project.json: another training may have registered a round meanwhile.
         fresh = Project.open(self.root)
         previous = None

@@ -450,8 +450,8 @@ def _uncertain_representative(
         nov = np.ones(n_cand)
     unc = unc_means[:n_cand, 0]
     # The model may have learnt from more patches than the ROIs given here show.
-    rounds = model.meta.get("history", {}).get("rounds") or [{}]
-    learnt = len(rounds[-1].get("train_patches", [])) + len(rounds[-1].get("val_patches", []))
+    last = model.last_round
+    learnt = len(last.get("train_patches", [])) + len(last.get("val_patches", []))
     weight = min(1.0, max(n_annotated, learnt) / FEW_PATCHES)
 
     # Representativeness moves from full typicality (few labels) to a tie-breaker in [0.7, 1], so

@@ -63,7 +63,7 @@ class TrainResult:
 
     def summary(self) -> str:
         """One line for the user: iterations, time, why it stopped, the best score and the split."""
-        last = self.model.meta["history"]["rounds"][-1]
+        last = self.model.last_round
         best = "n/a" if last["best_score"] is None else f"{last['best_score']:.3f}"
         text = (
             f"{last['iterations']} iterations in {last['duration_s']:.0f} s ({self.stop_reason}); "
@@ -315,7 +315,7 @@ class Trainer:
             self.arch = dict(init.meta["architecture"])
             self.net = build_network(self.arch)
             self.net.load_state_dict(init.net.state_dict())
-            last = (init.meta.get("history", {}).get("rounds") or [{}])[-1]
+            last = init.last_round
             if "prior_correction" in last:
                 # Continue from the network as it was trained: this round estimates its own correction.
                 shift_output_bias(self.net, -np.asarray(last["prior_correction"]["logit_shift"]))
@@ -332,7 +332,7 @@ class Trainer:
         """The train/validation split, the crop sampler, the augmenter, the validator and class weights."""
         tc, labels, image = self.tc, self.labels.labels, self.image
         patches = annotated_patches(labels, self.s.patches.size)
-        rounds = self.init.meta["history"]["rounds"] if self.init is not None else []
+        rounds = self.init.rounds if self.init is not None else []
         # A refit trained on its validation patches too: they are no longer fresh for a warm start.
         self.learnt = {
             tuple(t) for r in rounds for t in (r.get("train_patches") or []) + (r.get("refit") or {}).get("patches", [])

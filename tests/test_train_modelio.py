@@ -423,3 +423,14 @@ def test_after_a_refit_a_warm_start_is_validated_on_a_new_patch(refit_then_new_p
 def test_after_a_refit_a_warm_start_competes_on_the_new_patch(refit_then_new_patch):
     rnd = refit_then_new_patch.model.meta["history"]["rounds"][-1]
     assert rnd["curves"]["val_iteration"][0] == 0
+
+
+def test_a_model_never_trained_here_has_no_rounds():
+    from tem_ij_plugin.modelio import TrainedModel
+
+    assert TrainedModel(net=None, meta={"classes": ["a", "b"]}).last_round == {}
+
+
+def test_last_round_is_the_latest_history_record(trained):
+    res = trained[2]
+    assert res.model.last_round is res.model.meta["history"]["rounds"][-1]

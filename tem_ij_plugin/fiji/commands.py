@@ -253,7 +253,7 @@ def train_model(ctx) -> None:
         raise UserError(f"{done.error}; the trained model is the current model (TEM Save Model keeps it)")
     ctx.results.update(
         stop_reason=result.stop_reason,
-        iterations=result.model.meta["history"]["rounds"][-1]["iterations"],
+        iterations=result.model.last_round["iterations"],
         classes=result.model.classes,
         train_patches=len(result.train_patches),
         val_patches=len(result.val_patches),
