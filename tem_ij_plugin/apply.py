@@ -102,10 +102,12 @@ class PredictJob:
 
     @property
     def planes_done(self) -> int:
+        """The planes finished so far (0 before :meth:`run` starts)."""
         return len(self.state.done) if self.state is not None else 0
 
     @property
     def partial_files(self) -> list:
+        """The ``.partial`` files the writers fill, one per output."""
         return [w.work for w in self.writers]
 
     def final_paths(self) -> list:

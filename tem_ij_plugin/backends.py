@@ -1,5 +1,7 @@
-"""Inference backends: torch (eager, channels_last, optional autocast checked against fp32), onnxruntime
-on the CPU, and test-time augmentation over either."""
+"""Inference backends: torch, onnxruntime on the CPU, and test-time augmentation over either.
+
+Torch runs eager and channels_last, with optional autocast checked against fp32.
+"""
 
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of the batch ``x`` (moved to the device), as float32 on the device."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.precision):
             return self.net(x).float()
@@ -115,6 +118,7 @@ class OnnxBackend:
             raise RuntimeError(f"the ONNX export differs from torch by {diff:.2g} (> 1e-4)")
 
     def __call__(self, x) -> np.ndarray:
+        """Class probabilities of the batch ``x`` (tensor or array), as a numpy array."""
         x = x.numpy() if isinstance(x, torch.Tensor) else x
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
@@ -155,6 +159,7 @@ class TTABackend:
         self.on_device = backend.on_device
 
     def __call__(self, x):
+        """The mean class probabilities of ``x`` over the mode's symmetries, each transformed back."""
         total = None
         for k in range(self.n):
             xk = _dihedral(x, k)

@@ -323,6 +323,8 @@ class TrainReporter(_Reporter):
     """Training progress: a tqdm bar on a terminal, a log line every 15 s otherwise."""
 
     def __call__(self, ev: dict) -> None:
+        """Show one training event: on the bar on a terminal, else as a log line when one is due."""
+
         def fmt(v):
             return "-" if v is None else f"{v:.3f}"
 
@@ -422,6 +424,7 @@ def _with_cancel_on_sigint(work):
 
 
 def cmd_train(args) -> int:
+    """``tem-ij train``; returns the exit status."""
     from .config import dump_settings
     from .errors import UserError
     from .io import read_image, read_rois
@@ -484,6 +487,7 @@ class PredictReporter(_Reporter):
         super().__init__(interactive, every_s)
 
     def __call__(self, ev: dict) -> None:
+        """Show one prediction event: on the bar on a terminal, else as a log line when one is due."""
         frac = ev["done"] + (ev["tiles_done"] / ev["tiles_total"] if ev["tiles_done"] < ev["tiles_total"] else 0)
         if self.interactive:
             bar = self._bar(ev["total"], "predicting", "plane")
@@ -504,6 +508,7 @@ class PredictReporter(_Reporter):
 
 
 def cmd_predict(args) -> int:
+    """``tem-ij predict``; returns the exit status."""
     from .apply import PredictJob
     from .errors import Cancelled, UserError
 
@@ -552,7 +557,6 @@ def cmd_predict(args) -> int:
 
 def _model_path(path: str) -> str:
     """A model file, or the current round's model when ``path`` is a project folder."""
-
     from .errors import UserError
     from .project import PROJECT_FILE, Project
 
@@ -565,6 +569,7 @@ def _model_path(path: str) -> str:
 
 
 def cmd_suggest(args) -> int:
+    """``tem-ij suggest``; returns the exit status."""
     from .errors import UserError
     from .io import read_image, read_rois
     from .modelio import load_model
@@ -627,6 +632,7 @@ def cmd_suggest(args) -> int:
 
 
 def cmd_history(args) -> int:
+    """``tem-ij history``; returns the exit status."""
     import json
 
     from .project import Project
@@ -637,6 +643,7 @@ def cmd_history(args) -> int:
 
 
 def cmd_revert(args) -> int:
+    """``tem-ij revert``; returns the exit status."""
     from .project import Project
 
     project = Project.open(args.project)
@@ -664,6 +671,7 @@ def _int_list(text: str, option: str) -> list:
 
 
 def cmd_experiment(args) -> int:
+    """``tem-ij experiment``; returns the exit status."""
     import numpy as np
 
     from .config import Settings, load_settings
@@ -747,6 +755,7 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """``tem-ij demo``; returns the exit status."""
     from .demo import run_demo
     from .errors import UserError
 
@@ -759,6 +768,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fiji(args) -> int:
+    """``tem-ij fiji``; returns the exit status."""
     from .fiji.launcher import run_fiji
 
     status, log_text = run_fiji(args.fiji_app, args.imagej_jar, args.macro, args.config)
@@ -768,6 +778,7 @@ def cmd_fiji(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    """``tem-ij doctor``; returns the exit status."""
     from .errors import UserError
     from .workflows import doctor
 
@@ -778,6 +789,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_install_fiji(args) -> int:
+    """``tem-ij install-fiji``; returns the exit status."""
     from .errors import UserError
     from .fiji.launcher import install_fiji, source_scripts_folder
     from .fiji.manifest import load_manifest, repo_root, write_scripts

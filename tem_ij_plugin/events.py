@@ -14,7 +14,9 @@ from typing import Literal, Protocol, TypedDict
 class CancelToken(Protocol):
     """Set by the user (Ctrl-C, Esc, TEM Stop Training); slow work checks it between steps."""
 
-    def is_set(self) -> bool: ...
+    def is_set(self) -> bool:
+        """Whether the user asked the work to stop."""
+        ...
 
 
 class TrainEvent(TypedDict):

@@ -409,7 +409,7 @@ def _write_gif(path: Path, frames: list) -> None:
 
 
 def plot_learning_curves(result: dict, path: Path, title: str = "") -> None:
-    """mIoU vs annotated patches and vs annotated pixels: each arm (mean ± sd over seeds) and the RF peer."""
+    """Plot mIoU vs annotated patches and vs annotated pixels: each arm (mean ± sd over seeds) and the RF peer."""
     try:
         import matplotlib
 

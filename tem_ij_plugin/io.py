@@ -131,6 +131,7 @@ class Calibration:
     z_spacing: float = 1.0
 
     def as_dict(self) -> dict:
+        """The calibration as a JSON-able dict."""
         return {
             "pixel_width": self.pixel_width,
             "pixel_height": self.pixel_height,

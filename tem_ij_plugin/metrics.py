@@ -1,5 +1,7 @@
-"""Segmentation scores: one confusion matrix and one mean IoU for the trainer, the demo, the
-experiment and the benchmarks."""
+"""Segmentation scores: one confusion matrix and one mean IoU.
+
+They serve the trainer, the demo, the experiment and the benchmarks.
+"""
 
 from __future__ import annotations
 

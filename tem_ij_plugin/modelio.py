@@ -38,10 +38,12 @@ class TrainedModel:
 
     @property
     def classes(self) -> list:
+        """The model's class names, in output-channel order."""
         return list(self.meta["classes"])
 
     @property
     def normalization(self) -> dict:
+        """A copy of how input images are scaled (``meta["normalization"]``)."""
         return dict(self.meta["normalization"])
 
     @property

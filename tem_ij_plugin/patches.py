@@ -25,15 +25,19 @@ class Patch:
 
     @property
     def grid_index(self) -> tuple:
+        """(z, y0, x0): the box's plane and top-left corner, which identify its grid cell."""
         return (self.z, self.y0, self.x0)
 
     def as_list(self) -> list:
+        """The box as a JSON-able list [z, y0, x0, y1, x1]."""
         return [self.z, self.y0, self.x0, self.y1, self.x1]
 
     def box(self) -> tuple:
+        """The box as a tuple (z, y0, x0, y1, x1)."""
         return self.z, self.y0, self.x0, self.y1, self.x1
 
     def overlaps(self, z: int, y0: int, x0: int, y1: int, x1: int) -> bool:
+        """Whether the box ``[y0, y1) x [x0, x1)`` in plane ``z`` overlaps this one."""
         return z == self.z and y0 < self.y1 and self.y0 < y1 and x0 < self.x1 and self.x0 < x1
 
 

@@ -93,6 +93,7 @@ class Predictor:
 
     @property
     def precision(self) -> str:
+        """The backend's precision (``fp32``, ``bf16`` or ``fp16``)."""
         return self.backend.precision
 
     def describe(self) -> str:

@@ -93,6 +93,7 @@ class Reservation:
 
     @property
     def model_path(self) -> Path:
+        """The round's model file, ``folder/round.model``."""
         return self.folder / MODEL_FILE
 
 
@@ -179,10 +180,12 @@ class Project:
 
     @property
     def rounds(self) -> list:
+        """The round records of ``project.json``, oldest first."""
         return self.data["rounds"]
 
     @property
     def current(self) -> int | None:
+        """The current round's number (None before the first round)."""
         return self.data["current"]
 
     def round(self, number: int) -> dict:

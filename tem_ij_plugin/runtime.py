@@ -14,7 +14,6 @@ log = logging.getLogger(__name__)
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA, then Apple MPS, then the CPU; an explicit device that is missing is an error."""
-
     name = (name or "auto").lower()
     mps = getattr(torch.backends, "mps", None)
     has_mps = bool(mps and mps.is_available())

@@ -82,8 +82,11 @@ class Architecture(_Strict):
 
 
 class Normalization(_Open):
-    """How input images are scaled. Other methods than ``percentile`` pass here and are refused, with
-    their own message, by :func:`tem_ij_plugin.normalization.check_normalization`."""
+    """How input images are scaled.
+
+    Other methods than ``percentile`` pass here and are refused, with their own message, by
+    :func:`tem_ij_plugin.normalization.check_normalization`.
+    """
 
     method: Name
     low: float = Field(1.0, ge=0, le=100, allow_inf_nan=False)
@@ -103,6 +106,8 @@ class Normalization(_Open):
 
 
 class ReceptiveField(_Open):
+    """A model's effective receptive field: the ``radius`` that holds the share ``mass`` of it."""
+
     mass: float = Field(ge=0, le=1, allow_inf_nan=False)
     radius: int | None = Field(None, ge=0, le=4096)
 
@@ -156,6 +161,8 @@ class HistoryRound(_Open):
 
 
 class History(_Open):
+    """A model's training history: its rounds, oldest first."""
+
     rounds: list[HistoryRound] = Field(default_factory=list, max_length=MAX_ROUNDS)
 
 
@@ -245,6 +252,8 @@ class RoundRecord(_Strict):
 
 
 class Event(_Strict):
+    """One entry of the event log in ``project.json``: a round trained, or reverted to."""
+
     time: IsoTime
     action: Literal["train", "revert"]
     round: int = Field(ge=1, le=MAX_ROUNDS)

@@ -70,14 +70,17 @@ class Layout:
 
     @property
     def n_planes(self) -> int:
+        """The number of planes (the product of ``stack_shape``)."""
         return int(np.prod(self.stack_shape, dtype=np.int64))
 
     @property
     def plane_bytes(self) -> int:
+        """Bytes of one plane, channels included."""
         return (self.channels or 1) * self.plane_shape[0] * self.plane_shape[1] * np.dtype(self.dtype).itemsize
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of the whole output."""
         return self.n_planes * self.plane_bytes
 
 
@@ -135,6 +138,7 @@ class TiffPlaneWriter:
 
     @property
     def shape(self) -> tuple:
+        """The full array shape: stack axes, then channels (if any), Y and X."""
         lay = self.layout
         return tuple(lay.stack_shape) + ((lay.channels,) if lay.channels else ()) + tuple(lay.plane_shape)
 
@@ -171,6 +175,7 @@ class TiffPlaneWriter:
         return zlib.crc32(buf) if len(buf) == n else None
 
     def close(self) -> None:
+        """Close the partial file without finishing it."""
         self._fh.close()
 
     def finish(self) -> None:
@@ -316,6 +321,7 @@ class ZarrPlaneWriter:
         return crc
 
     def close(self) -> None:
+        """Nothing to close: every chunk file is written whole."""
         pass
 
     def finish(self) -> None:
@@ -388,6 +394,7 @@ class JobState:
         return Path(out).with_name(f"{Path(out).stem}.partial.json")
 
     def exists(self) -> bool:
+        """Whether a state file is on disk."""
         return self.path.exists()
 
     def load(self, n_planes: int) -> None:
@@ -452,4 +459,5 @@ class JobState:
         atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(data), encoding="utf-8"), wrap=False)
 
     def remove(self) -> None:
+        """Delete the state file (if any)."""
         self.path.unlink(missing_ok=True)

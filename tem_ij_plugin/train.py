@@ -371,6 +371,7 @@ class Trainer:
         return self.train_p, self.val_p
 
     def norm(self, a):
+        """``a`` normalised with the training range (see :func:`~tem_ij_plugin.normalization.normalize`)."""
         return normalize(a, self.lo, self.hi)
 
     def loss(self, outs, batch: Batch) -> torch.Tensor:

@@ -34,6 +34,7 @@ class CancelFlag:
         self.stop = stop
 
     def is_set(self) -> bool:
+        """Whether ``TEM Stop Training`` ran or Esc was pressed in ImageJ."""
         return self.stop.is_set() or bool(jimport("ij.IJ").escapePressed())
 
 
@@ -55,12 +56,15 @@ class Context:
 
     @property
     def batch(self) -> bool:
+        """True when errors go to the Log window: the bridge logs them, or a macro runs in batch mode."""
         return self.bridge.log_errors or bool(jimport("ij.macro.Interpreter").isBatchMode())
 
     def text(self, key: str) -> str:
+        """The option ``key`` as a stripped string ("" when absent)."""
         return str(self.options.get(key, "")).strip()
 
     def number(self, key: str, low: float | None = None) -> float:
+        """The option ``key`` as a number, at least ``low`` when given; anything else is a :class:`UserError`."""
         raw = self.options.get(key, "")
         try:
             value = float(raw)
@@ -71,6 +75,7 @@ class Context:
         return value
 
     def choice(self, key: str) -> str:
+        """The option ``key``, which must be one of its argument's choices (a :class:`UserError` otherwise)."""
         value = self.text(key)
         arg = next(a for a in self.command.args if a.key == key)
         if value not in arg.choices:
@@ -78,6 +83,7 @@ class Context:
         return value
 
     def status(self, message: str, fraction: float | None = None) -> None:
+        """Show ``message`` in ImageJ's status bar and ``fraction`` (clipped to 0..1) as its progress, if given."""
         IJ = jimport("ij.IJ")
         IJ.showStatus(message)
         if fraction is not None:
@@ -214,9 +220,11 @@ class Bridge:
 
     @staticmethod
     def abort_caller() -> None:
-        """Make the macro that ran the failed command stop after it, so its next line never runs on a
-        missing result. ``Macro.abort`` flags the abort (checked when ``run()`` returns) and, in a macro
-        thread, also throws to unwind; that throw is expected here."""
+        """Make the macro that ran the failed command stop after it, so its next line never runs on a missing result.
+
+        ``Macro.abort`` flags the abort (checked when ``run()`` returns) and, in a macro thread, also throws
+        to unwind; that throw is expected here.
+        """
         try:
             jimport("ij.Macro").abort()
         except Exception:  # noqa: S110 - the RuntimeException("Macro canceled") is the mechanism

@@ -161,6 +161,7 @@ class TrainingPlot:
         self._last = 0.0
 
     def add(self, ev: dict) -> None:
+        """Record one training event: its loss, its validation score when one ran, and the best model so far."""
         self.iterations.append(ev["iteration"])
         self.loss.append(ev["train_loss"] if ev["train_loss"] is not None else np.nan)
         if ev.get("validated") and ev["val_score"] is not None:
@@ -170,6 +171,7 @@ class TrainingPlot:
             self.best = (ev["best_iteration"], ev["best_score"])
 
     def plot(self):
+        """An ``ij.gui.Plot`` of the recorded losses, validation scores and best model."""
         from jpype import JArray, JDouble
 
         Plot = jimport("ij.gui.Plot")
@@ -193,6 +195,7 @@ class TrainingPlot:
         return plot
 
     def draw(self, force: bool = False) -> None:
+        """Show or redraw the plot, at most once every ``every_s`` seconds unless ``force``."""
         now = time.monotonic()
         if not self.iterations or (not force and now - self._last < self.every_s):
             return

@@ -51,6 +51,7 @@ class Command:
 
     @property
     def filename(self) -> str:
+        """The command's ``.ijm`` file name: its name with underscores for spaces."""
         # ImageJ installs plugins/**/*.ijm whose name holds an underscore, underscores shown as spaces
         return self.name.replace(" ", "_") + ".ijm"
 

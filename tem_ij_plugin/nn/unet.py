@@ -120,6 +120,7 @@ class UNet(nn.Module):
         return self.out(self.up[-1](trunk))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of ``x`` (no softmax): :meth:`head` of :meth:`trunk`."""
         return self.head(self.trunk(x))
 
 
