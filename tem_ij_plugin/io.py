@@ -278,45 +278,59 @@ class PlaneReader:
         self.stack_axes, self.stack_shape = "", ()
 
     def _open_tiff(self, channel: int | None) -> None:
+        try:
+            series, meta, notes, photometric = self._tiff_series()
+            self._check_layout(series, meta, notes, photometric)
+            self._plane_axes(series, meta, channel)
+            if self._offset is None and len(series.pages) != self._n_pages:
+                self._read_whole(series)
+        except UserError:
+            self.close()
+            raise
+
+    def _tiff_series(self) -> tuple:
+        """Open the file: its first series, ImageJ metadata, tifffile's notes (damage it logged), photometric."""
         import tifffile
 
         with _tifffile_log() as notes:
             try:
                 self._tif = tifffile.TiffFile(self.path)
                 series = self._tif.series[0] if self._tif.series else None
+                meta, photometric = {}, None
                 if series is not None:
-                    axes, shape = series.axes, tuple(series.shape)
                     page = series.keyframe
                     meta = self._tif.imagej_metadata or {}
                     self.calibration = _tiff_calibration(page, meta)
                     photometric = getattr(page, "photometric", None)
             except Exception as exc:  # tifffile raises many types (struct, index, overflow...) on damaged files
-                self.close()
                 damage = _damage(notes)
                 raise UserError(
                     f"{self.path} is not a readable TIFF file: {exc}" + (f" ({damage})" if damage else "")
                 ) from exc
         if series is None:
-            self.close()
             note = _damage(notes) or next((m for _, m in notes), None)
             raise UserError(
                 f"{self.path} holds no readable image: it is an empty stack or a damaged TIFF file"
                 + (f" ({note})" if note else "")
             )
-        if photometric is not None and int(photometric) == 2 or "S" in axes:
-            self.close()
+        return series, meta, notes, photometric
+
+    def _check_layout(self, series, meta: dict, notes, photometric) -> None:
+        """Greyscale 2-D planes only, and a header whose sizes add up (:meth:`_check_tiff`)."""
+        if photometric is not None and int(photometric) == 2 or "S" in series.axes:
             raise _rgb_error(self.path)
-        if not axes.endswith("YX"):
-            self.close()
-            raise UserError(f"{self.path}: cannot read axes {axes} as 2-D planes")
+        if not series.axes.endswith("YX"):
+            raise UserError(f"{self.path}: cannot read axes {series.axes} as 2-D planes")
         try:
             self._check_tiff(series, meta, _damage(notes))
         except UserError:
-            self.close()
             raise
         except Exception as exc:  # a header too broken to even describe
-            self.close()
             raise UserError(f"{self.path} is a damaged TIFF file: {exc}") from exc
+
+    def _plane_axes(self, series, meta: dict, channel: int | None) -> None:
+        """Which leading axes are the stack (Z, T or T x Z) and which are fixed (a chosen channel, size 1)."""
+        axes, shape = series.axes, tuple(series.shape)
         self.dtype = np.dtype(series.dtype)
         self.plane_shape = shape[-2:]
         self._lead_shape = shape[:-2]
@@ -325,13 +339,11 @@ class PlaneReader:
         for i, (ax, n) in enumerate(zip(axes[:-2], self._lead_shape)):
             if ax == "C" and n > 1:
                 if channel is None:
-                    self.close()
                     raise UserError(
                         f"{self.path} has {n} channels (axes {axes}, shape {shape}); choose the channel to "
                         f"segment with --channel 1..{n} (or split channels in Fiji: Image > Color > Split Channels)"
                     )
                 if not 1 <= channel <= n:
-                    self.close()
                     raise UserError(f"--channel {channel} is out of range: {self.path} has channels 1..{n}")
                 fixed[i] = channel - 1
             elif n > 1:
@@ -340,7 +352,6 @@ class PlaneReader:
                 fixed[i] = 0
         names = "".join(a for _, a in stack)
         if names not in ("", "Z", "T", "TZ"):
-            self.close()
             raise UserError(
                 f"{self.path} has axes {axes} with shape {shape}; expected a 2-D image, a Z or T stack, or a "
                 "T x Z hyperstack (plus an optional channel axis chosen with --channel)"
@@ -357,22 +368,22 @@ class PlaneReader:
         self._series = series
         self._offset = series.dataoffset
         self._byteorder = self._tif.byteorder
-        if self._offset is None and len(series.pages) != self._n_pages:
-            log.warning("%s: planes are not stored one per page; reading the whole file into memory", self.path)
-            itemsize = self.dtype.itemsize
-            _check_fits(self.path, "reading the whole file", self._n_pages * int(np.prod(self.plane_shape)) * itemsize)
-            try:
-                with _tifffile_log() as notes:
-                    self._array = series.asarray().reshape((-1,) + self.plane_shape)
-                if _damage(notes):
-                    raise ValueError(_damage(notes))
-                self._check_finite(self._array, "the image")
-            except UserError:
-                self.close()
-                raise
-            except Exception as exc:  # OSError, ValueError, codec errors, MemoryError
-                self.close()
-                raise UserError(f"cannot read {self.path}: {exc or type(exc).__name__}") from exc
+
+    def _read_whole(self, series) -> None:
+        """Planes not stored one per page (compressed, tiled): read the whole series, if memory allows."""
+        log.warning("%s: planes are not stored one per page; reading the whole file into memory", self.path)
+        itemsize = self.dtype.itemsize
+        _check_fits(self.path, "reading the whole file", self._n_pages * int(np.prod(self.plane_shape)) * itemsize)
+        try:
+            with _tifffile_log() as notes:
+                self._array = series.asarray().reshape((-1,) + self.plane_shape)
+            if _damage(notes):
+                raise ValueError(_damage(notes))
+            self._check_finite(self._array, "the image")
+        except UserError:
+            raise
+        except Exception as exc:  # OSError, ValueError, codec errors, MemoryError
+            raise UserError(f"cannot read {self.path}: {exc or type(exc).__name__}") from exc
 
     def _check_tiff(self, series, meta: dict, damage: str | None) -> None:
         """Refuse a file whose declared planes or pixel data are not all there, before reading any pixel."""
