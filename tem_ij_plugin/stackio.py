@@ -15,6 +15,7 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import ValidationError
@@ -82,6 +83,36 @@ class Layout:
     def total_bytes(self) -> int:
         """Bytes of the whole output."""
         return self.n_planes * self.plane_bytes
+
+
+@runtime_checkable
+class PlaneWriter(Protocol):
+    """What prediction writes through, whatever the format: planes in any order, checksums, then finish.
+
+    A writer fills ``work`` (the partial file or folder); :meth:`finish` moves it to ``path``,
+    :meth:`close` leaves it for ``--resume``. :class:`TiffPlaneWriter` and :class:`ZarrPlaneWriter`
+    are the two; :func:`open_writer` picks one from the output's suffix.
+    """
+
+    path: Path
+    work: Path
+    layout: Layout
+
+    def write(self, i: int, plane: np.ndarray) -> int:
+        """Write plane ``i``; returns the CRC-32 of the bytes written."""
+        ...
+
+    def digest(self, i: int) -> int | None:
+        """CRC-32 of plane ``i`` as it is on disk now (None when it cannot be read)."""
+        ...
+
+    def close(self) -> None:
+        """Close without finishing: the partial output stays for a resume."""
+        ...
+
+    def finish(self) -> None:
+        """Close and move the complete output to its final name."""
+        ...
 
 
 class TiffPlaneWriter:
@@ -332,7 +363,7 @@ class ZarrPlaneWriter:
 
 def open_writer(
     path: Path, layout: Layout, calibration: Calibration, labels=None, channel_names=None, resume=False, job=None
-):
+) -> PlaneWriter:
     """A plane writer for ``path``; the format follows the suffix (see :func:`output_format`).
 
     ``job`` (a JSON-able dict: what decides the result) is stored in the file; see :func:`recorded_job`.

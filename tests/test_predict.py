@@ -103,6 +103,16 @@ def test_plane_reader_compressed_pages_and_bigtiff(tmp_path):
 # --- writing planes -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["o.tif", "o.btf", "o.zarr"])
+def test_every_output_format_has_a_plane_writer(tmp_path, name):
+    from tem_ij_plugin.stackio import PlaneWriter, open_writer
+
+    lay = Layout("Z", (2,), 2, (8, 9), np.dtype(np.float32))
+    writer = open_writer(tmp_path / name, lay, Calibration(0.5, 0.5, "nm"))
+    writer.close()
+    assert isinstance(writer, PlaneWriter)
+
+
 def test_tiff_writer_fills_a_hyperstack_plane_by_plane(tmp_path):
     data = np.random.default_rng(0).random((2, 3, 2, 8, 9)).astype(np.float32)  # T Z C Y X
     lay = Layout("TZ", (2, 3), 2, (8, 9), np.dtype(np.float32))
