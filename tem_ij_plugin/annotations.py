@@ -227,6 +227,30 @@ def rasterize(
     nz, h, w = image_shape
     if not shapes:
         raise UserError("the ROI set is empty: outline at least one cell and one background area")
+    named = _shape_classes(shapes, group_names)
+    classes = _label_classes(shapes, named, classes)
+    warnings = []
+    prepared = [_prepared(s, cls, classes, image_shape, all_slices, warnings) for s, cls in zip(shapes, named)]
+    # One plane at a time, so that only the label stack itself is ever as large as the image.
+    labels = np.full((nz, h, w), UNLABELLED, dtype=np.int16)
+    n_conflict = 0
+    present = set()
+    for z in range(nz):
+        mine = [p for p in prepared if p[0] in (0, z + 1)]
+        if mine:
+            n_conflict += _paint(labels[z], mine)
+            present |= set(np.unique(labels[z]).tolist())
+    if n_conflict:
+        warnings.append(f"{n_conflict} pixel(s) claimed by ROIs of different classes were left unlabelled")
+    if len(present - {UNLABELLED}) < 2:
+        raise UserError("after removing 'ignore' areas and conflicts fewer than two classes remain labelled")
+    for msg in warnings:
+        log.warning(msg)
+    return Labels(labels=labels, classes=classes, warnings=warnings)
+
+
+def _shape_classes(shapes, group_names) -> list:
+    """The class of each shape, from its name or else its ImageJ group's; every shape must have one."""
     group_names = {int(k): v for k, v in (group_names or {}).items()}
     named = []
     unnamed = []
@@ -242,6 +266,11 @@ def rasterize(
             f"{len(unnamed)} ROI(s) have no class name: {', '.join(repr(n) for n in unnamed[:20])}. "
             "Rename them in the ROI Manager, e.g. 'cell-1', 'background' (or 'bg'), 'ignore'."
         )
+    return named
+
+
+def _label_classes(shapes, named: list, classes) -> list:
+    """The classes in index order (the given ones, or those found, background first); at least two annotated."""
     found = [c for c in named if c != IGNORE_NAME]
     if classes is None:
         classes = order_classes(found)
@@ -259,61 +288,52 @@ def rasterize(
             f"only one class is annotated ({', '.join(sorted(set(found))) or 'none'}); "
             "outline at least two classes, e.g. some cells and some background"
         )
-    warnings = []
-    prepared = []
-    for s, cls in zip(shapes, named):
-        check_coordinates(s)
-        if s.position > nz:
-            raise UserError(f"ROI '{s.name}' is on slice {s.position} but the image has {nz} slice(s)")
-        if s.position == 0 and nz > 1 and not all_slices:
-            raise UserError(
-                f"ROI '{s.name}' has no slice position but the image is a stack of {nz} slices; "
-                "add the ROI on its slice (ROI Manager: More > Options > Associate with slices) "
-                "or let it label every slice (tem-ij: --all-slices; Fiji: tick 'All slices', macro key 'all')"
-            )
-        (xmin, ymin), (xmax, ymax) = _bounds(s)
-        if xmax <= 0 or ymax <= 0 or xmin >= w or ymin >= h:
-            raise UserError(
-                f"ROI '{s.name}' lies entirely outside the {w}x{h} image (x {xmin:g}..{xmax:g}, y {ymin:g}..{ymax:g})"
-            )
-        rows, cols, mask = _local_mask(s, h, w)
-        if not mask.any():
-            raise UserError(f"ROI '{s.name}' covers no pixel (zero area); delete or redraw it")
-        if xmin < 0 or ymin < 0 or xmax > w or ymax > h:
-            warnings.append(f"ROI '{s.name}' extends beyond the image and was clipped")
-        k = -1 if cls == IGNORE_NAME else classes.index(cls)
-        prepared.append((s.position, k, rows, cols, mask))
+    return classes
 
-    # One plane at a time, so that only the label stack itself is ever as large as the image.
-    labels = np.full((nz, h, w), UNLABELLED, dtype=np.int16)
-    n_conflict = 0
-    present = set()
-    for z in range(nz):
-        mine = [p for p in prepared if p[0] in (0, z + 1)]
-        if not mine:
+
+def _prepared(s, cls, classes, image_shape, all_slices: bool, warnings: list) -> tuple:
+    """A checked shape as (slice position, class index or -1 for ignore, rows, cols, mask)."""
+    nz, h, w = image_shape
+    check_coordinates(s)
+    if s.position > nz:
+        raise UserError(f"ROI '{s.name}' is on slice {s.position} but the image has {nz} slice(s)")
+    if s.position == 0 and nz > 1 and not all_slices:
+        raise UserError(
+            f"ROI '{s.name}' has no slice position but the image is a stack of {nz} slices; "
+            "add the ROI on its slice (ROI Manager: More > Options > Associate with slices) "
+            "or let it label every slice (tem-ij: --all-slices; Fiji: tick 'All slices', macro key 'all')"
+        )
+    (xmin, ymin), (xmax, ymax) = _bounds(s)
+    if xmax <= 0 or ymax <= 0 or xmin >= w or ymin >= h:
+        raise UserError(
+            f"ROI '{s.name}' lies entirely outside the {w}x{h} image (x {xmin:g}..{xmax:g}, y {ymin:g}..{ymax:g})"
+        )
+    rows, cols, mask = _local_mask(s, h, w)
+    if not mask.any():
+        raise UserError(f"ROI '{s.name}' covers no pixel (zero area); delete or redraw it")
+    if xmin < 0 or ymin < 0 or xmax > w or ymax > h:
+        warnings.append(f"ROI '{s.name}' extends beyond the image and was clipped")
+    return s.position, -1 if cls == IGNORE_NAME else classes.index(cls), rows, cols, mask
+
+
+def _paint(plane: np.ndarray, mine: list) -> int:
+    """Label one plane from its prepared shapes: first claim wins, conflicts and ignore areas stay unlabelled.
+
+    Returns the number of conflicting pixels.
+    """
+    claimed = np.zeros(plane.shape, dtype=np.int16)  # 1 + class index of the first claim
+    conflict = np.zeros(plane.shape, dtype=bool)
+    ignore = np.zeros(plane.shape, dtype=bool)
+    for _, k, rows, cols, mask in mine:
+        if k < 0:
+            ignore[rows, cols] |= mask
             continue
-        claimed = np.zeros((h, w), dtype=np.int16)  # 1 + class index of the first claim
-        conflict = np.zeros((h, w), dtype=bool)
-        ignore = np.zeros((h, w), dtype=bool)
-        for _, k, rows, cols, mask in mine:
-            if k < 0:
-                ignore[rows, cols] |= mask
-                continue
-            prev = claimed[rows, cols]
-            conflict[rows, cols] |= mask & (prev != 0) & (prev != k + 1)
-            prev[mask & (prev == 0)] = k + 1
-        n_conflict += int(conflict.sum())
-        plane = labels[z]
-        plane[:] = claimed - 1
-        plane[conflict | ignore] = UNLABELLED
-        present |= set(np.unique(plane).tolist())
-    if n_conflict:
-        warnings.append(f"{n_conflict} pixel(s) claimed by ROIs of different classes were left unlabelled")
-    if len(present - {UNLABELLED}) < 2:
-        raise UserError("after removing 'ignore' areas and conflicts fewer than two classes remain labelled")
-    for msg in warnings:
-        log.warning(msg)
-    return Labels(labels=labels, classes=classes, warnings=warnings)
+        prev = claimed[rows, cols]
+        conflict[rows, cols] |= mask & (prev != 0) & (prev != k + 1)
+        prev[mask & (prev == 0)] = k + 1
+    plane[:] = claimed - 1
+    plane[conflict | ignore] = UNLABELLED
+    return int(conflict.sum())
 
 
 def boundary_band(labels: np.ndarray, n_classes: int, width: float = 6.0) -> np.ndarray:
