@@ -11,10 +11,15 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +96,14 @@ def class_of(name: str) -> str | None:
     return "background" if token in BACKGROUND_NAMES else token
 
 
-def order_classes(names) -> list:
+def order_classes(names: Iterable[str]) -> list:
     """Background first, then the other class names alphabetically."""
     names = set(names) - {IGNORE_NAME}
     rest = sorted(names - {"background"})
     return ["background"] + rest
 
 
-def fill_polygons(polygons, height: int, width: int, x0: int = 0, y0: int = 0) -> np.ndarray:
+def fill_polygons(polygons: Iterable[np.ndarray], height: int, width: int, x0: int = 0, y0: int = 0) -> np.ndarray:
     """Boolean mask of the pixels whose centres lie inside the polygons (even-odd rule).
 
     Parameters
@@ -173,7 +178,7 @@ def shape_mask(shape: Shape, height: int, width: int) -> np.ndarray:
     return mask
 
 
-def check_coordinates(shape: Shape, source="") -> None:
+def check_coordinates(shape: Shape, source: str | os.PathLike = "") -> None:
     """Refuse a shape with NaN or infinite vertex coordinates (naming the ROI)."""
     for poly in shape.polygons:
         pts = np.asarray(poly, dtype=np.float64)
@@ -192,11 +197,11 @@ def _bounds(shape: Shape):
 
 
 def rasterize(
-    shapes,
-    image_shape,
-    classes=None,
+    shapes: list[Shape],
+    image_shape: tuple[int, ...],
+    classes: list[str] | None = None,
     all_slices: bool = False,
-    group_names=None,
+    group_names: dict[int, str] | None = None,
 ) -> Labels:
     """Turn annotation shapes into a partial label map.
 

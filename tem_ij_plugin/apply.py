@@ -13,10 +13,18 @@ import hashlib
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ModelFileError, UserError
+
+if TYPE_CHECKING:
+    import os
+
+    from numpy.typing import DTypeLike
+
+    from .events import CancelToken, ProgressSink
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +37,7 @@ def labels_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}_labels{out.suffix}")
 
 
-def file_digest(path) -> str:
+def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -38,7 +46,7 @@ def file_digest(path) -> str:
     return h.hexdigest()
 
 
-def to_output(probs: np.ndarray, kind: str, dtype, keep=None) -> np.ndarray:
+def to_output(probs: np.ndarray, kind: str, dtype: DTypeLike, keep: list[int] | None = None) -> np.ndarray:
     """Convert (C, Y, X) probabilities to what is written.
 
     ``labels``: the argmax class index. ``probabilities``: the channels ``keep`` as float32, or scaled
@@ -130,7 +138,7 @@ class PredictJob:
         plan.add(temporary_name(state), f"temporary name of {state.name}", replace=True)
         return plan
 
-    def run(self, progress=None, cancel=None) -> str:
+    def run(self, progress: ProgressSink | None = None, cancel: CancelToken | None = None) -> str:
         """Predict every plane not yet written and move the outputs into place; returns a summary line.
 
         Raises

@@ -423,7 +423,7 @@ def _with_cancel_on_sigint(work):
         signal.signal(signal.SIGINT, previous)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     """``tem-ij train``; returns the exit status."""
     from .config import dump_settings
     from .errors import UserError
@@ -507,7 +507,7 @@ class PredictReporter(_Reporter):
             )
 
 
-def cmd_predict(args) -> int:
+def cmd_predict(args: argparse.Namespace) -> int:
     """``tem-ij predict``; returns the exit status."""
     from .apply import PredictJob
     from .errors import Cancelled, UserError
@@ -568,7 +568,7 @@ def _model_path(path: str) -> str:
     return path
 
 
-def cmd_suggest(args) -> int:
+def cmd_suggest(args: argparse.Namespace) -> int:
     """``tem-ij suggest``; returns the exit status."""
     from .errors import UserError
     from .io import read_image, read_rois
@@ -631,7 +631,7 @@ def cmd_suggest(args) -> int:
     return 0
 
 
-def cmd_history(args) -> int:
+def cmd_history(args: argparse.Namespace) -> int:
     """``tem-ij history``; returns the exit status."""
     import json
 
@@ -642,7 +642,7 @@ def cmd_history(args) -> int:
     return 0
 
 
-def cmd_revert(args) -> int:
+def cmd_revert(args: argparse.Namespace) -> int:
     """``tem-ij revert``; returns the exit status."""
     from .project import Project
 
@@ -670,7 +670,7 @@ def _int_list(text: str, option: str) -> list:
     return values
 
 
-def cmd_experiment(args) -> int:
+def cmd_experiment(args: argparse.Namespace) -> int:
     """``tem-ij experiment``; returns the exit status."""
     import numpy as np
 
@@ -754,7 +754,7 @@ def cmd_experiment(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     """``tem-ij demo``; returns the exit status."""
     from .demo import run_demo
     from .errors import UserError
@@ -767,7 +767,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_fiji(args) -> int:
+def cmd_fiji(args: argparse.Namespace) -> int:
     """``tem-ij fiji``; returns the exit status."""
     from .fiji.launcher import run_fiji
 
@@ -777,7 +777,7 @@ def cmd_fiji(args) -> int:
     return status
 
 
-def cmd_doctor(args) -> int:
+def cmd_doctor(args: argparse.Namespace) -> int:
     """``tem-ij doctor``; returns the exit status."""
     from .errors import UserError
     from .workflows import doctor
@@ -788,7 +788,7 @@ def cmd_doctor(args) -> int:
     return 0
 
 
-def cmd_install_fiji(args) -> int:
+def cmd_install_fiji(args: argparse.Namespace) -> int:
     """``tem-ij install-fiji``; returns the exit status."""
     from .errors import UserError
     from .fiji.launcher import install_fiji, source_scripts_folder
@@ -807,7 +807,7 @@ def cmd_install_fiji(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``tem-ij``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)

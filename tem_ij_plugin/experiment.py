@@ -15,11 +15,18 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import Cancelled, UserError
 from .metrics import miou
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from .config import Settings
+    from .events import CancelToken
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +34,9 @@ ARMS = ("random", "suggest")
 DEFAULT_SCHEDULE = (1, 2, 3, 5, 8, 12, 15)
 
 
-def split_grid(shape, size: int, test_fraction: float, seed: int = 12345):
+def split_grid(
+    shape: tuple[int, ...], size: int, test_fraction: float, seed: int = 12345
+) -> tuple[np.ndarray, np.ndarray]:
     """Grid cells split into an annotation pool and held-out test cells (seeded, fixed across arms).
 
     Returns
@@ -61,16 +70,16 @@ def run_experiment(
     classes: list,
     pool: np.ndarray,
     test_mask: np.ndarray,
-    settings=None,
-    arms=ARMS,
-    schedule=DEFAULT_SCHEDULE,
-    seeds=(0,),
+    settings: Settings | None = None,
+    arms: Sequence[str] = ARMS,
+    schedule: Sequence[int] = DEFAULT_SCHEDULE,
+    seeds: Sequence[int] = (0,),
     rf: bool = True,
     device: str = "auto",
     out_dir: Path | None = None,
     figures: bool = True,
-    progress=None,
-    cancel=None,
+    progress: Callable[[dict], None] | None = None,
+    cancel: CancelToken | None = None,
 ) -> dict:
     """Run both arms over the schedule for every seed.
 
@@ -297,7 +306,7 @@ def _title(row: dict) -> str:
     return f"{row['arm']}, seed {row['seed']}: {row['patches']} patches, mIoU {row['miou']:.3f}"
 
 
-def area_under_curve(patches, scores) -> float:
+def area_under_curve(patches: Sequence[float], scores: Sequence[float]) -> float:
     """Mean score over the patch-count range (trapezoids over patches, divided by the range)."""
     patches, scores = np.asarray(patches, float), np.asarray(scores, float)
     if len(patches) < 2:
@@ -305,7 +314,7 @@ def area_under_curve(patches, scores) -> float:
     return float(np.sum((scores[1:] + scores[:-1]) / 2 * np.diff(patches)) / (patches[-1] - patches[0]))
 
 
-def summarize(rows: list, schedule, arms) -> dict:
+def summarize(rows: list, schedule: Sequence[int], arms: Sequence[str]) -> dict:
     """Per arm: mean and spread of mIoU per round over seeds, area under the curve, the RF line.
 
     ``patches_to_rf_final``: the first patch count at which the arm's mean curve reaches the RF
@@ -344,7 +353,16 @@ def summarize(rows: list, schedule, arms) -> dict:
     return out
 
 
-def montage(image, probs, pool, train_p, val_p, test_mask, title: str = "", max_side: int = 2048) -> np.ndarray:
+def montage(
+    image: np.ndarray,
+    probs: np.ndarray,
+    pool: np.ndarray,
+    train_p: list[list[int]],
+    val_p: list[list[int]],
+    test_mask: np.ndarray,
+    title: str = "",
+    max_side: int = 2048,
+) -> np.ndarray:
     """Probability map of the last class per pool plane, patches outlined, planes tiled, as RGB.
 
     Training patches are red, validation patches blue, unused pool patches green; held-out (scored)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from .patches import Patch
 
 RED = (230, 40, 40)
 BLUE = (40, 110, 255)
@@ -23,7 +28,7 @@ def probability_rgb(prob: np.ndarray) -> np.ndarray:
     return (low + p * (high - low)).astype(np.uint8)
 
 
-def outline(rgb, y0, x0, y1, x1, color, width=3):
+def outline(rgb: np.ndarray, y0: int, x0: int, y1: int, x1: int, color: tuple[int, int, int], width: int = 3) -> None:
     """Draw a rectangle outline in place on an RGB array."""
     y1, x1 = min(y1, rgb.shape[0]), min(x1, rgb.shape[1])
     rgb[y0 : y0 + width, x0:x1] = color
@@ -32,7 +37,14 @@ def outline(rgb, y0, x0, y1, x1, color, width=3):
     rgb[y0:y1, max(x1 - width, x0) : x1] = color
 
 
-def patch_overlay(gray, labels, patch_size, train, val, class_colors=None) -> np.ndarray:
+def patch_overlay(
+    gray: np.ndarray,
+    labels: np.ndarray,
+    patch_size: int,
+    train: list[Patch],
+    val: list[Patch],
+    class_colors: list[tuple[int, int, int]] | None = None,
+) -> np.ndarray:
     """The image with its patch grid: training patches red, validation blue, unused green.
 
     Labelled pixels are tinted by class so the partial annotation is visible.
@@ -65,7 +77,7 @@ def patch_overlay(gray, labels, patch_size, train, val, class_colors=None) -> np
     return rgb
 
 
-def side_by_side(panels, gap: int = 8) -> np.ndarray:
+def side_by_side(panels: list[np.ndarray], gap: int = 8) -> np.ndarray:
     """Panels of equal height next to each other on a white background."""
     h = max(p.shape[0] for p in panels)
     out = [np.full((h, gap, 3), 255, np.uint8)]

@@ -14,12 +14,16 @@ import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .annotations import Shape, check_coordinates
 from .errors import UserError
 from .outputs import SOFTWARE, atomic_write
+
+if TYPE_CHECKING:
+    from roifile import ImagejRoi
 
 log = logging.getLogger(__name__)
 
@@ -547,7 +551,7 @@ def write_hyperstack(
     path: str | os.PathLike,
     data: np.ndarray,
     calibration: Calibration | None = None,
-    channel_names=None,
+    channel_names: list[str] | None = None,
 ) -> None:
     """Write (Z, C, Y, X) or (Z, Y, X) data as an ImageJ TIFF hyperstack.
 
@@ -672,7 +676,7 @@ def _zip_roi_entries(path: Path) -> list:
     return out
 
 
-def roi_to_shape(roi, source: Path | str = "") -> Shape:
+def roi_to_shape(roi: ImagejRoi, source: Path | str = "") -> Shape:
     """Convert one ``roifile.ImagejRoi`` to a :class:`Shape`."""
     from roifile import ROI_SUBTYPE, ROI_TYPE
 
@@ -709,7 +713,7 @@ def roi_to_shape(roi, source: Path | str = "") -> Shape:
     return shape
 
 
-def write_rois(path: str | os.PathLike, shapes) -> None:
+def write_rois(path: str | os.PathLike, shapes: list[Shape]) -> None:
     """Write polygon shapes to an ImageJ ``RoiSet.zip`` (used by the demo and simulations)."""
     import roifile
 

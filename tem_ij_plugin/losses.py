@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.nn import functional as F
 
 from .annotations import UNLABELLED
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def class_weights(counts, power: float) -> torch.Tensor:
+    import numpy as np
+
+
+def class_weights(counts: np.ndarray, power: float) -> torch.Tensor:
     """Loss weights ``(1 / frequency) ** power``, normalised to a labelled-pixel mean of 1.
 
     ``power`` 0 gives equal weights; 1 makes every class contribute equally however little of it was
@@ -58,7 +65,13 @@ def masked_soft_dice(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return 1.0 - dice[present].mean() if bool(present.any()) else logits.sum() * 0.0
 
 
-def deep_supervision_loss(outs, labels, weight=None, decay: float = 0.4, dice_weight: float = 0.0):
+def deep_supervision_loss(
+    outs: list[torch.Tensor],
+    labels: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    decay: float = 0.4,
+    dice_weight: float = 0.0,
+) -> torch.Tensor:
     """Loss over every recurrent step, step t weighted ``decay ** (T - 1 - t)`` (later steps more)."""
     steps = len(outs)
     total = 0.0
@@ -89,7 +102,9 @@ def _shifted_pairs(t: torch.Tensor, dy: int, dx: int):
     return t[..., ys_a, xs_a], t[..., ys_b, xs_b]
 
 
-def edge_potts_loss(probs: torch.Tensor, image: torch.Tensor, sigma: float = 0.1, offsets=EDGE_OFFSETS):
+def edge_potts_loss(
+    probs: torch.Tensor, image: torch.Tensor, sigma: float = 0.1, offsets: Sequence[tuple[int, int]] = EDGE_OFFSETS
+) -> torch.Tensor:
     """Edge-aware Potts relaxation on every pixel, labelled or not (a local CRF loss; Tang et al. 2018).
 
     For neighbouring pixels i, j it charges ``w_ij * (1 - p_i . p_j)``, the expected chance that their
@@ -126,8 +141,12 @@ def edge_potts_loss(probs: torch.Tensor, image: torch.Tensor, sigma: float = 0.1
 
 
 def pseudo_label_loss(
-    logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor, threshold: float, weight=None
-):
+    logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy towards a teacher's confident predictions on the *unlabelled* pixels only.
 
     Parameters

@@ -12,9 +12,13 @@ import platform
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ModelFileError, UserError
 from .outputs import atomic_write
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "tem_ij_plugin.model"
 FORMAT_VERSION = 2  # 2: "norm" in the architecture (BatchNorm default); 1 means GroupNorm
@@ -284,7 +288,7 @@ def check_model_file(path: str | os.PathLike) -> dict:
     return head.meta
 
 
-def load_model(path: str | os.PathLike, device="cpu") -> TrainedModel:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedModel:
     """Load a model file written by :func:`save_model`.
 
     The header, the metadata schema and the weight shapes are checked before anything is allocated;

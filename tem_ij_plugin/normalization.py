@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ModelFileError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def check_normalization(normalization: dict) -> dict:
     return normalization
 
 
-def sampled_range(read, n_planes: int, normalization: dict, max_planes: int = 16):
+def sampled_range(read: Callable[[int], np.ndarray], n_planes: int, normalization: dict, max_planes: int = 16):
     """Percentile range of a stack from up to ``max_planes`` evenly spaced planes (bounded memory)."""
     norm = check_normalization(normalization)
     idx = np.unique(np.linspace(0, n_planes - 1, min(n_planes, max_planes)).round().astype(int))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .annotations import UNLABELLED
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class Patch:
         return z == self.z and y0 < self.y1 and self.y0 < y1 and x0 < self.x1 and self.x0 < x1
 
 
-def grid_boxes(shape, size: int, stride: int | None = None, drop_slivers: bool = False) -> np.ndarray:
+def grid_boxes(shape: tuple[int, ...], size: int, stride: int | None = None, drop_slivers: bool = False) -> np.ndarray:
     """Windows of side ``size`` starting every ``stride`` pixels of a (Z, Y, X) image (default: the patch grid).
 
     On the patch grid, cells are clipped at the image edge; ``drop_slivers`` drops edge cells less than
@@ -76,7 +80,7 @@ def grid_boxes(shape, size: int, stride: int | None = None, drop_slivers: bool =
     return np.array(rows, dtype=np.int64).reshape(-1, 5)
 
 
-def grid(shape, size: int) -> list:
+def grid(shape: tuple[int, ...], size: int) -> list:
     """Every grid cell of a (Z, Y, X) image as a :class:`Patch`; cells at the right/bottom edge may be smaller.
 
     >>> [p.as_list() for p in grid((1, 300, 256), 256)]
@@ -97,7 +101,15 @@ def default_validation_count(n_patches: int) -> int:
     return max(1, int(round(0.2 * n_patches)))
 
 
-def split(labels: np.ndarray, patches: list, n_val: int | None, seed: int, n_classes: int, keep_val=(), trained=()):
+def split(
+    labels: np.ndarray,
+    patches: list,
+    n_val: int | None,
+    seed: int,
+    n_classes: int,
+    keep_val: Iterable[Sequence[int]] = (),
+    trained: Iterable[Sequence[int]] = (),
+) -> tuple[list[Patch], list[Patch]]:
     """Choose validation patches; the rest train.
 
     The split is random (seeded) but keeps every class present in the training patches, and

@@ -6,9 +6,14 @@ Multiscale intensity, edge and texture features (scikit-image) per pixel and a r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import RandomForestClassifier
 
 MAX_SAMPLES = 300_000  # ilastik/Labkit train on far fewer; this keeps a fit under a minute on 2 cores
 
@@ -59,7 +64,7 @@ class RandomForestPeer:
             self._features[z] = f.astype(np.float32)
         return self._features[z]
 
-    def fit(self, labels: np.ndarray):
+    def fit(self, labels: np.ndarray) -> RandomForestClassifier:
         """Fit on the labelled pixels of a (Z, Y, X) partial label map; returns the classifier."""
         from sklearn.ensemble import RandomForestClassifier
 
@@ -79,7 +84,7 @@ class RandomForestPeer:
         clf.fit(x, y)
         return clf
 
-    def predict(self, clf, z: int, mask: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, clf: RandomForestClassifier, z: int, mask: np.ndarray | None = None) -> np.ndarray:
         """Class of every pixel of plane ``z`` (Y, X), or of the pixels where ``mask`` is true (1-D)."""
         f = self.features(z)
         if mask is not None:

@@ -17,6 +17,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,11 @@ from .normalization import normalize, sampled_range
 from .receptive import HALO_MASS, effective_receptive_field, fold_batchnorm
 from .runtime import autocast_context
 from .tiling import overlap_for_halo, pad_amounts, stitch, tile_specs, tile_window
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from .events import CancelToken, ProgressSink
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +110,12 @@ class Predictor:
             + (f", test-time augmentation x{self.backend.n}" if isinstance(self.backend, TTABackend) else "")
         )
 
-    def plane(self, image: np.ndarray, on_batch=None, cancel=None) -> np.ndarray:
+    def plane(
+        self,
+        image: np.ndarray,
+        on_batch: Callable[[TileEvent], None] | None = None,
+        cancel: CancelToken | None = None,
+    ) -> np.ndarray:
         """Class probabilities of one normalised 2-D image.
 
         Parameters
@@ -235,8 +246,16 @@ def make_predictor(
 
 
 def predict_planes(
-    predictor: Predictor, read, n_planes: int, lo: float, hi: float, sink, skip=(), progress=None, cancel=None
-):
+    predictor: Predictor,
+    read: Callable[[int], np.ndarray],
+    n_planes: int,
+    lo: float,
+    hi: float,
+    sink: Callable[[int, np.ndarray], object],
+    skip: Iterable[int] = (),
+    progress: ProgressSink | None = None,
+    cancel: CancelToken | None = None,
+) -> None:
     """Predict planes one by one and hand each to ``sink(i, probabilities)``.
 
     The next plane is read and the previous one handed to ``sink`` in background threads while the
@@ -316,8 +335,8 @@ def predict_stack(
     overlap: int | None = None,
     batch_size: int | None = None,
     precision: str = "auto",
-    progress=None,
-    cancel=None,
+    progress: ProgressSink | None = None,
+    cancel: CancelToken | None = None,
     backend: str = "torch",
     tta: str = "off",
 ) -> np.ndarray:

@@ -15,14 +15,24 @@ so prediction costs nothing more and every front end (and an exported model) see
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+    from numpy.typing import ArrayLike
+
+    from .nn.unet import RecurrentUNet
 
 # Priors below this are not trusted: EM may drive a class the network never predicts towards 0, and
 # log(0) would remove it for good.
 MIN_PRIOR = 1e-3
 
 
-def effective_training_prior(counts, weight) -> np.ndarray:
+def effective_training_prior(counts: ArrayLike, weight: ArrayLike) -> np.ndarray:
     """The class mix a network sees when it learns from ``counts`` labelled pixels with loss ``weight``.
 
     Parameters
@@ -46,7 +56,7 @@ def _normalised(p: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-def em_priors(probs: np.ndarray, train_prior, max_iter: int = 200, tol: float = 1e-6) -> tuple:
+def em_priors(probs: np.ndarray, train_prior: ArrayLike, max_iter: int = 200, tol: float = 1e-6) -> tuple:
     """Class priors of unlabelled pixels under a classifier calibrated to ``train_prior`` (Saerens EM).
 
     Parameters
@@ -81,19 +91,19 @@ def em_priors(probs: np.ndarray, train_prior, max_iter: int = 200, tol: float = 
     return prior, iterations
 
 
-def logit_shift(image_prior, train_prior) -> np.ndarray:
+def logit_shift(image_prior: ArrayLike, train_prior: ArrayLike) -> np.ndarray:
     """The constant added to the logits that turns ``train_prior`` posteriors into ``image_prior`` ones."""
     return np.log(_normalised(np.asarray(image_prior, np.float64))) - np.log(
         _normalised(np.asarray(train_prior, np.float64))
     )
 
 
-def output_layer(net):
+def output_layer(net: RecurrentUNet) -> torch.nn.Conv2d:
     """The final 1x1 convolution of a :class:`~tem_ij_plugin.nn.unet.RecurrentUNet`."""
     return net.unet.out
 
 
-def shift_output_bias(net, shift) -> None:
+def shift_output_bias(net: RecurrentUNet, shift: ArrayLike) -> None:
     """Add ``shift`` (C,) to the output logits of ``net`` for good, by changing its output bias.
 
     With more than one recurrent step every step's softmax is shifted, the fed-back ones included.
@@ -105,7 +115,14 @@ def shift_output_bias(net, shift) -> None:
         layer.bias.add_(torch.as_tensor(np.asarray(shift), dtype=layer.bias.dtype, device=layer.bias.device))
 
 
-def sample_posteriors(predict, image, norm, n_crops: int = 16, size: int = 256, seed: int = 0) -> np.ndarray:
+def sample_posteriors(
+    predict: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    norm: Callable[[np.ndarray], np.ndarray],
+    n_crops: int = 16,
+    size: int = 256,
+    seed: int = 0,
+) -> np.ndarray:
     """Posteriors of pixels drawn from the whole image: ``n_crops`` random crops of ``size``.
 
     Parameters
@@ -135,7 +152,15 @@ def sample_posteriors(predict, image, norm, n_crops: int = 16, size: int = 256, 
 
 
 def estimate_correction(
-    net, image, norm, train_prior, device, precision="fp32", seed=0, n_crops=16, max_iter=200
+    net: RecurrentUNet,
+    image: np.ndarray,
+    norm: Callable[[np.ndarray], np.ndarray],
+    train_prior: ArrayLike,
+    device: torch.device,
+    precision: str = "fp32",
+    seed: int = 0,
+    n_crops: int = 16,
+    max_iter: int = 200,
 ) -> dict:
     """Saerens EM on pixels sampled from ``image``: the priors there and the logit shift towards them.
 

@@ -25,9 +25,15 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .outputs import atomic_write
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .modelio import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -329,13 +335,23 @@ class Project:
         except OSError as exc:
             log.warning("could not remove the unused round folder %s (%s)", reservation.folder, exc)
 
-    def save_round_model(self, reservation: Reservation, model, save_model) -> Path:
+    def save_round_model(
+        self, reservation: Reservation, model: TrainedModel, save_model: Callable[[Path, TrainedModel], object]
+    ) -> Path:
         """Save the trained model into the reserved folder (the first thing saved after training)."""
         save_model(reservation.model_path, model)
         reservation.model_saved = True
         return reservation.model_path
 
-    def add_round(self, model, image_path, rois_path, stop_reason: str, save_model, reservation=None) -> dict:
+    def add_round(
+        self,
+        model: TrainedModel,
+        image_path: str | os.PathLike | None,
+        rois_path: str | os.PathLike,
+        stop_reason: str,
+        save_model: Callable[[Path, TrainedModel], object],
+        reservation: Reservation | None = None,
+    ) -> dict:
         """Store a trained model as the next round and make it current.
 
         Parameters

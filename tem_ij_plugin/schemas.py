@@ -20,11 +20,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ModelFileError, UserError
+
+if TYPE_CHECKING:
+    import os
 
 # Bounds that hold for every file this version writes, with room to spare.
 MAX_NESTING = 32  # JSON depth (a model's history is 5 deep)
@@ -311,7 +314,7 @@ class ProjectFile(_Strict):
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def check_nesting(obj, limit: int = MAX_NESTING) -> None:
+def check_nesting(obj: object, limit: int = MAX_NESTING) -> None:
     """Raise ValueError when ``obj`` (parsed JSON) nests deeper than ``limit``."""
     stack = [(obj, 0)]
     while stack:
@@ -356,7 +359,7 @@ def describe(exc: ValidationError, limit: int = 3) -> str:
     return "; ".join(parts) + (f"; and {more} more problem(s)" if more > 0 else "")
 
 
-def validate_model_meta(path, meta) -> ModelMeta:
+def validate_model_meta(path: str | os.PathLike, meta: dict) -> ModelMeta:
     """The model description of ``path`` as a :class:`ModelMeta`, or a :class:`ModelFileError`."""
     try:
         check_nesting(meta)
@@ -366,7 +369,7 @@ def validate_model_meta(path, meta) -> ModelMeta:
         raise ModelFileError(f"{path}: the model description is invalid: {text}") from None
 
 
-def validate_project(path, data) -> ProjectFile:
+def validate_project(path: str | os.PathLike, data: dict) -> ProjectFile:
     """``project.json`` of a project as a :class:`ProjectFile`, or a :class:`UserError`."""
     try:
         return ProjectFile.model_validate(data)
@@ -374,7 +377,7 @@ def validate_project(path, data) -> ProjectFile:
         raise UserError(f"{path} is damaged or was edited by hand: {describe(exc)}") from None
 
 
-def validate_round(path, data) -> RoundRecord:
+def validate_round(path: str | os.PathLike, data: dict) -> RoundRecord:
     """A ``round.json`` as a :class:`RoundRecord`, or a :class:`UserError`."""
     try:
         return RoundRecord.model_validate(data)

@@ -362,7 +362,13 @@ class ZarrPlaneWriter:
 
 
 def open_writer(
-    path: Path, layout: Layout, calibration: Calibration, labels=None, channel_names=None, resume=False, job=None
+    path: Path,
+    layout: Layout,
+    calibration: Calibration,
+    labels: list[str] | None = None,
+    channel_names: list[str] | None = None,
+    resume: bool = False,
+    job: dict | None = None,
 ) -> PlaneWriter:
     """A plane writer for ``path``; the format follows the suffix (see :func:`output_format`).
 

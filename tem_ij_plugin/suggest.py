@@ -30,6 +30,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,14 @@ from .errors import Cancelled, UserError
 from .events import PlaneEvent
 from .outputs import SUGGESTIONS_FORMAT, atomic_write
 from .patches import Patch, grid_boxes
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+
+    from .events import CancelToken, ProgressSink
+    from .modelio import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +84,7 @@ class SuggestResult:
     timings: dict
 
 
-def candidate_boxes(shape, size: int, stride: int | None = None) -> np.ndarray:
+def candidate_boxes(shape: tuple[int, ...], size: int, stride: int | None = None) -> np.ndarray:
     """Candidate windows: :func:`~tem_ij_plugin.patches.grid_boxes` without edge slivers (rows z, y0, x0, y1, x1)."""
     return grid_boxes(shape, size, stride, drop_slivers=True)
 
@@ -134,7 +143,7 @@ def _image_descriptors(maps_means: np.ndarray) -> np.ndarray:
     return d
 
 
-def feature_maps(net, plane: np.ndarray, device, tile: int = 1024) -> np.ndarray:
+def feature_maps(net: torch.nn.Module, plane: np.ndarray, device: torch.device, tile: int = 1024) -> np.ndarray:
     """The network's bottleneck features of a normalised plane, computed tile by tile.
 
     Returns
@@ -264,7 +273,15 @@ def _overlap(boxes: np.ndarray, j: int) -> np.ndarray:
     )
 
 
-def draw(score: np.ndarray, desc: np.ndarray, boxes: np.ndarray, k: int, scale: float, temperature: float, rng):
+def draw(
+    score: np.ndarray,
+    desc: np.ndarray,
+    boxes: np.ndarray,
+    k: int,
+    scale: float,
+    temperature: float,
+    rng: np.random.Generator,
+) -> list[int]:
     """Draw ``k`` candidates one at a time, damping look-alikes and overlapping windows after each draw.
 
     Parameters
@@ -305,17 +322,17 @@ def draw(score: np.ndarray, desc: np.ndarray, boxes: np.ndarray, k: int, scale: 
 def suggest(
     image: np.ndarray,
     labels: np.ndarray | None = None,
-    model=None,
+    model: TrainedModel | None = None,
     k: int = 5,
     size: int = 256,
     stride: int | None = None,
     temperature: float = 0.2,
     seed: int = 0,
     device: str = "auto",
-    probabilities=None,
+    probabilities: Callable[[int], np.ndarray] | None = None,
     candidates: np.ndarray | None = None,
-    progress=None,
-    cancel=None,
+    progress: ProgressSink | None = None,
+    cancel: CancelToken | None = None,
 ) -> SuggestResult:
     """Rank candidate windows that hold no annotation and draw ``k`` suggestions.
 

@@ -139,7 +139,13 @@ def make_tem_image(
 
 
 def simulate_annotations(
-    truth: np.ndarray, patches, classes, rng, coverage: float = 1 / 3, margin: int = 2, slice_position: int = 0
+    truth: np.ndarray,
+    patches: list[tuple[int, int, int, int]],
+    classes: list[str],
+    rng: np.random.Generator,
+    coverage: float = 1 / 3,
+    margin: int = 2,
+    slice_position: int = 0,
 ) -> list:
     """A careful but partial annotator: polygons that stay ``margin`` pixels inside true regions.
 

@@ -15,6 +15,7 @@ import datetime as _dt
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from .predict import predict_plane
 from .priors import effective_training_prior, estimate_correction, shift_output_bias
 from .receptive import HALO_MASS, effective_receptive_field, fold_batchnorm
 from .runtime import autocast_context
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -233,23 +237,23 @@ class Batch:
     teacher: torch.Tensor | None = None
 
 
-def supervised_term(outs, batch: Batch, trainer) -> torch.Tensor:
+def supervised_term(outs: list[torch.Tensor], batch: Batch, trainer: Trainer) -> torch.Tensor:
     """Masked cross-entropy (+ soft Dice) on the labelled pixels, over every recurrent step."""
     tc = trainer.tc
     return deep_supervision_loss(outs, batch.y, trainer.weight, tc.step_decay, tc.dice_weight)
 
 
-def band_term(outs, batch: Batch, trainer) -> torch.Tensor:
+def band_term(outs: list[torch.Tensor], batch: Batch, trainer: Trainer) -> torch.Tensor:
     """Cross-entropy on the boundary band, towards the nearer outline's class (last step)."""
     return masked_cross_entropy(outs[-1], batch.band, trainer.weight)
 
 
-def edge_term(outs, batch: Batch, trainer) -> torch.Tensor:
+def edge_term(outs: list[torch.Tensor], batch: Batch, trainer: Trainer) -> torch.Tensor:
     """The edge-aware Potts term on every pixel of the crop (last step)."""
     return edge_potts_loss(torch.softmax(outs[-1].float(), dim=1), batch.x, trainer.tc.edge_sigma)
 
 
-def pseudo_term(outs, batch: Batch, trainer) -> torch.Tensor:
+def pseudo_term(outs: list[torch.Tensor], batch: Batch, trainer: Trainer) -> torch.Tensor:
     """Cross-entropy towards the weight average's confident predictions on unlabelled pixels (last step)."""
     y = batch.y if batch.band is None else torch.where(batch.band >= 0, batch.band, batch.y)
     return pseudo_label_loss(outs[-1], batch.teacher, y, trainer.tc.pseudo_threshold, trainer.weight)
@@ -370,11 +374,11 @@ class Trainer:
         """(training patches, validation patches)."""
         return self.train_p, self.val_p
 
-    def norm(self, a):
+    def norm(self, a: np.ndarray) -> np.ndarray:
         """``a`` normalised with the training range (see :func:`~tem_ij_plugin.normalization.normalize`)."""
         return normalize(a, self.lo, self.hi)
 
-    def loss(self, outs, batch: Batch) -> torch.Tensor:
+    def loss(self, outs: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         """The weighted sum of :attr:`terms` on one augmented batch."""
         if "pseudo" in self.terms and self.it >= self.tc.min_iterations and batch.teacher is None:
             with torch.no_grad(), autocast_context(self.dev, self.tc.precision):
@@ -556,7 +560,11 @@ class Trainer:
         return self.result(stop_reason, problem, time.perf_counter() - start)
 
     def refit(
-        self, elapsed, max_seconds: float, progress: ProgressSink | None = None, cancel: CancelToken | None = None
+        self,
+        elapsed: Callable[[], float],
+        max_seconds: float,
+        progress: ProgressSink | None = None,
+        cancel: CancelToken | None = None,
     ) -> None:
         """Continue the selected model on every annotated patch, validation patches included (``train.refit``).
 
@@ -584,7 +592,7 @@ class Trainer:
         self,
         patches: list,
         iterations: int,
-        elapsed,
+        elapsed: Callable[[], float],
         max_seconds: float,
         progress: ProgressSink | None = None,
         cancel: CancelToken | None = None,

@@ -15,11 +15,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import UserError
 from .events import CancelToken, ProgressSink
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .config import Settings
+    from .io import Image
+    from .modelio import TrainedModel
+    from .project import Project
+    from .suggest import SuggestResult
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +57,7 @@ class TrainedRound:
     error: str | None = None
 
 
-def warm_start_path(project) -> Path | None:
+def warm_start_path(project: Project) -> Path | None:
     """The model file of a project's current round (the next round's warm start), or None without one.
 
     Front ends list it among the command's inputs, so that no output may overwrite it.
@@ -60,15 +70,15 @@ def warm_start_path(project) -> Path | None:
 
 
 def train_round(
-    image,
+    image: Image,
     shapes: list,
-    settings,
+    settings: Settings,
     *,
-    init=None,
+    init: TrainedModel | None = None,
     classes: list | None = None,
     all_slices: bool = False,
     group_names: dict | None = None,
-    project=None,
+    project: Project | None = None,
     out: Path | None = None,
     image_path: Path | None = None,
     rois_path: Path | None = None,
@@ -198,7 +208,7 @@ def _rescue(model) -> str:
     return f"the trained model is saved as {path} (move it somewhere safe)"
 
 
-def suggestion_size(model, settings=None) -> int:
+def suggestion_size(model: TrainedModel | None, settings: Settings | None = None) -> int:
     """The window side of suggestions: the patch size the model was trained on, else the settings' patch size."""
     from .config import Settings
 
@@ -208,20 +218,20 @@ def suggestion_size(model, settings=None) -> int:
 
 
 def suggest_round(
-    image,
+    image: Image,
     shapes: list,
-    model,
+    model: TrainedModel | None,
     *,
     k: int = 5,
     size: int | None = None,
-    settings=None,
+    settings: Settings | None = None,
     all_slices: bool = False,
     group_names: dict | None = None,
     device: str = "auto",
     progress: ProgressSink | None = None,
     cancel: CancelToken | None = None,
     **options,
-):
+) -> SuggestResult:
     """The next windows to annotate (:func:`tem_ij_plugin.suggest.suggest`) given what is annotated.
 
     Parameters
@@ -263,7 +273,7 @@ def suggest_round(
     )  # fmt: skip
 
 
-def doctor(write=print, probe_seconds: float = 5.0) -> str:
+def doctor(write: Callable[[str], object] = print, probe_seconds: float = 5.0) -> str:
     """Python, torch, the device, versions and a short training-speed probe, with advice on what is missing.
 
     ``tem-ij doctor`` and TEM Check Environment both show this report.

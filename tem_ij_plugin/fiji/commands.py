@@ -11,12 +11,16 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scyjava import jimport
 
 from ..errors import Cancelled, UserError
 from .convert import to_image, to_imageplus, to_shapes, write_roiset
+
+if TYPE_CHECKING:
+    from .bridge import Context
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ def _field(cls, name: str, obj):
     return field, field.get(obj)
 
 
-def roi_manager(ctx, create: bool = False):
+def roi_manager(ctx: Context, create: bool = False):
     """The ROI Manager that the macro calling this command sees (None if there is none and not ``create``).
 
     A visible ROI Manager is shared by everyone. In batch mode each macro interpreter keeps a hidden one
@@ -208,7 +212,7 @@ class TrainingPlot:
 
 
 # -- commands ----------------------------------------------------------------------------------------
-def train_model(ctx) -> None:
+def train_model(ctx: Context) -> None:
     """TEM Train Model."""
     from ..config import Settings, load_settings
     from ..modelio import load_model as read_model
@@ -345,7 +349,7 @@ def _probabilities(ctx, image, device, classes=None):
     return imp, probs
 
 
-def predict_probabilities(ctx) -> None:
+def predict_probabilities(ctx: Context) -> None:
     """TEM Predict Probabilities: a 32-bit image with one channel per class, or an 8-bit label image."""
     output = ctx.choice("output")
     device = _device(ctx)
@@ -359,7 +363,7 @@ def predict_probabilities(ctx) -> None:
     _show(ctx, imp)
 
 
-def suggest_patches(ctx) -> None:
+def suggest_patches(ctx: Context) -> None:
     """TEM Suggest Next Patches."""
     from ..workflows import suggest_round
 
@@ -419,7 +423,7 @@ def _overlay_without(imp, prefix: str):
     return overlay
 
 
-def show_patch_grid(ctx) -> None:
+def show_patch_grid(ctx: Context) -> None:
     """TEM Show Patch Grid: training patches red, validation blue, unused green (as training splits them)."""
     from ..config import Settings
     from ..patches import annotated_patches, grid, split
@@ -458,7 +462,7 @@ def show_patch_grid(ctx) -> None:
     )
 
 
-def apply_to_stack(ctx) -> None:
+def apply_to_stack(ctx: Context) -> None:
     """TEM Apply Model To Stack: a TIFF file or a folder of TIFFs into an output folder, no windows."""
     from ..apply import PredictJob
     from ..modelio import save_model
@@ -507,7 +511,7 @@ def apply_to_stack(ctx) -> None:
     jimport("ij.IJ").log(f"TEM Apply Model To Stack: {len(written)} file(s) written to {out_dir}{kept}")
 
 
-def load_model(ctx) -> None:
+def load_model(ctx: Context) -> None:
     """TEM Load Model."""
     from ..modelio import load_model as load
 
@@ -518,7 +522,7 @@ def load_model(ctx) -> None:
     jimport("ij.IJ").showStatus(f"TEM model {path.name}: classes {', '.join(model.classes)}")
 
 
-def save_model(ctx) -> None:
+def save_model(ctx: Context) -> None:
     """TEM Save Model."""
     from ..modelio import save_model as save
 
@@ -530,7 +534,7 @@ def save_model(ctx) -> None:
     jimport("ij.IJ").showStatus(f"TEM model saved to {path}")
 
 
-def stop_training(ctx) -> None:
+def stop_training(ctx: Context) -> None:
     """TEM Stop Training: the running training stops after its current step and keeps its best model."""
     bridge = ctx.bridge
     running = bridge.training.locked()
@@ -544,7 +548,7 @@ def stop_training(ctx) -> None:
     jimport("ij.IJ").showStatus(message)
 
 
-def check_environment(ctx) -> None:
+def check_environment(ctx: Context) -> None:
     """TEM Check Environment."""
     IJ = jimport("ij.IJ")
     ctx.status("TEM: measuring speed (5 s)...")

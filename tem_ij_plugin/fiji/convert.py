@@ -6,12 +6,16 @@ Pixels are copied, never shared: the user's ImagePlus is only read.
 from __future__ import annotations
 
 import zipfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scyjava import jimport
 
 from ..errors import UserError
 from ..io import Calibration, Image, roi_to_shape
+
+if TYPE_CHECKING:
+    import os
 
 # ImagePlus.getType() codes
 GRAY8, GRAY16, GRAY32, COLOR_256, COLOR_RGB = 0, 1, 2, 3, 4
@@ -56,7 +60,9 @@ def to_image(imp) -> Image:
     return Image(data, calibration, labels if any(labels) else [], None)
 
 
-def to_imageplus(data: np.ndarray, title: str, calibration: Calibration | None = None, channel_labels=None):
+def to_imageplus(
+    data: np.ndarray, title: str, calibration: Calibration | None = None, channel_labels: list[str] | None = None
+):
     """A new ImagePlus from (Z, Y, X) or (Z, C, Y, X) uint8, uint16 or float32 pixels.
 
     With channels it is a hyperstack (C channels, Z slices); ``channel_labels`` become the slice labels
@@ -112,7 +118,7 @@ def roi_bytes(roi) -> bytes:
     return bytes(memoryview(encoded))
 
 
-def to_shapes(rois, source: str = "ROI Manager") -> list:
+def to_shapes(rois: list, source: str = "ROI Manager") -> list:
     """Convert ImageJ ROIs to shapes through their ``.roi`` bytes: the path a RoiSet.zip takes.
 
     Going through the file encoding means a ROI labels exactly the same pixels whether it comes from
@@ -130,7 +136,7 @@ def to_shapes(rois, source: str = "ROI Manager") -> list:
     return shapes
 
 
-def write_roiset(path, rois) -> None:
+def write_roiset(path: str | os.PathLike, rois: list) -> None:
     """Write ROIs as a RoiSet.zip, byte for byte what the ROI Manager's More > Save writes."""
     with zipfile.ZipFile(path, "w") as zf:
         seen = set()

@@ -15,9 +15,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from .manifest import SUBMENU, load_manifest, menu_root, repo_root
+
+if TYPE_CHECKING:
+    from .bridge import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def _load_settings(path):
     return load_settings(path)
 
 
-def run_macro(path: str | os.PathLike, bridge) -> tuple:
+def run_macro(path: str | os.PathLike, bridge: Bridge) -> tuple:
     """Run a macro file and wait for it.
 
     Returns
@@ -158,7 +162,12 @@ def _wait_for_quit() -> None:
         time.sleep(0.5)
 
 
-def run_fiji(fiji_dir=None, imagej_jar=None, macro=None, config=None) -> tuple:
+def run_fiji(
+    fiji_dir: str | os.PathLike | None = None,
+    imagej_jar: str | os.PathLike | None = None,
+    macro: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+) -> tuple:
     """``tem-ij fiji``: start ImageJ with the bridge and wait until it quits, or run a macro in it.
 
     Returns
