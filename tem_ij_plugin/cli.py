@@ -165,8 +165,9 @@ def _add_suggest(sub, common) -> None:
         usage="tem-ij suggest [-h] [MODEL|PROJECT] IMAGE -o suggestions.zip [--rois ROIS] [-k K] [options]",
         help="which patches to annotate next (rectangles suggest-1..k for Fiji's ROI Manager)",
         description="Rank the candidate windows that hold no annotation yet and draw k suggestions: typical, "
-        "diverse patches while few are annotated (or with no MODEL), then uncertainty x representativeness. "
-        "Writes a RoiSet.zip of rectangles plus NAME.csv and NAME.json with scores and reasons.",
+        "diverse patches with no MODEL, else the most uncertain windows unlike the annotated ones, each with the "
+        "focus regions to outline first. Writes a RoiSet.zip (rectangles suggest-N, polygons suggest-N-focus-M) "
+        "plus NAME.csv and NAME.json with scores and reasons, and NAME-slices.csv with one row per plane.",
     )
     sg.add_argument(
         "paths",
@@ -176,11 +177,16 @@ def _add_suggest(sub, common) -> None:
     )
     sg.add_argument("--rois", help="the annotations so far (RoiSet.zip or .roi); their patches are never suggested")
     sg.add_argument("-k", type=int, default=5, help="number of suggestions (default: %(default)s)")
+    sg.add_argument(
+        "--probabilities",
+        metavar="PROBS.tif",
+        help="the model's probability map of IMAGE from `tem-ij predict` (all classes): skips recomputing it",
+    )
     sg.add_argument("-o", "--out", required=True, help="RoiSet.zip to write (NAME.csv and NAME.json beside it)")
     sg.add_argument("--size", type=int, help="window side in pixels (default: the model's patch size, 256)")
     sg.add_argument("--stride", type=int, help="window step (default: the window size, i.e. the patch grid)")
     sg.add_argument(
-        "--temperature", type=float, default=0.2, help="randomness of the draw, 0 = greedy (default: %(default)s)"
+        "--temperature", type=float, default=0.0, help="randomness of the draw, 0 = greedy (default: %(default)s)"
     )
     sg.add_argument("--seed", type=int, default=0, help="random seed of the draw (default: %(default)s)")
     sg.add_argument(
@@ -573,7 +579,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .io import read_image, read_rois
     from .modelio import load_model
-    from .suggest import write_suggestions
+    from .suggest import suggestion_paths, write_suggestions
     from .workflows import suggest_round
 
     if len(args.paths) > 2:
@@ -584,8 +590,8 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".zip":
         raise UserError(f"the suggestions are a RoiSet .zip; got {out}")
-    for o in (out, out.with_suffix(".csv"), out.with_suffix(".json")):
-        _check_output(o, [image_path, args.rois, model_path], args.overwrite, protect)
+    for o in suggestion_paths(out):
+        _check_output(o, [image_path, args.rois, model_path, args.probabilities], args.overwrite, protect)
     _check_seed(args.seed, "--seed")
     if args.k < 1:
         raise UserError("-k must be at least 1")
@@ -611,6 +617,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
             size=args.size,
             all_slices=args.all_slices,
             group_names=_parse_group_names(args.group_names),
+            probabilities=args.probabilities,
             device=args.device,
             progress=progress,
             cancel=c,
@@ -623,9 +630,16 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     print(f"{len(result.candidates)} candidate windows scored ({result.phase}) in {result.timings['total_s']:.1f} s")
     for i, c in enumerate(result.suggestions, 1):
         why = ", ".join(f"{k} {v}" for k, v in c.reasons.items() if v is not None and not isinstance(v, dict))
+        focus = f"; outline first: {len(c.focus)} focus region(s) suggest-{i}-focus-*" if c.focus else ""
         print(
             f"  suggest-{i}: slice {c.z + 1}, x {c.x0}, y {c.y0}, {c.x1 - c.x0}x{c.y1 - c.y0}, "
-            f"score {c.score:.3f} ({why})"
+            f"score {c.score:.3f} ({why}){focus}"
+        )
+    novel = sorted((r for r in result.slices if r["novelty"] is not None), key=lambda r: -r["novelty"])[:5]
+    if len(result.slices) > 1 and novel:
+        print(
+            "slices most unlike the annotated patches: "
+            + ", ".join(f"{r['slice']} ({r['novelty']:.2f})" for r in novel)
         )
     print(f"wrote {', '.join(map(str, files))}")
     return 0

@@ -245,6 +245,8 @@ class PlaneReader:
 
     #: Refuse planes holding NaN or infinite values (float images).
     check_finite = True
+    #: Channels of the file (1 without a channel axis); the reader gives one of them.
+    n_channels = 1
 
     def __init__(self, path: str | os.PathLike, channel: int | None = None):
         self.path = Path(path)
@@ -342,6 +344,7 @@ class PlaneReader:
         stack = []
         for i, (ax, n) in enumerate(zip(axes[:-2], self._lead_shape)):
             if ax == "C" and n > 1:
+                self.n_channels = n
                 if channel is None:
                     raise UserError(
                         f"{self.path} has {n} channels (axes {axes}, shape {shape}); choose the channel to "
@@ -725,3 +728,75 @@ def write_rois(path: str | os.PathLike, shapes: list[Shape]) -> None:
         roi.position = s.position
         rois.append(roi)
     atomic_write(path, lambda tmp: roifile.roiwrite(tmp, rois, mode="w"))
+
+
+class ProbabilityPlanes:
+    """A probability map written by ``tem-ij predict``, read back lazily, one plane at a time.
+
+    Every channel must be there (one per class, in the model's order); float32 maps are taken as
+    they are, ``--dtype uint8``/``uint16`` maps are scaled back to 0..1. Each plane read is checked:
+    values in [0, 1] that sum to 1 over the classes (within the rounding of the stored type).
+
+    Parameters
+    ----------
+    path : path-like
+        The probability TIFF.
+    classes : list of str
+        The model's classes.
+    shape : tuple of int
+        The image's (Z, Y, X): the map must match it.
+
+    Raises
+    ------
+    UserError
+        A file with another number of channels, planes or plane size, or channel labels naming the
+        classes in another order.
+    """
+
+    def __init__(self, path: str | os.PathLike, classes: list, shape: tuple):
+        self.path, self.classes = Path(path), list(classes)
+        self.readers: list = []
+        try:
+            self._open(shape)
+        except UserError:
+            self.close()
+            raise
+
+    def _open(self, shape) -> None:
+        n = len(self.classes)
+        first = PlaneReader(self.path, channel=1 if n > 1 else None)
+        self.readers.append(first)
+        if first.n_channels != n:
+            raise UserError(
+                f"{self.path} has {first.n_channels} channel(s) but the model has {n} classes "
+                f"({', '.join(self.classes)}); use a map of every class (`tem-ij predict` without --classes)"
+            )
+        self.readers += [PlaneReader(self.path, channel=c + 1) for c in range(1, n)]
+        if (first.n_planes, *first.plane_shape) != tuple(shape):
+            raise UserError(
+                f"{self.path} holds {first.n_planes} plane(s) of {first.plane_shape[1]}x{first.plane_shape[0]}; "
+                f"the image has {shape[0]} of {shape[2]}x{shape[1]}: use the probabilities of this image"
+            )
+        for c, r in enumerate(self.readers):
+            label = r.slice_labels[0] if r.slice_labels else ""
+            if label in self.classes and label != self.classes[c]:
+                raise UserError(f"{self.path}: channel {c + 1} is '{label}' but the model's class {c + 1} is "
+                                f"'{self.classes[c]}'; use a map written with this model")  # fmt: skip
+        self.top = 1.0 if first.dtype.kind == "f" else float(np.iinfo(first.dtype).max)
+
+    def __call__(self, z: int) -> np.ndarray:
+        """Plane ``z`` as float32 probabilities (C, Y, X)."""
+        probs = np.stack([r.read(z) for r in self.readers]).astype(np.float32) / self.top
+        slack = 1e-3 if self.top == 1.0 else len(self.readers) / self.top
+        total = probs.sum(0)
+        if probs.min() < -slack or probs.max() > 1 + slack or np.abs(total - 1).max() > slack + 1e-3:
+            raise UserError(
+                f"{self.path}, plane {z + 1}: these are not class probabilities (values {probs.min():.3g}.."
+                f"{probs.max():.3g}, sums up to {total.max():.3g}); use the output of `tem-ij predict`"
+            )
+        return probs
+
+    def close(self) -> None:
+        """Release the file handles."""
+        for r in self.readers:
+            r.close()

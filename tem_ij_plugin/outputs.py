@@ -70,13 +70,15 @@ def conflict(path: Path, source: Path) -> str | None:
 SOFTWARE = "tem_ij_plugin"  # the TIFF Software tag of every TIFF we write (see written_by_us)
 SUGGESTIONS_FORMAT = "tem_ij_plugin.suggestions"
 SUGGESTIONS_CSV_HEADER = "name,slice,x,y,width,height,score"
+SLICES_CSV_HEADER = "slice,candidates,best_score,uncertainty,novelty,novelty_max,suggestions"
 
 
 def written_by_us(path: Path) -> bool:
     """Whether an existing output was written by tem_ij_plugin, by the marks our writers leave.
 
     TIFF: the Software tag; OME-Zarr: our key in ``.zattrs``; model files: our metadata; suggestion
-    files: only ``suggest-N`` rectangles in the zip, our header in the CSV, our format in the JSON.
+    files: only ``suggest-N`` rectangles and ``suggest-N-focus-M`` polygons in the zip, our headers in
+    the CSVs, our format in the JSON.
     Anything unreadable or unmarked is not ours.
     """
     suffix = path.suffix.lower()
@@ -94,10 +96,10 @@ def written_by_us(path: Path) -> bool:
 
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-            return bool(names) and all(re.fullmatch(r"suggest-[0-9]+\.roi", n) for n in names)
+            return bool(names) and all(re.fullmatch(r"suggest-[0-9]+(-focus-[0-9]+)?\.roi", n) for n in names)
         if suffix == ".csv":
             with open(path, encoding="utf-8") as f:
-                return f.readline().startswith(SUGGESTIONS_CSV_HEADER)
+                return f.readline().startswith((SUGGESTIONS_CSV_HEADER, SLICES_CSV_HEADER))
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8")[:10_000_000])
             return isinstance(data, dict) and data.get("format") == SUGGESTIONS_FORMAT

@@ -6,20 +6,19 @@ description, each one unlike those already chosen. With a model, every candidate
 
 * **uncertainty**: mean normalised entropy of the predicted class probabilities;
 * **disagreement**: how much the prediction changes under test-time flips/transposition (and between
-  recurrent steps when the model has several), computed for the most promising candidates;
+  recurrent steps when the model has several), computed for the drawn suggestions;
 * **typicality**: how densely the candidate's region of the model's feature space (its bottleneck
   features, averaged over the window) is populated: a typical patch teaches about many others;
 * **novelty**: distance in that space to the nearest annotated patch.
 
-The score moves from typicality towards uncertainty × representativeness as patches get annotated.
-With ``w = min(1, n_annotated / 4)`` it is::
-
-    uncertainty**w * typicality**(1 - w) * (0.7 + 0.3 * typicality)**w * (0.25 + 0.75 * novelty)
-
-where uncertainty is entropy plus disagreement (scaled to the best candidate). Suggestions are drawn
-one at a time with probability ``score ** (1 / temperature)``, each draw damping candidates that look
-like it (feature distance) or overlap it, so that the k suggestions are not near-duplicates of each
-other or of annotated patches.
+The score is ``typicality`` without a model and ``uncertainty`` with one; the other terms then only
+describe a window (``reasons``): weighting by typicality or novelty, or adding disagreement, made the
+top suggestions' true error lower in ``benchmarks/acquisition.py``. Disagreement is computed for
+the drawn suggestions only. Suggestions are drawn one at a time, the best first (or with
+probability ``score ** (1 / temperature)``), each draw damping candidates that look like it
+(feature distance) or overlap it, so that the k suggestions are not near-duplicates of each other;
+windows holding annotations are never candidates. Each suggestion drawn with a model carries its
+focus regions (:mod:`tem_ij_plugin.focus`): where inside it to outline first.
 """
 
 from __future__ import annotations
@@ -50,16 +49,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FEW_PATCHES = 4  # annotated patches at which uncertainty gets its full weight
 MAX_REFERENCE = 2000  # candidates used as the reference set for densities (keeps memory bounded)
 
 
 @dataclass(frozen=True)
 class Candidate(Patch):
-    """One scored window (a :class:`~tem_ij_plugin.patches.Patch`), its score and the reasons for it."""
+    """One scored window (a :class:`~tem_ij_plugin.patches.Patch`), its score and the reasons for it.
+
+    ``focus``: for a drawn suggestion with a model, where inside the window to outline first
+    (:class:`~tem_ij_plugin.focus.FocusRegion`, most uncertain first); empty otherwise.
+    """
 
     score: float = 0.0
     reasons: dict = field(default_factory=dict)
+    focus: tuple = ()
 
 
 @dataclass
@@ -73,15 +76,18 @@ class SuggestResult:
     candidates : list of Candidate
         Every candidate that was scored (annotated windows excluded).
     phase : str
-        ``typical-diverse`` (no model), or ``uncertainty x representativeness`` with the weight used.
+        ``typical-diverse (no model yet)``, or ``uncertainty``.
     timings : dict
         Seconds per stage.
+    slices : list of dict
+        One row per plane that holds candidates (see :func:`slice_table`).
     """
 
     suggestions: list
     candidates: list
     phase: str
     timings: dict
+    slices: list = field(default_factory=list)
 
 
 def candidate_boxes(shape: tuple[int, ...], size: int, stride: int | None = None) -> np.ndarray:
@@ -194,8 +200,15 @@ def uncertainty_maps(probs: np.ndarray, margin: float = 0.3) -> tuple:
     return entropy, ambiguous
 
 
-def _tta_disagreement(net, crop: np.ndarray, inner: tuple, device) -> float:
-    """Mean total-variation distance between test-time variants (and recurrent steps) and their mean."""
+def _tta_disagreement(net, crop: np.ndarray, inner: tuple, device) -> tuple[float, np.ndarray]:
+    """Mean total-variation distance between test-time variants (and recurrent steps) and their mean.
+
+    Returns
+    -------
+    disagreement : float
+    probs : ndarray of float32, shape (C, h, w)
+        The last step's probabilities averaged over the variants, inside ``inner``.
+    """
     import torch
 
     from .tiling import pad_amounts
@@ -217,7 +230,7 @@ def _tta_disagreement(net, crop: np.ndarray, inner: tuple, device) -> float:
         maps += [pr[0], pr[1].flip(1, 2), pr[2].transpose(1, 2)]
     stack = torch.stack(maps)[:, :, inner[0] : inner[2], inner[1] : inner[3]]
     tv = 0.5 * (stack - stack.mean(0, keepdim=True)).abs().sum(1)
-    return float(tv.mean())
+    return float(tv.mean()), stack[-3:].mean(0).cpu().numpy()
 
 
 def _pca(x: np.ndarray, dims: int = 16) -> np.ndarray:
@@ -326,7 +339,7 @@ def suggest(
     k: int = 5,
     size: int = 256,
     stride: int | None = None,
-    temperature: float = 0.2,
+    temperature: float = 0.0,
     seed: int = 0,
     device: str = "auto",
     probabilities: Callable[[int], np.ndarray] | None = None,
@@ -349,7 +362,8 @@ def suggest(
     size, stride : int
         Window side and step (default step: ``size``, the patch grid).
     temperature : float
-        Randomness of the draw (0 = greedy).
+        Randomness of the draw (0 = greedy, the default: window scores are close together, and at
+        0.2 the draw gave up a third of the top 5's lead in true error in the acquisition benchmark).
     seed : int
     device : str
     probabilities : callable, optional
@@ -372,15 +386,16 @@ def suggest(
     if model is None:
         sc = _typical_diverse(image, boxes, n_cand, rng, timings, progress, cancel)
     else:
-        sc = _uncertain_representative(
-            image, boxes, n_cand, n_annotated, model, k, device, probabilities, rng, timings, progress, cancel
-        )
+        sc = _uncertain(image, boxes, n_cand, n_annotated, model, device, probabilities, rng, timings, progress, cancel)
     chosen = draw(sc.score, sc.desc[:n_cand], boxes[:n_cand], k, sc.scale, temperature, rng)
-    timings["total_s"] = time.perf_counter() - t0
     candidates = [
         Candidate(*map(int, boxes[j]), score=float(sc.score[j]), reasons=_reasons(sc, j)) for j in range(n_cand)
     ]
-    return SuggestResult([candidates[j] for j in chosen], candidates, sc.phase, timings)
+    t1 = time.perf_counter()
+    drawn = [_drawn(candidates[j], sc) for j in chosen]
+    timings["focus_s"] = time.perf_counter() - t1
+    timings["total_s"] = time.perf_counter() - t0
+    return SuggestResult(drawn, candidates, sc.phase, timings, slice_table(candidates, drawn))
 
 
 @dataclass
@@ -394,10 +409,10 @@ class _Scores:
     phase: str
     classes: list = field(default_factory=list)
     unc: np.ndarray | None = None
-    dis: np.ndarray | None = None
     nov: np.ndarray | None = None
     unc_means: np.ndarray | None = None  # entropy, pairwise ambiguity, mean class probabilities
     pairs: list = field(default_factory=list)
+    tta: Callable | None = None  # box -> (flip disagreement, the model's probabilities (C, h, w) there)
 
 
 def _check_request(image, labels, k, size, stride) -> None:
@@ -442,10 +457,10 @@ def _typical_diverse(image, boxes, n_cand, rng, timings, progress, cancel) -> _S
     return _Scores(typ.copy(), desc, scale, typ, "typical-diverse (no model yet)")
 
 
-def _uncertain_representative(
-    image, boxes, n_cand, n_annotated, model, k, device, probabilities, rng, timings, progress, cancel
+def _uncertain(
+    image, boxes, n_cand, n_annotated, model, device, probabilities, rng, timings, progress, cancel
 ) -> _Scores:
-    """With a model: uncertainty (entropy + flip disagreement) x representativeness x novelty."""
+    """With a model: rank by uncertainty (mean entropy); typicality and novelty are described."""
     from .normalization import sampled_range
     from .receptive import fold_batchnorm
     from .runtime import resolve_device
@@ -455,8 +470,9 @@ def _uncertain_representative(
     lo, hi = sampled_range(lambda i: image[i], image.shape[0], model.normalization)
     classes = model.classes
     pairs = [(a, b) for a in range(len(classes)) for b in range(a + 1, len(classes))]
+    plane_probs, window_probs = _probability_sources(image, model, dev, (lo, hi), probabilities, cancel)
     unc_means, feat_means = _model_window_means(
-        image, boxes, model, net, dev, (lo, hi), pairs, probabilities, timings, progress, cancel
+        image, boxes, model, net, dev, (lo, hi), pairs, plane_probs, timings, progress, cancel
     )
     desc = _pca(feat_means)
     typ, scale = _typicality(desc[:n_cand], rng)
@@ -466,46 +482,64 @@ def _uncertain_representative(
     else:
         nov = np.ones(n_cand)
     unc = unc_means[:n_cand, 0]
-    # The model may have learnt from more patches than the ROIs given here show.
-    last = model.last_round
-    learnt = len(last.get("train_patches", [])) + len(last.get("val_patches", []))
-    weight = min(1.0, max(n_annotated, learnt) / FEW_PATCHES)
-
-    # Representativeness moves from full typicality (few labels) to a tie-breaker in [0.7, 1], so
-    # that a strongly uncertain region is not buried for being unusual; look-alikes of annotated
-    # patches keep a quarter of their score.
-    rep = typ ** (1 - weight) * (0.7 + 0.3 * typ) ** weight
-    damp = 0.25 + 0.75 * nov
-
-    def combine(u):
-        return (u / max(u.max(), 1e-9)) ** weight * rep * damp
-
-    # Disagreement costs three passes per window: only for the candidates that could be drawn.
-    t3 = time.perf_counter()
-    dis = np.zeros(n_cand)
-    top = np.argsort(-combine(unc))[: min(n_cand, max(3 * k, 12))]
-    for j in top:
-        _check(cancel)
-        dis[j] = _window_disagreement(net, image, boxes[j], (lo, hi), dev)
-    timings["disagreement_s"] = time.perf_counter() - t3
-    # Disagreement is on another scale than entropy; rank-free: both are mean distances in [0, 1].
-    phase = f"uncertainty x representativeness (uncertainty weight {weight:.2f})"
-    return _Scores(combine(unc + dis), desc, scale, typ, phase, classes, unc, dis, nov, unc_means, pairs)
+    # Once there is a model the score is its uncertainty alone. Measured on the ISBI tasks
+    # (benchmarks/acquisition.py): weighting by typicality (0.2 did, fully below four patches) pulled
+    # the top 5 towards easy, common windows, damping look-alikes of annotated patches (novelty) lost
+    # up to a quarter of the top 5's error on one task, and flip disagreement ranked worse than
+    # entropy. Both stay in the reasons; the draw keeps the suggestions apart from each other.
+    tta = _tta_source(net, image, (lo, hi), dev, window_probs)
+    return _Scores(
+        unc.copy(),
+        desc,
+        scale,
+        typ,
+        "uncertainty",
+        classes,
+        unc=unc,
+        nov=nov,
+        unc_means=unc_means,
+        pairs=pairs,
+        tta=tta,
+    )
 
 
-def _model_window_means(image, boxes, model, net, dev, lo_hi, pairs, probabilities, timings, progress, cancel):
-    """Per window: mean entropy, pairwise ambiguity and class probabilities; and mean network features."""
+def _tta_source(net, image, lo_hi, dev, exact):
+    """``box -> (disagreement, probabilities)`` for a drawn window.
+
+    The probabilities are the flip variants' mean, or the caller's exact maps (``exact``) when given.
+    """
+
+    def tta(box):
+        dis, averaged = _window_disagreement(net, image, box, lo_hi, dev)
+        return dis, (averaged if exact is None else exact(box))
+
+    return tta
+
+
+def _probability_sources(image, model, dev, lo_hi, probabilities, cancel) -> tuple:
+    """``plane_probs(z, normalised_plane)``, and ``window_probs(box)`` when the caller gave the maps (else None)."""
     from .normalization import normalize
     from .predict import make_predictor
 
+    if probabilities is not None:
+
+        def window(box):
+            z, y0, x0, y1, x1 = box
+            return probabilities(z)[:, y0:y1, x0:x1]
+
+        return (lambda z, _plane: probabilities(z)), window
+    halo = (model.meta.get("effective_receptive_field") or {}).get("radius")
+    probe = normalize(image[0, :256, :256], *lo_hi)
+    predictor = make_predictor(model.net, dev, probe=probe, halo=halo)
+    return (lambda _z, plane: predictor.plane(plane, cancel=cancel)), None
+
+
+def _model_window_means(image, boxes, model, net, dev, lo_hi, pairs, plane_probs, timings, progress, cancel):
+    """Per window: mean entropy, pairwise ambiguity and class probabilities; and mean network features."""
+    from .normalization import normalize
+
     lo, hi = lo_hi
     nz = image.shape[0]
-    predictor = None
-    if probabilities is None:
-        probe = normalize(image[0, :256, :256], lo, hi)
-        predictor = make_predictor(
-            model.net, dev, probe=probe, halo=(model.meta.get("effective_receptive_field") or {}).get("radius")
-        )
     unc_means = np.zeros((len(boxes), 1 + len(pairs) + len(model.classes)))
     feat_means = None
     t_prob = t_feat = 0.0
@@ -516,7 +550,7 @@ def _model_window_means(image, boxes, model, net, dev, lo_hi, pairs, probabiliti
             continue
         plane = normalize(image[z], lo, hi)
         t1 = time.perf_counter()
-        probs = probabilities(z) if probabilities is not None else predictor.plane(plane, cancel=cancel)
+        probs = plane_probs(z, plane)
         entropy, amb = uncertainty_maps(probs)
         maps = np.concatenate([entropy[None], np.stack([amb[p] for p in pairs]), probs])
         unc_means[rows] = window_means(maps, boxes[rows, 1:])
@@ -534,8 +568,11 @@ def _model_window_means(image, boxes, model, net, dev, lo_hi, pairs, probabiliti
     return unc_means, feat_means
 
 
-def _window_disagreement(net, image, box, lo_hi, dev, ctx: int = 32) -> float:
-    """Flip disagreement of one window, computed on the window with ``ctx`` pixels of context."""
+def _window_disagreement(net, image, box, lo_hi, dev, ctx: int = 32) -> tuple[float, np.ndarray]:
+    """Flip disagreement of one window and its averaged probabilities (see :func:`_tta_disagreement`).
+
+    Computed on the window with ``ctx`` pixels of context.
+    """
     from .normalization import normalize
 
     z, y0, x0, y1, x1 = box
@@ -545,13 +582,67 @@ def _window_disagreement(net, image, box, lo_hi, dev, ctx: int = 32) -> float:
     return _tta_disagreement(net, crop, (y0 - cy0, x0 - cx0, y1 - cy0, x1 - cx0), dev)
 
 
+def _drawn(c: Candidate, sc: _Scores) -> Candidate:
+    """A drawn suggestion with its flip disagreement and focus regions (unchanged without a model).
+
+    Both come from one pass over the window's flip variants; the focus regions are outlined on the
+    variants' mean probabilities, or on the caller's maps when given.
+    """
+    from dataclasses import replace
+
+    from .focus import focus_regions
+
+    if sc.tta is None:
+        return c
+    dis, probs = sc.tta(c.box())
+    entropy, _ = uncertainty_maps(probs)
+    reasons = {**c.reasons, "disagreement": round(dis, 4)}
+    return replace(c, reasons=reasons, focus=tuple(focus_regions(entropy, origin=(c.y0, c.x0))))
+
+
+def slice_table(candidates: list, suggestions: list) -> list[dict]:
+    """Per plane holding candidates: how many, the best score, mean uncertainty and novelty, suggestions drawn.
+
+    Novelty (0-1) is the distance in the model's feature space to the nearest annotated patch: the
+    planes with the highest mean novelty differ most from what was annotated. Uncertainty and
+    novelty are None without a model (and novelty is 1 everywhere with nothing annotated).
+
+    Returns
+    -------
+    list of dict
+        Keys ``slice`` (1-based), ``candidates``, ``best_score``, ``uncertainty``, ``novelty``,
+        ``novelty_max``, ``suggestions``.
+    """
+    by_plane: dict = {}
+    for c in candidates:
+        by_plane.setdefault(c.z, []).append(c)
+    drawn = [c.z for c in suggestions]
+    rows = []
+    for z in sorted(by_plane):
+        cs = by_plane[z]
+        unc = [c.reasons["uncertainty"] for c in cs if "uncertainty" in c.reasons]
+        nov = [c.reasons["novelty"] for c in cs if "novelty" in c.reasons]
+        rows.append(
+            {
+                "slice": z + 1,
+                "candidates": len(cs),
+                "best_score": round(max(c.score for c in cs), 5),
+                "uncertainty": round(float(np.mean(unc)), 4) if unc else None,
+                "novelty": round(float(np.mean(nov)), 4) if nov else None,
+                "novelty_max": round(float(np.max(nov)), 4) if nov else None,
+                "suggestions": drawn.count(z),
+            }
+        )
+    return rows
+
+
 def _reasons(sc: _Scores, j: int) -> dict:
     """Why candidate ``j`` scored as it did: the terms of its score, the most confused classes, the prediction."""
     reasons = {"typicality": round(float(sc.typ[j]), 4)}
     if sc.unc is None:
         return reasons
     reasons["uncertainty"] = round(float(sc.unc[j]), 4)
-    reasons["disagreement"] = round(float(sc.dis[j]), 4) if sc.dis[j] > 0 else None
+    reasons["disagreement"] = None  # computed for the drawn suggestions only (see _drawn)
     reasons["novelty"] = round(float(sc.nov[j]), 4)
     row = sc.unc_means[j]
     if sc.pairs:
@@ -573,13 +664,81 @@ def _report(progress, stage: str, z: int, nz: int) -> None:
         progress(PlaneEvent(stage=stage, plane=z + 1, planes=nz))
 
 
+def suggestion_paths(path: str | Path) -> list[Path]:
+    """What :func:`write_suggestions` writes for ``NAME.zip``: it, ``NAME.csv``, ``NAME.json``, ``NAME-slices.csv``."""
+    path = Path(path)
+    return [path, path.with_suffix(".csv"), path.with_suffix(".json"), path.with_name(f"{path.stem}-slices.csv")]
+
+
+def suggestion_rois(result: SuggestResult, stack: bool) -> list:
+    """``suggest-N`` rectangles, each followed by its ``suggest-N-focus-M`` polygons (roifile ROIs).
+
+    Parameters
+    ----------
+    result : SuggestResult
+    stack : bool
+        Whether the image has several planes (ROIs then carry their 1-based slice position).
+
+    Returns
+    -------
+    list of roifile.ImagejRoi
+    """
+    import roifile
+
+    rois = []
+    for i, c in enumerate(result.suggestions, 1):
+        position = c.z + 1 if stack else 0
+        rect = roifile.ImagejRoi(
+            roitype=roifile.ROI_TYPE.RECT, name=f"suggest-{i}", top=c.y0, left=c.x0, bottom=c.y1, right=c.x1
+        )
+        rect.position = position
+        rois.append(rect)
+        for m, region in enumerate(c.focus, 1):
+            roi = roifile.ImagejRoi.frompoints(region.polygon, name=f"suggest-{i}-focus-{m}")
+            roi.roitype = roifile.ROI_TYPE.POLYGON
+            roi.position = position
+            rois.append(roi)
+    return rois
+
+
+def _rows(result: SuggestResult) -> list[dict]:
+    rows = []
+    for i, c in enumerate(result.suggestions, 1):
+        rows.append(
+            {
+                "name": f"suggest-{i}",
+                "slice": c.z + 1,
+                "x": c.x0,
+                "y": c.y0,
+                "width": c.x1 - c.x0,
+                "height": c.y1 - c.y0,
+                "score": round(c.score, 5),
+                **c.reasons,
+                "focus": [{"name": f"suggest-{i}-focus-{m}", **r.as_dict()} for m, r in enumerate(c.focus, 1)],
+            }
+        )
+    return rows
+
+
+def _write_csv(tmp: Path, rows: list[dict]) -> None:
+    """Rows as CSV; nested values (dicts, lists) as JSON text in their cell."""
+    flat = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows]
+    keys = list(dict.fromkeys(k for r in flat for k in r))
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
 def write_suggestions(path: str | Path, result: SuggestResult, stack: bool) -> list:
-    """Write ``suggest-1..k`` rectangles to a RoiSet.zip, and the ranking to ``.csv`` and ``.json`` beside it.
+    """Write the ROIs of :func:`suggestion_rois` to a RoiSet.zip, and the ranking and slice table beside it.
 
     Parameters
     ----------
     path : path
-        The ``.zip`` to write; ``NAME.csv`` and ``NAME.json`` go next to it.
+        The ``.zip`` to write; the other files of :func:`suggestion_paths` go next to it: ``NAME.csv``
+        (one row per suggestion, focus polygons as JSON), ``NAME.json`` (the same with the phase,
+        timings and the slice table) and ``NAME-slices.csv`` (:func:`slice_table`).
     result : SuggestResult
     stack : bool
         Whether the image has several planes (ROIs then carry their 1-based slice position).
@@ -591,46 +750,18 @@ def write_suggestions(path: str | Path, result: SuggestResult, stack: bool) -> l
     """
     import roifile
 
-    path = Path(path)
-    rois = []
-    rows = []
-    for i, c in enumerate(result.suggestions, 1):
-        rois.append(
-            roifile.ImagejRoi(
-                roitype=roifile.ROI_TYPE.RECT,
-                name=f"suggest-{i}",
-                top=c.y0,
-                left=c.x0,
-                bottom=c.y1,
-                right=c.x1,
-                position=c.z + 1 if stack else 0,
-            )
-        )
-        rows.append(
-            {
-                "name": f"suggest-{i}",
-                "slice": c.z + 1,
-                "x": c.x0,
-                "y": c.y0,
-                "width": c.x1 - c.x0,
-                "height": c.y1 - c.y0,
-                "score": round(c.score, 5),
-                **c.reasons,
-            }
-        )
-    csv_path, json_path = path.with_suffix(".csv"), path.with_suffix(".json")
-
-    def write_csv(tmp):
-        flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
-        keys = list(dict.fromkeys(k for r in flat for k in r))
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(flat)
-
-    summary = {"format": SUGGESTIONS_FORMAT, "phase": result.phase, "timings_s": result.timings, "suggestions": rows}
+    paths = suggestion_paths(path)
+    rois, rows = suggestion_rois(result, stack), _rows(result)
+    summary = {
+        "format": SUGGESTIONS_FORMAT,
+        "phase": result.phase,
+        "timings_s": result.timings,
+        "suggestions": rows,
+        "slices": result.slices,
+    }
     # Each file is written under its temporary name (planned by the caller) and renamed into place.
-    atomic_write(path, lambda tmp: roifile.roiwrite(tmp, rois, mode="w"))
-    atomic_write(csv_path, write_csv)
-    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8"))
-    return [path, csv_path, json_path]
+    atomic_write(paths[0], lambda tmp: roifile.roiwrite(tmp, rois, mode="w"))
+    atomic_write(paths[1], lambda tmp: _write_csv(tmp, rows))
+    atomic_write(paths[2], lambda tmp: tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8"))
+    atomic_write(paths[3], lambda tmp: _write_csv(tmp, result.slices))
+    return paths

@@ -146,6 +146,7 @@ def simulate_annotations(
     coverage: float = 1 / 3,
     margin: int = 2,
     slice_position: int = 0,
+    focus: np.ndarray | None = None,
 ) -> list:
     """A careful but partial annotator: polygons that stay ``margin`` pixels inside true regions.
 
@@ -169,6 +170,10 @@ def simulate_annotations(
         Distance the polygons keep from true boundaries.
     slice_position : int
         1-based slice for the ROI positions (0 for a 2-D image).
+    focus : ndarray of bool, shape (Y, X), optional
+        Where to draw first (the focus regions of a suggestion): each polygon starts at a pixel
+        inside ``focus`` while there is one left for its class, elsewhere after that. The budget
+        per class is the same, so focus changes where the labels are, not how many.
 
     Returns
     -------
@@ -191,7 +196,8 @@ def simulate_annotations(
             for _ in range(40):
                 if done >= budget or not avail.any():
                     break
-                ys, xs = np.nonzero(avail)
+                start = avail & focus[y0:y1, x0:x1] if focus is not None else avail
+                ys, xs = np.nonzero(start if start.any() else avail)
                 k = rng.integers(ys.size)
                 sy, sx = ys[k], xs[k]
                 size = int(rng.integers(24, 112))

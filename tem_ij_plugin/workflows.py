@@ -227,6 +227,7 @@ def suggest_round(
     settings: Settings | None = None,
     all_slices: bool = False,
     group_names: dict | None = None,
+    probabilities: str | Path | None = None,
     device: str = "auto",
     progress: ProgressSink | None = None,
     cancel: CancelToken | None = None,
@@ -248,6 +249,10 @@ def suggest_round(
         Their patch size is the default window side for a session without a model.
     all_slices, group_names
         How the shapes become labels (:func:`tem_ij_plugin.annotations.rasterize`).
+    probabilities : path, optional
+        The model's probability map of this image, written earlier by ``tem-ij predict``
+        (:class:`~tem_ij_plugin.io.ProbabilityPlanes`): scoring then skips the network's most
+        expensive pass. Needs ``model``.
     device, progress, cancel, **options
         Passed on to :func:`~tem_ij_plugin.suggest.suggest` (``stride``, ``temperature``, ``seed``).
 
@@ -256,6 +261,7 @@ def suggest_round(
     SuggestResult
     """
     from .annotations import rasterize
+    from .io import ProbabilityPlanes
     from .suggest import suggest
 
     size = size or suggestion_size(model, settings)
@@ -267,10 +273,17 @@ def suggest_round(
         labels = rasterize(shapes, image.data.shape, classes=classes, all_slices=all_slices, group_names=group_names)
     elif model is not None:
         log.warning("no annotations given: suggestions may fall on patches you already annotated")
-    return suggest(
-        image.data, None if labels is None else labels.labels, model, k=k, size=size, device=str(device),
-        progress=progress, cancel=cancel, **options,
-    )  # fmt: skip
+    if probabilities is not None and model is None:
+        raise UserError("probabilities from an earlier prediction need the model that made them")
+    maps = None if probabilities is None else ProbabilityPlanes(probabilities, model.classes, image.data.shape)
+    try:
+        return suggest(
+            image.data, None if labels is None else labels.labels, model, k=k, size=size, device=str(device),
+            probabilities=maps, progress=progress, cancel=cancel, **options,
+        )  # fmt: skip
+    finally:
+        if maps is not None:
+            maps.close()
 
 
 def doctor(write: Callable[[str], object] = print, probe_seconds: float = 5.0) -> str:

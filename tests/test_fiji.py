@@ -345,16 +345,18 @@ def test_macro_train_predict_suggest_grid(clean, data, tmp_path):
     result = _macro(imagej, 'selectImage("image.tif"); run("TEM Suggest Next Patches", "number=2 device=cpu");')
     assert result != "[aborted]", _log(imagej)
     names = [str(rm.getName(i)) for i in range(rm.getCount())]
-    assert [n for n in names if n.startswith("suggest-")] == ["suggest-1", "suggest-2"]
-    assert len(names) == kept + 2  # the annotations are all still there
+    ours = [n for n in names if n.startswith("suggest-")]
+    assert [n for n in ours if "-focus-" not in n] == ["suggest-1", "suggest-2"]
+    assert len(names) == kept + len(ours)  # the annotations are all still there
     boxes = sorted(tuple(b) for b in bridge.last["TEM Suggest Next Patches"]["suggestions"])
     assert boxes == [(0, 128, 0, 256, 128), (0, 128, 128, 256, 256)]
     overlay = imp.getOverlay()
     drawn = [str(overlay.get(i).getName()) for i in range(overlay.size())]
-    assert drawn == ["suggest-1", "suggest-2"]
+    assert drawn == ours
     # running it again replaces our suggestions instead of piling them up
     assert _macro(imagej, 'selectImage("image.tif"); run("TEM Suggest Next Patches", "number=1 device=cpu");') is None
-    assert [str(rm.getName(i)) for i in range(rm.getCount())][kept:] == ["suggest-1"]
+    again = [str(rm.getName(i)) for i in range(rm.getCount())][kept:]
+    assert [n for n in again if "-focus-" not in n] == ["suggest-1"]
 
     result = _macro(imagej, f'selectImage("image.tif"); run("TEM Show Patch Grid", "rois=[{rois}]");')
     assert result != "[aborted]", _log(imagej)
@@ -609,10 +611,11 @@ def test_fiji_and_the_cli_train_the_same_model_from_the_same_inputs(clean, data,
     assert differ == []
 
 
-def test_fiji_and_the_cli_suggest_the_same_windows(clean, data, synthetic, tmp_path, capsys):
-    """Both front ends call workflows.suggest_round: same model, image and ROIs give the same windows."""
-    import json
+def _suggest_in_both(clean, data, synthetic, tmp_path, capsys) -> tuple:
+    """`tem-ij suggest` and TEM Suggest Next Patches on the same model, image and ROIs.
 
+    Returns the CLI's RoiSet.zip and the ROI Manager as Fiji saved it after the command.
+    """
     from tem_ij_plugin.io import write_rois
 
     model = tmp_path / "m.model"
@@ -624,15 +627,37 @@ def test_fiji_and_the_cli_suggest_the_same_windows(clean, data, synthetic, tmp_p
     out = tmp_path / "s.zip"
     code, _, err = run_cli(capsys, "suggest", model, data["image"], "--rois", rois, "-k", 2, "-o", out)
     assert code == 0, err
-    rows = json.loads(out.with_suffix(".json").read_text())["suggestions"]
-    cli = [(r["slice"] - 1, r["y"], r["x"], r["y"] + r["height"], r["x"] + r["width"]) for r in rows]
+    saved = tmp_path / "fiji.zip"
     macro = (
         f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model", "model=[{model}]"); '
-        f'run("TEM Suggest Next Patches", "number=2 rois=[{rois}] device=cpu");'
+        f'run("TEM Suggest Next Patches", "number=2 rois=[{rois}] device=cpu"); roiManager("Save", "{saved}");'
     )
     assert _macro(clean, macro) != "[aborted]", _log(clean)
+    return out, saved
+
+
+def test_fiji_and_the_cli_suggest_the_same_windows(clean, data, synthetic, tmp_path, capsys):
+    """Both front ends call workflows.suggest_round: same model, image and ROIs give the same windows."""
+    import json
+
+    out, _ = _suggest_in_both(clean, data, synthetic, tmp_path, capsys)
+    rows = json.loads(out.with_suffix(".json").read_text())["suggestions"]
+    cli = [(r["slice"] - 1, r["y"], r["x"], r["y"] + r["height"], r["x"] + r["width"]) for r in rows]
     fiji = [tuple(b) for b in clean["bridge"].last["TEM Suggest Next Patches"]["suggestions"]]
     assert fiji == cli
+
+
+def test_fiji_and_the_cli_give_the_same_focus_regions(clean, data, synthetic, tmp_path, capsys):
+    """The ROI Manager holds the CLI's suggestion ROIs, focus polygons included, as ImageJ decoded them."""
+    import roifile
+
+    out, saved = _suggest_in_both(clean, data, synthetic, tmp_path, capsys)
+    cli = {r.name: r for r in roifile.roiread(out)}
+    fiji = {r.name: r for r in roifile.roiread(saved) if r.name.startswith("suggest-")}
+    assert sorted(fiji) == sorted(cli)
+    assert any("-focus-" in name for name in cli)
+    for name, r in cli.items():
+        np.testing.assert_allclose(fiji[name].coordinates(), r.coordinates(), atol=1e-3)
 
 
 def test_tem_ij_doctor_prints_the_check_environment_report(clean, capsys):

@@ -11,7 +11,7 @@ from conftest import run_cli, sha256, tiny_settings
 from tem_ij_plugin.annotations import rasterize
 from tem_ij_plugin.config import Settings, dump_settings
 from tem_ij_plugin.io import write_hyperstack, write_rois
-from tem_ij_plugin.suggest import candidate_boxes, suggest, window_means, write_suggestions
+from tem_ij_plugin.suggest import candidate_boxes, slice_table, suggest, window_means, write_suggestions
 from tem_ij_plugin.synthetic import SYNTHETIC_CLASSES, make_tem_image, simulate_annotations
 
 CONFUSING = (0, 256, 128, 384, 256)  # the window made ambiguous in `confusing_image`
@@ -113,6 +113,56 @@ def test_the_confusing_region_is_suggested_first(confusing_image, trained):
     assert Counter(firsts).most_common(1)[0][0] == CONFUSING
 
 
+def test_a_suggestion_says_where_to_draw_inside_it(trained):
+    """A window that is confusing in one quarter only: its focus region lies in that quarter."""
+    from skimage.draw import polygon2mask
+
+    image, truth = make_tem_image(512, 512, seed=5, cell_radius=30)
+    mid = (image[truth == 0].mean() + image[truth == 1].mean()) / 2
+    image = image.astype(np.float32)
+    image[256:320, 128:192] = mid + np.random.default_rng(1).normal(0, 3, (64, 64))
+    quarter = np.zeros((512, 512), bool)
+    quarter[256:320, 128:192] = True
+    res = suggest(image[None], None, trained, k=1, size=128, candidates=np.array([CONFUSING]), device="cpu")
+    focus = res.suggestions[0].focus
+    assert len(focus) >= 1
+    drawn = polygon2mask(quarter.shape, focus[0].polygon[:, ::-1] + 0.5)
+    assert (drawn & quarter).sum() > 0.7 * drawn.sum()
+
+
+def test_suggestions_without_a_model_carry_no_focus():
+    image, _ = make_tem_image(256, 256, seed=2)
+    res = suggest(image[None], None, None, k=2, size=128)
+    assert [c.focus for c in res.suggestions] == [(), ()]
+
+
+def test_the_slice_table_has_one_row_per_plane_and_counts_the_suggestions(confusing_image, trained):
+    image, _ = confusing_image
+    stack = np.concatenate([image, image[:, ::-1], image[:, :, ::-1]])
+    labels = np.full(stack.shape, -1, np.int16)
+    labels[0] = _labels_on(image, [(0, 0, 128, 128), (0, 128, 128, 256)])[0]
+    res = suggest(stack, labels, trained, k=4, size=128, device="cpu")
+    assert [r["slice"] for r in res.slices] == [1, 2, 3]
+    assert sum(r["suggestions"] for r in res.slices) == 4
+    assert [r["candidates"] for r in res.slices] == [14, 16, 16]
+    assert all(0 <= r["novelty"] <= r["novelty_max"] <= 1 for r in res.slices)
+
+
+def test_slice_table_novelty_is_the_mean_of_the_planes_candidates():
+    from tem_ij_plugin.suggest import Candidate
+
+    cands = [Candidate(0, 0, 0, 8, 8, score=1.0, reasons={"novelty": 0.2, "uncertainty": 0.5}),
+             Candidate(0, 8, 0, 16, 8, score=2.0, reasons={"novelty": 0.6, "uncertainty": 0.1}),
+             Candidate(2, 0, 0, 8, 8, score=0.5, reasons={"novelty": 0.9, "uncertainty": 0.3})]  # fmt: skip
+    rows = slice_table(cands, [cands[1]])
+    assert rows == [
+        {"slice": 1, "candidates": 2, "best_score": 2.0, "uncertainty": 0.3, "novelty": 0.4, "novelty_max": 0.6,
+         "suggestions": 1},
+        {"slice": 3, "candidates": 1, "best_score": 0.5, "uncertainty": 0.3, "novelty": 0.9, "novelty_max": 0.9,
+         "suggestions": 0},
+    ]  # fmt: skip
+
+
 def test_without_a_model_suggestions_are_typical_and_diverse():
     image, _ = make_tem_image(512, 512, seed=2, cell_radius=30)
     image = image.copy()
@@ -131,18 +181,41 @@ def test_write_suggestions_roiset_csv_json(tmp_path, confusing_image, trained):
     stack = np.concatenate([image, image[:, ::-1]])  # a 2-slice stack
     res = suggest(stack, None, trained, k=3, size=128, device="cpu")
     files = write_suggestions(tmp_path / "suggestions.zip", res, stack=True)
+    assert [f.name for f in files] == [
+        "suggestions.zip",
+        "suggestions.csv",
+        "suggestions.json",
+        "suggestions-slices.csv",
+    ]
     rois = roifile.roiread(files[0])
-    assert [r.name for r in rois] == ["suggest-1", "suggest-2", "suggest-3"]
-    for r, c in zip(rois, res.suggestions):
+    rects = [r for r in rois if "-focus-" not in r.name]
+    assert [r.name for r in rects] == ["suggest-1", "suggest-2", "suggest-3"]
+    for r, c in zip(rects, res.suggestions):
         assert r.roitype == roifile.ROI_TYPE.RECT
         assert (r.left, r.top, r.right, r.bottom) == (c.x0, c.y0, c.x1, c.y1)
         assert r.position == c.z + 1
+    expected = [f"suggest-{i}-focus-{m}" for i, c in enumerate(res.suggestions, 1) for m in range(1, len(c.focus) + 1)]
+    assert [r.name for r in rois if "-focus-" in r.name] == expected
     rows = files[1].read_text().splitlines()
     assert rows[0].startswith("name,slice,x,y,width,height,score,typicality,uncertainty,disagreement,novelty")
     assert len(rows) == 4
     data = json.loads(files[2].read_text())
     assert data["suggestions"][0]["name"] == "suggest-1"
     assert "uncertainty" in data["suggestions"][0]
+    assert len(data["slices"]) == 2
+    assert len(files[3].read_text().splitlines()) == 3  # header and two slices
+
+
+def test_focus_polygons_in_the_roiset_match_the_json(tmp_path, confusing_image, trained):
+    image, _ = confusing_image
+    res = suggest(image, None, trained, k=2, size=128, device="cpu")
+    files = write_suggestions(tmp_path / "s.zip", res, stack=False)
+    rois = {r.name: r for r in roifile.roiread(files[0])}
+    focus = [f for row in json.loads(files[2].read_text())["suggestions"] for f in row["focus"]]
+    assert focus, "the model is unsure somewhere in the confusing image"
+    for f in focus:
+        assert rois[f["name"]].roitype == roifile.ROI_TYPE.POLYGON
+        np.testing.assert_allclose(rois[f["name"]].coordinates(), f["polygon"], atol=0.051)
 
 
 def test_suggest_rejects_bad_arguments(confusing_image):
@@ -193,7 +266,7 @@ def test_cli_suggest_without_and_with_a_model(big_files, capsys):
         capsys, "suggest", d / "m.model", d / "image.tif", "--rois", d / "r1.zip", "-k", 2, "-o", d / "next.zip"
     )
     assert code == 0, err
-    assert "uncertainty x representativeness" in out
+    assert "candidate windows scored (uncertainty)" in out
     assert (d / "next.csv").is_file()
     assert (d / "next.json").is_file()
     for r in roifile.roiread(d / "next.zip"):
@@ -215,6 +288,54 @@ def test_cli_suggest_errors(big_files, capsys):
     code, _, err = run_cli(capsys, "suggest", d / "image.tif", "--rois", d / "r1.zip", "-o", d / "r1.zip")
     assert code == 2
     assert "would overwrite the input" in err
+
+
+@pytest.fixture()
+def with_model(big_files, capsys):
+    """big_files plus a tiny model trained on r1.zip."""
+    d = big_files
+    code, _, err = run_cli(
+        capsys, "train", d / "image.tif", "--rois", d / "r1.zip", "-o", d / "m.model", "--config", d / "tiny.yaml"
+    )
+    assert code == 0, err
+    return d
+
+
+def _suggested_boxes(path) -> list:
+    return [(r["slice"], r["x"], r["y"]) for r in json.loads(path.with_suffix(".json").read_text())["suggestions"]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_cli_suggest_reuses_a_probability_map_from_predict(with_model, capsys, dtype):
+    d = with_model
+    code, _, err = run_cli(capsys, "predict", d / "m.model", d / "image.tif", "-o", d / "p.tif", "--dtype", dtype)
+    assert code == 0, err
+    common = ["suggest", d / "m.model", d / "image.tif", "--rois", d / "r1.zip", "-k", 3, "--temperature", 0]
+    assert run_cli(capsys, *common, "-o", d / "fresh.zip")[0] == 0
+    code, _, err = run_cli(capsys, *common, "--probabilities", d / "p.tif", "-o", d / "reused.zip")
+    assert code == 0, err
+    assert _suggested_boxes(d / "reused.zip") == _suggested_boxes(d / "fresh.zip")
+
+
+def test_cli_suggest_refuses_probabilities_that_do_not_fit(with_model, capsys):
+    d = with_model
+    code, _, err = run_cli(capsys, "predict", d / "m.model", d / "image.tif", "-o", d / "cell.tif", "--classes", "cell")
+    assert code == 0, err
+    base = ["suggest", d / "m.model", d / "image.tif", "-o", d / "s.zip", "--probabilities"]
+    code, _, err = run_cli(capsys, *base, d / "cell.tif")
+    assert code == 2
+    assert "1 channel(s) but the model has 2 classes" in err
+    write_hyperstack(d / "small.tif", np.full((1, 2, 64, 64), 0.5, np.float32))
+    code, _, err = run_cli(capsys, *base, d / "small.tif")
+    assert code == 2
+    assert "use the probabilities of this image" in err
+    write_hyperstack(d / "noise.tif", np.random.default_rng(0).random((1, 2, 384, 384), np.float32))
+    code, _, err = run_cli(capsys, *base, d / "noise.tif")
+    assert code == 2
+    assert "not class probabilities" in err
+    code, _, err = run_cli(capsys, "suggest", d / "image.tif", "-o", d / "s.zip", "--probabilities", d / "cell.tif")
+    assert code == 2
+    assert "need the model" in err
 
 
 def test_project_rounds_history_and_revert(big_files, capsys):

@@ -381,7 +381,9 @@ def suggest_patches(ctx: Context) -> None:
         device=str(_device(ctx)), progress=progress, cancel=ctx.cancel,
     )  # fmt: skip
 
-    Roi = jimport("ij.gui.Roi")
+    from ..suggest import suggestion_rois
+    from .convert import from_roi_bytes
+
     manager = roi_manager(ctx, create=True)
     # Earlier suggestions are ours to replace; everything else in the manager stays as it is
     for i in reversed(range(int(manager.getCount()))):
@@ -389,26 +391,28 @@ def suggest_patches(ctx: Context) -> None:
             manager.select(i)
             manager.runCommand("Delete")
     overlay = _overlay_without(ctx.image, SUGGEST_PREFIX)
-    stack = image.data.shape[0] > 1
     names = []
-    for i, c in enumerate(result.suggestions, 1):
-        roi = Roi(c.x0, c.y0, c.x1 - c.x0, c.y1 - c.y0)
-        roi.setName(f"{SUGGEST_PREFIX}{i}")
-        if stack:
-            roi.setPosition(c.z + 1)
+    # The same ROIs as `tem-ij suggest` writes, decoded by ImageJ from their .roi bytes
+    for r in suggestion_rois(result, stack=image.data.shape[0] > 1):
+        roi = from_roi_bytes(r.tobytes())
+        roi.setName(r.name)
         manager.addRoi(roi)
         shown = roi.clone()
-        shown.setStrokeColor(_java_color("yellow"))
-        shown.setStrokeWidth(3.0)
+        focus = "-focus-" in r.name
+        shown.setStrokeColor(_java_color("magenta" if focus else "yellow"))
+        shown.setStrokeWidth(1.5 if focus else 3.0)
         overlay.add(shown)
-        names.append(str(roi.getName()))
+        names.append(r.name)
     overlay.drawNames(True)
     ctx.image.setOverlay(overlay)
     manager.deselect()
     ctx.results.update(suggestions=[c.box() for c in result.suggestions], names=names, phase=result.phase)
+    windows = [n for n in names if "-focus-" not in n]
+    n_focus = len(names) - len(windows)
+    focus = f"; outline the {n_focus} magenta focus region(s) first" if n_focus else ""
     jimport("ij.IJ").log(
-        f"TEM Suggest Next Patches: {', '.join(names)} added to the ROI Manager ({result.phase}); annotate them, "
-        "rename or delete the rectangles, then run TEM Train Model again"
+        f"TEM Suggest Next Patches: {', '.join(windows)} added to the ROI Manager ({result.phase}){focus}; "
+        "annotate them, rename or delete the rectangles, then run TEM Train Model again"
     )
 
 

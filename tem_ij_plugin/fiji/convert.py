@@ -118,6 +118,16 @@ def roi_bytes(roi) -> bytes:
     return bytes(memoryview(encoded))
 
 
+def from_roi_bytes(data: bytes):
+    """A Java ROI from ImageJ's ``.roi`` encoding (what roifile writes): the exact ROI a RoiSet.zip would give."""
+    from jpype import JArray, JByte
+
+    roi = jimport("ij.io.RoiDecoder").openFromByteArray(JArray(JByte)(data))
+    if roi is None:
+        raise UserError("ImageJ could not decode a ROI written by tem_ij_plugin")
+    return roi
+
+
 def to_shapes(rois: list, source: str = "ROI Manager") -> list:
     """Convert ImageJ ROIs to shapes through their ``.roi`` bytes: the path a RoiSet.zip takes.
 
