@@ -1,0 +1,367 @@
+"""Do the suggestion scores find the patches the model gets wrong? Acquisition on real ssTEM (ISBI 2012).
+
+Per task (``membrane``, ``profiles``, ``mito`` of ``label_gap.py``) and seed, the 60 patches of
+sections 0-14 are put in a random order and the simulated annotator outlines the first 2, 4 and 8 of
+them (a chain of warm-started trainings, ``--iterations`` each, as ``tem-ij train --project`` rounds
+do). For the model at each count, every unannotated patch of the pool is a candidate and its *true
+error* is the fraction of its pixels the model gets wrong (dense truth). Per score:
+
+* **top-5 ratio**: mean true error of the 5 best-scored candidates / the mean candidate's; beside it
+  the oracle's (the 5 with the highest true error) and the issue's target ``1 + 0.6 (oracle - 1)``;
+* **Spearman** rank correlation of the score with the true error over all candidates.
+
+Scores (window aggregates of the probabilities; ``cal_`` = after temperature scaling fitted on the
+labelled pixels of the model's validation patches; T = 1 without any):
+``entropy`` (mean normalised entropy), ``entropy_p90`` (its 90th percentile), ``margin`` (mean of
+1 - (p1 - p2)), ``expected_error`` (mean of 1 - max p: the error rate the probabilities predict),
+``ambiguous`` (fraction with p1 - p2 < 0.3), ``focus`` (mean of the top 10 % of the smoothed entropy:
+the broad uncertain areas that :mod:`tem_ij_plugin.focus` outlines), ``tta`` (flip disagreement) and
+``product`` (the score :func:`tem_ij_plugin.suggest.suggest` ranks by; its top 5 are its 5 drawn
+suggestions).
+
+``--focus`` adds the focus-region experiment: from the 2-patch model the next patches (the same ones
+as the chain's) are annotated *focus-first* (each polygon starts inside the patch's focus regions
+while it can) instead of at random inside the patch, with the same budget per class; dense test
+mIoU (sections 15-29) at 4 and 8 patches, and the labelled pixels of both arms.
+
+    python benchmarks/acquisition.py --tasks membrane --seeds 0 --counts 2,4
+    python benchmarks/acquisition.py --focus --json benchmarks/results/acquisition.json
+
+Trained models are kept in ``--cache`` (reused when present), so a second run with other scores
+costs only the scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from isbi_partial import DATA, load  # noqa: E402
+from label_gap import CLASSES, dense_score, truths  # noqa: E402
+
+SIZE, SECTIONS = 256, 15
+SCORES = ("entropy", "entropy_p90", "margin", "expected_error", "ambiguous", "focus")
+
+
+def pool_boxes() -> np.ndarray:
+    """The 60 patches of sections 0-14, rows (z, y0, x0, y1, x1)."""
+    from tem_ij_plugin.suggest import candidate_boxes
+
+    return candidate_boxes((SECTIONS, 512, 512), SIZE)
+
+
+def annotate(truth, boxes, classes, rng, focus_masks=None) -> list:
+    """Simulated partial polygons on ``boxes`` (one rng for all, as ``isbi_partial.partial_labels``)."""
+    from tem_ij_plugin.synthetic import simulate_annotations
+
+    shapes = []
+    for i, (z, y0, x0, y1, x1) in enumerate(boxes):
+        focus = None if focus_masks is None else focus_masks[i]
+        shapes += simulate_annotations(
+            truth[z], [(y0, x0, y1, x1)], classes, rng, slice_position=int(z) + 1, focus=focus
+        )
+    return shapes
+
+
+def train_cached(path: Path, image, shapes, classes, seed, iterations, init):
+    """Train (warm start from ``init``) unless ``path`` holds the model already."""
+    from tem_ij_plugin.annotations import rasterize
+    from tem_ij_plugin.config import Settings
+    from tem_ij_plugin.modelio import load_model, save_model
+    from tem_ij_plugin.train import train
+
+    labels = rasterize(shapes, image.shape, classes=classes)
+    if path.exists():
+        return load_model(path), labels
+    s = Settings()
+    s.train.seed, s.train.max_iterations, s.train.max_minutes = seed, iterations, 60.0
+    model = train(image, labels, s, init=init, device="cpu").model
+    save_model(path, model)
+    return model, labels
+
+
+def fit_temperature(probs, labels, patches) -> float:
+    """Temperature minimising the NLL of the labelled pixels of ``patches`` (1.0 without any)."""
+    logp, target = [], []
+    for z, y0, x0, y1, x1 in patches:
+        lab = labels[z, y0:y1, x0:x1]
+        keep = lab >= 0
+        logp.append(np.log(np.clip(probs[z, :, y0:y1, x0:x1][:, keep], 1e-7, 1)).T)
+        target.append(lab[keep])
+    if not logp:
+        return 1.0
+    logp, target = np.concatenate(logp).astype(np.float64), np.concatenate(target)
+    best = (np.inf, 1.0)
+    for t in np.exp(np.linspace(-1.5, 1.5, 61)):
+        z = logp / t
+        z -= z.max(1, keepdims=True)
+        nll = -(z[np.arange(len(z)), target] - np.log(np.exp(z).sum(1))).mean()
+        best = min(best, (nll, float(t)))
+    return best[1]
+
+
+def tempered(p: np.ndarray, t: float) -> np.ndarray:
+    """Probabilities (C, ...) with logits divided by ``t``."""
+    z = np.log(np.clip(p, 1e-7, 1)) / t
+    z -= z.max(0, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(0, keepdims=True)
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(np.clip(p, 1e-7, 1))).sum(0) / np.log(p.shape[0])
+
+
+def window_stats(p: np.ndarray) -> dict:
+    """The window aggregates of one window's probabilities (C, H, W)."""
+    from scipy import ndimage as ndi
+
+    ent = entropy(p)
+    top = np.sort(p, 0)
+    gap = top[-1] - top[-2]
+    smooth = ndi.gaussian_filter(ent.astype(np.float32), 4.0).ravel()
+    return {
+        "entropy": float(ent.mean()),
+        "entropy_p90": float(np.quantile(ent, 0.9)),
+        "margin": float((1 - gap).mean()),
+        "expected_error": float((1 - top[-1]).mean()),
+        "ambiguous": float((gap < 0.3).mean()),
+        "focus": float(np.sort(smooth)[-len(smooth) // 10 :].mean()),
+    }
+
+
+def acquisition_metrics(scores: np.ndarray, errors: np.ndarray, top: np.ndarray | None = None) -> dict:
+    """Top-5 ratio (``top``: the indices to use instead of the 5 best scores) and Spearman rho."""
+    from scipy.stats import spearmanr
+
+    top = np.argsort(-scores, kind="stable")[:5] if top is None else top
+    rho = spearmanr(scores, errors).statistic
+    return {"top5_ratio": round(float(errors[top].mean() / errors.mean()), 3), "spearman": round(float(rho), 3)}
+
+
+def score_model(model, labels, images, truth, boxes, cand, seed, tta=True) -> dict:
+    """Every score's top-5 ratio and Spearman rho for one model, with the oracle's ratio."""
+    import torch
+
+    from tem_ij_plugin.normalization import sampled_range
+    from tem_ij_plugin.predict import predict_stack
+    from tem_ij_plugin.receptive import fold_batchnorm
+    from tem_ij_plugin.suggest import _window_disagreement, suggest
+
+    pool_img = images[:SECTIONS]
+    probs = predict_stack(model.net, pool_img, model.normalization, torch.device("cpu"))
+    pred = probs.argmax(1)
+    errors = np.array([(pred[z, y0:y1, x0:x1] != truth[z, y0:y1, x0:x1]).mean() for z, y0, x0, y1, x1 in cand])
+    t = fit_temperature(probs, labels.labels, model.last_round["val_patches"])
+    rows = {name: [] for name in SCORES}
+    rows.update({f"cal_{name}": [] for name in SCORES})
+    for z, y0, x0, y1, x1 in cand:
+        p = probs[z, :, y0:y1, x0:x1]
+        for name, v in window_stats(p).items():
+            rows[name].append(v)
+        for name, v in window_stats(tempered(p, t)).items():
+            rows[f"cal_{name}"].append(v)
+    net = fold_batchnorm(model.net).float()
+    lo_hi = sampled_range(lambda i: pool_img[i], SECTIONS, model.normalization)
+    if tta:  # three network passes per candidate: the most expensive score
+        rows["tta"] = [_window_disagreement(net, pool_img, box, lo_hi, torch.device("cpu"))[0] for box in cand]
+    out = {name: acquisition_metrics(np.asarray(v), errors) for name, v in rows.items()}
+    res = suggest(pool_img, labels.labels, model, k=5, seed=seed, device="cpu", probabilities=probs.__getitem__,
+                  candidates=cand)  # fmt: skip
+    index = {tuple(map(int, b)): i for i, b in enumerate(cand)}
+    product = np.zeros(len(cand))
+    for c in res.candidates:
+        product[index[c.box()]] = c.score
+    drawn = np.array([index[c.box()] for c in res.suggestions])
+    out["product"] = acquisition_metrics(product, errors, drawn)
+    oracle = np.sort(errors)[-5:].mean() / errors.mean()
+    # Every candidate's numbers, so that other combinations can be evaluated without retraining.
+    raw = {name: np.round(np.asarray(v, float), 5).tolist() for name, v in rows.items()}
+    raw["product"] = np.round(product, 6).tolist()
+    for term in ("typicality", "novelty", "uncertainty", "disagreement"):
+        values = np.zeros(len(cand))
+        for c in res.candidates:
+            values[index[c.box()]] = c.reasons.get(term) or 0.0
+        raw[term] = values.tolist()
+    return {"temperature": round(t, 3), "oracle_ratio": round(float(oracle), 3),
+            "mean_error": round(float(errors.mean()), 4), "scores": out,
+            "candidates": {"errors": np.round(errors, 5).tolist(), **raw}}  # fmt: skip
+
+
+def focus_masks(model, labels, images, boxes) -> list:
+    """The union of each box's focus regions (calibrated entropy of ``model``) as plane masks."""
+    import torch
+    from skimage.draw import polygon2mask
+
+    from tem_ij_plugin.focus import focus_regions
+    from tem_ij_plugin.predict import predict_stack
+
+    probs = predict_stack(model.net, images[:SECTIONS], model.normalization, torch.device("cpu"))
+    t = fit_temperature(probs, labels.labels, model.last_round["val_patches"])
+    masks = []
+    for z, y0, x0, y1, x1 in boxes:
+        mask = np.zeros(images.shape[1:], bool)
+        for r in focus_regions(entropy(tempered(probs[z, :, y0:y1, x0:x1], t)), origin=(y0, x0)):
+            mask |= polygon2mask(mask.shape, r.polygon[:, ::-1] + 0.5)  # corners -> centres, (y, x)
+        masks.append(mask)
+    return masks
+
+
+def run(task, truth, images, seed, args) -> dict:
+    classes = CLASSES[task]
+    boxes = pool_boxes()
+    order = np.random.default_rng(seed).permutation(len(boxes))
+    n_max = max(args.counts)
+    shapes_by_patch = []
+    rng = np.random.default_rng(seed)
+    for i in order[:n_max]:  # one annotation per patch, so that every count sees the same outlines
+        shapes_by_patch.append(annotate(truth, boxes[[i]], classes, rng))
+    test_img, test_truth = images[SECTIONS:], truth[SECTIONS:]
+    out, model, models = {"counts": {}}, None, {}
+    for k in sorted(args.counts):
+        shapes = [s for group in shapes_by_patch[:k] for s in group]
+        path = args.cache / f"{task}-s{seed}-k{k}-it{args.iterations}.model"
+        model, labels = train_cached(path, images[:SECTIONS], shapes, classes, seed, args.iterations, model)
+        models[k] = (model, labels, shapes)
+        row = score_model(model, labels, images, truth, boxes, boxes[order[k:]], seed, tta=not args.no_tta)
+        row["test_miou"] = dense_score(model.net, test_img, test_truth, model, len(classes))
+        row["labelled_px"] = int((labels.labels >= 0).sum())
+        out["counts"][str(k)] = row
+        log_row(task, seed, k, row)
+    if args.focus and {2, 4, 8} <= set(args.counts):
+        out["focus"] = focus_arm(task, truth, images, seed, args, boxes, order, models)
+    return out
+
+
+def focus_arm(task, truth, images, seed, args, boxes, order, models) -> dict:
+    """Focus-first annotation of the chain's patches 3-4 and 5-8, from the 2-patch model on."""
+    classes = CLASSES[task]
+    model, labels, shapes = models[2]
+    rng = np.random.default_rng(seed + 1000)
+    out = {}
+    for lo, hi in ((2, 4), (4, 8)):
+        new_boxes = boxes[order[lo:hi]]
+        shapes = shapes + annotate(truth, new_boxes, classes, rng, focus_masks(model, labels, images, new_boxes))
+        path = args.cache / f"{task}-s{seed}-k{hi}-it{args.iterations}-focus.model"
+        model, labels = train_cached(path, images[:SECTIONS], shapes, classes, seed, args.iterations, model)
+        miou = dense_score(model.net, images[SECTIONS:], truth[SECTIONS:], model, len(classes))
+        out[str(hi)] = {"test_miou": miou, "labelled_px": int((labels.labels >= 0).sum())}
+        logging.info("%s seed %d: %d patches focus-first: mIoU %.4f", task, seed, hi, miou)
+    return out
+
+
+def log_row(task, seed, k, row) -> None:
+    best = max(row["scores"].items(), key=lambda kv: kv[1]["top5_ratio"])
+    logging.info(
+        "%s seed %d, %d patches: test mIoU %.4f, T %.2f, oracle %.2f, product %.2f (rho %.2f), best %s %.2f",
+        task, seed, k, row["test_miou"], row["temperature"], row["oracle_ratio"],
+        row["scores"]["product"]["top5_ratio"], row["scores"]["product"]["spearman"], best[0],
+        best[1]["top5_ratio"],
+    )  # fmt: skip
+
+
+def _mean(values) -> float:
+    return float(np.mean(list(values)))
+
+
+def summary(results: dict, counts) -> dict:
+    """Mean over seeds per task and count: every score's ratio and rho, the oracle's ratio, the target."""
+    out = {}
+    for task, by_seed in results.items():
+        for k in map(str, counts):
+            rows = [r["counts"][k] for r in by_seed.values() if k in r["counts"]]
+            if not rows:
+                continue
+            oracle = _mean(r["oracle_ratio"] for r in rows)
+            entry = {"oracle_ratio": round(oracle, 3), "target_ratio": round(1 + 0.6 * (oracle - 1), 3), "scores": {}}
+            for name in dict.fromkeys(n for r in rows for n in r["scores"]):
+                metrics = ("top5_ratio", "spearman")
+                have = [r for r in rows if name in r["scores"]]  # tta may be left out (--no-tta)
+                entry["scores"][name] = {m: round(_mean(r["scores"][name][m] for r in have), 3) for m in metrics}
+                entry["scores"][name]["seeds"] = len(have)
+            entry["test_miou"] = round(_mean(r["test_miou"] for r in rows), 4)
+            out.setdefault(task, {})[k] = entry
+        with_focus = [r for r in by_seed.values() if "focus" in r]
+        if with_focus:
+            out[task]["focus"] = {
+                k: {
+                    "focus_miou": round(_mean(r["focus"][k]["test_miou"] for r in with_focus), 4),
+                    "random_miou": round(_mean(r["counts"][k]["test_miou"] for r in with_focus), 4),
+                }
+                for k in ("4", "8")
+            }
+    return out
+
+
+def print_table(summ: dict) -> None:
+    for task, by_k in summ.items():
+        for k, e in by_k.items():
+            if k == "focus":
+                for n, f in e.items():
+                    print(f"{task} at {n} patches: focus-first {f['focus_miou']:.4f}, random {f['random_miou']:.4f}")
+                continue
+            print(f"{task}, {k} patches: oracle {e['oracle_ratio']:.2f}, target {e['target_ratio']:.2f}")
+            for name, m in sorted(e["scores"].items(), key=lambda kv: -kv[1]["top5_ratio"]):
+                print(f"    {name:20s} top-5 ratio {m['top5_ratio']:5.2f}  rho {m['spearman']:+.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--tasks", default="membrane,profiles,mito")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--counts", default="2,4,8")
+    ap.add_argument("--iterations", type=int, default=200, help="training iterations per round")
+    ap.add_argument("--focus", action="store_true", help="also run the focus-first annotator")
+    ap.add_argument("--no-tta", action="store_true", help="leave out the flip-disagreement score (the slowest)")
+    ap.add_argument("--append", action="store_true", help="add to the results already in --json (same args)")
+    ap.add_argument("--report", type=Path, nargs="+", help="print the summary of these result files together")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/tem-ij-acquisition"))
+    ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "acquisition.json")
+    args = ap.parse_args(argv)
+    args.counts = [int(c) for c in args.counts.split(",")]
+    if args.report:
+        merged: dict = {}
+        for path in args.report:  # seeds of one task from several runs side by side
+            for task, by_seed in json.loads(path.read_text())["tasks"].items():
+                merged.setdefault(task, {}).update(by_seed)
+        print_table(summary(merged, args.counts))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("tem_ij_plugin.train").setLevel(logging.WARNING)
+    if not (args.data / "images").is_dir():
+        print(f"SKIP: ISBI 2012 data not found at {args.data}")
+        return 0
+    args.cache.mkdir(parents=True, exist_ok=True)
+    images = load(args.data)[0]
+    all_truths = truths(args.data, images.shape)
+    results, t0 = {}, time.perf_counter()
+    if args.append and args.json.is_file():
+        results = json.loads(args.json.read_text())["tasks"]
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for task in args.tasks.split(","):
+            results.setdefault(task, {})[str(seed)] = run(task, all_truths[task], images, seed, args)
+            report = {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "minutes": round((time.perf_counter() - t0) / 60, 1),
+                "summary": summary(results, args.counts),
+                "tasks": results,
+            }
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+    print_table(summary(results, args.counts))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
