@@ -63,7 +63,7 @@ def focus_mask(
     Parameters
     ----------
     uncertainty : ndarray of float, shape (H, W)
-        Per-pixel uncertainty in [0, 1] (normalised entropy of calibrated probabilities).
+        Per-pixel uncertainty in [0, 1] (the normalised entropy of the probabilities).
     area_fraction : float
         At most this fraction of the window is marked.
     sigma : float

@@ -362,8 +362,8 @@ def suggest(
     size, stride : int
         Window side and step (default step: ``size``, the patch grid).
     temperature : float
-        Randomness of the draw (0 = greedy, the default: window scores are close together, and at
-        0.2 the draw gave up a third of the top 5's lead in true error in the acquisition benchmark).
+        Randomness of the draw (0 = greedy, the default: window scores lie close together, and a
+        draw at 0.2 cost up to 0.33 of the top-5 error ratio in ``benchmarks/acquisition.py``).
     seed : int
     device : str
     probabilities : callable, optional
@@ -484,9 +484,9 @@ def _uncertain(
     unc = unc_means[:n_cand, 0]
     # Once there is a model the score is its uncertainty alone. Measured on the ISBI tasks
     # (benchmarks/acquisition.py): weighting by typicality (0.2 did, fully below four patches) pulled
-    # the top 5 towards easy, common windows, damping look-alikes of annotated patches (novelty) lost
-    # up to a quarter of the top 5's error on one task, and flip disagreement ranked worse than
-    # entropy. Both stay in the reasons; the draw keeps the suggestions apart from each other.
+    # the top 5 towards easy, common windows, damping look-alikes of annotated patches (novelty) cost
+    # up to 0.29 of the top-5 error ratio, and adding flip disagreement up to 0.23. All three stay in
+    # the reasons; the draw keeps the suggestions apart from each other.
     tta = _tta_source(net, image, (lo, hi), dev, window_probs)
     return _Scores(
         unc.copy(),
