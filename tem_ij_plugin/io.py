@@ -756,6 +756,7 @@ class ProbabilityPlanes:
     def __init__(self, path: str | os.PathLike, classes: list, shape: tuple):
         self.path, self.classes = Path(path), list(classes)
         self.readers: list = []
+        self._last: tuple = (None, None)  # (z, plane): suggest asks for a plane again for each window drawn there
         try:
             self._open(shape)
         except UserError:
@@ -786,6 +787,8 @@ class ProbabilityPlanes:
 
     def __call__(self, z: int) -> np.ndarray:
         """Plane ``z`` as float32 probabilities (C, Y, X)."""
+        if self._last[0] == z:
+            return self._last[1]
         probs = np.stack([r.read(z) for r in self.readers]).astype(np.float32) / self.top
         slack = 1e-3 if self.top == 1.0 else len(self.readers) / self.top
         total = probs.sum(0)
@@ -794,6 +797,7 @@ class ProbabilityPlanes:
                 f"{self.path}, plane {z + 1}: these are not class probabilities (values {probs.min():.3g}.."
                 f"{probs.max():.3g}, sums up to {total.max():.3g}); use the output of `tem-ij predict`"
             )
+        self._last = (z, probs)
         return probs
 
     def close(self) -> None:
