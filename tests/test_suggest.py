@@ -11,7 +11,14 @@ from conftest import run_cli, sha256, tiny_settings
 from tem_ij_plugin.annotations import rasterize
 from tem_ij_plugin.config import Settings, dump_settings
 from tem_ij_plugin.io import write_hyperstack, write_rois
-from tem_ij_plugin.suggest import candidate_boxes, slice_table, suggest, window_means, write_suggestions
+from tem_ij_plugin.suggest import (
+    candidate_boxes,
+    slice_table,
+    suggest,
+    uncertainty_maps,
+    window_means,
+    write_suggestions,
+)
 from tem_ij_plugin.synthetic import SYNTHETIC_CLASSES, make_tem_image, simulate_annotations
 
 CONFUSING = (0, 256, 128, 384, 256)  # the window made ambiguous in `confusing_image`
@@ -71,6 +78,33 @@ def test_window_means_match_direct_means():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     coarse = window_means(maps, boxes * 4, scale=4)  # maps 4x smaller than the image
     np.testing.assert_allclose(coarse, want, rtol=1e-6)
+
+
+def test_window_means_of_overlapping_random_boxes_match_direct_means():
+    rng = np.random.default_rng(1)
+    maps = rng.random((2, 90, 70)).astype(np.float32)
+    corner = rng.integers(0, 60, (40, 2))
+    boxes = np.concatenate([corner, corner + rng.integers(1, 30, (40, 2))], 1)
+    got = window_means(maps, boxes)
+    want = np.array([[maps[k, y0:y1, x0:x1].mean() for k in range(2)] for y0, x0, y1, x1 in boxes])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 4])
+def test_ambiguity_masks_match_an_argsort_of_the_classes(n_classes):
+    rng = np.random.default_rng(n_classes)
+    probs = rng.dirichlet(np.ones(n_classes), (40, 50)).transpose(2, 0, 1).astype(np.float32)
+    probs[:, :5, :5] = 1 / n_classes  # ties: the higher class counts as the first
+    if n_classes == 3:
+        probs[:, 5, :5] = [[0.4], [0.3], [0.3]]  # a tie for second place
+    order = np.argsort(probs, axis=0, kind="stable")
+    first = np.take_along_axis(probs, order[-1:], 0)[0]
+    second = np.take_along_axis(probs, order[-2:-1], 0)[0]
+    lo, hi = np.minimum(order[-1], order[-2]), np.maximum(order[-1], order[-2])
+    _, ambiguous = uncertainty_maps(probs, margin=0.3)
+    for (a, b), mask in ambiguous.items():
+        want = ((first - second) < 0.3) & (lo == a) & (hi == b)
+        np.testing.assert_array_equal(mask.astype(bool), want)
 
 
 def _labels_on(image, boxes, seed=0):
