@@ -105,7 +105,8 @@ def run_experiment(
     out_dir : Path, optional
         Where per-round montages are written (``montage-<arm>-s<seed>-r<NN>.png``).
     progress : callable, optional
-        Called after every round with ``{"done", "total", "arm", "seed", "patches", "miou"}``.
+        Called after every round with ``{"done", "total", "arm", "seed", "patches", "miou", "row"}``
+        (``row``: the round's table row, so a caller can keep partial results).
     cancel : threading.Event, optional
 
     Returns
@@ -142,7 +143,7 @@ def run_experiment(
                     _write_png(out_dir / f"montage-{arm}-s{seed}-r{len(frames[arm, seed]):02d}.png", frame)
                 if progress is not None:
                     done = {"done": len(rows), "total": total, "arm": arm, "seed": seed}
-                    progress({**done, "patches": row["patches"], "miou": row["miou"]})
+                    progress({**done, "patches": row["patches"], "miou": row["miou"], "row": row})
     out = {"classes": list(classes), "schedule": schedule, "seeds": list(seeds), "arms": list(arms), "rows": rows}
     out["summary"] = summarize(rows, schedule, arms)
     if out_dir is not None and figures:
