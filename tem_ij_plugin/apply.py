@@ -103,7 +103,7 @@ class PredictJob:
         self.tile, self.overlap, self.batch_size, self.resume = tile, overlap, batch_size, resume
         self.overwrite, self.inputs = overwrite, [Path(p) for p in inputs]
         self.tta = tta
-        self._model_sha256 = None
+        self._model_sha256 = self._patch_size = None
         self.n_planes = 0
         self.state = None
         self.writers: list = []
@@ -218,17 +218,7 @@ class PredictJob:
 
     def _load_model(self):
         """The model on its device, the indices of the classes to write and their names."""
-        from .modelio import load_model
-        from .normalization import check_normalization
-        from .runtime import resolve_device
-
-        model = load_model(self.model_path, device=resolve_device(self.device))
-        check_normalization(model.normalization)
-        if model.net.in_channels != 1:
-            raise ModelFileError(
-                f"{self.model_path} expects {model.net.in_channels} input channels; tem_ij_plugin segments one "
-                "greyscale channel (use --channel to pick it from a multichannel image)"
-            )
+        model = load_segmenter(self.model_path, self.device)
         keep = list(range(len(model.classes)))
         if self.classes:
             unknown = [c for c in self.classes if c not in model.classes]
@@ -241,40 +231,8 @@ class PredictJob:
 
     def _predictor(self, model, reader):
         """The tiled predictor for this image, and the image's normalisation range."""
-        from .normalization import normalize, sampled_range
-        from .predict import make_predictor
-        from .receptive import HALO_MASS
-        from .runtime import resolve_device
-
-        n = reader.n_planes
-        log.info(
-            "image %s: %d plane(s) of %dx%d %s%s",
-            self.image_path,
-            n,
-            reader.plane_shape[1],
-            reader.plane_shape[0],
-            reader.dtype,
-            f", predicted over axis {reader.stack_axes} {reader.stack_shape}" if reader.stack_axes else "",
-        )
-        lo, hi = sampled_range(reader.read, n, model.normalization)
-        first = reader.read(0)
-        if np.ptp(first) == 0 and n == 1:
-            raise UserError(f"{self.image_path} has no contrast (every pixel is {first.flat[0]}); nothing to segment")
-        erf = model.meta.get("effective_receptive_field") or {}
-        predictor = make_predictor(
-            model.net,
-            resolve_device(self.device),
-            self.backend,
-            self.precision,
-            self.tile,
-            self.overlap,
-            self.batch_size,
-            normalize(first[:256, :256], lo, hi),
-            halo=erf.get("radius") if erf.get("mass") == HALO_MASS else None,
-            tta=self.tta,
-        )
-        log.info("prediction: %s", predictor.describe())
-        return predictor, lo, hi
+        options = {"backend": self.backend, "precision": self.precision, "tile": self.tile, "overlap": self.overlap}
+        return image_predictor(model, reader, self.device, batch_size=self.batch_size, tta=self.tta, **options)
 
     def _outputs(self, reader, model, keep, names) -> list:
         """(path, kind, layout, slice labels) of each output."""
@@ -297,7 +255,10 @@ class PredictJob:
         """What decides which result this job writes (recorded in each finished output)."""
         st = self.image_path.stat()
         if self._model_sha256 is None:  # hashed once per job: the signature, the writers and resume all ask
+            from .modelio import read_metadata
+
             self._model_sha256 = file_digest(self.model_path)
+            self._patch_size = read_metadata(self.model_path).get("patch_size")
         return {
             "model_sha256": self._model_sha256,
             "image": str(self.image_path.resolve()),
@@ -309,6 +270,8 @@ class PredictJob:
             "channel": self.channel,
             # Only when on, so that jobs without it keep the record they always had.
             **({"tta": self.tta} if self.tta != "off" else {}),
+            # The annotation scale, which sets defaults downstream (tem-ij objects' minimum area).
+            **({"patch_size": self._patch_size} if self._patch_size else {}),
         }
 
     def _signature(self, predictor, names) -> dict:
@@ -445,3 +408,85 @@ class PredictJob:
     def _close(self) -> None:
         for w in self.writers:
             w.close()
+
+
+def load_segmenter(path: str | os.PathLike, device: str = "auto"):
+    """A model file's model on ``device``, checked to segment one greyscale channel.
+
+    Raises
+    ------
+    ModelFileError
+        Not a model of ours, or one that expects several input channels.
+    """
+    from .modelio import load_model
+    from .normalization import check_normalization
+    from .runtime import resolve_device
+
+    model = load_model(path, device=resolve_device(device))
+    check_normalization(model.normalization)
+    if model.net.in_channels != 1:
+        raise ModelFileError(
+            f"{path} expects {model.net.in_channels} input channels; tem_ij_plugin segments one "
+            "greyscale channel (use --channel to pick it from a multichannel image)"
+        )
+    return model
+
+
+def image_predictor(
+    model,
+    reader,
+    device: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int | None = None,
+    tta: str = "off",
+) -> tuple:
+    """The tiled predictor of ``model`` for the image behind ``reader``, and the image's normalisation range.
+
+    Returns
+    -------
+    predictor : Predictor
+    lo, hi : float
+        The intensity range that :func:`normalize` maps to the model's input range.
+
+    Raises
+    ------
+    UserError
+        A single plane with no contrast.
+    """
+    from .normalization import normalize, sampled_range
+    from .predict import make_predictor
+    from .receptive import HALO_MASS
+    from .runtime import resolve_device
+
+    n = reader.n_planes
+    log.info(
+        "image %s: %d plane(s) of %dx%d %s%s",
+        reader.path,
+        n,
+        reader.plane_shape[1],
+        reader.plane_shape[0],
+        reader.dtype,
+        f", predicted over axis {reader.stack_axes} {reader.stack_shape}" if reader.stack_axes else "",
+    )
+    lo, hi = sampled_range(reader.read, n, model.normalization)
+    first = reader.read(0)
+    if np.ptp(first) == 0 and n == 1:
+        raise UserError(f"{reader.path} has no contrast (every pixel is {first.flat[0]}); nothing to segment")
+    erf = model.meta.get("effective_receptive_field") or {}
+    predictor = make_predictor(
+        model.net,
+        resolve_device(device),
+        backend,
+        precision,
+        tile,
+        overlap,
+        batch_size,
+        normalize(first[:256, :256], lo, hi),
+        halo=erf.get("radius") if erf.get("mass") == HALO_MASS else None,
+        tta=tta,
+    )
+    log.info("prediction: %s", predictor.describe())
+    return predictor, lo, hi

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = _common_options()
-    for add in (_add_demo, _add_train, _add_predict, _add_suggest, _add_project_tools, _add_experiment, _add_fiji):
+    adders = (_add_demo, _add_train, _add_predict, _add_objects, _add_suggest, _add_project_tools, _add_experiment)
+    for add in (*adders, _add_fiji):
         add(sub, common)
     return parser
 
@@ -154,6 +155,54 @@ def _add_predict(sub, common) -> None:
         action="store_true",
         help="replace files in the way that tem_ij_plugin did not write (an existing output, stray NAME.partial.* "
         "files, a file at NAME.lock); inputs are never replaced",
+    )
+
+
+def _add_objects(sub, common) -> None:
+    """``tem-ij objects``."""
+    ob = sub.add_parser(
+        "objects",
+        parents=[common["device"], common["channel"]],
+        usage="tem-ij objects [-h] (MODEL IMAGE | PROBS.tif) [--class CLASS] [-o LABELS] [--measure CSV] "
+        "[--rois ZIP] [options]",
+        help="objects (cells) of one class: a label image, measurements and ROIs",
+        description="Cut the objects of one class out of a model's prediction of IMAGE, or out of a probability map "
+        "written earlier by `tem-ij predict`, plane by plane. Touching objects are split by a seeded watershed. "
+        "Writes an instance label image (16-bit, 32-bit beyond 65535 objects; .tif, .btf or .zarr), a table with "
+        "one row per object and NAME-slices.csv with one row per plane (--measure), and outlines as ImageJ ROIs "
+        "CLASS-ID (--rois) that measure in ImageJ the area the table gives.",
+    )
+    ob.add_argument("paths", nargs="+", metavar="PATH", help="MODEL IMAGE (model file or project folder), or PROBS.tif")
+    ob.add_argument("--class", dest="class_name", help="the class of the objects (default: the one not background)")
+    ob.add_argument("-o", "--out", help="the label image: .tif (ImageJ), .btf (BigTIFF) or .zarr (OME-Zarr)")
+    ob.add_argument("--measure", metavar="CSV", help="object table NAME.csv (and NAME-slices.csv beside it)")
+    ob.add_argument("--rois", metavar="ZIP", help="outlines as an ImageJ RoiSet.zip")
+    ob.add_argument("--image", help="with PROBS.tif: the image it was predicted from (intensity columns)")
+    ob.add_argument(
+        "--min-area", type=int, help="smallest object in pixels (default: 1/1024 of the model's patch, 64 px at 256)"
+    )
+    ob.add_argument(
+        "--split",
+        choices=["probability", "distance", "none"],
+        default="probability",
+        help="split touching objects where the class probability dips (default), at the distance map's "
+        "watershed lines (Fiji's Watershed), or not at all",
+    )
+    ob.add_argument(
+        "--seed-level",
+        type=float,
+        default=0.8,
+        help="probability split: a seed is a region at least this sure of the class (default: %(default)s)",
+    )
+    ob.add_argument(
+        "--seed-depth",
+        type=float,
+        default=2.0,
+        help="distance split: a seed is a distance maximum at least this many pixels deep (default: %(default)s)",
+    )
+    ob.add_argument("--keep-holes", action="store_true", help="do not fill the holes inside objects")
+    ob.add_argument(
+        "--overwrite", action="store_true", help="replace outputs in the way that tem_ij_plugin did not write"
     )
 
 
@@ -574,6 +623,51 @@ def _model_path(path: str) -> str:
     return path
 
 
+def cmd_objects(args: argparse.Namespace) -> int:
+    """``tem-ij objects``; returns the exit status."""
+    from .errors import UserError
+    from .workflows import find_objects
+
+    if len(args.paths) > 2:
+        raise UserError("objects takes MODEL IMAGE, or PROBS.tif: at most two paths")
+    two = len(args.paths) == 2
+    if two and args.image:
+        raise UserError("--image goes with a probability map; with MODEL IMAGE the image is already given")
+    options = {"split": args.split, "seed_level": args.seed_level, "seed_depth": args.seed_depth}
+    options["fill_holes"] = not args.keep_holes
+    if args.min_area is not None:
+        options["min_area"] = args.min_area
+    model_path = _model_path(args.paths[0]) if two else None
+    reporter = _Reporter(interactive=False, every_s=10.0)
+
+    def progress(ev):
+        if ev["planes"] > 1 and reporter.due(force=ev["plane"] == ev["planes"]):
+            log.info("objects: plane %d/%d", ev["plane"], ev["planes"])
+
+    found, _ = _with_cancel_on_sigint(
+        lambda c: find_objects(
+            model_path=model_path,
+            image_path=args.paths[1] if two else args.image,
+            probabilities=None if two else args.paths[0],
+            class_name=args.class_name,
+            out=args.out,
+            measure=args.measure,
+            rois=args.rois,
+            options=options,
+            channel=args.channel,
+            device=args.device,
+            overwrite=args.overwrite,
+            progress=progress,
+            cancel=c,
+        )
+    )
+    print(
+        f"{found.count} {found.class_name} object(s) in {found.n_planes} plane(s) ({found.seconds:.1f} s); "
+        f"wrote {', '.join(map(str, found.written))}"
+    )
+    return 0
+
+
 def cmd_suggest(args: argparse.Namespace) -> int:
     """``tem-ij suggest``; returns the exit status."""
     from .errors import UserError
@@ -835,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "train": cmd_train,
             "predict": cmd_predict,
+            "objects": cmd_objects,
             "demo": cmd_demo,
             "suggest": cmd_suggest,
             "history": cmd_history,

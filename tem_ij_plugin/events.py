@@ -19,6 +19,14 @@ class CancelToken(Protocol):
         ...
 
 
+def check_cancel(cancel: CancelToken | None) -> None:
+    """Raise :class:`~tem_ij_plugin.errors.Cancelled` when the user asked to stop (between steps)."""
+    from .errors import Cancelled
+
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+
+
 class TrainEvent(TypedDict):
     """After every training step (:meth:`tem_ij_plugin.train.Trainer.event`)."""
 

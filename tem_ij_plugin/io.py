@@ -730,6 +730,30 @@ def write_rois(path: str | os.PathLike, shapes: list[Shape]) -> None:
     atomic_write(path, lambda tmp: roifile.roiwrite(tmp, rois, mode="w"))
 
 
+def probability_classes(path: str | os.PathLike) -> list[str]:
+    """The classes of a probability map from ``tem-ij predict``, from its channel labels.
+
+    Raises
+    ------
+    UserError
+        A file whose channels are not labelled with class names (not a map of ours).
+    """
+    readers = [PlaneReader(path, channel=1)]
+    try:
+        readers += [PlaneReader(path, channel=c + 1) for c in range(1, readers[0].n_channels)]
+        labels = [r.slice_labels[0] if r.slice_labels else "" for r in readers]
+    finally:
+        for r in readers:
+            r.close()
+    n, names = len(labels), [label.split(": ", 1)[0].strip().lower() for label in labels]
+    if n < 2 or not all(names) or len(set(names)) != n:
+        raise UserError(
+            f"{path} is not a probability map from `tem-ij predict`: its {n} channel(s) are not labelled with "
+            "distinct class names; predict it again (without --classes), or give the model and the image"
+        )
+    return names
+
+
 class ProbabilityPlanes:
     """A probability map written by ``tem-ij predict``, read back lazily, one plane at a time.
 

@@ -71,6 +71,9 @@ SOFTWARE = "tem_ij_plugin"  # the TIFF Software tag of every TIFF we write (see 
 SUGGESTIONS_FORMAT = "tem_ij_plugin.suggestions"
 SUGGESTIONS_CSV_HEADER = "name,slice,x,y,width,height,score"
 SLICES_CSV_HEADER = "slice,candidates,best_score,uncertainty,novelty,novelty_max,suggestions"
+OBJECTS_CSV_HEADER = "id,slice,slice_label,area_"  # then the unit: area_um2, area_px2, ...
+OBJECT_SLICES_CSV_HEADER = "slice,slice_label,count,mean_area_"
+OBJECTS_ZIP_COMMENT = b"tem_ij_plugin objects"  # object ROIs are named like anyone's (cell-1): the zip is marked
 
 
 def written_by_us(path: Path) -> bool:
@@ -78,7 +81,7 @@ def written_by_us(path: Path) -> bool:
 
     TIFF: the Software tag; OME-Zarr: our key in ``.zattrs``; model files: our metadata; suggestion
     files: only ``suggest-N`` rectangles and ``suggest-N-focus-M`` polygons in the zip, our headers in
-    the CSVs, our format in the JSON.
+    the CSVs, our format in the JSON; object ROIs: our comment on the zip, our headers in the CSVs.
     Anything unreadable or unmarked is not ours.
     """
     suffix = path.suffix.lower()
@@ -95,11 +98,14 @@ def written_by_us(path: Path) -> bool:
             import zipfile
 
             with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
+                names, comment = zf.namelist(), zf.comment
+            if comment == OBJECTS_ZIP_COMMENT:
+                return True
             return bool(names) and all(re.fullmatch(r"suggest-[0-9]+(-focus-[0-9]+)?\.roi", n) for n in names)
         if suffix == ".csv":
             with open(path, encoding="utf-8") as f:
-                return f.readline().startswith((SUGGESTIONS_CSV_HEADER, SLICES_CSV_HEADER))
+                ours = (SUGGESTIONS_CSV_HEADER, SLICES_CSV_HEADER, OBJECTS_CSV_HEADER, OBJECT_SLICES_CSV_HEADER)
+                return f.readline().startswith(ours)
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8")[:10_000_000])
             return isinstance(data, dict) and data.get("format") == SUGGESTIONS_FORMAT

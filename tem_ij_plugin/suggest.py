@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .annotations import UNLABELLED
-from .errors import Cancelled, UserError
-from .events import PlaneEvent
+from .errors import UserError
+from .events import PlaneEvent, check_cancel
 from .outputs import SUGGESTIONS_FORMAT, atomic_write
 from .patches import Patch, grid_boxes
 
@@ -469,7 +469,7 @@ def _typical_diverse(image, boxes, n_cand, rng, timings, progress, cancel) -> _S
     lo, hi = normalization_range(image)
     means = np.zeros((len(boxes), 7))
     for z in range(nz):
-        _check(cancel)
+        check_cancel(cancel)
         rows = np.nonzero(boxes[:, 0] == z)[0]
         if len(rows):
             means[rows] = window_means(image_descriptor_maps(normalize(image[z], lo, hi)), boxes[rows, 1:])
@@ -567,7 +567,7 @@ def _model_window_means(image, boxes, model, net, dev, lo_hi, pairs, plane_probs
     feat_means = None
     t_prob = t_feat = 0.0
     for z in range(nz):
-        _check(cancel)
+        check_cancel(cancel)
         rows = np.nonzero(boxes[:, 0] == z)[0]
         if not len(rows):
             continue
@@ -675,11 +675,6 @@ def _reasons(sc: _Scores, j: int) -> dict:
         reasons["ambiguous_fraction"] = round(float(row[1 + best]), 4)
     reasons["predicted"] = {c: round(float(v), 3) for c, v in zip(sc.classes, row[1 + len(sc.pairs) :])}
     return reasons
-
-
-def _check(cancel) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled()
 
 
 def _report(progress, stage: str, z: int, nz: int) -> None:

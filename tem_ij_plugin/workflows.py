@@ -7,6 +7,7 @@ same inputs give the same model whichever front end asked.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import UserError
-from .events import CancelToken, ProgressSink
+from .events import CancelToken, ProgressSink, check_cancel
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -366,3 +367,311 @@ def _speed_probe(torch, device, seconds: float) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
+
+
+@dataclass
+class FoundObjects:
+    """What :func:`find_objects` found and wrote.
+
+    Attributes
+    ----------
+    class_name : str
+    count : int
+        Objects over every plane.
+    n_planes : int
+    rows, summary : list of dict
+        The object table and the per-slice table (:func:`tem_ij_plugin.objects.measure`,
+        :func:`~tem_ij_plugin.objects.slice_summary`).
+    rois : list of roifile.ImagejRoi
+        One outline per object, named ``CLASS-ID``, with its slice position on a stack.
+    unit : str
+        The calibration unit of areas and lengths (``pixel`` when uncalibrated).
+    written : list of Path
+    seconds : float
+    """
+
+    class_name: str
+    count: int
+    n_planes: int
+    rows: list
+    summary: list
+    rois: list
+    unit: str
+    written: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def object_class(classes: list, name: str | None) -> int:
+    """The index of the class to cut objects from; the one class that is not background when not named."""
+    if name is None:
+        rest = [c for c in classes if c != "background"]
+        if len(rest) != 1:
+            raise UserError(f"name the class to find objects of (--class): one of {', '.join(classes)}")
+        name = rest[0]
+    name = name.strip().lower()
+    if name not in classes:
+        raise UserError(f"there is no class '{name}': the classes are {', '.join(classes)}")
+    return classes.index(name)
+
+
+def objects_in_planes(
+    planes: Callable[[int], np.ndarray],
+    n_planes: int,
+    class_index: int,
+    class_name: str,
+    settings=None,
+    image: Callable[[int], np.ndarray] | None = None,
+    calibration=None,
+    slice_labels=(),
+    sink: Callable[[int, np.ndarray], object] | None = None,
+    progress: ProgressSink | None = None,
+    cancel: CancelToken | None = None,
+) -> FoundObjects:
+    """Objects, measurements and outlines of every plane; ids run on over the stack.
+
+    Parameters
+    ----------
+    planes : callable
+        ``z -> (C, Y, X)`` class probabilities of plane ``z``.
+    image : callable, optional
+        ``z -> (Y, X)`` the image plane, for the intensity columns.
+    sink : callable, optional
+        ``(z, labels)`` for each plane's label image, ids already unique over the stack (int64).
+    """
+    from .io import Calibration
+    from .objects import label_plane, measure, object_outlines, object_roi, slice_summary
+
+    t0, cal = time.perf_counter(), calibration or Calibration()
+    rows, rois, count, shape = [], [], 0, None
+    for z in range(n_planes):
+        check_cancel(cancel)
+        probs = planes(z)
+        shape = probs.shape[1:]
+        labels = label_plane(probs, class_index, settings)
+        label = slice_labels[z] if z < len(slice_labels) else ""
+        img = image(z) if image is not None else None
+        rows += measure(labels, z, cal, img, probs[class_index], label, first_id=count)
+        for i, xy in object_outlines(labels).items():
+            rois.append(object_roi(xy, f"{class_name}-{count + i}", z + 1 if n_planes > 1 else 0))
+        if sink is not None:
+            sink(z, np.where(labels > 0, labels.astype(np.int64) + count, 0))
+        count += int(labels.max())
+        if progress is not None:
+            progress({"stage": "objects", "plane": z + 1, "planes": n_planes})
+    summary = slice_summary(rows, n_planes, int(np.prod(shape)), slice_labels)
+    return FoundObjects(class_name, count, n_planes, rows, summary, rois, cal.unit, seconds=time.perf_counter() - t0)
+
+
+def find_objects(
+    *,
+    model_path: str | os.PathLike | None = None,
+    image_path: str | os.PathLike | None = None,
+    probabilities: str | os.PathLike | None = None,
+    class_name: str | None = None,
+    out: str | os.PathLike | None = None,
+    measure: str | os.PathLike | None = None,
+    rois: str | os.PathLike | None = None,
+    options: dict | None = None,
+    channel: int | None = None,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: ProgressSink | None = None,
+    cancel: CancelToken | None = None,
+) -> FoundObjects:
+    """Objects of one class of a model's prediction, or of a probability map written earlier, plane by plane.
+
+    Parameters
+    ----------
+    model_path, image_path
+        A model and the image to predict; or ``probabilities`` (from ``tem-ij predict``), with
+        ``image_path`` optional (it gives the intensity columns).
+    class_name : str, optional
+        Default: the one class that is not ``background``.
+    out : path, optional
+        The instance label image: ImageJ TIFF (16-bit, or 32-bit beyond 65535 objects), ``.btf`` or
+        ``.zarr``, with the image's calibration and slice labels.
+    measure : path, optional
+        ``NAME.csv`` (one row per object) and ``NAME-slices.csv`` (one row per plane).
+    rois : path, optional
+        A RoiSet.zip of the outlines (``CLASS-ID``).
+    options : dict, optional
+        :class:`~tem_ij_plugin.objects.ObjectSettings` fields; the minimum area defaults to
+        :meth:`~tem_ij_plugin.objects.ObjectSettings.for_patch_size` of the model's patch (256 without one).
+
+    Raises
+    ------
+    UserError
+        Bad input (a class the model lacks, a probability file that is not ours, sizes that differ),
+        or an output that would touch an input or a file we did not write.
+    """
+    from .objects import ObjectSettings, objects_paths, write_measurements, write_object_rois
+    from .outputs import OutputPlan
+
+    if (model_path is None) == (probabilities is None):
+        raise UserError("give a model and an image, or a probability map from `tem-ij predict`")
+    if model_path is not None and image_path is None:
+        raise UserError("a model needs the image to find objects in")
+    plan = OutputPlan([model_path, image_path, probabilities], overwrite=overwrite)
+    targets = [out] if out else []
+    targets += objects_paths(measure) if measure else []
+    targets += [rois] if rois else []
+    if not targets:
+        raise UserError("nothing to write: give a label image (-o), a table (--measure) or ROIs (--rois)")
+    for t in targets:
+        plan.output(t)
+    if out:
+        from .outputs import written_by_us
+        from .stackio import partial_path
+
+        work = partial_path(Path(out))
+        plan.add(work, f"unfinished {Path(out).name}", replace=not work.exists() or written_by_us(work))
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(_ObjectSource(model_path, image_path, probabilities, channel, device))
+        index = object_class(src.classes, class_name)
+        s = ObjectSettings.for_patch_size(src.patch_size, **(options or {}))
+        labels = stack.enter_context(_LabelStore(Path(out), src)) if out else None
+        found = objects_in_planes(
+            src.planes, src.n_planes, index, src.classes[index], s, src.image, src.calibration, src.slice_labels,
+            sink=labels.put if labels else None, progress=progress, cancel=cancel,
+        )  # fmt: skip
+        if labels is not None:
+            found.written.append(labels.finish(found.count))
+    if measure:
+        found.written += write_measurements(measure, found.rows, found.summary, found.unit)
+    if rois:
+        write_object_rois(rois, found.rois)
+        found.written.append(Path(rois))
+    return found
+
+
+class _ObjectSource:
+    """Per plane: the class probabilities (a model's prediction or a map from disk) and the image plane."""
+
+    def __init__(self, model_path, image_path, probabilities, channel, device):
+        from .io import PlaneReader
+
+        self._readers: list = []
+        self.image = None
+        try:
+            if model_path is not None:
+                self._from_model(model_path, image_path, channel, device)
+            else:
+                self._from_map(probabilities)
+                if image_path is not None:
+                    self._add_image(PlaneReader(image_path, channel=channel))
+        except BaseException:
+            self.close()
+            raise
+
+    def _from_model(self, model_path, image_path, channel, device) -> None:
+        from .apply import image_predictor, load_segmenter
+        from .io import PlaneReader
+        from .normalization import normalize
+
+        model = load_segmenter(model_path, device)
+        reader = PlaneReader(image_path, channel=channel)
+        self._readers.append(reader)
+        predictor, lo, hi = image_predictor(model, reader, device)
+        self.classes, self.patch_size = list(model.classes), suggestion_size(model)
+        self._describe(reader, reader.slice_labels)
+        self.image = reader.read
+        self.planes = lambda z: predictor.plane(normalize(reader.read(z), lo, hi))
+
+    def _from_map(self, path) -> None:
+        from .io import PlaneReader, ProbabilityPlanes, probability_classes
+
+        self.classes, self.patch_size = probability_classes(path), _recorded_patch_size(Path(path))
+        first = PlaneReader(path, channel=1)
+        self._readers.append(first)
+        maps = ProbabilityPlanes(path, self.classes, (first.n_planes, *first.plane_shape))
+        self._readers.append(maps)
+        # predict labels each channel's planes "CLASS: SLICE LABEL" (or "CLASS" without slice labels)
+        labels = [label.split(": ", 1)[1] if ": " in label else "" for label in first.slice_labels]
+        self._describe(first, labels if any(labels) else [])
+        self.planes = maps
+
+    def _add_image(self, reader) -> None:
+        self._readers.append(reader)
+        if (reader.n_planes, *reader.plane_shape) != (self.n_planes, *self.plane_shape):
+            raise UserError(
+                f"{reader.path} holds {reader.n_planes} plane(s) of {reader.plane_shape[1]}x{reader.plane_shape[0]} "
+                f"but the probability map {self.n_planes} of {self.plane_shape[1]}x{self.plane_shape[0]}: give "
+                "the image the map was predicted from"
+            )
+        self.calibration, self.slice_labels = reader.calibration, reader.slice_labels or self.slice_labels
+        self.image = reader.read
+
+    def _describe(self, reader, slice_labels) -> None:
+        self.n_planes, self.plane_shape = reader.n_planes, tuple(reader.plane_shape)
+        self.stack_axes, self.stack_shape = reader.stack_axes, tuple(reader.stack_shape)
+        self.calibration, self.slice_labels = reader.calibration, list(slice_labels)
+
+    def close(self) -> None:
+        for r in self._readers:
+            r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _recorded_patch_size(path: Path) -> int:
+    """The patch size of the model that wrote a probability map (its job record), else the default."""
+    from .stackio import recorded_job
+
+    size = (recorded_job(path) or {}).get("patch_size")
+    if isinstance(size, int) and not isinstance(size, bool) and 16 <= size <= 1 << 16:
+        return size
+    log.info("%s does not record the model's patch size: defaults assume %d px patches", path, suggestion_size(None))
+    return suggestion_size(None)
+
+
+class _LabelStore:
+    """A stack's label planes kept on disk until the object count fixes the type (16- or 32-bit), then written."""
+
+    def __init__(self, out: Path, src: _ObjectSource):
+        self.out, self.src = out, src
+        fd, name = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".npy")
+        os.close(fd)
+        self.tmp = Path(name)
+        try:
+            self.planes = np.lib.format.open_memmap(self.tmp, "w+", np.uint32, (src.n_planes, *src.plane_shape))
+        except OSError as exc:
+            self.tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot keep the label planes next to {out}: {exc.strerror or exc}") from exc
+
+    def put(self, z: int, labels: np.ndarray) -> None:
+        self.planes[z] = labels
+
+    def finish(self, count: int) -> Path:
+        """Write the label image (uint16 up to 65535 objects, else ImageJ's 32-bit float, exact to 2**24)."""
+        from .stackio import Layout, open_writer
+
+        if count >= 1 << 24:
+            raise UserError(
+                f"{count} objects are more than a label image holds exactly (16777215); raise the minimum area"
+            )
+        dtype = np.dtype(np.uint16 if count <= 65535 else np.float32)
+        src = self.src
+        layout = Layout(src.stack_axes, src.stack_shape, None, src.plane_shape, dtype)
+        writer = open_writer(self.out, layout, src.calibration, labels=src.slice_labels or None)
+        try:
+            for z in range(src.n_planes):
+                writer.write(z, self.planes[z].astype(dtype))
+        except BaseException:
+            from .outputs import remove_output
+
+            writer.close()
+            remove_output(writer.work)  # a label image is recomputed, never resumed
+            raise
+        writer.finish()
+        return self.out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        del self.planes
+        self.tmp.unlink(missing_ok=True)
