@@ -660,6 +660,61 @@ def test_fiji_and_the_cli_give_the_same_focus_regions(clean, data, synthetic, tm
         np.testing.assert_allclose(fiji[name].coordinates(), r.coordinates(), atol=1e-3)
 
 
+def _objects_in_both(clean, data, tmp_path, capsys) -> tuple:
+    """`tem-ij objects` and TEM Find Objects on the same model and image.
+
+    Returns the CLI's table rows, its RoiSet.zip and what the Fiji command reported.
+    """
+    import csv
+
+    from tem_ij_plugin.config import dump_settings
+
+    model, config = tmp_path / "m.model", tmp_path / "objects.yaml"
+    config.write_text(dump_settings(tiny_settings(40)))  # 12 iterations call the whole image one cell
+    train = ["train", data["image"], "--rois", data["rois"], "--config", config, "-o", model]
+    assert run_cli(capsys, *train)[0] == 0
+    table, zipped = tmp_path / "c.csv", tmp_path / "c.zip"
+    code, _, err = run_cli(capsys, "objects", model, data["image"], "--measure", table, "--rois", zipped)
+    assert code == 0, err
+    macro = (
+        f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model", "model=[{model}]"); '
+        'run("TEM Find Objects", "class=cell split=probability minimum=0 device=cpu");'
+    )
+    assert _macro(clean, macro) != "[aborted]", _log(clean)
+    with open(table, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return rows, zipped, clean["bridge"].last["TEM Find Objects"]
+
+
+def test_fiji_and_the_cli_find_the_same_objects(clean, data, tmp_path, capsys):
+    """Both front ends call workflows.objects_in_planes: the same outlines, in the same order, measuring the same."""
+    import roifile
+
+    rows, zipped, fiji = _objects_in_both(clean, data, tmp_path, capsys)
+    assert fiji["names"] == [r.name for r in roifile.roiread(zipped)]
+    assert [r["pixels"] for r in fiji["rows"]] == [int(r["pixels"]) for r in rows]
+
+
+def test_imagej_measures_the_area_the_table_gives(clean, data, tmp_path, capsys):
+    """Each outline ROI, decoded and measured by ImageJ (pixel count and calibrated area), against the table."""
+    import roifile
+    from scyjava import jimport
+
+    from tem_ij_plugin.fiji.convert import from_roi_bytes
+
+    rows, zipped, _ = _objects_in_both(clean, data, tmp_path, capsys)
+    imp = clean["IJ"].openImage(str(data["image"]))
+    area = jimport("ij.measure.Measurements").AREA
+    measured = []
+    for r in roifile.roiread(zipped):
+        imp.setRoi(from_roi_bytes(r.tobytes()))
+        stats = imp.getStatistics(area)
+        measured.append((int(stats.pixelCount), round(float(stats.area), 9)))
+    imp.close()
+    assert len(rows) > 3
+    assert measured == [(int(r["pixels"]), round(float(r["area_um2"]), 9)) for r in rows]
+
+
 def test_tem_ij_doctor_prints_the_check_environment_report(clean, capsys):
     """One report from one function (workflows.doctor), both front ends; the speed figure varies."""
     code, out, _ = run_cli(capsys, "doctor", "--probe-seconds", "0.2")

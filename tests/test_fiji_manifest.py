@@ -27,7 +27,7 @@ def _target(spec: str):
 def test_every_command_has_its_menu_file_with_matching_dialog_fields():
     manifest = load_manifest()
     commands = manifest["commands"]
-    assert len(commands) == 9
+    assert len(commands) == 10
     for cmd in commands:
         text = (SCRIPTS / cmd.filename).read_text()
         fields = [(_TYPES[t], macro_key(label)) for t, label in _DIALOG.findall(text)]

@@ -325,12 +325,12 @@ def _show_trained(ctx, image, device, classes) -> None:
     _show(ctx, _probabilities(ctx, image, device, wanted)[0])
 
 
-def _probabilities(ctx, image, device, classes=None):
-    """Predict the current image; returns the probability ImagePlus of ``classes`` and the raw maps."""
+def _predict(ctx, image, device) -> np.ndarray:
+    """The current model's probabilities of the current image, (Z, C, Y, X) float32."""
     from ..predict import predict_stack
 
     model = _current_model(ctx)
-    probs = predict_stack(
+    return predict_stack(
         model.net,
         image.data,
         model.normalization,
@@ -338,6 +338,12 @@ def _probabilities(ctx, image, device, classes=None):
         progress=_predict_progress(ctx, "TEM prediction"),
         cancel=ctx.cancel,
     )
+
+
+def _probabilities(ctx, image, device, classes=None):
+    """Predict the current image; returns the probability ImagePlus of ``classes`` and the raw maps."""
+    model = _current_model(ctx)
+    probs = _predict(ctx, image, device)
     keep = [model.classes.index(c) for c in (classes or model.classes)]
     imp = to_imageplus(
         np.ascontiguousarray(probs[:, keep]),
@@ -414,6 +420,89 @@ def suggest_patches(ctx: Context) -> None:
         f"TEM Suggest Next Patches: {', '.join(windows)} added to the ROI Manager ({result.phase}){focus}; "
         "annotate them, rename or delete the rectangles, then run TEM Train Model again"
     )
+
+
+def find_objects(ctx: Context) -> None:
+    """TEM Find Objects: the label image, the outlines in the ROI Manager, the measurements in the Results table."""
+    from ..objects import ObjectSettings
+    from ..workflows import object_class, objects_in_planes, suggestion_size
+
+    image = to_image(ctx.image)
+    model = _current_model(ctx)
+    index = object_class(model.classes, ctx.text("class") or None)
+    options = {"split": ctx.choice("split")}
+    if int(ctx.number("minimum", low=0)):
+        options["min_area"] = int(ctx.number("minimum"))
+    settings = ObjectSettings.for_patch_size(suggestion_size(model), **options)
+    probs = _predict(ctx, image, _device(ctx))
+    labels = np.zeros(image.data.shape, np.int64)
+
+    def progress(ev):
+        ctx.status(f"TEM objects: plane {ev['plane']}/{ev['planes']}", ev["plane"] / ev["planes"])
+
+    found = objects_in_planes(
+        probs.__getitem__, len(probs), index, model.classes[index], settings, image.data.__getitem__,
+        image.calibration, image.slice_labels, sink=labels.__setitem__, progress=progress, cancel=ctx.cancel,
+    )  # fmt: skip
+    imp = to_imageplus(
+        labels.astype(np.uint16 if found.count <= 65535 else np.float32),
+        f"{_stem(ctx.image)}-{found.class_name}-objects",
+        image.calibration,
+    )
+    imp.setLut(_distinct_lut())
+    imp.setDisplayRange(0, 255)  # id N in colour N (mod 255): neighbours never share a colour
+    _show(ctx, imp)
+    _objects_to_manager(ctx, found.rois)
+    _results_table(found.rows, found.unit)
+    ctx.results.update(count=found.count, names=[r.name for r in found.rois], rows=found.rows)
+    jimport("ij.IJ").log(
+        f"TEM Find Objects: {found.count} {found.class_name} object(s); outlines {found.class_name}-1.. in the ROI "
+        f"Manager, measurements in the Results table. TEM Train Model reads ROIs named {found.class_name}-N as "
+        f"{found.class_name} annotations: delete the outlines you do not mean to train on."
+    )
+
+
+def _distinct_lut():
+    """A label LUT: black background, then 255 colours that differ from their neighbours (golden-ratio hues)."""
+    import colorsys
+
+    from jpype import JArray, JByte
+
+    rgb = [(0, 0, 0)] + [
+        colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.55 + 0.45 * (i % 3) / 2, 1.0 - 0.3 * (i % 2)) for i in range(255)
+    ]
+    channels = [[int(round(c[k] * 255)) if i else 0 for i, c in enumerate(rgb)] for k in range(3)]
+    arrays = [JArray(JByte)(np.array(ch, np.uint8).view(np.int8).tolist()) for ch in channels]
+    return jimport("ij.process.LUT")(*arrays)
+
+
+def _objects_to_manager(ctx, rois: list) -> None:
+    """The object outlines, as ImageJ decodes the ROIs `tem-ij objects --rois` writes."""
+    from .convert import from_roi_bytes
+
+    manager = roi_manager(ctx, create=True)
+    for r in rois:
+        roi = from_roi_bytes(r.tobytes())
+        roi.setName(r.name)
+        manager.addRoi(roi)
+    manager.deselect()
+
+
+def _results_table(rows: list, unit: str) -> None:
+    """The object table in ImageJ's Results window (a real ResultsTable: File > Save As gives a CSV)."""
+    from ..objects import measurement_columns
+
+    table = jimport("ij.measure.ResultsTable")()
+    columns = measurement_columns(unit)
+    for row in rows:
+        table.incrementCounter()
+        for key, name in columns.items():
+            v = row[key]
+            if isinstance(v, str):
+                table.addValue(name, v)
+            else:
+                table.addValue(name, float("nan") if v is None else float(v))
+    table.show("Results")
 
 
 def _overlay_without(imp, prefix: str):

@@ -1,0 +1,22 @@
+// TEM Find Objects: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// Objects of one class: a label image, their outlines CLASS-ID in the ROI Manager and their measurements in the Results table.
+// Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
+bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
+if (bridge == "" || bridge == "null") exit("TEM Segmentation needs its Python side, which is not running in this Fiji.\n \nQuit Fiji and start it from a terminal with:\n    tem-ij fiji /path/to/Fiji.app\n \n(install it once with: pip install \"tem_ij_plugin[fiji]\")");
+interactive = "" + call("ij.Macro.getOptions");
+if (interactive == "" || interactive == "null") interactive = "1"; else interactive = "0";
+options = "interactive=" + interactive;
+Dialog.create("TEM Find Objects");
+Dialog.addString("Class (empty = the one that is not background)", "", 30);
+Dialog.addChoice("Split touching objects by", newArray("probability", "distance", "none"), "probability");
+Dialog.addNumber("Minimum area in pixels (0 = from the patch size)", 0);
+Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
+Dialog.addMessage("Objects of one class: a label image, their outlines CLASS-ID in the ROI Manager and their measurements in the Results table.");
+Dialog.show();
+options = options + " class=[" + Dialog.getString() + "]";
+options = options + " split=[" + Dialog.getChoice() + "]";
+options = options + " minimum=[" + Dialog.getNumber() + "]";
+options = options + " device=[" + Dialog.getChoice() + "]";
+run("TEM Bridge");
+Ext.temRun("TEM Find Objects", options, error);
+if (error != "") exit;
