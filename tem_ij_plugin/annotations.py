@@ -202,6 +202,7 @@ def rasterize(
     classes: list[str] | None = None,
     all_slices: bool = False,
     group_names: dict[int, str] | None = None,
+    min_classes: int = 2,
 ) -> Labels:
     """Turn annotation shapes into a partial label map.
 
@@ -218,6 +219,8 @@ def rasterize(
         Let a ROI without slice position label every plane of a stack (otherwise an error).
     group_names : dict of int to str, optional
         Names of ImageJ ROI groups, used for ROIs whose own name carries no class.
+    min_classes : int
+        How many classes must be annotated (1 when the ROIs add to a label image that has others).
 
     Returns
     -------
@@ -226,14 +229,14 @@ def rasterize(
     Raises
     ------
     UserError
-        Empty ROI set, unnamed or unknown classes, only one class, shapes outside the image,
+        Empty ROI set, unnamed or unknown classes, fewer than ``min_classes``, shapes outside the image,
         zero-area shapes, NaN or infinite coordinates, slices beyond the stack.
     """
     nz, h, w = image_shape
     if not shapes:
         raise UserError("the ROI set is empty: outline at least one cell and one background area")
     named = _shape_classes(shapes, group_names)
-    classes = _label_classes(shapes, named, classes)
+    classes = _label_classes(shapes, named, classes, min_classes)
     warnings = []
     prepared = [_prepared(s, cls, classes, image_shape, all_slices, warnings) for s, cls in zip(shapes, named)]
     # One plane at a time, so that only the label stack itself is ever as large as the image.
@@ -247,11 +250,60 @@ def rasterize(
             present |= set(np.unique(labels[z]).tolist())
     if n_conflict:
         warnings.append(f"{n_conflict} pixel(s) claimed by ROIs of different classes were left unlabelled")
-    if len(present - {UNLABELLED}) < 2:
+    if len(present - {UNLABELLED}) < min_classes:
         raise UserError("after removing 'ignore' areas and conflicts fewer than two classes remain labelled")
     for msg in warnings:
         log.warning(msg)
     return Labels(labels=labels, classes=classes, warnings=warnings)
+
+
+def labels_from_image(values: np.ndarray, classes: list[str]) -> Labels:
+    """Partial labels from a label image (Labkit, Trainable Weka Segmentation, ilastik, napari).
+
+    Parameters
+    ----------
+    values : ndarray of int, shape (Z, Y, X)
+        0 = unlabelled, k = ``classes[k - 1]``.
+    classes : list of str
+        The class of each value, in order.
+
+    Raises
+    ------
+    UserError
+        Non-integer or negative values, values beyond the classes, or fewer than two classes labelled.
+    """
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all() or (values != np.round(values)).any():
+            raise UserError("a label image holds whole numbers (0 = unlabelled, 1..N = classes); this one does not")
+    elif values.dtype.kind not in "ui":
+        raise UserError(f"a label image holds whole numbers, not {values.dtype}")
+    top, low = int(values.max()), int(values.min())
+    if low < 0 or top > len(classes):
+        raise UserError(
+            f"the label image has values {low}..{top}, but {len(classes)} class(es) are named "
+            f"({', '.join(classes)}): value k is the k-th class, 0 unlabelled; name one class per value (--classes)"
+        )
+    labels = values.astype(np.int16) - 1  # 0 becomes UNLABELLED (-1)
+    if len(np.unique(labels[labels >= 0])) < 2:
+        raise UserError("the label image labels fewer than two classes; paint at least two (e.g. cell and background)")
+    return Labels(labels=labels, classes=list(classes))
+
+
+def merge_labels(a: Labels, b: Labels) -> Labels:
+    """Both sets of labels (same classes); a pixel they give different classes is left unlabelled, with a warning."""
+    if a.classes != b.classes:
+        raise ValueError("merge_labels needs the same classes in the same order")
+    both = (a.labels >= 0) & (b.labels >= 0)
+    conflict = both & (a.labels != b.labels)
+    merged = np.where(a.labels >= 0, a.labels, b.labels)
+    merged[conflict] = UNLABELLED
+    warnings = a.warnings + b.warnings
+    if conflict.any():
+        warnings.append(
+            f"{int(conflict.sum())} pixel(s) the ROIs and the label image give different classes were left unlabelled"
+        )
+        log.warning(warnings[-1])
+    return Labels(labels=merged.astype(np.int16), classes=list(a.classes), warnings=warnings)
 
 
 def _shape_classes(shapes, group_names) -> list:
@@ -274,7 +326,7 @@ def _shape_classes(shapes, group_names) -> list:
     return named
 
 
-def _label_classes(shapes, named: list, classes) -> list:
+def _label_classes(shapes, named: list, classes, min_classes: int = 2) -> list:
     """The classes in index order (the given ones, or those found, background first); at least two annotated."""
     found = [c for c in named if c != IGNORE_NAME]
     if classes is None:
@@ -288,7 +340,7 @@ def _label_classes(shapes, named: list, classes) -> list:
                 f"unknown class(es) {', '.join(unknown)} in ROI(s) {', '.join(repr(n) for n in bad[:20])}; "
                 f"the allowed classes are {', '.join(classes)} (plus 'ignore')"
             )
-    if len(set(found)) < 2:
+    if len(set(found)) < min_classes:
         raise UserError(
             f"only one class is annotated ({', '.join(sorted(set(found))) or 'none'}); "
             "outline at least two classes, e.g. some cells and some background"

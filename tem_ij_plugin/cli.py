@@ -76,6 +76,12 @@ def _add_train(sub, common) -> None:
     )
     tr.add_argument("image", nargs="?", help="2-D image or Z stack (TIFF; PNG for 2-D)")
     tr.add_argument("--rois", help="ImageJ RoiSet.zip or .roi; ROI names give the classes")
+    tr.add_argument(
+        "--labels",
+        metavar="LABELS.tif",
+        help="a label image as partial labels (Labkit, Weka, ilastik, napari): 0 unlabelled, value k the k-th class "
+        "of --classes (or of the --init model); combines with --rois",
+    )
     tr.add_argument("-o", "--out", help="model file to write (e.g. cells.model); optional with --project")
     tr.add_argument("--init", metavar="MODEL", help="warm start from an earlier model (next annotation round)")
     tr.add_argument(
@@ -490,8 +496,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_settings(settings))
         return 0
-    if not args.image or not args.rois or not (args.out or args.project):
-        raise UserError("train needs IMAGE, --rois FILE and -o MODEL or --project DIR (or --print-config)")
+    if not args.image or not (args.rois or args.labels) or not (args.out or args.project):
+        raise UserError(
+            "train needs IMAGE, --rois FILE and/or --labels FILE, and -o MODEL or --project DIR (or --print-config)"
+        )
+    if args.labels and args.project:
+        raise UserError("a project round keeps its ROI file, not a label image (yet): train from --labels with -o")
     project = None
     if args.project:
         from .project import Project
@@ -499,13 +509,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         project = Project.open(args.project, create=True)
         if args.init is None:
             args.init = warm_start_path(project)
-    inputs = [args.image, args.rois, args.init, args.config]
+    inputs = [args.image, args.rois, args.labels, args.init, args.config]
     protect = [args.project] if args.project else []
     out = _check_output(args.out, inputs, args.overwrite, protect) if args.out else None
     image = read_image(args.image, channel=args.channel)
-    shapes = read_rois(args.rois)
+    shapes = read_rois(args.rois) if args.rois else []
     init = load_model(args.init) if args.init else None
     classes = [c.strip().lower() for c in args.classes.split(",")] if args.classes else None
+    label_image = _label_image(args.labels, init.classes if init else classes) if args.labels else None
     log.info("image %s", args.image)
     reporter = TrainReporter()
     try:
@@ -522,6 +533,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 out=out,
                 image_path=args.image,
                 rois_path=args.rois,
+                label_image=label_image,
                 device=args.device,
                 progress=reporter,
                 cancel=c,
@@ -533,6 +545,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(done.error)
     print(f"saved {' and '.join(done.saved)}: {done.result.summary()}")
     return EXIT_CANCELLED if cancel.is_set() else 0
+
+
+def _label_image(path: str, classes: list | None):
+    """A label image file as partial labels: value k is ``classes[k - 1]``."""
+    from .annotations import labels_from_image
+    from .errors import UserError
+    from .io import read_image
+
+    if not classes:
+        raise UserError(f"name the classes of the values 1, 2, ... of {path} with --classes, e.g. background,cell")
+    return labels_from_image(read_image(path).data, classes)
 
 
 class PredictReporter(_Reporter):

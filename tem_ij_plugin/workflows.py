@@ -26,6 +26,7 @@ from .events import CancelToken, ProgressSink, check_cancel
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .annotations import Labels
     from .config import Settings
     from .io import Image
     from .modelio import TrainedModel
@@ -83,6 +84,7 @@ def train_round(
     out: Path | None = None,
     image_path: Path | None = None,
     rois_path: Path | None = None,
+    label_image: Labels | None = None,
     device: str = "auto",
     progress: ProgressSink | None = None,
     cancel: CancelToken | None = None,
@@ -95,7 +97,7 @@ def train_round(
     image : tem_ij_plugin.io.Image
         The image (its ``data`` and ``calibration``); never modified.
     shapes : list of Shape
-        The annotations (named ROIs).
+        The annotations (named ROIs); may be empty with ``label_image``.
     settings : Settings
     init : TrainedModel, optional
         The model to warm-start from; its classes win over ``classes`` (which must then agree).
@@ -106,6 +108,9 @@ def train_round(
         a finished training, and the round records ``image_path`` and ``rois_path``.
     out : Path, optional
         Also save the model here (already checked against the inputs by the front end).
+    label_image : Labels, optional
+        Labels painted elsewhere (:func:`tem_ij_plugin.annotations.labels_from_image`), in the classes
+        of ``init`` when given; the shapes add to them (a pixel they disagree on is left unlabelled).
     device : str
         ``auto``, ``cpu``, ``cuda[:N]`` or ``mps``.
     progress, cancel
@@ -118,7 +123,6 @@ def train_round(
     -------
     TrainedRound
     """
-    from .annotations import rasterize
     from .runtime import resolve_device
     from .train import train
 
@@ -126,7 +130,7 @@ def train_round(
         if classes is not None and classes != init.classes:
             raise UserError(f"classes {','.join(classes)} differ from the warm-start model's {','.join(init.classes)}")
         classes = init.classes
-    labels = rasterize(shapes, image.data.shape, classes=classes, all_slices=all_slices, group_names=group_names)
+    labels = _round_labels(image, shapes, classes, label_image, all_slices, group_names)
     log.info(
         "image %s %s; classes %s; %d ROI(s)",
         "x".join(map(str, image.data.shape)),
@@ -151,6 +155,27 @@ def train_round(
             project.release(reservation)
         raise
     return _save_round(result, out, project, reservation, image_path, rois_path, rescue)
+
+
+def _round_labels(image, shapes, classes, label_image, all_slices, group_names):
+    """The shapes rasterised, a label image, or both merged."""
+    from .annotations import merge_labels, rasterize
+
+    how = {"all_slices": all_slices, "group_names": group_names}
+    if label_image is None:
+        return rasterize(shapes, image.data.shape, classes=classes, **how)
+    if label_image.labels.shape != image.data.shape:
+        raise UserError(
+            f"the label image is {'x'.join(map(str, label_image.labels.shape))} but the image "
+            f"{'x'.join(map(str, image.data.shape))} (planes x height x width): paint the labels on this image"
+        )
+    if classes is not None and classes != label_image.classes:
+        raise UserError(f"the label image's classes {','.join(label_image.classes)} differ from {','.join(classes)}")
+    if not shapes:
+        return label_image
+    return merge_labels(
+        rasterize(shapes, image.data.shape, classes=label_image.classes, min_classes=1, **how), label_image
+    )
 
 
 def _save_round(result, out, project, reservation, image_path, rois_path, rescue) -> TrainedRound:

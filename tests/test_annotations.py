@@ -1,7 +1,18 @@
+import re
+
 import numpy as np
 import pytest
 
-from tem_ij_plugin.annotations import Shape, class_of, fill_polygons, order_classes, rasterize
+from tem_ij_plugin.annotations import (
+    Labels,
+    Shape,
+    class_of,
+    fill_polygons,
+    labels_from_image,
+    merge_labels,
+    order_classes,
+    rasterize,
+)
 from tem_ij_plugin.errors import UserError
 
 
@@ -149,3 +160,40 @@ def test_digest_changes_with_labels():
     b = rasterize([shape("bg", 0, 0, 5, 5), shape("cell", 5, 5, 9, 8)], (1, 10, 10))
     assert a.digest() != b.digest()
     assert a.digest() == a.digest()
+
+
+def test_a_label_image_value_names_its_class_and_zero_is_unlabelled():
+    values = np.array([[[0, 1, 2], [2, 1, 0]]], np.uint8)
+    labels = labels_from_image(values, ["background", "cell"])
+    assert labels.labels.tolist() == [[[-1, 0, 1], [1, 0, -1]]]
+    assert labels.classes == ["background", "cell"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.array([[[0, 1, 3]]], np.uint8), "values 0..3, but 2 class(es)"),
+        (np.array([[[0.0, 1.5, 2.0]]], np.float32), "whole numbers"),
+        (np.array([[[0, 1, 1]]], np.uint16), "fewer than two classes"),
+        (np.array([[[0, -1, 2]]], np.int16), "values -1..2"),
+    ],
+)
+def test_bad_label_images_are_user_errors(values, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        labels_from_image(values, ["background", "cell"])
+
+
+def test_merged_labels_keep_both_and_leave_disagreements_unlabelled():
+    classes = ["background", "cell"]
+    a = Labels(np.array([[[0, -1, 1, 1]]], np.int16), classes)
+    b = Labels(np.array([[[-1, 1, 1, 0]]], np.int16), classes)
+    merged = merge_labels(a, b)
+    assert merged.labels.tolist() == [[[0, 1, 1, -1]]]
+    assert "1 pixel(s)" in merged.warnings[-1]
+
+
+def test_rois_of_one_class_may_add_to_a_label_image():
+    square = Shape("cell-1", "polygon", [np.array([[1, 1], [5, 1], [5, 5], [1, 5]], float)])
+    with pytest.raises(UserError, match="only one class"):
+        rasterize([square], (1, 8, 8))
+    assert (rasterize([square], (1, 8, 8), classes=["background", "cell"], min_classes=1).labels == 1).sum() == 16

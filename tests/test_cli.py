@@ -318,3 +318,70 @@ def test_predict_records_tta_in_the_job(files, model, capsys):
     with tifffile.TiffFile(out) as tif:
         job = json.loads(tif.imagej_metadata["Info"])[JOB_KEY]
     assert job["tta"] == "flips"
+
+
+@pytest.fixture()
+def label_image(files, synthetic):
+    """A label image painted on the top-left 128 px patch only (0 elsewhere): 1 background, 2 cell."""
+    from tem_ij_plugin.io import write_hyperstack
+
+    truth = synthetic[1]
+    painted = np.zeros(truth.shape, np.uint8)
+    painted[:128, :128] = truth[:128, :128] + 1
+    path = files["dir"] / "labkit-labels.tif"
+    write_hyperstack(path, painted[None])
+    return path
+
+
+def test_train_from_a_label_image(files, label_image, capsys):
+    out = files["dir"] / "from-labels.model"
+    code, _, err = run(
+        capsys, "train", files["image"], "--labels", label_image, "--classes", "background,cell", "-o", out,
+        "--config", files["config"],
+    )  # fmt: skip
+    assert code == 0, err
+    from tem_ij_plugin.modelio import load_model
+
+    assert load_model(out).classes == ["background", "cell"]
+
+
+def test_a_label_image_and_rois_train_together(files, label_image, capsys):
+    from tem_ij_plugin.modelio import load_model
+
+    counts = {}
+    for name, extra in (("labels", []), ("both", ["--rois", files["rois"]])):
+        out = files["dir"] / f"{name}.model"
+        code, _, err = run(
+            capsys, "train", files["image"], "--labels", label_image, *extra, "--classes", "background,cell",
+            "-o", out, "--config", files["config"],
+        )  # fmt: skip
+        assert code == 0, err
+        counts[name] = sum(load_model(out).last_round["labelled_pixels"].values())
+    assert counts["both"] > counts["labels"]  # the ROIs outside the painted patch count too
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "name the classes of the values"),
+        (["--classes", "cell"], "values 0..2, but 1 class(es)"),
+        (["--classes", "background,cell", "--project", "{dir}/proj"], "not a label image"),
+    ],
+)
+def test_bad_label_image_use_is_exit_2(files, label_image, capsys, extra, message):
+    argv = ["train", files["image"], "--labels", label_image, "-o", files["dir"] / "x.model"]
+    code, _, err = run(capsys, *argv, *[e.format(dir=files["dir"]) for e in extra])
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_a_label_image_of_another_size_is_exit_2(files, capsys):
+    from tem_ij_plugin.io import write_hyperstack
+
+    small = files["dir"] / "small-labels.tif"
+    write_hyperstack(small, np.tile(np.array([0, 1, 2], np.uint8), (1, 64, 22))[:, :, :64])
+    argv = ["train", files["image"], "--labels", small, "--classes", "background,cell"]
+    code, _, err = run(capsys, *argv, "-o", files["dir"] / "x.model")
+    assert code == 2
+    assert "paint the labels on this image" in err
