@@ -20,6 +20,10 @@ image.
     python benchmarks/active_learning.py                          # three tasks, seeds 0,1,2
     python benchmarks/active_learning.py --tasks mito --seeds 0 --schedule 1,2,4
     python benchmarks/active_learning.py --speed
+    python benchmarks/active_learning.py --report /tmp/al/s0 /tmp/al/s1 --json results/active_learning_90s.json
+
+``--report`` combines the rows that runs (one per seed, say) kept in their ``--out`` folders: seeds
+with every round of both arms go into the summary, the rest are listed as incomplete.
 """
 
 from __future__ import annotations
@@ -86,6 +90,34 @@ def run_task(task, images, truth, args, out_dir):
         title=f"ISBI 2012 {task}: {len(args.seeds)} seeds, {args.iterations} iterations per round",
     )
     return result
+
+
+def combine_runs(folders: list, tasks: list, schedule: list) -> dict:
+    """Summaries of the complete seeds in the runs' ``TASK/TASK.partial.json`` files."""
+    from tem_ij_plugin.experiment import summarize
+
+    out = {}
+    for task in tasks:
+        rows = []
+        for folder in folders:
+            path = Path(folder) / task / f"{task}.partial.json"
+            if path.is_file():
+                rows += json.loads(path.read_text())["rows"]
+        seeds = sorted({r["seed"] for r in rows})
+        complete = [s for s in seeds if sum(r["seed"] == s for r in rows) == 2 * len(schedule)]
+        rows = [r for r in rows if r["seed"] in complete]
+        if not rows:
+            continue
+        result = {"rows": rows}
+        out[task] = {
+            "seeds": complete,
+            "incomplete_seeds": [s for s in seeds if s not in complete],
+            "summary": summarize(rows, schedule, ["random", "suggest"]),
+            "top5_error_ratio_at_4_patches": four_patch_ratio(result),
+            "worst_drop_below_best_earlier_round": worst_drops(result),
+            "rows": rows,
+        }
+    return out
 
 
 def worst_drops(result):
@@ -171,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--speed", action="store_true", help="time scoring a 3840x2920 image instead")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "active_learning")
+    ap.add_argument("--report", nargs="+", type=Path, metavar="DIR", help="combine the rows kept in --out folders")
+    ap.add_argument("--json", type=Path, help="with --report: where to write the combined summary")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.schedule = [int(s) for s in args.schedule.split(",")]
@@ -178,6 +212,21 @@ def main(argv=None) -> int:
     for name in ("tem_ij_plugin.train",):
         logging.getLogger(name).setLevel(logging.WARNING)
     sys.path.insert(0, str(ROOT))
+    if args.report:
+        res = combine_runs(args.report, args.tasks.split(","), args.schedule)
+        for task, r in res.items():
+            sm = r["summary"]
+            print(
+                f"{task} (seeds {r['seeds']}): AUC random {sm['random']['auc_per_seed']} suggest "
+                f"{sm['suggest']['auc_per_seed']}; mean curves random {sm['random']['miou_mean']} suggest "
+                f"{sm['suggest']['miou_mean']} RF {sm['rf']['miou_mean']}; suggest reaches RF@15 at "
+                f"{sm['suggest']['patches_to_rf_final']}, random at {sm['random']['patches_to_rf_final']}; "
+                f"top-5 ratio {r['top5_error_ratio_at_4_patches']}; "
+                f"worst drops {r['worst_drop_below_best_earlier_round']}"
+            )
+        if args.json:
+            args.json.write_text(json.dumps({"iterations_per_round": args.iterations, "tasks": res}, indent=1))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     if args.speed:
         res = speed(args)
