@@ -287,3 +287,11 @@ def test_bad_input_is_exit_2_with_one_message(from_model, capsys, tmp_path, argv
     assert message in err
     assert "Traceback" not in err
     assert sha256(from_model / "image.tif") == before
+
+
+def test_the_label_image_may_be_ome_zarr(from_model, capsys, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    code, _, err = run_cli(capsys, "objects", from_model / "probs.tif", "-o", tmp_path / "cells.zarr")
+    assert code == 0, err
+    stored = zarr.open_array(str(tmp_path / "cells.zarr" / "0"), mode="r")[...]
+    np.testing.assert_array_equal(np.squeeze(stored), tifffile.imread(from_model / "cells.tif"))
