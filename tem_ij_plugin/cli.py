@@ -80,7 +80,8 @@ def _add_train(sub, common) -> None:
         "--labels",
         metavar="LABELS.tif",
         help="a label image as partial labels (Labkit, Weka, ilastik, napari): 0 unlabelled, value k the k-th class "
-        "of --classes (or of the --init model); combines with --rois",
+        "of --classes (or of the --init model); or cellpose's NAME_seg.npy / NAME_cp_masks.tif, whose cells are "
+        "the second class and the rest the first (default background,cell); combines with --rois",
     )
     tr.add_argument("-o", "--out", help="model file to write (e.g. cells.model); optional with --project")
     tr.add_argument("--init", metavar="MODEL", help="warm start from an earlier model (next annotation round)")
@@ -180,7 +181,12 @@ def _add_objects(sub, common) -> None:
     )
     ob.add_argument("paths", nargs="+", metavar="PATH", help="MODEL IMAGE (model file or project folder), or PROBS.tif")
     ob.add_argument("--class", dest="class_name", help="the class of the objects (default: the one not background)")
-    ob.add_argument("-o", "--out", help="the label image: .tif (ImageJ), .btf (BigTIFF) or .zarr (OME-Zarr)")
+    ob.add_argument(
+        "-o",
+        "--out",
+        help="the label image: .tif (ImageJ), .btf (BigTIFF), .zarr (OME-Zarr) or NAME_seg.npy (cellpose's GUI; "
+        "name it after the image, beside it)",
+    )
     ob.add_argument("--measure", metavar="CSV", help="object table NAME.csv (and NAME-slices.csv beside it)")
     ob.add_argument("--rois", metavar="ZIP", help="outlines as an ImageJ RoiSet.zip")
     ob.add_argument("--image", help="with PROBS.tif: the image it was predicted from (intensity columns)")
@@ -490,7 +496,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .io import read_image, read_rois
     from .modelio import load_model
-    from .workflows import train_round, warm_start_path
+    from .workflows import read_label_file, train_round, warm_start_path
 
     settings = _settings(args)
     if args.print_config:
@@ -516,7 +522,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     shapes = read_rois(args.rois) if args.rois else []
     init = load_model(args.init) if args.init else None
     classes = [c.strip().lower() for c in args.classes.split(",")] if args.classes else None
-    label_image = _label_image(args.labels, init.classes if init else classes) if args.labels else None
+    label_image = read_label_file(args.labels, init.classes if init else classes) if args.labels else None
     log.info("image %s", args.image)
     reporter = TrainReporter()
     try:
@@ -545,17 +551,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(done.error)
     print(f"saved {' and '.join(done.saved)}: {done.result.summary()}")
     return EXIT_CANCELLED if cancel.is_set() else 0
-
-
-def _label_image(path: str, classes: list | None):
-    """A label image file as partial labels: value k is ``classes[k - 1]``."""
-    from .annotations import labels_from_image
-    from .errors import UserError
-    from .io import read_image
-
-    if not classes:
-        raise UserError(f"name the classes of the values 1, 2, ... of {path} with --classes, e.g. background,cell")
-    return labels_from_image(read_image(path).data, classes)
 
 
 class PredictReporter(_Reporter):

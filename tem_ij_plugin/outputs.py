@@ -81,7 +81,8 @@ def written_by_us(path: Path) -> bool:
 
     TIFF: the Software tag; OME-Zarr: our key in ``.zattrs``; model files: our metadata; suggestion
     files: only ``suggest-N`` rectangles and ``suggest-N-focus-M`` polygons in the zip, our headers in
-    the CSVs, our format in the JSON; object ROIs: our comment on the zip, our headers in the CSVs.
+    the CSVs, our format in the JSON; object ROIs: our comment on the zip, our headers in the CSVs;
+    cellpose ``_seg.npy``: our ``software`` entry.
     Anything unreadable or unmarked is not ours.
     """
     suffix = path.suffix.lower()
@@ -106,6 +107,10 @@ def written_by_us(path: Path) -> bool:
             with open(path, encoding="utf-8") as f:
                 ours = (SUGGESTIONS_CSV_HEADER, SLICES_CSV_HEADER, OBJECTS_CSV_HEADER, OBJECT_SLICES_CSV_HEADER)
                 return f.readline().startswith(ours)
+        if suffix == ".npy":
+            from .cellpose_files import is_our_seg_npy
+
+            return is_our_seg_npy(path)
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8")[:10_000_000])
             return isinstance(data, dict) and data.get("format") == SUGGESTIONS_FORMAT

@@ -157,6 +157,37 @@ def train_round(
     return _save_round(result, out, project, reservation, image_path, rois_path, rescue)
 
 
+def read_label_file(path: str | os.PathLike, classes: list | None) -> Labels:
+    """A label image as partial labels, or cellpose's masks as labels of every pixel.
+
+    Parameters
+    ----------
+    path : path
+        A label image (Labkit, Trainable Weka Segmentation, ilastik, napari: 0 unlabelled, value k
+        the k-th class), or cellpose's ``NAME_seg.npy`` / ``NAME_cp_masks.tif`` / ``NAME_masks.tif``
+        (see :func:`~tem_ij_plugin.cellpose_files.labels_from_masks`).
+    classes : list of str, optional
+        The class of each value; for cellpose masks the outside and the cell class
+        (default ``background, cell``).
+
+    Raises
+    ------
+    UserError
+        An unreadable or hostile file, values beyond the classes, or classes missing.
+    """
+    from .annotations import labels_from_image
+    from .cellpose_files import is_cellpose_masks, labels_from_masks, read_seg_masks
+    from .io import read_image
+
+    if is_cellpose_masks(path):
+        suffix = Path(path).suffix.lower()
+        masks = read_seg_masks(path) if suffix == ".npy" else read_image(path).data
+        return labels_from_masks(masks, classes or ["background", "cell"])
+    if not classes:
+        raise UserError(f"name the classes of the values 1, 2, ... of {path} with --classes, e.g. background,cell")
+    return labels_from_image(read_image(path).data, classes)
+
+
 def _round_labels(image, shapes, classes, label_image, all_slices, group_names):
     """The shapes rasterised, a label image, or both merged."""
     from .annotations import merge_labels, rasterize
@@ -514,7 +545,7 @@ def find_objects(
         Default: the one class that is not ``background``.
     out : path, optional
         The instance label image: ImageJ TIFF (16-bit, or 32-bit beyond 65535 objects), ``.btf`` or
-        ``.zarr``, with the image's calibration and slice labels.
+        ``.zarr``, with the image's calibration and slice labels; or ``NAME_seg.npy`` for cellpose's GUI.
     measure : path, optional
         ``NAME.csv`` (one row per object) and ``NAME-slices.csv`` (one row per plane).
     rois : path, optional
@@ -554,7 +585,7 @@ def find_objects(
         src = stack.enter_context(_ObjectSource(model_path, image_path, probabilities, channel, device))
         index = object_class(src.classes, class_name)
         s = ObjectSettings.for_patch_size(src.patch_size, **(options or {}))
-        labels = stack.enter_context(_LabelStore(Path(out), src)) if out else None
+        labels = stack.enter_context(_LabelStore(Path(out), src, image_path)) if out else None
         found = objects_in_planes(
             src.planes, src.n_planes, index, src.classes[index], s, src.image, src.calibration, src.slice_labels,
             sink=labels.put if labels else None, progress=progress, cancel=cancel,
@@ -656,8 +687,8 @@ def _recorded_patch_size(path: Path) -> int:
 class _LabelStore:
     """A stack's label planes kept on disk until the object count fixes the type (16- or 32-bit), then written."""
 
-    def __init__(self, out: Path, src: _ObjectSource):
-        self.out, self.src = out, src
+    def __init__(self, out: Path, src: _ObjectSource, image_path=None):
+        self.out, self.src, self.image_path = out, src, image_path
         fd, name = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".npy")
         os.close(fd)
         self.tmp = Path(name)
@@ -671,13 +702,20 @@ class _LabelStore:
         self.planes[z] = labels
 
     def finish(self, count: int) -> Path:
-        """Write the label image (uint16 up to 65535 objects, else ImageJ's 32-bit float, exact to 2**24)."""
+        """Write the label image (uint16 up to 65535 objects, else ImageJ's 32-bit float, exact to 2**24).
+
+        ``NAME_seg.npy`` is written for cellpose's GUI instead (16- or 32-bit integers).
+        """
+        from .cellpose_files import SEG_SUFFIX, write_seg_npy
         from .stackio import Layout, open_writer
 
         if count >= 1 << 24:
             raise UserError(
                 f"{count} objects are more than a label image holds exactly (16777215); raise the minimum area"
             )
+        if self.out.name.lower().endswith(SEG_SUFFIX):
+            write_seg_npy(self.out, self.planes, self.image_path)
+            return self.out
         dtype = np.dtype(np.uint16 if count <= 65535 else np.float32)
         src = self.src
         layout = Layout(src.stack_axes, src.stack_shape, None, src.plane_shape, dtype)

@@ -295,3 +295,21 @@ def test_the_label_image_may_be_ome_zarr(from_model, capsys, tmp_path):
     assert code == 0, err
     stored = zarr.open_array(str(tmp_path / "cells.zarr" / "0"), mode="r")[...]
     np.testing.assert_array_equal(np.squeeze(stored), tifffile.imread(from_model / "cells.tif"))
+
+
+def test_the_label_image_may_be_a_cellpose_seg_npy(from_model, capsys, tmp_path):
+    from tem_ij_plugin.cellpose_files import read_seg_masks
+
+    code, _, err = run_cli(capsys, "objects", from_model / "probs.tif", "-o", tmp_path / "image_seg.npy")
+    assert code == 0, err
+    np.testing.assert_array_equal(read_seg_masks(tmp_path / "image_seg.npy"), tifffile.imread(from_model / "cells.tif"))
+
+
+def test_a_seg_npy_we_wrote_is_replaced_and_a_foreign_one_is_not(from_model, capsys, tmp_path):
+    argv = ["objects", from_model / "probs.tif", "-o"]
+    assert run_cli(capsys, *argv, tmp_path / "ours_seg.npy")[0] == 0
+    assert run_cli(capsys, *argv, tmp_path / "ours_seg.npy")[0] == 0
+    np.save(tmp_path / "theirs_seg.npy", np.array({"masks": np.zeros((4, 4), np.uint16)}, dtype=object))
+    code, _, err = run_cli(capsys, *argv, tmp_path / "theirs_seg.npy")
+    assert code == 2
+    assert "did not write" in err
