@@ -3,9 +3,10 @@
 Per seed (patches, annotations and training), as in ``isbi_partial.py``: 15 partially annotated 256x256
 patches of sections 0-14, a model trained for ``--iterations`` steps (iterations rather than minutes,
 so a busy machine changes the time, not the result), objects cut by ``tem_ij_plugin.objects`` with its
-defaults on sections 15-29. The peer in the same run: the random forest on the same labels, its class
-map (a 0.5 threshold), then distance map + watershed (``split="distance"``: what a Fiji user does with
-Trainable Weka Segmentation, Distance Map and Watershed). Scored against the Cardona neurite pieces of
+defaults on sections 15-29 (the minimum area a quarter of the median annotated piece). The peer in the
+same run: the random forest on the same labels, its class map (a 0.5 threshold), then distance map +
+watershed (``split="distance"``: what a Fiji user does with Trainable Weka Segmentation, Distance Map
+and Watershed), with the same minimum area. Scored against the Cardona neurite pieces of
 at least 5000 px:
 
 * object F1 at IoU >= 0.5 (one-to-one matching, as StarDist and cellpose count it) and the mean IoU of
@@ -27,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -132,16 +134,18 @@ def run_seed(images, truth, instances, seed, args, boundary: bool) -> dict:
     model = train(images[:15], labels, s, device="cpu").model
     train_s = time.perf_counter() - t0
     probs = predict_stack(model.net, images[15:], model.normalization, torch.device("cpu"))
-    settings = ObjectSettings.for_patch_size(256)
+    settings = ObjectSettings.for_annotations(256, model.meta.get("object_areas"), "cell")
     t1 = time.perf_counter()
     ours = _objects(probs, settings)
     objects_s = time.perf_counter() - t1
     forest = rf_peer(images[:15], labels.labels, images[15:], seed)[0]
-    peer = _objects(_one_hot(forest), ObjectSettings.for_patch_size(256, split="distance"))
+    # The same minimum area: a Fiji user sets Analyze Particles' size from the cells too.
+    peer = _objects(_one_hot(forest), replace(settings, split="distance"))
     row = {
         "seed": seed,
         "train_s": round(train_s, 1),
         "objects_s": round(objects_s, 2),
+        "min_area": settings.min_area,
         "ours": object_scores(ours, instances[15:]),
         "peer": object_scores(peer, instances[15:]),
     }

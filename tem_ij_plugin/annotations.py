@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 UNLABELLED = -1
 BACKGROUND_NAMES = ("background", "bg")
 IGNORE_NAME = "ignore"
+PROPOSAL_PREFIX = "proposal"  # outlines a model proposed (tem-ij objects --proposals): labels only once renamed
+_PROPOSAL = re.compile(rf"{PROPOSAL_PREFIX}-[0-9]+")
 _SEPARATORS = re.compile(r"[\s\-_.:,;#/]+")
 
 
@@ -233,11 +235,13 @@ def rasterize(
         zero-area shapes, NaN or infinite coordinates, slices beyond the stack.
     """
     nz, h, w = image_shape
+    shapes, warnings = _without_proposals(shapes)
+    if not shapes and warnings:
+        raise UserError(f"the ROI set holds only proposals: {warnings[0]}")
     if not shapes:
         raise UserError("the ROI set is empty: outline at least one cell and one background area")
     named = _shape_classes(shapes, group_names)
     classes = _label_classes(shapes, named, classes, min_classes)
-    warnings = []
     prepared = [_prepared(s, cls, classes, image_shape, all_slices, warnings) for s, cls in zip(shapes, named)]
     # One plane at a time, so that only the label stack itself is ever as large as the image.
     labels = np.full((nz, h, w), UNLABELLED, dtype=np.int16)
@@ -289,6 +293,32 @@ def labels_from_image(values: np.ndarray, classes: list[str]) -> Labels:
     return Labels(labels=labels, classes=list(classes))
 
 
+def annotated_areas(labels: np.ndarray, classes: list[str]) -> dict:
+    """Per class, the connected labelled pieces: how many and their median area in pixels.
+
+    A piece is what a person outlined (or its part inside a patch), so the median is the object
+    scale as annotated. Only planes holding the class are labelled, so a large stack costs little.
+
+    Returns
+    -------
+    dict
+        ``{class: {"count": int, "median_px": float}}`` for the classes labelled anywhere.
+    """
+    from scipy import ndimage as ndi
+
+    out = {}
+    for k, name in enumerate(classes):
+        sizes = []
+        for plane in labels:
+            mask = plane == k
+            if mask.any():
+                pieces, n = ndi.label(mask)
+                sizes += np.bincount(pieces.ravel())[1:].tolist()
+        if sizes:
+            out[name] = {"count": len(sizes), "median_px": float(np.median(sizes))}
+    return out
+
+
 def merge_labels(a: Labels, b: Labels) -> Labels:
     """Both sets of labels (same classes); a pixel they give different classes is left unlabelled, with a warning."""
     if a.classes != b.classes:
@@ -304,6 +334,17 @@ def merge_labels(a: Labels, b: Labels) -> Labels:
         )
         log.warning(warnings[-1])
     return Labels(labels=merged.astype(np.int16), classes=list(a.classes), warnings=warnings)
+
+
+def _without_proposals(shapes: list) -> tuple[list, list]:
+    """The shapes that are not unaccepted proposals (``proposal-N``), and a warning when some were."""
+    kept = [s for s in shapes if not _PROPOSAL.fullmatch((s.name or "").strip())]
+    if len(kept) == len(shapes):
+        return shapes, []
+    return kept, [
+        f"{len(shapes) - len(kept)} proposed outline(s) named proposal-N are not labels: rename the ones you "
+        "accept to their class (e.g. cell-N) and delete the others"
+    ]
 
 
 def _shape_classes(shapes, group_names) -> list:

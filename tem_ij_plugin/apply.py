@@ -103,7 +103,7 @@ class PredictJob:
         self.tile, self.overlap, self.batch_size, self.resume = tile, overlap, batch_size, resume
         self.overwrite, self.inputs = overwrite, [Path(p) for p in inputs]
         self.tta = tta
-        self._model_sha256 = self._patch_size = None
+        self._model_sha256 = self._patch_size = self._object_areas = None
         self.n_planes = 0
         self.state = None
         self.writers: list = []
@@ -258,7 +258,8 @@ class PredictJob:
             from .modelio import read_metadata
 
             self._model_sha256 = file_digest(self.model_path)
-            self._patch_size = read_metadata(self.model_path).get("patch_size")
+            meta = read_metadata(self.model_path)
+            self._patch_size, self._object_areas = meta.get("patch_size"), meta.get("object_areas")
         return {
             "model_sha256": self._model_sha256,
             "image": str(self.image_path.resolve()),
@@ -272,6 +273,7 @@ class PredictJob:
             **({"tta": self.tta} if self.tta != "off" else {}),
             # The annotation scale, which sets defaults downstream (tem-ij objects' minimum area).
             **({"patch_size": self._patch_size} if self._patch_size else {}),
+            **({"object_areas": self._object_areas} if self._object_areas else {}),
         }
 
     def _signature(self, predictor, names) -> dict:

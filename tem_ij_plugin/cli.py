@@ -214,6 +214,19 @@ def _add_objects(sub, common) -> None:
     )
     ob.add_argument("--keep-holes", action="store_true", help="do not fill the holes inside objects")
     ob.add_argument(
+        "--method",
+        choices=["watershed", "cellpose"],
+        default="watershed",
+        help="cut objects with the seeded watershed (default) or with your cellpose model (--cellpose-model), "
+        "its masks cut to the pixels of the class (needs the [cellpose] extra)",
+    )
+    ob.add_argument("--cellpose-model", metavar="FILE", help="with --method cellpose: your cellpose model file")
+    ob.add_argument(
+        "--proposals",
+        action="store_true",
+        help="name the ROIs proposal-N: outlines to review, which train ignores until you rename them (cell-N)",
+    )
+    ob.add_argument(
         "--overwrite", action="store_true", help="replace outputs in the way that tem_ij_plugin did not write"
     )
 
@@ -656,6 +669,10 @@ def cmd_objects(args: argparse.Namespace) -> int:
     if args.min_area is not None:
         options["min_area"] = args.min_area
     model_path = _model_path(args.paths[0]) if two else None
+    if (args.method == "cellpose") != bool(args.cellpose_model):
+        raise UserError(
+            "--method cellpose goes with --cellpose-model FILE, and --cellpose-model with --method cellpose"
+        )
     reporter = _Reporter(interactive=False, every_s=10.0)
 
     def progress(ev):
@@ -677,6 +694,8 @@ def cmd_objects(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=progress,
             cancel=c,
+            cellpose_model=args.cellpose_model,
+            proposals=args.proposals,
         )
     )
     print(

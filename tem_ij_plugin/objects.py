@@ -63,6 +63,38 @@ class ObjectSettings:
         """Defaults scaled to the annotation patch: the smallest object is 1/1024 of a patch (64 px at 256)."""
         return cls(**{"min_area": max(1, size * size // 1024), **overrides})
 
+    @classmethod
+    def for_annotations(cls, size: int, areas: dict | None, class_name: str, **overrides) -> ObjectSettings:
+        """Defaults from what was annotated: the smallest object is a quarter of the median annotated one.
+
+        Falls back to :meth:`for_patch_size` (and never goes below it) when fewer than
+        ``MIN_PIECES`` pieces of the class were annotated. ``areas`` is
+        :func:`~tem_ij_plugin.annotations.annotated_areas` as a model or a probability map records it
+        (untrusted: anything malformed is ignored).
+        """
+        floor = max(1, size * size // 1024)
+        median = _median_area(areas, class_name)
+        if median is not None:
+            floor = max(floor, int(OBJECT_FRACTION * median))
+        return cls(**{"min_area": floor, **overrides})
+
+
+OBJECT_FRACTION = 0.25  # of the median annotated piece: the smallest object kept
+MIN_PIECES = 5  # annotated pieces of a class before their median sets the minimum area
+
+
+def _median_area(areas, class_name: str) -> float | None:
+    """The median annotated area of a class from a record, when it is well-formed and rests on enough pieces."""
+    entry = areas.get(class_name) if isinstance(areas, dict) else None
+    if not isinstance(entry, dict):
+        return None
+    count, median = entry.get("count"), entry.get("median_px")
+    if not isinstance(count, int) or isinstance(count, bool) or count < MIN_PIECES:
+        return None
+    if not isinstance(median, (int, float)) or isinstance(median, bool) or not 0 < median < 1e12:
+        return None
+    return float(median)
+
 
 def label_plane(probs: np.ndarray, index: int, settings: ObjectSettings | None = None) -> np.ndarray:
     """Objects of class ``index`` in one plane's probabilities (C, Y, X).
@@ -84,6 +116,27 @@ def label_plane(probs: np.ndarray, index: int, settings: ObjectSettings | None =
     if s.fill_holes:
         labels = _fill_holes(labels)
     return _raster_order(labels)
+
+
+def within_class(
+    masks: np.ndarray, probs: np.ndarray, index: int, settings: ObjectSettings | None = None
+) -> np.ndarray:
+    """Another segmenter's objects (cellpose's masks) cut to the pixels the model gives class ``index``.
+
+    A mask that the cut splits becomes one object per piece; pieces under the minimum area are dropped.
+    Holes are not filled: what the other segmenter left open stays open.
+
+    Returns
+    -------
+    ndarray of int32, shape (Y, X)
+        As :func:`label_plane`.
+    """
+    from skimage.measure import label
+
+    s = settings or ObjectSettings()
+    cut = np.where(probs.argmax(0) == index, masks, 0)
+    pieces = label(cut, background=0, connectivity=1)  # connected pixels of one id: a piece each
+    return _raster_order(_drop_small(pieces, s.min_area))
 
 
 def _watershed(mask: np.ndarray, prob: np.ndarray, s: ObjectSettings) -> np.ndarray:

@@ -108,6 +108,13 @@ class Normalization(_Open):
         return self
 
 
+class ObjectAreas(_Open):
+    """The annotated pieces of one class: how many, and their median area in pixels."""
+
+    count: Count
+    median_px: float = Field(ge=0, le=1e12, allow_inf_nan=False)
+
+
 class ReceptiveField(_Open):
     """A model's effective receptive field: the ``radius`` that holds the share ``mass`` of it."""
 
@@ -179,6 +186,7 @@ class ModelMeta(_Open):
     normalization: Normalization
     pixel_size: dict[Name, Any] | None = None
     patch_size: int | None = Field(None, ge=16, le=16384)
+    object_areas: dict[Name, ObjectAreas] | None = Field(None, max_length=MAX_CLASSES)
     history: History | None = None
     annotations_sha256: Annotated[str, Field(max_length=128)] | None = None
     effective_receptive_field: ReceptiveField | None = None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .annotations import UNLABELLED, Labels, boundary_band
+from .annotations import UNLABELLED, Labels, annotated_areas, boundary_band
 from .augment import Augmenter
 from .config import Settings
 from .errors import UserError
@@ -742,6 +742,8 @@ class Trainer:
             "normalization": {**DEFAULT_NORMALIZATION, "training_range": [self.lo, self.hi]},
             "pixel_size": self.calibration or {},
             "patch_size": self.s.patches.size,
+            # The object scale as annotated: tem-ij objects' minimum area.
+            "object_areas": annotated_areas(self.labels.labels, self.classes),
             "settings": self.s.model_dump(mode="json"),
             "history": history,
             "annotations_sha256": self.labels.digest(),

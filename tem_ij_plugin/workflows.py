@@ -482,6 +482,8 @@ def objects_in_planes(
     sink: Callable[[int, np.ndarray], object] | None = None,
     progress: ProgressSink | None = None,
     cancel: CancelToken | None = None,
+    segment: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    roi_prefix: str | None = None,
 ) -> FoundObjects:
     """Objects, measurements and outlines of every plane; ids run on over the stack.
 
@@ -493,6 +495,10 @@ def objects_in_planes(
         ``z -> (Y, X)`` the image plane, for the intensity columns.
     sink : callable, optional
         ``(z, labels)`` for each plane's label image, ids already unique over the stack (int64).
+    segment : callable, optional
+        ``(z, probabilities) -> labels`` instead of :func:`~tem_ij_plugin.objects.label_plane`.
+    roi_prefix : str, optional
+        ROI names ``PREFIX-ID`` (default the class name).
     """
     from .io import Calibration
     from .objects import label_plane, measure, object_outlines, object_roi, slice_summary
@@ -503,12 +509,12 @@ def objects_in_planes(
         check_cancel(cancel)
         probs = planes(z)
         shape = probs.shape[1:]
-        labels = label_plane(probs, class_index, settings)
+        labels = segment(z, probs) if segment else label_plane(probs, class_index, settings)
         label = slice_labels[z] if z < len(slice_labels) else ""
         img = image(z) if image is not None else None
         rows += measure(labels, z, cal, img, probs[class_index], label, first_id=count)
         for i, xy in object_outlines(labels).items():
-            rois.append(object_roi(xy, f"{class_name}-{count + i}", z + 1 if n_planes > 1 else 0))
+            rois.append(object_roi(xy, f"{roi_prefix or class_name}-{count + i}", z + 1 if n_planes > 1 else 0))
         if sink is not None:
             sink(z, np.where(labels > 0, labels.astype(np.int64) + count, 0))
         count += int(labels.max())
@@ -533,6 +539,8 @@ def find_objects(
     overwrite: bool = False,
     progress: ProgressSink | None = None,
     cancel: CancelToken | None = None,
+    cellpose_model: str | os.PathLike | None = None,
+    proposals: bool = False,
 ) -> FoundObjects:
     """Objects of one class of a model's prediction, or of a probability map written earlier, plane by plane.
 
@@ -553,6 +561,11 @@ def find_objects(
     options : dict, optional
         :class:`~tem_ij_plugin.objects.ObjectSettings` fields; the minimum area defaults to
         :meth:`~tem_ij_plugin.objects.ObjectSettings.for_patch_size` of the model's patch (256 without one).
+    cellpose_model : path, optional
+        The user's cellpose model file: its masks on the image, cut to the class
+        (:func:`~tem_ij_plugin.objects.within_class`), instead of the watershed.
+    proposals : bool
+        Name the ROIs ``proposal-N``: outlines to review, which training ignores until renamed.
 
     Raises
     ------
@@ -560,6 +573,7 @@ def find_objects(
         Bad input (a class the model lacks, a probability file that is not ours, sizes that differ),
         or an output that would touch an input or a file we did not write.
     """
+    from .annotations import PROPOSAL_PREFIX
     from .objects import ObjectSettings, objects_paths, write_measurements, write_object_rois
     from .outputs import OutputPlan
 
@@ -567,7 +581,7 @@ def find_objects(
         raise UserError("give a model and an image, or a probability map from `tem-ij predict`")
     if model_path is not None and image_path is None:
         raise UserError("a model needs the image to find objects in")
-    plan = OutputPlan([model_path, image_path, probabilities], overwrite=overwrite)
+    plan = OutputPlan([model_path, image_path, probabilities, cellpose_model], overwrite=overwrite)
     targets = [out] if out else []
     targets += objects_paths(measure) if measure else []
     targets += [rois] if rois else []
@@ -584,11 +598,13 @@ def find_objects(
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(_ObjectSource(model_path, image_path, probabilities, channel, device))
         index = object_class(src.classes, class_name)
-        s = ObjectSettings.for_patch_size(src.patch_size, **(options or {}))
+        s = ObjectSettings.for_annotations(src.patch_size, src.object_areas, src.classes[index], **(options or {}))
+        segment = _cellpose_segment(cellpose_model, src, index, s, device) if cellpose_model else None
         labels = stack.enter_context(_LabelStore(Path(out), src, image_path)) if out else None
         found = objects_in_planes(
             src.planes, src.n_planes, index, src.classes[index], s, src.image, src.calibration, src.slice_labels,
-            sink=labels.put if labels else None, progress=progress, cancel=cancel,
+            sink=labels.put if labels else None, progress=progress, cancel=cancel, segment=segment,
+            roi_prefix=PROPOSAL_PREFIX if proposals else None,
         )  # fmt: skip
         if labels is not None:
             found.written.append(labels.finish(found.count))
@@ -598,6 +614,18 @@ def find_objects(
         write_object_rois(rois, found.rois)
         found.written.append(Path(rois))
     return found
+
+
+def _cellpose_segment(path, src, index: int, settings, device: str) -> Callable:
+    """``(z, probabilities) -> labels``: the cellpose model's masks of image plane ``z``, cut to the class."""
+    from .cellpose_model import CellposeSegmenter
+    from .objects import within_class
+    from .runtime import resolve_device
+
+    if src.image is None:
+        raise UserError("cellpose segments the image: give --image with a probability map")
+    segmenter = CellposeSegmenter(path, str(resolve_device(device)))
+    return lambda z, probs: within_class(segmenter(src.image(z)), probs, index, settings)
 
 
 class _ObjectSource:
@@ -629,14 +657,17 @@ class _ObjectSource:
         self._readers.append(reader)
         predictor, lo, hi = image_predictor(model, reader, device)
         self.classes, self.patch_size = list(model.classes), suggestion_size(model)
+        self.object_areas = model.meta.get("object_areas")
         self._describe(reader, reader.slice_labels)
         self.image = reader.read
         self.planes = lambda z: predictor.plane(normalize(reader.read(z), lo, hi))
 
     def _from_map(self, path) -> None:
         from .io import PlaneReader, ProbabilityPlanes, probability_classes
+        from .stackio import recorded_job
 
         self.classes, self.patch_size = probability_classes(path), _recorded_patch_size(Path(path))
+        self.object_areas = (recorded_job(Path(path)) or {}).get("object_areas")  # checked where it is used
         first = PlaneReader(path, channel=1)
         self._readers.append(first)
         maps = ProbabilityPlanes(path, self.classes, (first.n_planes, *first.plane_shape))

@@ -313,3 +313,73 @@ def test_a_seg_npy_we_wrote_is_replaced_and_a_foreign_one_is_not(from_model, cap
     code, _, err = run_cli(capsys, *argv, tmp_path / "theirs_seg.npy")
     assert code == 2
     assert "did not write" in err
+
+
+def test_another_segmenters_masks_are_cut_to_the_class_one_object_per_piece():
+    from tem_ij_plugin.objects import within_class
+
+    masks = np.zeros((40, 40), np.int64)
+    masks[5:15, 5:35] = 7  # cut in two by a non-cell column at x = 20
+    masks[25:35, 5:15] = 3  # outside the class entirely
+    cell = np.zeros((40, 40), bool)
+    cell[:20] = True
+    cell[:, 20] = False
+    labels = within_class(masks, _probs(cell.astype(np.float32)), 1, ObjectSettings(min_area=10))
+    assert labels.max() == 2
+    assert (labels[5:15, 5:20] == 1).all()
+    assert (labels[5:15, 21:35] == 2).all()
+    assert (labels[25:35, 5:15] == 0).all()
+
+
+def test_proposals_are_rois_that_training_ignores_until_renamed(from_model, capsys, tmp_path):
+    from tem_ij_plugin.annotations import rasterize
+    from tem_ij_plugin.errors import UserError
+    from tem_ij_plugin.io import read_rois
+
+    code, _, err = run_cli(capsys, "objects", from_model / "probs.tif", "--proposals", "--rois", tmp_path / "p.zip")
+    assert code == 0, err
+    shapes = read_rois(tmp_path / "p.zip")
+    assert {s.name.rsplit("-", 1)[0] for s in shapes} == {"proposal"}
+    with pytest.raises(UserError, match="only proposals"):
+        rasterize(shapes, (2, 256, 256))
+    shapes[0].name, shapes[1].name = "cell-1", "background-1"
+    labels = rasterize(shapes, (2, 256, 256))
+    assert labels.classes == ["background", "cell"]
+    assert len(labels.warnings) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "cellpose"], "goes with --cellpose-model"),
+        (["--cellpose-model", "{t}/cp.model"], "goes with --cellpose-model"),
+        (["--method", "cellpose", "--cellpose-model", "{t}/missing.model"], "nothing is downloaded"),
+    ],
+)
+def test_bad_cellpose_use_is_exit_2(from_model, capsys, tmp_path, argv, message):
+    argv = [a.format(t=tmp_path) for a in argv]
+    code, _, err = run_cli(capsys, "objects", from_model / "m.model", from_model / "image.tif", "--rois",
+                           tmp_path / "c.zip", *argv)  # fmt: skip
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_cellpose_on_a_probability_map_needs_the_image(from_model, capsys, tmp_path):
+    (tmp_path / "cp.model").write_bytes(b"weights")
+    argv = ["--method", "cellpose", "--cellpose-model", tmp_path / "cp.model", "--rois", tmp_path / "c.zip"]
+    code, _, err = run_cli(capsys, "objects", from_model / "probs.tif", *argv)
+    assert code == 2
+    assert "give --image" in err
+
+
+def test_without_cellpose_the_method_says_how_to_install_it(from_model, capsys, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("cellpose") is not None:
+        pytest.skip("cellpose is installed here")
+    (tmp_path / "cp.model").write_bytes(b"weights")
+    argv = ["--method", "cellpose", "--cellpose-model", tmp_path / "cp.model", "--rois", tmp_path / "c.zip"]
+    code, _, err = run_cli(capsys, "objects", from_model / "m.model", from_model / "image.tif", *argv)
+    assert code == 2
+    assert "tem-ij-plugin[cellpose]" in err

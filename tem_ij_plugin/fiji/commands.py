@@ -433,7 +433,8 @@ def find_objects(ctx: Context) -> None:
     options = {"split": ctx.choice("split")}
     if int(ctx.number("minimum", low=0)):
         options["min_area"] = int(ctx.number("minimum"))
-    settings = ObjectSettings.for_patch_size(suggestion_size(model), **options)
+    areas = model.meta.get("object_areas")
+    settings = ObjectSettings.for_annotations(suggestion_size(model), areas, model.classes[index], **options)
     probs = _predict(ctx, image, _device(ctx))
     labels = np.zeros(image.data.shape, np.int64)
 
