@@ -16,6 +16,10 @@ ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+# Run in cellpose's own environment by test_cellpose_model.py, never imported here (it imports cellpose).
+collect_ignore = ["cellpose_tiny_model.py"]
+
+
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -197,3 +197,16 @@ def test_rois_of_one_class_may_add_to_a_label_image():
     with pytest.raises(UserError, match="only one class"):
         rasterize([square], (1, 8, 8))
     assert (rasterize([square], (1, 8, 8), classes=["background", "cell"], min_classes=1).labels == 1).sum() == 16
+
+
+def test_annotated_areas_count_the_connected_pieces_of_each_class():
+    from tem_ij_plugin.annotations import annotated_areas
+
+    labels = np.full((2, 20, 20), -1, np.int16)
+    labels[0, :2, :5] = 1  # 10 px
+    labels[0, 10:15, 10:16] = 1  # 30 px
+    labels[1, 5:10, 5:10] = 0  # 25 px of background on the other plane
+    assert annotated_areas(labels, ["background", "cell", "mito"]) == {
+        "background": {"count": 1, "median_px": 25.0},
+        "cell": {"count": 2, "median_px": 20.0},
+    }

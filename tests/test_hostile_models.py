@@ -185,6 +185,13 @@ HOSTILE_MODELS = [
     ("percentile_above_100", "predict", norm(high=250.0), ["normalization.high"]),
     ("percentile_nan", "predict", norm(low=math.nan), ["normalization.low", "finite"]),
     ("receptive_field_huge", "predict", with_meta(lambda m: m.update(effective_receptive_field=HUGE_RF)), ["radius"]),
+    (
+        "object_area_negative",
+        "predict",
+        with_meta(lambda m: m.update(object_areas={"cell": {"count": 9, "median_px": -5.0}})),
+        ["object_areas"],
+    ),
+    ("object_areas_a_list", "predict", with_meta(lambda m: m.update(object_areas=[1, 2])), ["object_areas"]),
     ("description_nested_200000", "predict", nested_description, ["nested"]),
     ("header_nested_200000", "predict", nested_header, ["nested"]),
     ("metadata_not_a_mapping", "predict", with_header(lambda h: h.update(__metadata__=["x"])), ["__metadata__"]),

@@ -147,6 +147,38 @@ def test_bad_object_settings_are_user_errors(field):
         ObjectSettings(**field)
 
 
+def test_the_minimum_area_is_a_quarter_of_the_median_annotated_piece():
+    areas = {"cell": {"count": 5, "median_px": 2000.0}}
+    assert ObjectSettings.for_annotations(256, areas, "cell").min_area == 500
+
+
+def test_the_minimum_area_never_falls_below_the_patch_default():
+    areas = {"cell": {"count": 50, "median_px": 40.0}}
+    assert ObjectSettings.for_annotations(256, areas, "cell").min_area == 64
+
+
+@pytest.mark.parametrize(
+    "areas",
+    [
+        None,
+        {"cell": {"count": 4, "median_px": 2000.0}},  # too few pieces to trust
+        {"mito": {"count": 9, "median_px": 2000.0}},  # another class
+        {"cell": {"count": True, "median_px": 2000.0}},
+        {"cell": {"count": 9, "median_px": "2000"}},
+        {"cell": {"count": 9, "median_px": float("nan")}},
+        {"cell": [9, 2000.0]},
+        "cell",
+    ],
+)
+def test_without_trustworthy_annotated_areas_the_patch_default_holds(areas):
+    assert ObjectSettings.for_annotations(256, areas, "cell").min_area == 64
+
+
+def test_a_given_minimum_area_wins_over_the_annotations():
+    areas = {"cell": {"count": 9, "median_px": 2000.0}}
+    assert ObjectSettings.for_annotations(256, areas, "cell", min_area=7).min_area == 7
+
+
 # -- tem-ij objects, on a model trained here ---------------------------------------------------------
 
 
@@ -188,6 +220,15 @@ def _table(path):
 def _shoelace(xy):
     x, y = xy[:, 0].astype(float), xy[:, 1].astype(float)
     return abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
+
+
+def test_the_model_and_its_probability_map_record_the_annotated_areas(from_model):
+    from tem_ij_plugin.modelio import read_metadata
+    from tem_ij_plugin.stackio import recorded_job
+
+    areas = read_metadata(from_model / "m.model")["object_areas"]
+    assert set(areas) == {"background", "cell"}
+    assert recorded_job(from_model / "probs.tif")["object_areas"] == areas
 
 
 def test_the_label_image_is_16_bit_with_the_image_calibration(from_model):
