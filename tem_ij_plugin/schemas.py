@@ -416,7 +416,10 @@ class JobStateFile(BaseModel):
 
     format: Literal["tem_ij_plugin.predict-state"]
     format_version: Literal[2]
-    signature: dict[str, Scalar | list[Annotated[str, Field(max_length=256)]]] = Field(max_length=64)
+    # object_areas: the model's annotated areas (ObjectAreas per class), which the job records for `objects`
+    signature: dict[str, Scalar | list[Annotated[str, Field(max_length=256)]] | dict[Name, ObjectAreas]] = Field(
+        max_length=64
+    )
     outputs: list[_OutputRecord] = Field(min_length=1, max_length=2)
     #: finished plane (index as text, JSON keys are strings) -> CRC-32 of its bytes in each output
     planes: dict[str, list[Annotated[int, Field(ge=0, lt=2**32)]]]

@@ -449,7 +449,7 @@ class JobState:
             raise UserError(
                 f"cannot resume: {self.path} is not a valid prediction state ({where}: {first['msg']}); {start_over}"
             ) from None
-        old = saved.signature
+        old = saved.model_dump(mode="json")["signature"]  # plain values, as this run's signature holds them
         diff = [k for k in sorted(set(old) | set(self.signature)) if old.get(k) != self.signature.get(k)]
         if diff:
             raise UserError(

@@ -560,7 +560,8 @@ def find_objects(
         A RoiSet.zip of the outlines (``CLASS-ID``).
     options : dict, optional
         :class:`~tem_ij_plugin.objects.ObjectSettings` fields; the minimum area defaults to
-        :meth:`~tem_ij_plugin.objects.ObjectSettings.for_patch_size` of the model's patch (256 without one).
+        :meth:`~tem_ij_plugin.objects.ObjectSettings.for_annotations`: a quarter of the median annotated
+        piece of the class, as the model (or the map's job record) gives it, at least 1/1024 of the patch.
     cellpose_model : path, optional
         The user's cellpose model file: its masks on the image, cut to the class
         (:func:`~tem_ij_plugin.objects.within_class`), instead of the watershed.

@@ -36,9 +36,12 @@ def random_net(norm="batch", depth=3, base=8, in_channels=1, seed=0):
     return net.eval(), arch
 
 
-def save_random_model(path, **kw):
+def save_random_model(path, meta=None, **kw):
     net, arch = random_net(**kw)
-    meta = {"classes": ["background", "cell"], "architecture": arch, "normalization": dict(DEFAULT_NORMALIZATION)}
+    meta = {
+        "classes": ["background", "cell"], "architecture": arch, "normalization": dict(DEFAULT_NORMALIZATION),
+        **(meta or {}),
+    }  # fmt: skip
     save_model(path, TrainedModel(net, meta))
     return path
 
@@ -246,7 +249,9 @@ def test_backend_and_precision_errors():
 
 @pytest.fixture()
 def model_file(tmp_path):
-    return save_random_model(tmp_path / "m.model")
+    """A random model with what training records beside the weights (the job and its resume carry them)."""
+    recorded = {"patch_size": 256, "object_areas": {"cell": {"count": 7, "median_px": 900.0}}}
+    return save_random_model(tmp_path / "m.model", recorded)
 
 
 def test_predict_stack_both_outputs_uint8_with_calibration_and_labels(stack, model_file, capsys, tmp_path):
