@@ -9,7 +9,7 @@ options = "interactive=" + interactive;
 Dialog.create("TEM Find Objects");
 Dialog.addString("Class (empty = the one that is not background)", "", 30);
 Dialog.addChoice("Split touching objects by", newArray("probability", "distance", "none"), "probability");
-Dialog.addNumber("Minimum area in pixels (0 = from the patch size)", 0);
+Dialog.addNumber("Minimum area in pixels (0 = from your annotations)", 0);
 Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
 Dialog.addMessage("Objects of one class: a label image, their outlines CLASS-ID in the ROI Manager and their measurements in the Results table.");
 Dialog.show();
