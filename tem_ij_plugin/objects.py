@@ -85,15 +85,16 @@ MIN_PIECES = 5  # annotated pieces of a class before their median sets the minim
 
 def _median_area(areas, class_name: str) -> float | None:
     """The median annotated area of a class from a record, when it is well-formed and rests on enough pieces."""
+    from pydantic import ValidationError
+
+    from .schemas import ObjectAreas
+
     entry = areas.get(class_name) if isinstance(areas, dict) else None
-    if not isinstance(entry, dict):
+    try:
+        checked = ObjectAreas.model_validate(entry)  # the model schema's own type: a job record is untrusted
+    except ValidationError:
         return None
-    count, median = entry.get("count"), entry.get("median_px")
-    if not isinstance(count, int) or isinstance(count, bool) or count < MIN_PIECES:
-        return None
-    if not isinstance(median, (int, float)) or isinstance(median, bool) or not 0 < median < 1e12:
-        return None
-    return float(median)
+    return checked.median_px if checked.count >= MIN_PIECES else None
 
 
 def label_plane(probs: np.ndarray, index: int, settings: ObjectSettings | None = None) -> np.ndarray:
