@@ -241,7 +241,7 @@ def rasterize(
     if not shapes:
         raise UserError("the ROI set is empty: outline at least one cell and one background area")
     named = _shape_classes(shapes, group_names)
-    classes = _label_classes(shapes, named, classes, min_classes)
+    classes = label_classes([s.name for s in shapes], named, classes, min_classes)
     prepared = [_prepared(s, cls, classes, image_shape, all_slices, warnings) for s, cls in zip(shapes, named)]
     # One plane at a time, so that only the label stack itself is ever as large as the image.
     labels = np.full((nz, h, w), UNLABELLED, dtype=np.int16)
@@ -367,8 +367,22 @@ def _shape_classes(shapes, group_names) -> list:
     return named
 
 
-def _label_classes(shapes, named: list, classes, min_classes: int = 2) -> list:
-    """The classes in index order (the given ones, or those found, background first); at least two annotated."""
+def label_classes(
+    names: list[str], named: list, classes: list[str] | None, min_classes: int = 2, what: str = "ROI(s)"
+) -> list:
+    """The classes in index order (the given ones, or those found, background first); at least two annotated.
+
+    Parameters
+    ----------
+    names : list of str
+        What the user named each annotation (ROI or label), to point at the offending ones.
+    named : list of str
+        The class of each annotation (:func:`class_of`).
+    classes : list of str, optional
+        The allowed classes in order; every annotation's class must be one of them.
+    what : str
+        What the annotations are called in a message.
+    """
     found = [c for c in named if c != IGNORE_NAME]
     if classes is None:
         classes = order_classes(found)
@@ -376,9 +390,9 @@ def _label_classes(shapes, named: list, classes, min_classes: int = 2) -> list:
         classes = list(classes)
         unknown = sorted(set(found) - set(classes))
         if unknown:
-            bad = [s.name for s, c in zip(shapes, named) if c in unknown]
+            bad = [n for n, c in zip(names, named) if c in unknown]
             raise UserError(
-                f"unknown class(es) {', '.join(unknown)} in ROI(s) {', '.join(repr(n) for n in bad[:20])}; "
+                f"unknown class(es) {', '.join(unknown)} in {what} {', '.join(repr(n) for n in bad[:20])}; "
                 f"the allowed classes are {', '.join(classes)} (plus 'ignore')"
             )
     if len(set(found)) < min_classes:

@@ -79,9 +79,10 @@ def _add_train(sub, common) -> None:
     tr.add_argument(
         "--labels",
         metavar="LABELS.tif",
-        help="a label image as partial labels (Labkit, Weka, ilastik, napari): 0 unlabelled, value k the k-th class "
-        "of --classes (or of the --init model); or cellpose's NAME_seg.npy / NAME_cp_masks.tif, whose cells are "
-        "the second class and the rest the first (default background,cell); combines with --rois",
+        help="a label image as partial labels (Weka, ilastik, napari): 0 unlabelled, value k the k-th class "
+        "of --classes (or of the --init model); a Labkit labeling (NAME.labeling, or NAME.tif beside "
+        "NAME.tif.labels), whose label names give the classes; or cellpose's NAME_seg.npy / NAME_cp_masks.tif, "
+        "whose cells are the second class and the rest the first (default background,cell); combines with --rois",
     )
     tr.add_argument("-o", "--out", help="model file to write (e.g. cells.model); optional with --project")
     tr.add_argument("--init", metavar="MODEL", help="warm start from an earlier model (next annotation round)")

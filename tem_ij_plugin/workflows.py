@@ -158,17 +158,20 @@ def train_round(
 
 
 def read_label_file(path: str | os.PathLike, classes: list | None) -> Labels:
-    """A label image as partial labels, or cellpose's masks as labels of every pixel.
+    """A label image as partial labels, a Labkit labeling, or cellpose's masks as labels of every pixel.
 
     Parameters
     ----------
     path : path
-        A label image (Labkit, Trainable Weka Segmentation, ilastik, napari: 0 unlabelled, value k
-        the k-th class), or cellpose's ``NAME_seg.npy`` / ``NAME_cp_masks.tif`` / ``NAME_masks.tif``
-        (see :func:`~tem_ij_plugin.cellpose_files.labels_from_masks`).
+        A label image (Trainable Weka Segmentation, ilastik, napari, Labkit's exported label image:
+        0 unlabelled, value k the k-th class); a Labkit labeling (``NAME.labeling``, or ``NAME.tif``
+        with ``NAME.tif.labels`` beside it), whose label names give the classes (see
+        :func:`~tem_ij_plugin.labkit_files.read_labkit`); or cellpose's ``NAME_seg.npy`` /
+        ``NAME_cp_masks.tif`` / ``NAME_masks.tif`` (see
+        :func:`~tem_ij_plugin.cellpose_files.labels_from_masks`).
     classes : list of str, optional
-        The class of each value; for cellpose masks the outside and the cell class
-        (default ``background, cell``).
+        The class of each value; for a Labkit labeling the allowed classes in order (default: its
+        label names); for cellpose masks the outside and the cell class (default ``background, cell``).
 
     Raises
     ------
@@ -178,7 +181,10 @@ def read_label_file(path: str | os.PathLike, classes: list | None) -> Labels:
     from .annotations import labels_from_image
     from .cellpose_files import is_cellpose_masks, labels_from_masks, read_seg_masks
     from .io import read_image
+    from .labkit_files import is_labkit, read_labkit
 
+    if is_labkit(path):
+        return read_labkit(path, classes)
     if is_cellpose_masks(path):
         suffix = Path(path).suffix.lower()
         masks = read_seg_masks(path) if suffix == ".npy" else read_image(path).data
