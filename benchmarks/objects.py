@@ -15,16 +15,22 @@ at least 5000 px:
   ISBI challenge's adapted Rand error and variation of information (split + merge), lower is better.
 
 ``--speed`` instead times ``find_objects`` on a synthetic 3840x2920 probability map read from disk,
-with the label image, the table and the ROIs written.
+with the label image, the table and the ROIs written. ``--memory`` runs ``tem-ij objects`` on uint8
+probability stacks of 2048x2048 planes (``--planes``, default 4 and 40) under ``/usr/bin/time -v``,
+with every output written, and reports the peak resident memory of each: flat means the same for
+both depths.
 
     python benchmarks/objects.py --seeds 0,1,2
     python benchmarks/objects.py --speed
+    python benchmarks/objects.py --memory --planes 4,40
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -155,6 +161,15 @@ def run_seed(images, truth, instances, seed, args, boundary: bool) -> dict:
     return row
 
 
+def previous_report(path: Path, iterations: int) -> dict:
+    """The rows an earlier run with the same iteration count kept, so that a run of more seeds adds to them."""
+    if path.is_file():
+        report = json.loads(path.read_text())
+        if report.get("iterations") == iterations:
+            return report
+    return {"iterations": iterations, "tasks": {}}
+
+
 def speed(args) -> dict:
     """``find_objects`` from a probability TIFF of 3840x2920 (synthetic cells), every output written."""
     from scipy import ndimage as ndi
@@ -181,6 +196,54 @@ def speed(args) -> dict:
             "median_s": round(float(np.median(times)), 2)}  # fmt: skip
 
 
+def write_probability_stack(path: Path, planes: int, size: int = 2048) -> None:
+    """A uint8 probability map of ``planes`` planes (background, cell) as ``tem-ij predict`` writes one,
+    written plane by plane so that the benchmark itself never holds the stack."""
+    import tifffile
+    from scipy import ndimage as ndi
+
+    from tem_ij_plugin.synthetic import make_tem_image
+
+    _, truth = make_tem_image(size, size, seed=7)
+    cell = np.rint(255 * ndi.gaussian_filter((truth == 1).astype(np.float32), 2)).astype(np.uint8)
+
+    def channels():
+        for z in range(planes):
+            shifted = np.roll(cell, 16 * z, axis=1)
+            yield 255 - shifted
+            yield shifted
+
+    labels = ["background", "cell"] * planes
+    with tifffile.TiffWriter(path, imagej=True) as tif:
+        tif.write(channels(), shape=(planes, 2, size, size), dtype=np.uint8,
+                  metadata={"axes": "ZCYX", "Labels": labels, "mode": "grayscale"})  # fmt: skip
+
+
+def memory(args) -> dict:
+    """Peak memory of ``tem-ij objects`` (label image, table and ROIs written) for each stack depth."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (int(p) for p in args.planes.split(",")):
+            probs = Path(tmp) / f"probs{n}.tif"
+            write_probability_stack(probs, n)
+            outs = [Path(tmp) / f"cells{n}.tif", Path(tmp) / f"cells{n}.csv", Path(tmp) / f"cells{n}.zip"]
+            cmd = ["/usr/bin/time", "-v", shutil.which("tem-ij"), "-q", "objects", str(probs), "--class", "cell",
+                   "-o", str(outs[0]), "--measure", str(outs[1]), "--rois", str(outs[2])]  # fmt: skip
+            t0 = time.perf_counter()
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if res.returncode != 0:
+                raise RuntimeError(res.stderr)
+            rss = next(int(x.split()[-1]) for x in res.stderr.splitlines() if "Maximum resident set size" in x)
+            objects = sum(1 for _ in open(outs[1])) - 1
+            rows.append({"planes": n, "input_mb": round(probs.stat().st_size / 2**20), "objects": objects,
+                         "wall_s": round(wall, 1), "max_rss_mb": round(rss / 1024)})  # fmt: skip
+            print(rows[-1], flush=True)
+            for f in [probs, *outs, outs[1].with_name(f"cells{n}-slices.csv")]:
+                f.unlink(missing_ok=True)
+    return {"plane": [2048, 2048], "runs": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
@@ -189,6 +252,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=700, help="training iterations per model")
     ap.add_argument("--speed", action="store_true", help="time find_objects on a 3840x2920 map instead")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory", action="store_true", help="peak memory of tem-ij objects on probability stacks")
+    ap.add_argument("--planes", default="4,40", help="with --memory: the stack depths")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "objects.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -196,6 +261,10 @@ def main(argv=None) -> int:
         res = speed(args)
         print(f"find_objects on 3840x2920: median {res['median_s']} s ({res['objects']} objects)")
         args.json.with_name("objects_speed.json").write_text(json.dumps(res, indent=1))
+        return 0
+    if args.memory:
+        res = memory(args)
+        args.json.with_name("objects_memory.json").write_text(json.dumps(res, indent=1))
         return 0
     if not (args.data / "images").is_dir():
         print(f"SKIP: ISBI 2012 data not found at {args.data}")
@@ -205,13 +274,13 @@ def main(argv=None) -> int:
         "profiles": (large_profiles(neurites, MIN_PROFILE).astype(np.int64), truth_instances(neurites, MIN_PROFILE)),
         "membrane": ((membrane > 127).astype(np.int64), truth_instances(neurites)),
     }
-    report = {"iterations": args.iterations, "tasks": {}}
+    report = previous_report(args.json, args.iterations)
     for task in args.tasks.split(","):
         truth, instances = tasks[task]
-        rows = report["tasks"].setdefault(task, [])
         for seed in (int(s) for s in args.seeds.split(",")):
-            rows.append(run_seed(images, truth, instances, seed, args, boundary=task == "membrane"))
-            r = rows[-1]
+            r = run_seed(images, truth, instances, seed, args, boundary=task == "membrane")
+            rows = [row for row in report["tasks"].get(task, []) if row["seed"] != seed] + [r]
+            report["tasks"][task] = rows = sorted(rows, key=lambda row: row["seed"])
             print(f"{task} seed {seed}: ours {r['ours']}  peer {r['peer']}", flush=True)
             args.json.write_text(json.dumps(report, indent=1))
         for arm in ("ours", "peer"):

@@ -434,14 +434,30 @@ def write_measurements(path: str | os.PathLike, rows: list[dict], summary: list[
     return paths
 
 
-def object_roi(xy: np.ndarray, name: str, position: int):
-    """An ImageJ polygon ROI (roifile) of an outline; ``position`` is the 1-based slice (0: a 2-D image)."""
+@dataclass(frozen=True)
+class EncodedRoi:
+    """An outline as the bytes of its ImageJ ``.roi`` file, and its name.
+
+    A stack's outlines are kept encoded: a roifile ``ImagejRoi`` object costs several kB more than
+    its bytes, which made the memory of ``objects`` grow with the number of objects.
+    """
+
+    name: str
+    data: bytes
+
+    def tobytes(self) -> bytes:
+        """The ``.roi`` file's bytes (what ImageJ's ``RoiDecoder`` reads)."""
+        return self.data
+
+
+def object_roi(xy: np.ndarray, name: str, position: int) -> EncodedRoi:
+    """An ImageJ polygon ROI of an outline; ``position`` is the 1-based slice (0: a 2-D image)."""
     import roifile
 
     roi = roifile.ImagejRoi.frompoints(xy, name=name)
     roi.roitype = roifile.ROI_TYPE.TRACED  # what ImageJ's wand makes: integer pixel corners
     roi.position = position
-    return roi
+    return EncodedRoi(name, roi.tobytes())
 
 
 def write_object_rois(path: str | os.PathLike, rois: list) -> None:

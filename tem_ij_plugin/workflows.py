@@ -444,8 +444,9 @@ class FoundObjects:
     rows, summary : list of dict
         The object table and the per-slice table (:func:`tem_ij_plugin.objects.measure`,
         :func:`~tem_ij_plugin.objects.slice_summary`).
-    rois : list of roifile.ImagejRoi
-        One outline per object, named ``CLASS-ID``, with its slice position on a stack.
+    rois : list of EncodedRoi
+        One outline per object, named ``CLASS-ID``, with its slice position on a stack, as the bytes
+        of its ``.roi`` file (:class:`~tem_ij_plugin.objects.EncodedRoi`).
     unit : str
         The calibration unit of areas and lengths (``pixel`` when uncalibrated).
     written : list of Path
@@ -723,26 +724,41 @@ def _recorded_patch_size(path: Path) -> int:
 
 
 class _LabelStore:
-    """A stack's label planes kept on disk until the object count fixes the type (16- or 32-bit), then written."""
+    """A stack's label planes kept on disk until the object count fixes the type (16- or 32-bit), then written.
+
+    Planes go through plain reads and writes of a scratch file, not a memory map: the pages of a map
+    count in the process's resident memory once touched, which grew with the stack (4 planes of
+    2048x2048: 377 MB, 40 planes: 1023 MB, measured with ``benchmarks/objects.py --memory``).
+    """
 
     def __init__(self, out: Path, src: _ObjectSource, image_path=None):
         self.out, self.src, self.image_path = out, src, image_path
-        fd, name = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".npy")
-        os.close(fd)
+        self.plane_shape = tuple(src.plane_shape)
+        fd, name = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".raw")
         self.tmp = Path(name)
-        try:
-            self.planes = np.lib.format.open_memmap(self.tmp, "w+", np.uint32, (src.n_planes, *src.plane_shape))
-        except OSError as exc:
-            self.tmp.unlink(missing_ok=True)
-            raise UserError(f"cannot keep the label planes next to {out}: {exc.strerror or exc}") from exc
+        self.file = os.fdopen(fd, "w+b")
 
     def put(self, z: int, labels: np.ndarray) -> None:
-        self.planes[z] = labels
+        try:
+            self.file.seek(z * self._plane_bytes)
+            self.file.write(np.ascontiguousarray(labels, np.uint32).tobytes())
+        except OSError as exc:
+            raise UserError(f"cannot keep the label planes next to {self.out}: {exc.strerror or exc}") from exc
+
+    def plane(self, z: int) -> np.ndarray:
+        """Label plane ``z`` as uint32 (Y, X)."""
+        self.file.seek(z * self._plane_bytes)
+        return np.frombuffer(self.file.read(self._plane_bytes), np.uint32).reshape(self.plane_shape)
+
+    @property
+    def _plane_bytes(self) -> int:
+        return 4 * self.plane_shape[0] * self.plane_shape[1]
 
     def finish(self, count: int) -> Path:
         """Write the label image (uint16 up to 65535 objects, else ImageJ's 32-bit float, exact to 2**24).
 
-        ``NAME_seg.npy`` is written for cellpose's GUI instead (16- or 32-bit integers).
+        ``NAME_seg.npy`` is written for cellpose's GUI instead (16- or 32-bit integers; the whole stack
+        in memory, as cellpose's GUI holds it).
         """
         from .cellpose_files import SEG_SUFFIX, write_seg_npy
         from .stackio import Layout, open_writer
@@ -752,7 +768,8 @@ class _LabelStore:
                 f"{count} objects are more than a label image holds exactly (16777215); raise the minimum area"
             )
         if self.out.name.lower().endswith(SEG_SUFFIX):
-            write_seg_npy(self.out, self.planes, self.image_path)
+            masks = np.stack([self.plane(z) for z in range(self.src.n_planes)])
+            write_seg_npy(self.out, masks, self.image_path)
             return self.out
         dtype = np.dtype(np.uint16 if count <= 65535 else np.float32)
         src = self.src
@@ -760,7 +777,7 @@ class _LabelStore:
         writer = open_writer(self.out, layout, src.calibration, labels=src.slice_labels or None)
         try:
             for z in range(src.n_planes):
-                writer.write(z, self.planes[z].astype(dtype))
+                writer.write(z, self.plane(z).astype(dtype))
         except BaseException:
             from .outputs import remove_output
 
@@ -774,5 +791,5 @@ class _LabelStore:
         return self
 
     def __exit__(self, *exc):
-        del self.planes
+        self.file.close()
         self.tmp.unlink(missing_ok=True)
