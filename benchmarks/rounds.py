@@ -46,7 +46,8 @@ def score(model, test_img, test_truth) -> float:
     return dense_score(model.net, test_img, test_truth, model, len(model.classes))
 
 
-def run(task, truth, images, seed, args) -> dict:
+def run(task, truth, images, seed, args, row: dict, save) -> dict:
+    """Fill ``row`` with the rounds, the long training and the forests of one task and seed, saving after each."""
     from tem_ij_plugin.config import Settings
     from tem_ij_plugin.train import train
 
@@ -60,7 +61,7 @@ def run(task, truth, images, seed, args) -> dict:
         s.train.seed, s.train.max_iterations, s.train.max_minutes = seed, iterations, 60.0
         return s
 
-    row = {"rounds": []}
+    row["rounds"] = []
     model = None
     for k in SCHEDULE:
         res = train(
@@ -78,8 +79,10 @@ def run(task, truth, images, seed, args) -> dict:
             }
         )
         logging.info("%s seed %d: %d patches, mIoU %.4f", task, seed, k, row["rounds"][-1]["miou"])
+        save()
     long = train(train_img, labels, settings(args.long_iterations), device="cpu")
     row["long"] = score(long.model, test_img, test_truth)
+    save()
     for k in (4, 15):
         pred, *_ = rf_peer(train_img, first_patches(labels, patches, k).labels, test_img, seed)
         row[f"rf_{k}"] = round(miou(pred, test_truth, len(CLASSES[task])), 4)
@@ -103,11 +106,16 @@ def main(argv=None) -> int:
     images = load(args.data)[0]
     all_truths = truths(args.data, images.shape)
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "tasks": {}}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every round, so that a stopped run keeps what it finished
+        args.json.write_text(json.dumps(results, indent=1))
+
     for seed in (int(s) for s in args.seeds.split(",")):
         for task in args.tasks.split(","):
-            results["tasks"].setdefault(task, {})[str(seed)] = run(task, all_truths[task], images, seed, args)
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=1))
+            row = results["tasks"].setdefault(task, {}).setdefault(str(seed), {})
+            run(task, all_truths[task], images, seed, args, row, save)
+            save()
     print(
         f"{'task':9s} {'seed':>4s} "
         + " ".join(f"{k:>6d}" for k in SCHEDULE)
