@@ -34,7 +34,10 @@ STATE_SAVE_S = 2.0  # ... and then at most every this many seconds
 
 def labels_path(out: Path) -> Path:
     """Where ``--output both`` writes the label image: ``name_labels.tif`` next to ``name.tif``."""
-    return out.with_name(f"{out.stem}_labels{out.suffix}")
+    from .stackio import split_name
+
+    stem, suffix = split_name(out)
+    return out.with_name(f"{stem}_labels{suffix}")
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -301,12 +301,15 @@ class PlaneReader:
         with _tifffile_log() as notes:
             try:
                 self._tif = tifffile.TiffFile(self.path)
-                series = self._tif.series[0] if self._tif.series else None
+                series = self._first_series()
                 meta, photometric = {}, None
                 if series is not None:
                     page = series.keyframe
                     meta = self._tif.imagej_metadata or {}
-                    self.calibration = _tiff_calibration(page, meta)
+                    ome = _ome_pixels(self._tif) if not meta else None
+                    self.calibration = _ome_calibration(ome) if ome is not None else _tiff_calibration(page, meta)
+                    if ome is not None:
+                        meta = {"Labels": _ome_page_labels(series, ome)}
                     photometric = getattr(page, "photometric", None)
             except Exception as exc:  # tifffile raises many types (struct, index, overflow...) on damaged files
                 damage = _damage(notes)
@@ -320,6 +323,20 @@ class PlaneReader:
                 + (f" ({note})" if note else "")
             )
         return series, meta, notes, photometric
+
+    def _first_series(self):
+        """The file's first series; pages without their OME-XML when tifffile cannot make sense of it."""
+        import tifffile
+
+        try:
+            return self._tif.series[0] if self._tif.series else None
+        except Exception:  # tifffile's OME parser on damaged or partial OME-XML: KeyError, ValueError, ...
+            if not self._tif.is_ome:
+                raise
+        log.warning("%s: its OME metadata is damaged; reading it as a plain TIFF", self.path)
+        self._tif.close()
+        self._tif = tifffile.TiffFile(self.path, is_ome=False)
+        return self._tif.series[0] if self._tif.series else None
 
     def _check_layout(self, series, meta: dict, notes, photometric) -> None:
         """Greyscale 2-D planes only, and a header whose sizes add up (:meth:`_check_tiff`)."""
@@ -531,6 +548,11 @@ class PlaneReader:
 
 
 def _tiff_calibration(page, meta: dict) -> Calibration:
+    """The pixel size of a TIFF: ImageJ's unit when it has one, else the ResolutionUnit tag's.
+
+    A plain TIFF in centimetres becomes µm; in inches (what scanners and screenshots write as dots per
+    inch) it stays inches, as ImageJ shows it; with no unit (ResolutionUnit none) it is uncalibrated.
+    """
     cal = Calibration()
     try:
         xres = page.tags["XResolution"].value
@@ -540,14 +562,88 @@ def _tiff_calibration(page, meta: dict) -> Calibration:
             cal.pixel_width, cal.pixel_height = 1.0 / fx, 1.0 / fy
     except (KeyError, ZeroDivisionError, TypeError, IndexError):
         pass
+    if meta.get("spacing"):
+        cal.z_spacing = float(meta["spacing"])
     unit = meta.get("unit")
     if unit:
         cal.unit = str(unit).replace("\\u00B5", "µ")
-    elif (cal.pixel_width, cal.pixel_height) != (1.0, 1.0):
+        return cal
+    if (cal.pixel_width, cal.pixel_height) == (1.0, 1.0):
+        return cal
+    tag = page.tags.get("ResolutionUnit")
+    resunit = int(tag.value) if tag is not None else 2  # TIFF's default is inch
+    if resunit == 3:
+        cal.pixel_width, cal.pixel_height, cal.unit = cal.pixel_width * 1e4, cal.pixel_height * 1e4, "µm"
+    elif resunit == 2:
         cal.unit = "inch"
-    if meta.get("spacing"):
-        cal.z_spacing = float(meta["spacing"])
+    else:
+        cal.pixel_width = cal.pixel_height = 1.0
     return cal
+
+
+_OME_NS = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
+MAX_OME_XML = 64 << 20
+#: OME's UnitsLength symbols -> (our unit, factor to it); OME's default unit is the micrometre.
+_FROM_OME = {"µm": ("µm", 1.0), "um": ("µm", 1.0), "nm": ("nm", 1.0), "mm": ("mm", 1.0), "cm": ("µm", 1e4),
+             "m": ("µm", 1e6), "in": ("inch", 1.0), "Å": ("nm", 0.1), "pm": ("nm", 1e-3)}  # fmt: skip
+
+
+def _ome_pixels(tif) -> dict | None:
+    """The first image's ``Pixels`` of an OME-TIFF: its attributes and channel names; None if not OME."""
+    from xml.etree import ElementTree
+
+    if not tif.is_ome:
+        return None
+    try:
+        xml = tif.pages[0].description
+        if len(xml) > MAX_OME_XML:
+            return None
+        root = ElementTree.fromstring(xml)
+    except (ElementTree.ParseError, ValueError, IndexError, AttributeError):
+        return None  # not readable OME-XML: the file is read as a plain TIFF
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else _OME_NS
+    pixels = root.find(f"{ns}Image/{ns}Pixels")
+    if pixels is None:
+        return None
+    names = [c.get("Name", "") for c in pixels.findall(f"{ns}Channel")]
+    return {**pixels.attrib, "channel_names": names}
+
+
+def _ome_calibration(pixels: dict) -> Calibration:
+    """Physical pixel size and unit of OME ``Pixels`` (uncalibrated where they are missing or not lengths)."""
+    cal = Calibration()
+    try:
+        x, y = float(pixels["PhysicalSizeX"]), float(pixels["PhysicalSizeY"])
+        unit, factor = _FROM_OME[pixels.get("PhysicalSizeXUnit", "µm")]
+        if _FROM_OME.get(pixels.get("PhysicalSizeYUnit", "µm")) != (unit, factor):
+            return cal
+    except (KeyError, ValueError):
+        return cal
+    if not (np.isfinite([x, y]).all() and x > 0 and y > 0):
+        return cal
+    cal.pixel_width, cal.pixel_height, cal.unit = x * factor, y * factor, unit
+    try:
+        z = float(pixels["PhysicalSizeZ"])
+        z_unit, z_factor = _FROM_OME[pixels.get("PhysicalSizeZUnit", "µm")]
+        if z_unit == unit and np.isfinite(z) and z > 0:
+            cal.z_spacing = z * z_factor
+    except (KeyError, ValueError):
+        pass
+    return cal
+
+
+def _ome_page_labels(series, pixels: dict) -> list[str]:
+    """Per page of an OME-TIFF, the name of its channel (empty without names); ImageJ's slice-label order."""
+    names = pixels["channel_names"]
+    lead = tuple(series.shape[:-2])
+    n_pages = int(np.prod(lead, dtype=np.int64))
+    if not any(names) or n_pages > 1 << 20:
+        return []
+    if "C" not in series.axes[:-2]:
+        return [names[0]] * n_pages if len(names) == 1 else []
+    c_axis = series.axes.index("C")
+    channel = np.unravel_index(np.arange(n_pages), lead)[c_axis]
+    return [names[c] if c < len(names) else "" for c in channel]
 
 
 def write_hyperstack(

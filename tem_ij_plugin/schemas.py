@@ -401,7 +401,7 @@ class _OutputRecord(BaseModel):
 
     path: str = Field(max_length=4096)
     work: str = Field(max_length=4096)
-    format: Literal["imagej", "bigtiff", "zarr"]
+    format: Literal["imagej", "ome", "bigtiff", "zarr"]
     shape: list[Annotated[int, Field(ge=1, le=2**40)]] = Field(max_length=8)
     dtype: str = Field(max_length=16)
 

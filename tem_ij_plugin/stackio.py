@@ -27,13 +27,35 @@ from .schemas import JobStateFile
 
 IMAGEJ_LIMIT = 2**32 - 2**25  # ImageJ TIFFs store 32-bit offsets; keep a margin for the metadata
 TIFF_SUFFIXES = (".tif", ".tiff")
+OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
 BIGTIFF_SUFFIXES = (".btf", ".tf8", ".tf2")
 ZARR_SUFFIXES = (".zarr",)
 JOB_KEY = "tem_ij_plugin_job"  # what a finished output records about the job that wrote it
+JOB_TAG = 65000  # a private TIFF tag: the job record of an OME-TIFF, whose description is OME-XML
+MAX_JOB_BYTES = 1_000_000
+#: Calibration units as OME-XML writes them (its UnitsLength symbols), and their length in centimetres
+#: for the TIFF resolution tags (ResolutionUnit = centimetre).
+OME_UNITS = {"µm": ("µm", 1e-4), "um": ("µm", 1e-4), "micron": ("µm", 1e-4), "microns": ("µm", 1e-4),
+             "nm": ("nm", 1e-7), "mm": ("mm", 0.1), "cm": ("cm", 1.0), "m": ("m", 100.0),
+             "inch": ("in", 2.54), "in": ("in", 2.54), "å": ("Å", 1e-8)}  # fmt: skip
+
+
+def split_name(path: Path) -> tuple[str, str]:
+    """``(stem, suffix)`` of an output name, the suffix of an OME-TIFF being two (``cells``, ``.ome.tif``)."""
+    name = path.name
+    for suffix in (*OME_TIFF_SUFFIXES, ".ome.btf"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], name[-len(suffix) :]
+    return path.stem, path.suffix
 
 
 def output_format(path: Path) -> str:
-    """``imagej``, ``bigtiff`` or ``zarr`` from the file name; anything else is a :class:`UserError`."""
+    """``imagej``, ``ome`` (OME-TIFF), ``bigtiff`` (OME-BigTIFF) or ``zarr`` from the file name.
+
+    Anything else is a :class:`UserError`.
+    """
+    if path.name.lower().endswith(OME_TIFF_SUFFIXES):
+        return "ome"
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
         return "imagej"
@@ -42,8 +64,8 @@ def output_format(path: Path) -> str:
     if suffix in ZARR_SUFFIXES:
         return "zarr"
     raise UserError(
-        f"{path}: unknown output type '{suffix}'; use .tif (ImageJ TIFF), .btf (BigTIFF, for outputs over "
-        "4 GB) or .zarr (OME-Zarr)"
+        f"{path}: unknown output type '{suffix}'; use .tif (ImageJ TIFF), .ome.tif (OME-TIFF), .btf or "
+        ".ome.btf (OME-BigTIFF, for outputs over 4 GB) or .zarr (OME-Zarr)"
     )
 
 
@@ -53,7 +75,8 @@ class PartialMismatch(Exception):
 
 def partial_path(path: Path) -> Path:
     """Where ``path`` is written until it is complete: ``name.partial.tif`` for ``name.tif``."""
-    return path.with_name(f"{path.stem}.partial{path.suffix}")
+    stem, suffix = split_name(path)
+    return path.with_name(f"{stem}.partial{suffix}")
 
 
 @dataclass
@@ -116,56 +139,71 @@ class PlaneWriter(Protocol):
 
 
 class TiffPlaneWriter:
-    """ImageJ hyperstack (``imagej=True``) or BigTIFF, pre-allocated and filled plane by plane."""
+    """ImageJ hyperstack, OME-TIFF or OME-BigTIFF, pre-allocated and filled plane by plane.
+
+    ``fmt`` is ``imagej`` (calibration, slice labels and the job record in ImageJ's description),
+    ``ome`` or ``bigtiff`` (OME-XML with the physical pixel size, its unit and the channel names, which
+    Bio-Formats, napari and Fiji read; the job record in a private tag). Every TIFF also carries its
+    pixel size in the resolution tags in centimetres, for readers that know only those.
+    """
 
     def __init__(
-        self, path: Path, layout: Layout, calibration: Calibration, labels=None, resume=False, big=False, job=None
-    ):
-        import tifffile
-
-        self.path, self.layout, self.big = path, layout, big
+        self, path: Path, layout: Layout, calibration: Calibration, labels=None, resume=False, fmt="imagej", job=None,
+        channel_names=None,
+    ):  # fmt: skip
+        self.path, self.layout, self.fmt = path, layout, fmt
         self.work = partial_path(path)
         self._dtype = np.dtype(layout.dtype).newbyteorder("<")
-        if not big and layout.total_bytes > IMAGEJ_LIMIT:
+        if fmt != "bigtiff" and layout.total_bytes > IMAGEJ_LIMIT:
+            big = path.with_name(split_name(path)[0] + ".btf").name
             raise UserError(
-                f"the output would be {human_size(layout.total_bytes)}, over the 4 GB limit of ImageJ TIFF files; "
-                f"write {path.with_suffix('.btf').name} (BigTIFF) or {path.with_suffix('.zarr').name} (OME-Zarr), "
+                f"the output would be {human_size(layout.total_bytes)}, over the 4 GB limit of classic TIFF files; "
+                f"write {big} (OME-BigTIFF) or {path.with_name(split_name(path)[0] + '.zarr').name} (OME-Zarr), "
                 "or use --dtype uint8 (4x smaller than float32) or --classes to keep fewer channels"
             )
         if resume:
             self.offset = self._reopen()
         else:
-            axes = layout.stack_axes + ("C" if layout.channels else "") + "YX"
-            cal = calibration
-            meta: dict = {"axes": axes}
-            if not big:
-                meta.update(unit=cal.unit.replace("µ", "\\u00B5"), spacing=cal.z_spacing)
-                if layout.channels:
-                    meta["mode"] = "grayscale"
-                if labels:
-                    meta["Labels"] = list(labels)
-                if job is not None:  # ImageJ keeps it as the image's Info (Image > Show Info)
-                    meta["Info"] = json.dumps({JOB_KEY: job})
-            elif job is not None:
-                meta[JOB_KEY] = job  # tifffile's JSON description of a shaped (non-ImageJ) file
-            try:
-                self.offset, _ = tifffile.imwrite(
-                    self.work,
-                    shape=self.shape,
-                    dtype=self._dtype,
-                    imagej=not big,
-                    bigtiff=big,
-                    byteorder="<",
-                    photometric="minisblack",  # never RGB, even with 3 or 4 classes
-                    software=SOFTWARE,  # how a later run knows it may replace this file
-                    resolution=(1.0 / cal.pixel_width, 1.0 / cal.pixel_height),
-                    metadata=meta,
-                    returnoffset=True,
-                )
-            except OSError as exc:
-                self.work.unlink(missing_ok=True)
-                raise UserError(f"cannot create {self.work}: {exc.strerror or exc}") from exc
+            self.offset = self._create(calibration, labels, channel_names, job)
         self._fh = open(self.work, "r+b")  # noqa: SIM115 - closed in close()
+
+    def _create(self, cal: Calibration, labels, channel_names, job) -> int:
+        """Write the header and an empty pixel block; returns the offset of the pixels."""
+        import tifffile
+
+        axes = self.layout.stack_axes + ("C" if self.layout.channels else "") + "YX"
+        extra: dict = {}
+        if self.fmt == "imagej":
+            meta: dict = {"axes": axes, "unit": cal.unit.replace("µ", "\\u00B5"), "spacing": cal.z_spacing}
+            if self.layout.channels:
+                meta["mode"] = "grayscale"
+            if labels:
+                meta["Labels"] = list(labels)
+            if job is not None:  # ImageJ keeps it as the image's Info (Image > Show Info)
+                meta["Info"] = json.dumps({JOB_KEY: job})
+            extra["resolution"] = (1.0 / cal.pixel_width, 1.0 / cal.pixel_height)
+        else:
+            meta = ome_metadata(axes, cal, channel_names if self.layout.channels else None)
+            extra.update(ome=True, bigtiff=self.fmt == "bigtiff", **resolution_tags(cal))
+            if job is not None:
+                extra["extratags"] = [(JOB_TAG, "s", 0, json.dumps({JOB_KEY: job}), True)]
+        try:
+            offset, _ = tifffile.imwrite(
+                self.work,
+                shape=self.shape,
+                dtype=self._dtype,
+                imagej=self.fmt == "imagej",
+                byteorder="<",
+                photometric="minisblack",  # never RGB, even with 3 or 4 classes
+                software=SOFTWARE,  # how a later run knows it may replace this file
+                metadata=meta,
+                returnoffset=True,
+                **extra,
+            )
+        except OSError as exc:
+            self.work.unlink(missing_ok=True)
+            raise UserError(f"cannot create {self.work}: {exc.strerror or exc}") from exc
+        return offset
 
     @property
     def shape(self) -> tuple:
@@ -184,7 +222,8 @@ class TiffPlaneWriter:
             size = self.work.stat().st_size
         except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
             raise PartialMismatch(f"{self.work} is not readable ({exc})") from exc
-        if shape != self.shape or offset is None or offset + self.layout.total_bytes > size:
+        # OME series drop axes of length 1 (one plane, one channel): compare what is left.
+        if _squeezed(shape) != _squeezed(self.shape) or offset is None or offset + self.layout.total_bytes > size:
             raise PartialMismatch(f"{self.work} does not have the layout of this prediction")
         return offset
 
@@ -215,6 +254,33 @@ class TiffPlaneWriter:
         if self.path.is_dir():  # only planned with --overwrite
             remove_output(self.path)
         os.replace(self.work, self.path)
+
+
+def _squeezed(shape) -> tuple:
+    return tuple(n for n in shape if n != 1)
+
+
+def ome_metadata(axes: str, cal: Calibration, channel_names: list[str] | None) -> dict:
+    """The OME metadata tifffile writes: axes, the physical pixel size in its unit (if calibrated), channel names."""
+    meta: dict = {"axes": axes}
+    unit = OME_UNITS.get(cal.unit.lower())
+    if unit is not None:
+        meta.update(PhysicalSizeX=cal.pixel_width, PhysicalSizeXUnit=unit[0])
+        meta.update(PhysicalSizeY=cal.pixel_height, PhysicalSizeYUnit=unit[0])
+        if "Z" in axes:
+            meta.update(PhysicalSizeZ=cal.z_spacing, PhysicalSizeZUnit=unit[0])
+    if channel_names:
+        meta["Channel"] = {"Name": [str(n) for n in channel_names]}
+    return meta
+
+
+def resolution_tags(cal: Calibration) -> dict:
+    """``resolution`` and ``resolutionunit`` for tifffile: pixels per centimetre, or none when uncalibrated."""
+    unit = OME_UNITS.get(cal.unit.lower())
+    if unit is None:
+        return {}
+    cm = unit[1]
+    return {"resolution": (1.0 / (cal.pixel_width * cm), 1.0 / (cal.pixel_height * cm)), "resolutionunit": "CENTIMETER"}
 
 
 _OME_UNITS = {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "nm": "nanometer", "mm": "millimeter"}
@@ -377,7 +443,7 @@ def open_writer(
     fmt = output_format(path)
     if fmt == "zarr":
         return ZarrPlaneWriter(path, layout, calibration, channel_names, resume, job=job)
-    return TiffPlaneWriter(path, layout, calibration, labels, resume, big=fmt == "bigtiff", job=job)
+    return TiffPlaneWriter(path, layout, calibration, labels, resume, fmt=fmt, job=job, channel_names=channel_names)
 
 
 def recorded_job(path: Path) -> dict | None:
@@ -392,7 +458,9 @@ def recorded_job(path: Path) -> dict | None:
             with tifffile.TiffFile(path) as tif:
                 if tif.is_imagej:
                     job = json.loads((tif.imagej_metadata or {})["Info"])[JOB_KEY]
-                else:
+                elif JOB_TAG in tif.pages[0].tags:
+                    job = json.loads(str(tif.pages[0].tags[JOB_TAG].value)[:MAX_JOB_BYTES])[JOB_KEY]
+                else:  # a BigTIFF of 0.2, before OME: tifffile's JSON description
                     job = tif.shaped_metadata[0][JOB_KEY]
     except (OSError, ValueError, KeyError, TypeError, IndexError, UserError, tifffile.TiffFileError):
         return None

@@ -138,7 +138,7 @@ def test_imagej_limit_suggests_bigtiff_or_zarr(tmp_path):
     with pytest.raises(UserError, match=r"4 GB.*o\.btf.*o\.zarr.*--dtype uint8"):
         TiffPlaneWriter(tmp_path / "o.tif", lay, Calibration())
     assert not list(tmp_path.iterdir()), "nothing is created when the output cannot hold the result"
-    TiffPlaneWriter(tmp_path / "o.btf", lay, Calibration(), big=True).close()  # sparse, so cheap to create
+    TiffPlaneWriter(tmp_path / "o.btf", lay, Calibration(), fmt="bigtiff").close()  # sparse, so cheap to create
     with tifffile.TiffFile(tmp_path / "o.partial.btf") as tif:
         assert tif.is_bigtiff
         assert tif.series[0].shape == (400, 2, 2048, 2048)
