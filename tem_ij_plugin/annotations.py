@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,9 +45,13 @@ class Shape:
         Vertices as (x, y) in ImageJ pixel-corner coordinates. ``rect`` and ``oval`` hold one
         4-vertex bounding box polygon; ``composite`` holds sub-paths combined by the even-odd rule.
     position : int
-        1-based slice the shape labels; 0 = no position (every plane, allowed only on request).
+        1-based slice the shape labels; 0 = no position (every plane, allowed only on request). As
+        ImageJ stores it: the index into the whole stack, channels included.
     group : int
         ImageJ ROI group number (0 = none).
+    hyper : tuple of int
+        ImageJ's hyperstack position (channel, slice, frame), each 1-based and 0 for "all", when the
+        ROI has one (then ``position`` is 0); see :func:`plane_of`.
     """
 
     name: str
@@ -55,6 +59,59 @@ class Shape:
     polygons: list
     position: int = 0
     group: int = 0
+    hyper: tuple = ()
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """How an image's planes are arranged, to place ROIs on them (see :func:`plane_of`).
+
+    Attributes
+    ----------
+    axes : str
+        ``""`` (2-D), ``"Z"``, ``"T"`` or ``"TZ"`` (frames of slices, slices fastest).
+    shape : tuple of int
+        The length of each axis.
+    channels : int
+        Channels of the file the image is one channel of (ImageJ counts them in a ROI's position).
+    """
+
+    axes: str = ""
+    shape: tuple = ()
+    channels: int = 1
+
+    def length(self, axis: str) -> int:
+        """The number of slices (``"Z"``) or frames (``"T"``): 1 where the image has no such axis."""
+        return self.shape[self.axes.index(axis)] if axis in self.axes else 1
+
+
+def plane_of(shape: Shape, stack: StackLayout) -> int:
+    """The 1-based plane a ROI labels (0: every plane), from ImageJ's position or its hyperstack position.
+
+    ImageJ keeps either a stack position (an index over channels, slices and frames, channels fastest)
+    or, for a ROI drawn on a hyperstack, its (channel, slice, frame), 0 meaning every one. Our planes
+    run over frames, then slices, for the one channel read.
+
+    Raises
+    ------
+    UserError
+        A hyperstack ROI that names a slice but not the frame of a T x Z stack (or the reverse).
+    """
+    if not shape.hyper:
+        if shape.position and stack.channels > 1:
+            return (shape.position - 1) // stack.channels + 1
+        return shape.position
+    _, z, t = shape.hyper
+    n_z, n_t = stack.length("Z"), stack.length("T")
+    if n_t > 1 and n_z > 1 and (z == 0) != (t == 0):
+        where = f"slice {z} of every frame" if z else f"frame {t}, every slice"
+        raise UserError(
+            f"ROI '{shape.name}' is on {where} of this T x Z hyperstack; tem-ij labels one plane per ROI: "
+            "add it on one slice of one frame (ROI Manager: More > Options > Associate with slices)"
+        )
+    if n_z > 1 or n_t == 1:
+        return (max(t, 1) - 1) * n_z + z if z else 0
+    return t  # a T stack: the frame is the plane
 
 
 @dataclass
@@ -205,6 +262,7 @@ def rasterize(
     all_slices: bool = False,
     group_names: dict[int, str] | None = None,
     min_classes: int = 2,
+    stack: StackLayout | None = None,
 ) -> Labels:
     """Turn annotation shapes into a partial label map.
 
@@ -223,6 +281,8 @@ def rasterize(
         Names of ImageJ ROI groups, used for ROIs whose own name carries no class.
     min_classes : int
         How many classes must be annotated (1 when the ROIs add to a label image that has others).
+    stack : StackLayout, optional
+        How the planes are arranged (slices, frames, channels), to place ROIs; default a Z stack.
 
     Returns
     -------
@@ -240,6 +300,8 @@ def rasterize(
         raise UserError(f"the ROI set holds only proposals: {warnings[0]}")
     if not shapes:
         raise UserError("the ROI set is empty: outline at least one cell and one background area")
+    stack = stack or StackLayout("Z" if nz > 1 else "", (nz,) if nz > 1 else ())
+    shapes = [replace(s, position=plane_of(s, stack), hyper=()) for s in shapes]
     named = _shape_classes(shapes, group_names)
     classes = label_classes([s.name for s in shapes], named, classes, min_classes)
     prepared = [_prepared(s, cls, classes, image_shape, all_slices, warnings) for s, cls in zip(shapes, named)]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .annotations import Shape, check_coordinates
+from .annotations import Shape, StackLayout, check_coordinates
 from .errors import UserError
 from .outputs import SOFTWARE, atomic_write
 
@@ -156,12 +156,15 @@ class Image:
     slice_labels : list of str
         ImageJ slice labels, one per plane where the file had them.
     path : Path or None
+    stack : StackLayout
+        Slices, frames and the file's channels, which place ROIs on the planes.
     """
 
     data: np.ndarray
     calibration: Calibration = field(default_factory=Calibration)
     slice_labels: list = field(default_factory=list)
     path: Path | None = None
+    stack: StackLayout = field(default_factory=StackLayout)
 
 
 def _check_readable(path: Path) -> None:
@@ -212,7 +215,8 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> Image:
                 f"{r.path} holds {sum(bad)} NaN or infinite pixel value(s) (in {sum(1 for b in bad if b)} of "
                 f"{r.n_planes} plane(s)); {_NONFINITE_ADVICE}"
             )
-        return Image(data=data, calibration=r.calibration, slice_labels=r.slice_labels, path=Path(path))
+        stack = StackLayout(r.stack_axes, tuple(r.stack_shape), r.n_channels)
+        return Image(data=data, calibration=r.calibration, slice_labels=r.slice_labels, path=Path(path), stack=stack)
 
 
 class PlaneReader:
@@ -794,7 +798,9 @@ def roi_to_shape(roi: ImagejRoi, source: Path | str = "") -> Shape:
             f"{source}: ROI '{name}' is a {kind} ROI; use area ROIs (polygon, freehand, rectangle, oval). "
             "A line can be turned into an area with Edit > Selection > Line to Area"
         )
-    position = roi.position or roi.z_position or roi.t_position or 0
+    # A ROI drawn on a hyperstack has (channel, slice, frame) and no stack position: see plane_of.
+    hyper = (roi.c_position, roi.z_position, roi.t_position)
+    hyper = hyper if any(hyper) else ()
     try:
         if roi.composite:
             kind, polygons = "composite", [np.asarray(p, float) for p in roi.coordinates(multi=True)]
@@ -807,7 +813,7 @@ def roi_to_shape(roi: ImagejRoi, source: Path | str = "") -> Shape:
             kind, polygons = "polygon", [np.asarray(roi.coordinates(), float)]
     except Exception as exc:  # a damaged ROI whose coordinates roifile cannot decode
         raise UserError(f"{source}: ROI '{name}' is damaged: {exc}") from exc
-    shape = Shape(name, kind, polygons, position, roi.group)
+    shape = Shape(name, kind, polygons, roi.position, roi.group, hyper)
     check_coordinates(shape, source)
     return shape
 

@@ -198,7 +198,7 @@ def _round_labels(image, shapes, classes, label_image, all_slices, group_names):
     """The shapes rasterised, a label image, or both merged."""
     from .annotations import merge_labels, rasterize
 
-    how = {"all_slices": all_slices, "group_names": group_names}
+    how = {"all_slices": all_slices, "group_names": group_names, "stack": image.stack}
     if label_image is None:
         return rasterize(shapes, image.data.shape, classes=classes, **how)
     if label_image.labels.shape != image.data.shape:
@@ -333,7 +333,9 @@ def suggest_round(
     labels = None
     if shapes:
         classes = model.classes if model is not None else None
-        labels = rasterize(shapes, image.data.shape, classes=classes, all_slices=all_slices, group_names=group_names)
+        labels = rasterize(
+            shapes, image.data.shape, classes=classes, all_slices=all_slices, group_names=group_names, stack=image.stack
+        )
     elif model is not None:
         log.warning("no annotations given: suggestions may fall on patches you already annotated")
     if probabilities is not None and model is None:

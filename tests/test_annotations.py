@@ -210,3 +210,47 @@ def test_annotated_areas_count_the_connected_pieces_of_each_class():
         "background": {"count": 1, "median_px": 25.0},
         "cell": {"count": 2, "median_px": 20.0},
     }
+
+
+# -- slice, frame and channel positions -------------------------------------------------------------
+
+
+def _placed(position=0, hyper=()):
+    from tem_ij_plugin.annotations import Shape
+
+    return Shape("cell-1", "polygon", [np.array([[0, 0], [4, 0], [4, 4]], float)], position, 0, hyper)
+
+
+@pytest.mark.parametrize(
+    ("position", "hyper", "axes", "shape", "channels", "plane"),
+    [
+        (5, (), "Z", (8,), 1, 5),  # a stack position is the plane
+        (6, (), "TZ", (2, 3), 2, 3),  # ... counting channels: index 6 of 2 channels is the third plane
+        (0, (1, 2, 2), "TZ", (2, 3), 1, 5),  # slice 2 of frame 2: after the 3 slices of frame 1
+        (0, (1, 3, 1), "TZ", (2, 3), 1, 3),
+        (0, (1, 4, 1), "Z", (8,), 1, 4),  # a hyperstack ROI on a Z stack: its slice
+        (0, (1, 1, 3), "T", (4,), 1, 3),  # ... on a T stack: its frame
+        (0, (2, 0, 0), "Z", (8,), 1, 0),  # a channel only: every plane
+        (0, (1, 1, 1), "", (), 1, 1),
+    ],
+)
+def test_a_roi_labels_the_plane_of_its_position(position, hyper, axes, shape, channels, plane):
+    from tem_ij_plugin.annotations import StackLayout, plane_of
+
+    assert plane_of(_placed(position, hyper), StackLayout(axes, shape, channels)) == plane
+
+
+@pytest.mark.parametrize("hyper", [(1, 2, 0), (1, 0, 2)])
+def test_a_slice_of_every_frame_is_refused_on_a_tz_stack(hyper):
+    from tem_ij_plugin.annotations import StackLayout, plane_of
+
+    with pytest.raises(UserError, match="one plane per ROI"):
+        plane_of(_placed(0, hyper), StackLayout("TZ", (2, 3)))
+
+
+def test_rasterize_places_a_hyperstack_roi_on_its_frame_and_slice():
+    from tem_ij_plugin.annotations import Shape, StackLayout
+
+    bg = Shape("bg", "polygon", [np.array([[10, 10], [14, 10], [14, 14]], float)], 0, 0, (1, 1, 1))
+    labels = rasterize([_placed(0, (1, 2, 2)), bg], (6, 16, 16), stack=StackLayout("TZ", (2, 3))).labels
+    assert int((labels[4] == 1).sum()) > 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from conftest import run_cli, tiny_settings
 
 pytestmark = pytest.mark.fiji
@@ -229,6 +230,51 @@ def test_roi_slice_positions_label_their_plane_only(imagej):
     assert (labels.labels[1] == 1).sum() == 100
     assert (labels.labels[1] == 0).sum() == 0
     assert (labels.labels[2] == 0).sum() == 64
+
+
+def _hyperstack_rois(tmp_path):
+    """A T x Z hyperstack (2 frames of 3 slices) in ImageJ and a RoiSet.zip that ImageJ encoded of ROIs
+    drawn on (slice 2, frame 2) and (slice 3, frame 1); returns (ImagePlus, zip path, [(roi, stack index)])."""
+    from scyjava import jimport
+
+    from tem_ij_plugin.fiji.convert import write_roiset
+
+    IJ, Roi = jimport("ij.IJ"), jimport("ij.gui.Roi")
+    imp = IJ.createHyperStack("tz", 40, 40, 1, 3, 2, 8)
+    placed = []
+    for name, box, (z, t) in (("cell-1", (5, 5, 10, 10), (2, 2)), ("background-1", (20, 20, 8, 8), (3, 1))):
+        roi = Roi(*box)
+        roi.setName(name)
+        roi.setPosition(1, z, t)  # what the ROI Manager records on a hyperstack
+        placed.append((roi, int(imp.getStackIndex(1, z, t))))
+    write_roiset(tmp_path / "RoiSet.zip", [r for r, _ in placed])
+    return imp, tmp_path / "RoiSet.zip", placed
+
+
+def test_hyperstack_rois_from_imagej_label_the_plane_of_their_slice_and_frame(imagej, tmp_path):
+    from tem_ij_plugin.annotations import rasterize
+    from tem_ij_plugin.fiji.convert import to_image
+    from tem_ij_plugin.io import read_rois
+
+    imp, zip_path, placed = _hyperstack_rois(tmp_path)
+    image = to_image(imp)
+    labels = rasterize(read_rois(zip_path), image.data.shape, stack=image.stack).labels
+    labelled = [int(z) + 1 for z in np.flatnonzero((labels >= 0).any(axis=(1, 2)))]
+    assert labelled == sorted(index for _, index in placed)  # ImageJ's own stack index of each (slice, frame)
+
+
+def test_the_cli_reads_a_hyperstack_roiset_from_imagej_onto_the_same_planes(imagej, tmp_path):
+    from tem_ij_plugin.annotations import rasterize
+    from tem_ij_plugin.fiji.convert import to_image
+    from tem_ij_plugin.io import read_image, read_rois
+
+    imp, zip_path, _ = _hyperstack_rois(tmp_path)
+    image = to_image(imp)
+    tifffile.imwrite(tmp_path / "tz.tif", image.data.reshape(2, 3, 40, 40), imagej=True, metadata={"axes": "TZYX"})
+    from_file = read_image(tmp_path / "tz.tif")
+    in_fiji = rasterize(read_rois(zip_path), image.data.shape, stack=image.stack).labels
+    from_cli = rasterize(read_rois(zip_path), from_file.data.shape, stack=from_file.stack).labels
+    assert np.array_equal(from_cli, in_fiji)
 
 
 # -- menus and macros --------------------------------------------------------------------------------

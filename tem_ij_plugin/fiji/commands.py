@@ -91,7 +91,8 @@ def _annotation_rois(ctx) -> tuple:
 def _labels(ctx, image, shapes, classes=None):
     from ..annotations import rasterize
 
-    return rasterize(shapes, image.data.shape, classes=classes, all_slices=ctx.options.get("all") is True)
+    all_slices = ctx.options.get("all") is True
+    return rasterize(shapes, image.data.shape, classes=classes, all_slices=all_slices, stack=image.stack)
 
 
 def _current_model(ctx):

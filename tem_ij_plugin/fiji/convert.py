@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scyjava import jimport
 
+from ..annotations import StackLayout
 from ..errors import UserError
 from ..io import Calibration, Image, roi_to_shape
 
@@ -57,7 +58,12 @@ def to_image(imp) -> Image:
         labels.append("" if label is None else str(label))
     cal = imp.getCalibration()
     calibration = Calibration(float(cal.pixelWidth), float(cal.pixelHeight), str(cal.getUnit()), float(cal.pixelDepth))
-    return Image(data, calibration, labels if any(labels) else [], None)
+    n_z, n_t = int(imp.getNSlices()), int(imp.getNFrames())
+    axes = ("T" if n_t > 1 else "") + ("Z" if n_z > 1 else "")
+    stack_shape = tuple(n for n in (n_t, n_z) if n > 1)
+    if not axes and n > 1:  # a stack whose dimensions ImageJ does not know: its planes are slices
+        axes, stack_shape = "Z", (n,)
+    return Image(data, calibration, labels if any(labels) else [], None, StackLayout(axes, stack_shape))
 
 
 def to_imageplus(
