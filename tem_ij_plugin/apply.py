@@ -33,7 +33,7 @@ STATE_SAVE_S = 2.0  # ... and then at most every this many seconds
 
 
 def labels_path(out: Path) -> Path:
-    """Where ``--output both`` writes the label image: ``name_labels.tif`` next to ``name.tif``."""
+    """Where ``--kind both`` writes the label image: ``name_labels.tif`` next to ``name.tif``."""
     from .stackio import split_name
 
     stem, suffix = split_name(out)
@@ -62,6 +62,26 @@ def to_output(probs: np.ndarray, kind: str, dtype: DTypeLike, keep: list[int] | 
     if dtype == np.float32:
         return p
     return np.rint(p * np.iinfo(dtype).max).astype(dtype)
+
+
+class SharedModel:
+    """A model loaded once for a batch of images, and the tiled predictor built for the first of them.
+
+    Loading a model and building its backend (an ONNX export and its check) cost seconds; a batch
+    pays them once. The predictor's tiling depends on the device and the network only; its check of
+    a reduced precision (``--precision auto`` on a GPU) runs on the first image's probe tile.
+    """
+
+    def __init__(self):
+        self._model = self._key = None
+        self.predictor = None
+
+    def model(self, path: Path, device: str):
+        """The model of ``path`` on ``device``, loaded on the first call."""
+        key = (Path(path).resolve(), device)
+        if self._model is None or self._key != key:
+            self._model, self._key, self.predictor = load_segmenter(path, device), key, None
+        return self._model
 
 
 class PredictJob:
@@ -95,6 +115,7 @@ class PredictJob:
         overwrite: bool = False,
         inputs=(),
         tta: str = "off",
+        shared: SharedModel | None = None,
     ):
         if kind not in ("probabilities", "labels", "both"):
             raise UserError(f"unknown output '{kind}'; use probabilities, labels or both")
@@ -105,7 +126,7 @@ class PredictJob:
         self.device, self.backend, self.precision = device, backend, precision
         self.tile, self.overlap, self.batch_size, self.resume = tile, overlap, batch_size, resume
         self.overwrite, self.inputs = overwrite, [Path(p) for p in inputs]
-        self.tta = tta
+        self.tta, self.shared = tta, shared
         self._model_sha256 = self._patch_size = self._object_areas = None
         self.n_planes = 0
         self.state = None
@@ -221,7 +242,10 @@ class PredictJob:
 
     def _load_model(self):
         """The model on its device, the indices of the classes to write and their names."""
-        model = load_segmenter(self.model_path, self.device)
+        if self.shared is not None:
+            model = self.shared.model(self.model_path, self.device)
+        else:
+            model = load_segmenter(self.model_path, self.device)
         keep = list(range(len(model.classes)))
         if self.classes:
             unknown = [c for c in self.classes if c not in model.classes]
@@ -233,9 +257,17 @@ class PredictJob:
         return model, keep, [model.classes[k] for k in keep]
 
     def _predictor(self, model, reader):
-        """The tiled predictor for this image, and the image's normalisation range."""
+        """The tiled predictor for this image (a batch's, when it has one), and the image's normalisation range."""
+        if self.shared is not None and self.shared.predictor is not None:
+            lo, hi, _ = image_range(model, reader)
+            return self.shared.predictor, lo, hi
         options = {"backend": self.backend, "precision": self.precision, "tile": self.tile, "overlap": self.overlap}
-        return image_predictor(model, reader, self.device, batch_size=self.batch_size, tta=self.tta, **options)
+        predictor, lo, hi = image_predictor(
+            model, reader, self.device, batch_size=self.batch_size, tta=self.tta, **options
+        )
+        if self.shared is not None:
+            self.shared.predictor = predictor
+        return predictor, lo, hi
 
     def _outputs(self, reader, model, keep, names) -> list:
         """(path, kind, layout, slice labels) of each output."""
@@ -461,25 +493,12 @@ def image_predictor(
     UserError
         A single plane with no contrast.
     """
-    from .normalization import normalize, sampled_range
+    from .normalization import normalize
     from .predict import make_predictor
     from .receptive import HALO_MASS
     from .runtime import resolve_device
 
-    n = reader.n_planes
-    log.info(
-        "image %s: %d plane(s) of %dx%d %s%s",
-        reader.path,
-        n,
-        reader.plane_shape[1],
-        reader.plane_shape[0],
-        reader.dtype,
-        f", predicted over axis {reader.stack_axes} {reader.stack_shape}" if reader.stack_axes else "",
-    )
-    lo, hi = sampled_range(reader.read, n, model.normalization)
-    first = reader.read(0)
-    if np.ptp(first) == 0 and n == 1:
-        raise UserError(f"{reader.path} has no contrast (every pixel is {first.flat[0]}); nothing to segment")
+    lo, hi, first = image_range(model, reader)
     erf = model.meta.get("effective_receptive_field") or {}
     predictor = make_predictor(
         model.net,
@@ -495,3 +514,30 @@ def image_predictor(
     )
     log.info("prediction: %s", predictor.describe())
     return predictor, lo, hi
+
+
+def image_range(model, reader) -> tuple:
+    """The intensity range of the image behind ``reader`` that the model's normalisation maps, and its first plane.
+
+    Raises
+    ------
+    UserError
+        A single plane with no contrast.
+    """
+    from .normalization import sampled_range
+
+    n = reader.n_planes
+    log.info(
+        "image %s: %d plane(s) of %dx%d %s%s",
+        reader.path,
+        n,
+        reader.plane_shape[1],
+        reader.plane_shape[0],
+        reader.dtype,
+        f", predicted over axis {reader.stack_axes} {reader.stack_shape}" if reader.stack_axes else "",
+    )
+    lo, hi = sampled_range(reader.read, n, model.normalization)
+    first = reader.read(0)
+    if np.ptp(first) == 0 and n == 1:
+        raise UserError(f"{reader.path} has no contrast (every pixel is {first.flat[0]}); nothing to segment")
+    return lo, hi, first

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     adders = (_add_demo, _add_train, _add_predict, _add_objects, _add_suggest, _add_project_tools, _add_experiment)
     for add in (*adders, _add_fiji):
         add(sub, common)
+    for command in sub.choices.values():
+        # Also after the subcommand (tem-ij predict ... -q); SUPPRESS keeps the value given before it.
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        command.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only"
+        )
     return parser
 
 
@@ -106,21 +112,36 @@ def _add_predict(sub, common) -> None:
     pr = sub.add_parser(
         "predict",
         parents=[common["device"], common["channel"]],
-        help="probability maps (or labels) of an image or stack",
+        help="probability maps (or labels) of an image, a stack or a batch of them",
         description="Predict an image or stack plane by plane (bounded memory). Output type from the suffix: "
-        ".tif ImageJ hyperstack, .btf BigTIFF, .zarr OME-Zarr. Ctrl-C keeps the finished planes in NAME.partial.* "
-        "and the same command with --resume completes them.",
+        ".tif ImageJ hyperstack, .ome.tif OME-TIFF, .btf OME-BigTIFF, .zarr OME-Zarr. Ctrl-C keeps the finished "
+        "planes in NAME.partial.* and the same command with --resume completes them. Several images, a folder "
+        "or a quoted glob go to --out-dir, the model loaded once.",
+        epilog="examples:\n  tem-ij predict cells.model stack.tif -o probs.tif\n"
+        "  tem-ij predict cells.model raw/ --out-dir probs/ --name '{name}-cells.ome.tif' --kind both --resume",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pr.add_argument("model", help="model file from 'tem-ij train'")
-    pr.add_argument("image", help="2-D image, Z/T stack or hyperstack (TIFF; PNG for 2-D)")
-    pr.add_argument("-o", "--out", required=True, help="output: .tif, .btf (BigTIFF) or .zarr (OME-Zarr)")
     pr.add_argument(
-        "--output",
-        dest="kind",
+        "images", nargs="+", metavar="IMAGE", help="2-D image, Z/T stack or hyperstack (TIFF; PNG for 2-D); with "
+        "--out-dir also several images, folders (their TIFFs) or quoted globs ('raw/*.tif')",
+    )  # fmt: skip
+    pr.add_argument("-o", "--out", help="output of one image: .tif, .ome.tif, .btf (OME-BigTIFF) or .zarr")
+    pr.add_argument("--out-dir", metavar="DIR", help="output folder of a batch (created if new)")
+    pr.add_argument(
+        "--name",
+        default=None,
+        metavar="TEMPLATE",
+        help="with --out-dir: output name, {name} the image's name and {kind} the output kind; the suffix picks "
+        "the format (default: '{name}-{kind}.tif', as Fiji's TEM Apply Model To Stack)",
+    )
+    pr.add_argument(
+        "--kind",
         choices=["probabilities", "labels", "both"],
-        default="probabilities",
+        default=None,
         help="probabilities per class (default), the argmax label image, or both (labels to NAME_labels.*)",
     )
+    pr.add_argument("--output", dest="old_kind", help=argparse.SUPPRESS)  # the name of --kind before 0.3
     pr.add_argument(
         "--dtype",
         choices=["float32", "uint8", "uint16"],
@@ -594,12 +615,28 @@ class PredictReporter(_Reporter):
             )
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    """``tem-ij predict``; returns the exit status."""
-    from .apply import PredictJob
-    from .errors import Cancelled, UserError
+def _predict_kind(args: argparse.Namespace) -> str:
+    """``--kind``, or the deprecated ``--output`` it replaces (whose value was easy to take for a path)."""
+    from .errors import UserError
 
-    out = Path(args.out)
+    kinds = ("probabilities", "labels", "both")
+    if args.old_kind is None:
+        return args.kind or "probabilities"
+    if args.old_kind not in kinds:
+        raise UserError(
+            f"--output {args.old_kind}: the output file is -o/--out (or --out-dir for a batch); --output was the "
+            f"old name of --kind ({', '.join(kinds)})"
+        )
+    if args.kind is not None and args.kind != args.old_kind:
+        raise UserError(f"--kind {args.kind} and --output {args.old_kind} disagree; give --kind only")
+    log.warning("--output %s is deprecated: use --kind %s", args.old_kind, args.old_kind)
+    return args.old_kind
+
+
+def _predict_options(args: argparse.Namespace) -> dict:
+    """The options of every prediction job, checked."""
+    from .errors import UserError
+
     if args.tile is not None and args.tile < 32:
         raise UserError("--tile must be at least 32")
     if args.overlap is not None and args.overlap < 0:
@@ -607,24 +644,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     classes = [c.strip().lower() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    job = PredictJob(
-        args.model,
-        args.image,
-        out,
-        kind=args.kind,
-        dtype=args.dtype,
-        classes=classes,
-        channel=args.channel,
-        device=args.device,
-        backend=args.backend,
-        precision=args.precision,
-        tile=args.tile,
-        overlap=args.overlap,
-        batch_size=args.batch_size,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        tta=args.tta,
-    )
+    return {
+        "kind": _predict_kind(args), "dtype": args.dtype, "classes": classes, "channel": args.channel,
+        "device": args.device, "backend": args.backend, "precision": args.precision, "tile": args.tile,
+        "overlap": args.overlap, "batch_size": args.batch_size, "resume": args.resume, "overwrite": args.overwrite,
+        "tta": args.tta,
+    }  # fmt: skip
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``tem-ij predict``; returns the exit status."""
+    from .apply import PredictJob
+    from .errors import Cancelled, UserError
+
+    options = _predict_options(args)
+    if args.out_dir:
+        if args.out:
+            raise UserError("give -o for one image or --out-dir for a batch, not both")
+        return _predict_batch(args, options)
+    if args.name:
+        raise UserError("--name names the outputs of --out-dir; with -o the output is named already")
+    single = len(args.images) == 1 and Path(args.images[0]).is_file()
+    if not args.out or not single:
+        raise UserError(
+            "predict needs -o OUTPUT for one image, or --out-dir DIR for several images, a folder or a glob"
+            if single or not args.out
+            else f"-o names one output, but {' '.join(args.images)} is not one image file: use --out-dir DIR"
+        )
+    job = PredictJob(args.model, args.images[0], Path(args.out), **options)
     reporter = PredictReporter()
     try:
         report, _ = _with_cancel_on_sigint(lambda c: job.run(progress=reporter, cancel=c))
@@ -639,6 +686,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     finally:
         reporter.close()
     print(report)
+    return 0
+
+
+def _predict_batch(args: argparse.Namespace, options: dict) -> int:
+    """``tem-ij predict MODEL IMAGE... --out-dir DIR``: every image, the model loaded once."""
+    from .errors import Cancelled
+    from .workflows import DEFAULT_NAME, predict_files
+
+    reporters = [PredictReporter()]
+
+    def on_file(i: int, n: int, image: Path) -> None:
+        reporters[-1].close()
+        reporters.append(PredictReporter())
+        log.info("file %d/%d: %s", i, n, image)
+
+    def progress(ev: dict) -> None:
+        reporters[-1](ev)
+
+    def run(cancel):
+        return predict_files(
+            args.model, args.images, args.out_dir, args.name or DEFAULT_NAME, on_file=on_file, progress=progress,
+            cancel=cancel, **options,
+        )  # fmt: skip
+
+    try:
+        result, _ = _with_cancel_on_sigint(run)
+    except Cancelled as exc:
+        print(f"tem-ij predict: cancelled: {exc}; run the same command with --resume to complete it", file=sys.stderr)
+        return EXIT_CANCELLED
+    finally:
+        reporters[-1].close()
+    for line in result.summaries:
+        print(line)
+    kept = f", {len(result.skipped)} already done (--resume)" if result.skipped else ""
+    print(f"{len(result.written)} file(s) written to {args.out_dir}{kept}")
     return 0
 
 

@@ -271,6 +271,161 @@ def _rescue(model) -> str:
     return f"the trained model is saved as {path} (move it somewhere safe)"
 
 
+IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+DEFAULT_NAME = "{name}-{kind}.tif"  # what Fiji's TEM Apply Model To Stack has always written
+_GLOB = set("*?[")
+
+
+@dataclass
+class BatchResult:
+    """What :func:`predict_files` wrote and what an interrupted run had finished already.
+
+    Attributes
+    ----------
+    written, skipped : list of Path
+        The outputs written now, and those skipped with resume because they record this very job.
+    summaries : list of str
+        One line per file written.
+    """
+
+    written: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    summaries: list = field(default_factory=list)
+
+
+def expand_images(paths: list) -> list[Path]:
+    """Images named directly, the TIFFs of a folder (sorted, not recursive) or the matches of a quoted glob.
+
+    Prediction outputs (files that record the prediction job that wrote them) are left out of a folder
+    or a glob, so that a second run over a folder holding its own results does not predict them.
+
+    Raises
+    ------
+    UserError
+        A path that is neither a file, a folder nor a glob with matches; a folder with no TIFF.
+    """
+    import glob
+
+    from .stackio import recorded_job
+
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_file():
+            found.append(p)
+            continue
+        if p.is_dir():
+            listed = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            what = f"{p} holds no TIFF image (.tif, .tiff, .btf)"
+        elif _GLOB & set(str(raw)):
+            listed = sorted(Path(f) for f in glob.glob(str(p)) if Path(f).is_file())
+            what = f"no file matches {raw}"
+        else:
+            raise UserError(f"{raw}: no such file or folder")
+        listed = [f for f in listed if recorded_job(f) is None]
+        if not listed:
+            raise UserError(what)
+        found += listed
+    unique = list(dict.fromkeys(f.resolve() for f in found))
+    return [Path(f) for f in unique]
+
+
+def output_names(images: list[Path], out_dir: Path, name: str, kind: str) -> list[Path]:
+    """The output of each image: ``out_dir`` / ``name``, ``{name}`` the image's name, ``{kind}`` what the file holds.
+
+    ``{kind}`` is ``labels`` or ``probabilities`` (also for ``both``, whose labels go beside the named
+    file as ``NAME_labels``).
+
+    Raises
+    ------
+    UserError
+        An unknown placeholder, a template without ``{name}`` for several images, or two images whose
+        outputs would have the same name.
+    """
+    from .stackio import split_name
+
+    outs = []
+    holds = "labels" if kind == "labels" else "probabilities"
+    for image in images:
+        try:
+            outs.append(out_dir / name.format(name=split_name(image)[0], kind=holds))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UserError(
+                f"the output name '{name}' is not a template of {{name}} (the image's name) and {{kind}} "
+                f"({holds}): {exc}"
+            ) from None
+    clash = sorted({o.name for o in outs if outs.count(o) > 1})
+    if clash:
+        raise UserError(
+            f"several images would be written to {', '.join(clash[:5])}; give a name template with {{name}} "
+            "(--name '{name}-probabilities.tif') or images with different names"
+        )
+    return outs
+
+
+def predict_files(
+    model_path: str | os.PathLike,
+    images: list,
+    out_dir: str | os.PathLike,
+    name: str = DEFAULT_NAME,
+    kind: str = "probabilities",
+    resume: bool = False,
+    overwrite: bool = False,
+    on_file: Callable[[int, int, Path], object] | None = None,
+    progress: ProgressSink | None = None,
+    cancel: CancelToken | None = None,
+    **options,
+) -> BatchResult:
+    """One model applied to many images, each to its own output in ``out_dir``; the model loaded once.
+
+    Parameters
+    ----------
+    images : list of path
+        Files, folders or globs (see :func:`expand_images`).
+    name : str
+        The output name template (see :func:`output_names`); its suffix picks the format.
+    resume : bool
+        Skip outputs that record this very job (a finished file of an interrupted batch) and complete
+        the file that was being written.
+    on_file : callable, optional
+        ``(i, n, image)`` before each image, 1-based.
+    options
+        :class:`~tem_ij_plugin.apply.PredictJob` options (``dtype``, ``classes``, ``device``, ...).
+
+    Raises
+    ------
+    Cancelled
+        With how many files were done; the file being written keeps its finished planes for resume.
+    """
+    from .apply import PredictJob, SharedModel
+    from .errors import Cancelled
+
+    files = expand_images(list(images))
+    out_dir = Path(out_dir)
+    outs = output_names(files, out_dir, name, kind)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shared, result = SharedModel(), BatchResult()
+    for i, (image, out) in enumerate(zip(files, outs), 1):
+        job = PredictJob(
+            model_path, image, out, kind=kind, resume=resume, overwrite=overwrite, inputs=files, shared=shared,
+            **options,
+        )  # fmt: skip
+        if resume and job.already_done():  # finished by the interrupted run, as the file itself records
+            result.skipped.append(out)
+            continue
+        if on_file is not None:
+            on_file(i, len(files), image)
+        try:
+            result.summaries.append(job.run(progress=progress, cancel=cancel))
+        except Cancelled:
+            raise Cancelled(
+                f"{len(result.written) + len(result.skipped)} of {len(files)} file(s) done, {job.planes_done} of "
+                f"{job.n_planes} plane(s) of {image.name}"
+            ) from None
+        result.written.append(out)
+    return result
+
+
 def suggestion_size(model: TrainedModel | None, settings: Settings | None = None) -> int:
     """The window side of suggestions: the patch size the model was trained on, else the settings' patch size."""
     from .config import Settings

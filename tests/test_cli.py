@@ -44,7 +44,7 @@ def test_predict_labels_on_stack(files, model, capsys):
     stack = np.stack([tifffile.imread(files["image"])] * 2)
     tifffile.imwrite(files["dir"] / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
     out = files["dir"] / "labels.tif"
-    code, _, err = run(capsys, "predict", model, files["dir"] / "stack.tif", "-o", out, "--output", "labels")
+    code, _, err = run(capsys, "predict", model, files["dir"] / "stack.tif", "-o", out, "--kind", "labels")
     assert code == 0, err
     lab = tifffile.imread(out)
     assert lab.shape == (2, 256, 256)

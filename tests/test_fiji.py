@@ -517,6 +517,31 @@ def test_apply_to_stack_cancelled_then_resumed(clean, data, synthetic, tmp_path,
     np.testing.assert_allclose(resumed, read_image(fresh, channel=2).data, atol=1e-5)
 
 
+def test_fiji_and_the_cli_apply_a_model_to_a_folder_alike(clean, synthetic, tmp_path, capsys):
+    """TEM Apply Model To Stack and `tem-ij predict --out-dir` run the same batch: same files, same pixels."""
+    from test_predict import save_random_model
+
+    from tem_ij_plugin.io import write_hyperstack
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_hyperstack(folder / "a.tif", synthetic[0][None])
+    write_hyperstack(folder / "b.tif", synthetic[0][None, ::-1])
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    macro = (
+        f'setBatchMode(true); run("TEM Load Model", "model=[{model}]"); '
+        f'run("TEM Apply Model To Stack", "input=[{folder}] output=[{tmp_path / "fiji"}] kind=both device=cpu");'
+    )
+    assert _macro(clean, macro) != "[aborted]", _log(clean)
+    cli = tmp_path / "cli"
+    code, _, err = run_cli(capsys, "predict", model, folder, "--out-dir", cli, "--kind", "both", "--device", "cpu")
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "fiji").iterdir())
+    assert names == sorted(p.name for p in cli.iterdir())
+    for name in names:
+        assert np.array_equal(tifffile.imread(tmp_path / "fiji" / name), tifffile.imread(cli / name)), name
+
+
 def test_real_menu_click_dialog_and_recorder(clean, data):
     """Click Plugins > TEM Segmentation > TEM Predict Probabilities, press OK, read the Recorder."""
     from jpype import JObject

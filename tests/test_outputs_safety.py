@@ -61,8 +61,8 @@ def _input_named(d, name, how):
         ("X.partial.tif", "X.tif", [], "copy"),  # the case that truncated its own input in 0.2
         ("X.partial.tif", "X.tif", [], "symlink"),
         ("X.partial.tif", "X.tif", [], "hardlink"),
-        ("X_labels.partial.tif", "X.tif", ["--output", "both"], "copy"),
-        ("X_labels.tif", "X.tif", ["--output", "both"], "copy"),
+        ("X_labels.partial.tif", "X.tif", ["--kind", "both"], "copy"),
+        ("X_labels.tif", "X.tif", ["--kind", "both"], "copy"),
         (".X.tif.partial", "X.tif", [], "copy"),
         ("X.partial.btf", "X.btf", [], "copy"),
     ],
@@ -103,16 +103,16 @@ def test_a_foreign_partial_file_is_never_overwritten_without_overwrite(job, caps
 
 
 def test_an_output_that_tem_ij_wrote_is_replaced_by_the_next_run(job, capsys):
-    assert predict(capsys, job, job / "stack.tif", job / "X.tif", "--output", "both")[0] == 0
+    assert predict(capsys, job, job / "stack.tif", job / "X.tif", "--kind", "both")[0] == 0
     tifffile.imwrite(job / "other.tif", tifffile.imread(job / "stack.tif")[:1])
-    code, _, err = predict(capsys, job, job / "other.tif", job / "X.tif", "--output", "both")
+    code, _, err = predict(capsys, job, job / "other.tif", job / "X.tif", "--kind", "both")
     assert code == 0, err
     assert tifffile.imread(job / "X_labels.tif").shape == (256, 256)
 
 
 @pytest.mark.parametrize(
     "name, extra",
-    [("X.tif", []), ("X_labels.tif", ["--output", "both"]), ("X.zarr", [])],
+    [("X.tif", []), ("X_labels.tif", ["--kind", "both"]), ("X.zarr", [])],
     ids=["output", "labels-beside-it", "zarr-folder"],
 )
 def test_an_existing_file_that_tem_ij_did_not_write_is_not_replaced(job, capsys, name, extra):
@@ -441,7 +441,7 @@ def test_an_experiment_never_writes_into_a_folder_of_someone_elses_files(files, 
 def test_a_finished_output_records_its_job_and_only_that_job_counts_as_done(job, capsys):
     from tem_ij_plugin.apply import PredictJob
 
-    assert predict(capsys, job, job / "stack.tif", job / "X.tif", "--output", "both")[0] == 0
+    assert predict(capsys, job, job / "stack.tif", job / "X.tif", "--kind", "both")[0] == 0
     same = PredictJob(job / "m.model", job / "stack.tif", job / "X.tif", kind="both")
     assert same.already_done()
     save_random_model(job / "other.model", seed=1)

@@ -259,7 +259,7 @@ def test_predict_stack_both_outputs_uint8_with_calibration_and_labels(stack, mod
     before = sha256(path)
     out = tmp_path / "p.tif"
     code, stdout, err = run(
-        capsys, "predict", model_file, path, "-o", out, "--output", "both", "--dtype", "uint8", "--backend", "torch"
+        capsys, "predict", model_file, path, "-o", out, "--kind", "both", "--dtype", "uint8", "--backend", "torch"
     )
     assert code == 0, err
     with tifffile.TiffFile(out) as tif:

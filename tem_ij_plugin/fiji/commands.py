@@ -558,9 +558,12 @@ def show_patch_grid(ctx: Context) -> None:
 
 
 def apply_to_stack(ctx: Context) -> None:
-    """TEM Apply Model To Stack: a TIFF file or a folder of TIFFs into an output folder, no windows."""
-    from ..apply import PredictJob
+    """TEM Apply Model To Stack: a TIFF file or a folder of TIFFs into an output folder, no windows.
+
+    The batch is :func:`~tem_ij_plugin.workflows.predict_files`, as ``tem-ij predict --out-dir`` runs it.
+    """
     from ..modelio import save_model
+    from ..workflows import DEFAULT_NAME, predict_files
 
     source = Path(ctx.text("input")).expanduser()
     out_dir = Path(ctx.text("output")).expanduser()
@@ -569,41 +572,28 @@ def apply_to_stack(ctx: Context) -> None:
         raise UserError(f"input=[{source}]: no such file or folder")
     if not ctx.text("output"):
         raise UserError("TEM Apply Model To Stack needs output=[folder]")
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file())
-        if not files:
-            raise UserError(f"{source} holds no .tif/.tiff files")
-    else:
-        files = [source]
     model = _current_model(ctx)
-    resume = ctx.options.get("resume") is True
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, skipped = [], []
+    progress = [None]
+
+    def on_file(i: int, n: int, image: Path) -> None:
+        progress[0] = _predict_progress(ctx, f"TEM apply: file {i}/{n} {image.name}")
+
     with tempfile.TemporaryDirectory() as tmp:
         model_path = ctx.bridge.model_path
         if model_path is None:  # trained in this session and not saved yet
             model_path = Path(tmp) / "current.model"
             save_model(model_path, model)
-        for i, f in enumerate(files, 1):
-            out = out_dir / f"{f.stem}-{'labels' if kind == 'labels' else 'probabilities'}.tif"
-            # Every image of the batch is an input: an output name must never hit a later one.
-            job = PredictJob(model_path, f, out, kind=kind, device=ctx.choice("device"), resume=resume, inputs=files)
-            if resume and job.already_done():  # finished by the interrupted run, as the file itself records
-                skipped.append(str(out))
-                continue
-            progress = _predict_progress(ctx, f"TEM apply: file {i}/{len(files)} {f.name}")
-            try:
-                job.run(progress=progress, cancel=ctx.cancel)
-            except Cancelled:
-                raise Cancelled(
-                    f"{len(written) + len(skipped)} of {len(files)} file(s) done, {job.planes_done} of "
-                    f"{job.n_planes} plane(s) of {f.name}; run it again with 'Resume' ticked (macro key resume) "
-                    "to complete it"
-                ) from None
-            written.append(str(out))
-    ctx.results.update(files=written, skipped=skipped)
-    kept = f", {len(skipped)} already done" if skipped else ""
-    jimport("ij.IJ").log(f"TEM Apply Model To Stack: {len(written)} file(s) written to {out_dir}{kept}")
+        try:
+            result = predict_files(
+                model_path, [source], out_dir, DEFAULT_NAME, kind=kind, device=ctx.choice("device"),
+                resume=ctx.options.get("resume") is True, on_file=on_file, progress=lambda ev: progress[0](ev),
+                cancel=ctx.cancel,
+            )  # fmt: skip
+        except Cancelled as exc:
+            raise Cancelled(f"{exc}; run it again with 'Resume' ticked (macro key resume) to complete it") from None
+    ctx.results.update(files=[str(p) for p in result.written], skipped=[str(p) for p in result.skipped])
+    kept = f", {len(result.skipped)} already done" if result.skipped else ""
+    jimport("ij.IJ").log(f"TEM Apply Model To Stack: {len(result.written)} file(s) written to {out_dir}{kept}")
 
 
 def load_model(ctx: Context) -> None:

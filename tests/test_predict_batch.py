@@ -1,0 +1,169 @@
+"""`tem-ij predict` on many images: folders, globs, name templates, the model loaded once, resume of a batch;
+and the command line's conventions (--kind, the deprecated --output, -v/-q after the subcommand)."""
+
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import run_cli, tree_digest
+from test_predict import save_random_model
+
+from tem_ij_plugin.errors import Cancelled
+from tem_ij_plugin.io import write_hyperstack
+
+
+@pytest.fixture()
+def batch(tmp_path, synthetic):
+    """Three images in a folder and a model."""
+    image = synthetic[0]
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for name, plane in (("a", image), ("b", image[::-1]), ("c", image[:, ::-1])):
+        write_hyperstack(folder / f"{name}.tif", plane[None])
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    return {"folder": folder, "model": model, "dir": tmp_path}
+
+
+def predict(capsys, *argv):
+    return run_cli(capsys, "predict", *argv, "--backend", "torch")
+
+
+def test_a_folder_goes_to_one_output_per_image(batch, capsys):
+    code, _, err = predict(capsys, batch["model"], batch["folder"], "--out-dir", batch["dir"] / "out")
+    assert code == 0, err
+    names = sorted(p.name for p in (batch["dir"] / "out").iterdir())
+    assert names == ["a-probabilities.tif", "b-probabilities.tif", "c-probabilities.tif"]
+
+
+def test_each_output_of_a_batch_is_the_one_a_single_prediction_writes(batch, capsys):
+    code, _, err = predict(capsys, batch["model"], batch["folder"], "--out-dir", batch["dir"] / "out")
+    assert code == 0, err
+    code, _, err = predict(capsys, batch["model"], batch["folder"] / "c.tif", "-o", batch["dir"] / "c.tif")
+    assert code == 0, err
+    assert np.array_equal(
+        tifffile.imread(batch["dir"] / "out" / "c-probabilities.tif"), tifffile.imread(batch["dir"] / "c.tif")
+    )
+
+
+def test_a_batch_loads_the_model_and_builds_its_predictor_once(batch, monkeypatch):
+    from tem_ij_plugin import apply, predict
+    from tem_ij_plugin.workflows import predict_files
+
+    calls = {"load": 0, "build": 0}
+    real_load, real_build = apply.load_segmenter, predict.make_predictor
+
+    def load(*a, **k):
+        calls["load"] += 1
+        return real_load(*a, **k)
+
+    def build(*a, **k):
+        calls["build"] += 1
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(apply, "load_segmenter", load)
+    monkeypatch.setattr(predict, "make_predictor", build)
+    result = predict_files(batch["model"], [batch["folder"]], batch["dir"] / "out", backend="torch")
+    assert len(result.written) == 3
+    assert calls == {"load": 1, "build": 1}
+
+
+def test_a_name_template_names_the_outputs_and_picks_their_format(batch, capsys):
+    out = batch["dir"] / "out"
+    code, _, err = predict(capsys, batch["model"], batch["folder"], "--out-dir", out, "--name", "{name}_cells.ome.tif")
+    assert code == 0, err
+    with tifffile.TiffFile(out / "a_cells.ome.tif") as tif:
+        assert tif.is_ome
+
+
+def test_a_quoted_glob_selects_its_matches(batch, capsys):
+    code, _, err = predict(capsys, batch["model"], str(batch["folder"] / "[ab].tif"), "--out-dir", batch["dir"] / "o")
+    assert code == 0, err
+    assert sorted(p.name for p in (batch["dir"] / "o").iterdir()) == ["a-probabilities.tif", "b-probabilities.tif"]
+
+
+def test_predictions_in_the_input_folder_are_not_predicted_again(batch, capsys):
+    folder = batch["folder"]
+    assert predict(capsys, batch["model"], folder, "--out-dir", folder)[0] == 0
+    code, out, err = predict(capsys, batch["model"], folder, "--out-dir", folder, "--resume")
+    assert code == 0, err
+    assert "0 file(s) written" in out
+    assert "3 already done" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--out-dir", "{dir}/o", "--name", "all.tif"], "would be written to all.tif"),
+        (["--out-dir", "{dir}/o", "--name", "{stem}.tif"], "not a template"),
+        (["-o", "{dir}/x.tif"], "use --out-dir"),
+        (["-o", "{dir}/x.tif", "--out-dir", "{dir}/o"], "not both"),
+        ([], "needs -o OUTPUT"),
+    ],
+)
+def test_a_batch_that_cannot_be_named_is_exit_2_and_writes_nothing(batch, capsys, argv, message):
+    before = tree_digest(batch["dir"])
+    code, _, err = predict(
+        capsys, batch["model"], batch["folder"], *[a.replace("{dir}", str(batch["dir"])) for a in argv]
+    )
+    assert code == 2
+    assert message in err
+    assert tree_digest(batch["dir"]) == before
+
+
+def test_a_folder_without_images_is_exit_2(batch, capsys):
+    (batch["dir"] / "empty").mkdir()
+    code, _, err = predict(capsys, batch["model"], batch["dir"] / "empty", "--out-dir", batch["dir"] / "o")
+    assert code == 2
+    assert "holds no TIFF image" in err
+
+
+def test_a_cancelled_batch_resumes_with_the_files_it_finished(batch):
+    from tem_ij_plugin.workflows import predict_files
+
+    cancel, out = threading.Event(), batch["dir"] / "out"
+    seen = []
+
+    def on_file(i, n, image):
+        seen.append(image.name)
+        if i == 2:
+            cancel.set()  # stop while b.tif is being predicted
+
+    with pytest.raises(Cancelled, match=r"1 of 3 file\(s\) done"):
+        predict_files(batch["model"], [batch["folder"]], out, on_file=on_file, cancel=cancel, backend="torch")
+    result = predict_files(batch["model"], [batch["folder"]], out, resume=True, backend="torch")
+    assert ([p.name for p in result.skipped], [p.name for p in result.written]) == (
+        ["a-probabilities.tif"],
+        ["b-probabilities.tif", "c-probabilities.tif"],
+    )
+
+
+# -- the command line's conventions ------------------------------------------------------------------
+
+
+def test_kind_labels_writes_the_label_image(batch, capsys):
+    out = batch["dir"] / "l.tif"
+    code, _, err = predict(capsys, batch["model"], batch["folder"] / "a.tif", "-o", out, "--kind", "labels")
+    assert code == 0, err
+    assert tifffile.imread(out).dtype == np.uint8
+
+
+def test_the_old_output_option_still_works_with_a_warning(batch, capsys):
+    out = batch["dir"] / "l.tif"
+    code, _, err = predict(capsys, batch["model"], batch["folder"] / "a.tif", "-o", out, "--output", "labels")
+    assert code == 0, err
+    assert "--output labels is deprecated: use --kind labels" in err
+
+
+def test_a_path_given_to_the_old_output_option_says_where_the_path_goes(batch, capsys):
+    code, _, err = predict(capsys, batch["model"], batch["folder"] / "a.tif", "--output", batch["dir"] / "x.tif")
+    assert code == 2
+    assert "the output file is -o/--out" in err
+
+
+@pytest.mark.parametrize(("flag", "shown"), [("-q", False), ("-v", True)])
+def test_verbosity_may_follow_the_subcommand(batch, capsys, flag, shown):
+    out = batch["dir"] / "p.tif"
+    code, _, err = predict(capsys, batch["model"], batch["folder"] / "a.tif", "-o", out, flag)
+    assert code == 0, err
+    assert ("INFO" in err) == shown
