@@ -1,4 +1,4 @@
-"""The ``tem-ij`` command line: ``demo``, ``train``, ``predict``, ``suggest``, ``history``, ``revert``, ``experiment``.
+"""The ``tem-ij`` command line: ``demo``, ``train``, ``predict``, ``objects``, ``suggest``, ``export``, and more.
 
 Heavy imports (torch, tifffile, ...) happen after argument parsing so that ``--help`` is instant.
 Bad input ends with a one-line message on stderr and exit status 2; an interrupted training (Ctrl-C)
@@ -8,6 +8,7 @@ saves the best model so far and exits with 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = _common_options()
-    adders = (_add_demo, _add_train, _add_predict, _add_objects, _add_suggest, _add_project_tools, _add_experiment)
+    adders = (_add_demo, _add_train, _add_predict, _add_objects, _add_suggest, _add_project_tools, _add_experiment,
+              _add_export)  # fmt: skip
     for add in (*adders, _add_fiji):
         add(sub, common)
     for command in sub.choices.values():
@@ -121,7 +123,7 @@ def _add_predict(sub, common) -> None:
         "  tem-ij predict cells.model raw/ --out-dir probs/ --name '{name}-cells.ome.tif' --kind both --resume",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pr.add_argument("model", help="model file from 'tem-ij train'")
+    pr.add_argument("model", help="model file from 'tem-ij train', or a package from 'tem-ij export'")
     pr.add_argument(
         "images", nargs="+", metavar="IMAGE", help="2-D image, Z/T stack or hyperstack (TIFF; PNG for 2-D); with "
         "--out-dir also several images, folders (their TIFFs) or quoted globs ('raw/*.tif')",
@@ -329,6 +331,25 @@ def _add_experiment(sub, common) -> None:
     ex.add_argument("--iterations-per-round", type=int, help="cap on training iterations per round")
     ex.add_argument("--config", metavar="FILE", help="training settings of every round (YAML or JSON)")
     ex.add_argument("--no-rf", action="store_true", help="skip the random-forest peer")
+
+
+def _add_export(sub, common) -> None:
+    """``tem-ij export``."""
+    ex = sub.add_parser(
+        "export",
+        help="a model as a bioimage.io package (deepImageJ, ilastik, bioimageio.core)",
+        description="Write a BioImage Model Zoo package: TorchScript, ONNX and PyTorch weights, the input "
+        "normalisation as the spec's preprocessing, a test input and its output, a cover and a README. Fill in the "
+        "authors and citation in its rdf.yaml before sharing it.",
+        epilog="example:\n  tem-ij export cells.model -o cells.zip --image stack.tif --name 'Zebrafish TEM cells'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ex.add_argument("model", help="model file (or project folder: its current round)")
+    ex.add_argument("-o", "--out", required=True, help="the package to write, NAME.zip")
+    ex.add_argument("--image", help="an image whose first plane's centre is the test input (default: synthetic TEM)")
+    ex.add_argument("--name", help="the model's name in the Zoo (default: the file's name)")
+    ex.add_argument("--license", default="CC-BY-4.0", help="SPDX licence of the weights (default: %(default)s)")
+    ex.add_argument("--overwrite", action="store_true", help="let -o replace a file that tem_ij_plugin did not write")
 
 
 def _add_fiji(sub, common) -> None:
@@ -654,14 +675,22 @@ def _predict_options(args: argparse.Namespace) -> dict:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``tem-ij predict``; returns the exit status."""
+    from .workflows import model_file
+
+    options = _predict_options(args)
+    with model_file(args.model) as model:
+        return _predict(args, model, options)
+
+
+def _predict(args: argparse.Namespace, model: Path, options: dict) -> int:
+    """``tem-ij predict`` with ``model`` a model file (a package's, extracted)."""
     from .apply import PredictJob
     from .errors import Cancelled, UserError
 
-    options = _predict_options(args)
     if args.out_dir:
         if args.out:
             raise UserError("give -o for one image or --out-dir for a batch, not both")
-        return _predict_batch(args, options)
+        return _predict_batch(args, model, options)
     if args.name:
         raise UserError("--name names the outputs of --out-dir; with -o the output is named already")
     single = len(args.images) == 1 and Path(args.images[0]).is_file()
@@ -671,7 +700,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if single or not args.out
             else f"-o names one output, but {' '.join(args.images)} is not one image file: use --out-dir DIR"
         )
-    job = PredictJob(args.model, args.images[0], Path(args.out), **options)
+    job = PredictJob(model, args.images[0], Path(args.out), **options)
     reporter = PredictReporter()
     try:
         report, _ = _with_cancel_on_sigint(lambda c: job.run(progress=reporter, cancel=c))
@@ -689,7 +718,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_batch(args: argparse.Namespace, options: dict) -> int:
+def _predict_batch(args: argparse.Namespace, model: Path, options: dict) -> int:
     """``tem-ij predict MODEL IMAGE... --out-dir DIR``: every image, the model loaded once."""
     from .errors import Cancelled
     from .workflows import DEFAULT_NAME, predict_files
@@ -706,7 +735,7 @@ def _predict_batch(args: argparse.Namespace, options: dict) -> int:
 
     def run(cancel):
         return predict_files(
-            args.model, args.images, args.out_dir, args.name or DEFAULT_NAME, on_file=on_file, progress=progress,
+            model, args.images, args.out_dir, args.name or DEFAULT_NAME, on_file=on_file, progress=progress,
             cancel=cancel, **options,
         )  # fmt: skip
 
@@ -737,10 +766,19 @@ def _model_path(path: str) -> str:
     return path
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``tem-ij export``; returns the exit status."""
+    from .workflows import export_model
+
+    done = export_model(_model_path(args.model), args.out, args.image, args.name, args.license, args.overwrite)
+    print(f"wrote {done.path} ({len(done.files)} files); fill in {' and '.join(done.placeholders)} in its rdf.yaml")
+    return 0
+
+
 def cmd_objects(args: argparse.Namespace) -> int:
     """``tem-ij objects``; returns the exit status."""
     from .errors import UserError
-    from .workflows import find_objects
+    from .workflows import model_file
 
     if len(args.paths) > 2:
         raise UserError("objects takes MODEL IMAGE, or PROBS.tif: at most two paths")
@@ -756,6 +794,20 @@ def cmd_objects(args: argparse.Namespace) -> int:
         raise UserError(
             "--method cellpose goes with --cellpose-model FILE, and --cellpose-model with --method cellpose"
         )
+    with model_file(model_path) if model_path else contextlib.nullcontext() as model:
+        found = _objects(args, model, options)
+    print(
+        f"{found.count} {found.class_name} object(s) in {found.n_planes} plane(s) ({found.seconds:.1f} s); "
+        f"wrote {', '.join(map(str, found.written))}"
+    )
+    return 0
+
+
+def _objects(args: argparse.Namespace, model_path, options: dict):
+    """``find_objects`` with the command line's progress and Ctrl-C."""
+    from .workflows import find_objects
+
+    two = len(args.paths) == 2
     reporter = _Reporter(interactive=False, every_s=10.0)
 
     def progress(ev):
@@ -781,11 +833,7 @@ def cmd_objects(args: argparse.Namespace) -> int:
             proposals=args.proposals,
         )
     )
-    print(
-        f"{found.count} {found.class_name} object(s) in {found.n_planes} plane(s) ({found.seconds:.1f} s); "
-        f"wrote {', '.join(map(str, found.written))}"
-    )
-    return 0
+    return found
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
@@ -1058,6 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
             "fiji": cmd_fiji,
             "install-fiji": cmd_install_fiji,
             "doctor": cmd_doctor,
+            "export": cmd_export,
         }
         return commands[args.command](args)
     except UserError as exc:

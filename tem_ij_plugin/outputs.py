@@ -74,6 +74,7 @@ SLICES_CSV_HEADER = "slice,candidates,best_score,uncertainty,novelty,novelty_max
 OBJECTS_CSV_HEADER = "id,slice,slice_label,area_"  # then the unit: area_um2, area_px2, ...
 OBJECT_SLICES_CSV_HEADER = "slice,slice_label,count,mean_area_"
 OBJECTS_ZIP_COMMENT = b"tem_ij_plugin objects"  # object ROIs are named like anyone's (cell-1): the zip is marked
+PACKAGE_ZIP_COMMENT = b"tem_ij_plugin bioimage.io package"  # tem-ij export's model packages
 
 
 def written_by_us(path: Path) -> bool:
@@ -100,7 +101,7 @@ def written_by_us(path: Path) -> bool:
 
             with zipfile.ZipFile(path) as zf:
                 names, comment = zf.namelist(), zf.comment
-            if comment == OBJECTS_ZIP_COMMENT:
+            if comment in (OBJECTS_ZIP_COMMENT, PACKAGE_ZIP_COMMENT):
                 return True
             return bool(names) and all(re.fullmatch(r"suggest-[0-9]+(-focus-[0-9]+)?\.roi", n) for n in names)
         if suffix == ".csv":

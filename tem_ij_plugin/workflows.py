@@ -426,6 +426,50 @@ def predict_files(
     return result
 
 
+def export_model(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    image_path: str | os.PathLike | None = None,
+    name: str | None = None,
+    license_id: str = "CC-BY-4.0",
+    overwrite: bool = False,
+):
+    """A model file as a bioimage.io model package (see :func:`tem_ij_plugin.zoo.export_package`).
+
+    Raises
+    ------
+    UserError
+        An output that is not a ``.zip``, touches an input or replaces a file we did not write.
+    """
+    from .outputs import OutputPlan
+    from .zoo import export_package
+
+    if Path(out).suffix.lower() != ".zip":
+        raise UserError(f"{out}: a bioimage.io package is a .zip file; name it e.g. cells.zip")
+    OutputPlan([model_path, image_path], overwrite=overwrite).output(out)
+    return export_package(model_path, out, image_path, name, license_id)
+
+
+@contextlib.contextmanager
+def model_file(path: str | os.PathLike):
+    """A model file to load: ``path`` itself, or the ``.model`` a bioimage.io package of ours carries.
+
+    A context manager: an extracted model lives in a temporary folder until the block ends.
+
+    Raises
+    ------
+    UserError
+        A package that tem_ij_plugin did not export (not supported yet), or a damaged one.
+    """
+    from .zoo import extract_model, is_package
+
+    if not is_package(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="tem-ij-package-") as tmp:
+        yield extract_model(path, tmp)
+
+
 def suggestion_size(model: TrainedModel | None, settings: Settings | None = None) -> int:
     """The window side of suggestions: the patch size the model was trained on, else the settings' patch size."""
     from .config import Settings

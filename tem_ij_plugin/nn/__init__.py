@@ -1,5 +1,5 @@
 """Network architectures (torch only; constructors take primitives, never config objects)."""
 
-from .unet import RecurrentUNet
+from .unet import ProbabilityUNet, RecurrentUNet
 
-__all__ = ["RecurrentUNet"]
+__all__ = ["ProbabilityUNet", "RecurrentUNet"]

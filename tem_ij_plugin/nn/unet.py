@@ -232,3 +232,15 @@ class RecurrentUNet(nn.Module):
             outs.append(logits)
             probs = torch.softmax(logits.float(), dim=1).to(x.dtype)
         return outs if all_steps else outs[-1]
+
+
+class ProbabilityUNet(RecurrentUNet):
+    """A :class:`RecurrentUNet` whose output is the class probabilities (the softmax of the last step).
+
+    The same parameters as the network it extends, so its weights load as they are: what exported
+    models (bioimage.io packages) run, this file being their architecture source.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, shape (B, n_classes, H, W)."""
+        return torch.softmax(super().forward(x).float(), dim=1)
