@@ -21,6 +21,21 @@ log = logging.getLogger("tem_ij_plugin")
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
+#: One or two typical calls per subcommand, shown at the end of its --help.
+EXAMPLES = {
+    "demo": ["tem-ij demo --minutes 0.5 -o demo-out"],
+    "train": ["tem-ij train stack.tif --rois RoiSet.zip -o cells.model",
+              "tem-ij train stack.tif --rois RoiSet.zip --project cells-project/   (the next annotation round)"],
+    "objects": ["tem-ij objects cells.model stack.tif --class cell -o cells.tif --measure cells.csv --rois cells.zip",
+                "tem-ij objects probs.tif --class cell -o cells.tif"],
+    "suggest": ["tem-ij suggest cells.model stack.tif --rois RoiSet.zip -o next.zip"],
+    "history": ["tem-ij history cells-project/"],
+    "revert": ["tem-ij revert cells-project/ 2"],
+    "experiment": ["tem-ij experiment image.tif --labels dense.tif -o experiment/ --seeds 0,1"],
+    "fiji": ["tem-ij fiji /opt/Fiji.app", "tem-ij fiji --imagej-jar /usr/share/java/ij.jar --macro batch.ijm"],
+    "install-fiji": ["tem-ij install-fiji /opt/Fiji.app"],
+    "doctor": ["tem-ij doctor --probe-seconds 2"],
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
               _add_export)  # fmt: skip
     for add in (*adders, _add_fiji):
         add(sub, common)
-    for command in sub.choices.values():
+    for name, command in sub.choices.items():
+        if command.epilog is None:
+            command.epilog = "example:\n  " + "\n  ".join(EXAMPLES[name])
+            command.formatter_class = argparse.RawDescriptionHelpFormatter
         # Also after the subcommand (tem-ij predict ... -q); SUPPRESS keeps the value given before it.
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
         command.add_argument(

@@ -385,3 +385,16 @@ def test_a_label_image_of_another_size_is_exit_2(files, capsys):
     code, _, err = run(capsys, *argv, "-o", files["dir"] / "x.model")
     assert code == 2
     assert "paint the labels on this image" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["demo", "train", "predict", "objects", "suggest", "history", "revert", "experiment", "fiji", "install-fiji",
+     "doctor", "export"],
+)  # fmt: skip
+def test_every_command_shows_an_example_in_its_help(capsys, command):
+    from tem_ij_plugin.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert f"\n  tem-ij {command} " in capsys.readouterr().out
