@@ -12,6 +12,7 @@ Dialog.addChoice("Split touching objects by", newArray("probability", "distance"
 Dialog.addNumber("Minimum area in pixels (0 = from your annotations)", 0);
 Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
 Dialog.addMessage("Objects of one class: a label image, their outlines CLASS-ID in the ROI Manager and their measurements in the Results table.");
+Dialog.addHelp("<html><h3>TEM Find Objects</h3><p>Objects of one class: a label image, their outlines CLASS-ID in the ROI Manager and their measurements in the Results table.</p><ul><li><b>Class (empty = the one that is not background)</b>: macro key <code>class</code></li><li><b>Split touching objects by</b>: macro key <code>split</code></li><li><b>Minimum area in pixels (0 = from your annotations)</b>: macro key <code>minimum</code></li><li><b>Device</b>: macro key <code>device</code></li></ul><p>In a macro: <code>run(&quot;TEM Find Objects&quot;, &quot;class=[...] split=[...] minimum=[...] device=[...]&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
 Dialog.show();
 options = options + " class=[" + Dialog.getString() + "]";
 options = options + " split=[" + Dialog.getChoice() + "]";

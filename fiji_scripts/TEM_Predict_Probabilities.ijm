@@ -10,6 +10,7 @@ Dialog.create("TEM Predict Probabilities");
 Dialog.addChoice("Output", newArray("probabilities", "labels"), "probabilities");
 Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
 Dialog.addMessage("Probability maps of the current image or stack as a new 32-bit image, one channel per class.");
+Dialog.addHelp("<html><h3>TEM Predict Probabilities</h3><p>Probability maps of the current image or stack as a new 32-bit image, one channel per class.</p><ul><li><b>Output</b>: macro key <code>output</code></li><li><b>Device</b>: macro key <code>device</code></li></ul><p>In a macro: <code>run(&quot;TEM Predict Probabilities&quot;, &quot;output=[...] device=[...]&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
 Dialog.show();
 options = options + " output=[" + Dialog.getChoice() + "]";
 options = options + " device=[" + Dialog.getChoice() + "]";

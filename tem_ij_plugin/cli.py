@@ -385,6 +385,9 @@ def _add_fiji(sub, common) -> None:
     )
     fj.add_argument("--macro", metavar="FILE.ijm", help="run this macro, print ImageJ's log and exit")
     fj.add_argument("--config", metavar="FILE", help="training settings for TEM Train Model (YAML or JSON)")
+    fj.add_argument(
+        "--mem", metavar="SIZE", help="Java memory, e.g. 8g (default: the Fiji.app's own setting, else 75%% of the RAM)"
+    )
 
     inf = sub.add_parser(
         "install-fiji", help="copy the menu commands into Fiji.app/plugins/TEM Segmentation/ (restart Fiji after)"
@@ -1065,7 +1068,7 @@ def cmd_fiji(args: argparse.Namespace) -> int:
     """``tem-ij fiji``; returns the exit status."""
     from .fiji.launcher import run_fiji
 
-    status, log_text = run_fiji(args.fiji_app, args.imagej_jar, args.macro, args.config)
+    status, log_text = run_fiji(args.fiji_app, args.imagej_jar, args.macro, args.config, args.mem)
     if log_text:
         print(log_text)
     return status

@@ -542,6 +542,33 @@ def test_fiji_and_the_cli_apply_a_model_to_a_folder_alike(clean, synthetic, tmp_
         assert np.array_equal(tifffile.imread(tmp_path / "fiji" / name), tifffile.imread(cli / name)), name
 
 
+def test_a_time_series_comes_back_as_frames_and_labels_in_colour(clean, tmp_path):
+    """TEM Predict Probabilities on a T stack: the result has its frames as frames (not slices), and
+    the label image a colour LUT."""
+    from test_predict import save_random_model
+
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    macro = f"""
+        setBatchMode(true);
+        newImage("t", "8-bit ramp", 64, 64, 1, 1, 3);
+        run("TEM Load Model", "model=[{model}]");
+        selectImage("t");
+        run("TEM Predict Probabilities", "output=probabilities device=cpu");
+        Stack.getDimensions(w, h, c, z, f);
+        print("probabilities c=" + c + " z=" + z + " t=" + f);
+        selectImage("t");
+        run("TEM Predict Probabilities", "output=labels device=cpu");
+        Stack.getDimensions(w, h, c, z, f);
+        getLut(r, g, b);
+        print("labels z=" + z + " t=" + f + " class 1 colour " + r[1] + "," + g[1] + "," + b[1]);
+    """
+    assert _macro(clean, macro) != "[aborted]", _log(clean)
+    log = _log(clean)
+    assert "probabilities c=2 z=1 t=3" in log
+    assert "labels z=1 t=3" in log
+    assert "class 1 colour 1,1,1" not in log  # a grey LUT maps 1 to (1, 1, 1)
+
+
 def test_real_menu_click_dialog_and_recorder(clean, data):
     """Click Plugins > TEM Segmentation > TEM Predict Probabilities, press OK, read the Recorder."""
     from jpype import JObject
@@ -597,7 +624,7 @@ def test_recorder_line_is_completed_when_the_dialog_recorded_nothing(clean):
     recorder = _wait_for(Recorder.getInstance)
     command = imagej["bridge"].commands["TEM Train Model"]  # every field type
     options = {"interactive": "1"}
-    values = {"number": "3", "string": "", "checkbox": True}
+    values = {"number": "3", "string": "", "file": "", "folder": "", "checkbox": True}
     for arg in command.args:
         options[arg.key] = arg.choices[-1] if arg.type == "choice" else values[arg.type]
     try:
@@ -998,3 +1025,13 @@ def test_tem_ij_fiji_runs_a_macro_and_exits_with_its_status(imagej, data, tmp_pa
     failed = subprocess.run([*cmd, "--macro", str(bad)], capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1
     assert "there is no current model" in failed.stdout
+
+
+def test_tem_ij_fiji_gives_java_the_memory_asked_for(imagej, tmp_path):
+    macro = tmp_path / "mem.ijm"
+    macro.write_text('print("max " + call("ij.IJ.maxMemory"));\n')
+    cmd = [sys.executable, "-m", "tem_ij_plugin.cli", "fiji", "--imagej-jar", str(IJ_JAR), "--mem", "700m"]
+    res = subprocess.run([*cmd, "--macro", str(macro)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    reported = int(next(line for line in res.stdout.splitlines() if line.startswith("max ")).split()[1])
+    assert 600 << 20 < reported <= 700 << 20  # the JVM reports a little less than -Xmx

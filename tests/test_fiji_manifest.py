@@ -12,8 +12,9 @@ from tem_ij_plugin.errors import UserError
 from tem_ij_plugin.fiji.manifest import load_manifest, macro_key, macro_source, parse_options, repo_root
 
 SCRIPTS = repo_root() / "fiji_scripts"
-_DIALOG = re.compile(r"Dialog\.add(Number|Choice|String|Checkbox)\(\"((?:[^\"\\]|\\.)*)\"")
-_TYPES = {"Number": "number", "Choice": "choice", "String": "string", "Checkbox": "checkbox"}
+_DIALOG = re.compile(r"Dialog\.add(Number|Choice|String|File|Directory|Checkbox)\(\"((?:[^\"\\]|\\.)*)\"")
+_TYPES = {"Number": "number", "Choice": "choice", "String": "string", "File": "file", "Directory": "folder"}
+_TYPES["Checkbox"] = "checkbox"
 
 
 def _target(spec: str):
@@ -97,3 +98,50 @@ def test_install_replaces_our_old_menu_macros_but_keeps_a_users_own(tmp_path):
     install_scripts(tmp_path / "plugins")
     assert not old.exists()
     assert mine.read_text() == 'run("TEM Predict Probabilities");\n'
+
+
+def test_file_and_folder_fields_have_a_browse_button():
+    cmd = next(c for c in load_manifest()["commands"] if c.name == "TEM Apply Model To Stack")
+    text = macro_source(cmd, __version__)
+    assert 'Dialog.addFile("Input (TIFF file or folder)", "");' in text
+    assert 'Dialog.addDirectory("Output folder", "");' in text
+
+
+def test_every_dialog_has_a_help_button_naming_its_macro_keys():
+    for cmd in load_manifest()["commands"]:
+        if cmd.args:
+            help_line = next(line for line in macro_source(cmd, __version__).splitlines() if "Dialog.addHelp" in line)
+            assert all(f"<code>{a.key}</code>" in help_line for a in cmd.args), cmd.name
+
+
+# -- the JVM's memory (tem-ij fiji --mem) ------------------------------------------------------------
+
+
+def test_mem_sets_the_java_heap():
+    from tem_ij_plugin.fiji.launcher import heap_option
+
+    assert heap_option("8g") == "-Xmx8g"
+
+
+def test_a_fiji_app_keeps_its_own_memory_setting(tmp_path):
+    from tem_ij_plugin.fiji.launcher import heap_option
+
+    (tmp_path / "jvm.cfg").write_text("-Xss4m\n-Xmx12000m\n")
+    assert heap_option(None, tmp_path) == "-Xmx12000m"
+
+
+def test_without_a_setting_java_gets_three_quarters_of_the_memory(tmp_path):
+    import os
+
+    from tem_ij_plugin.fiji.launcher import heap_option
+
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    assert abs(int(heap_option(None, tmp_path)[4:-1]) - 0.75 * total_mb) <= 1
+
+
+def test_a_mem_that_is_not_a_size_is_refused():
+    from tem_ij_plugin.errors import UserError
+    from tem_ij_plugin.fiji.launcher import heap_option
+
+    with pytest.raises(UserError, match="such as 8g"):
+        heap_option("lots")

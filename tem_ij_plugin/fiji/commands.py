@@ -351,6 +351,7 @@ def _probabilities(ctx, image, device, classes=None):
         f"{_stem(ctx.image)}-probabilities",
         image.calibration,
         [model.classes[i] for i in keep],
+        layout=image.stack,
     )
     imp.setDisplayRange(0.0, 1.0)
     return imp, probs
@@ -364,8 +365,10 @@ def predict_probabilities(ctx: Context) -> None:
     model = _current_model(ctx)
     imp, probs = _probabilities(ctx, image, device)
     if output == "labels":
-        imp = to_imageplus(probs.argmax(axis=1).astype(np.uint8), f"{_stem(ctx.image)}-labels", image.calibration)
-        imp.setDisplayRange(0, max(len(model.classes) - 1, 1))
+        labels = probs.argmax(axis=1).astype(np.uint8)
+        imp = to_imageplus(labels, f"{_stem(ctx.image)}-labels", image.calibration, layout=image.stack)
+        imp.setLut(_distinct_lut())
+        imp.setDisplayRange(0, 255)  # class k in colour k; the first class (background) black
     ctx.results.update(classes=model.classes)
     _show(ctx, imp)
 
@@ -450,6 +453,7 @@ def find_objects(ctx: Context) -> None:
         labels.astype(np.uint16 if found.count <= 65535 else np.float32),
         f"{_stem(ctx.image)}-{found.class_name}-objects",
         image.calibration,
+        layout=image.stack,
     )
     imp.setLut(_distinct_lut())
     imp.setDisplayRange(0, 255)  # id N in colour N (mod 255): neighbours never share a colour

@@ -67,12 +67,17 @@ def to_image(imp) -> Image:
 
 
 def to_imageplus(
-    data: np.ndarray, title: str, calibration: Calibration | None = None, channel_labels: list[str] | None = None
+    data: np.ndarray,
+    title: str,
+    calibration: Calibration | None = None,
+    channel_labels: list[str] | None = None,
+    layout: StackLayout | None = None,
 ):
     """A new ImagePlus from (Z, Y, X) or (Z, C, Y, X) uint8, uint16 or float32 pixels.
 
     With channels it is a hyperstack (C channels, Z slices); ``channel_labels`` become the slice labels
-    of every plane of that channel, as ``write_hyperstack`` writes them to TIFF.
+    of every plane of that channel, as ``write_hyperstack`` writes them to TIFF. ``layout`` (that of the
+    image the planes came from) keeps frames as frames: a T or T x Z image comes back as one.
     """
     ImagePlus = jimport("ij.ImagePlus")
     ImageStack = jimport("ij.ImageStack")
@@ -102,8 +107,9 @@ def to_imageplus(
         imp.setProperty("Label", str(channel_labels[0]))
         if hasattr(imp, "setProp"):
             imp.setProp("Slice_Label", str(channel_labels[0]))
-    if nc > 1:
-        imp.setDimensions(nc, nz, 1)
+    frames = layout.length("T") if layout is not None and nz % layout.length("T") == 0 else 1
+    if nc > 1 or frames > 1:
+        imp.setDimensions(nc, nz // frames, frames)
         imp.setOpenAsHyperStack(True)
     if data.dtype == np.float32:
         imp.setDisplayRange(float(np.nanmin(data)), float(np.nanmax(data)) or 1.0)

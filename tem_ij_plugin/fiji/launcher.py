@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -97,10 +98,42 @@ def _needs_display() -> None:
         )
 
 
-def start_plain_imagej(jar: str | os.PathLike, plugins_dir: str | os.PathLike) -> None:
+_MEM = re.compile(r"[0-9]{1,7}[kKmMgG]?")
+_XMX = re.compile(r"-Xmx([0-9]{1,7}[kKmMgG]?)")
+
+
+def heap_option(mem: str | None = None, fiji_dir: Path | None = None) -> str:
+    """The JVM's ``-Xmx``: ``mem`` (``8g``, ``6000m``), else the Fiji.app's own setting, else 75 % of the RAM.
+
+    Fiji keeps its memory setting (Edit > Options > Memory & Threads, or by hand) as ``-Xmx...`` in
+    ``jvm.cfg`` or ``ImageJ.cfg`` beside its launcher; 75 % of the physical memory is Fiji's default.
+    A JVM left to itself takes a quarter, too little for a TEM stack and its probabilities.
+
+    Raises
+    ------
+    UserError
+        A ``mem`` that is not a size.
+    """
+    if mem is not None:
+        if not _MEM.fullmatch(mem):
+            raise UserError(f"--mem {mem}: give a size such as 8g or 6000m")
+        return f"-Xmx{mem}"
+    for name in ("jvm.cfg", "ImageJ.cfg"):
+        cfg = fiji_dir / name if fiji_dir is not None else None
+        if cfg is not None and cfg.is_file():
+            found = _XMX.search(cfg.read_text(errors="replace")[:65536])
+            if found:
+                log.info("Java memory from %s: %s", cfg, found.group(1))
+                return found.group(0)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 4 << 30
+    return f"-Xmx{max(512, int(total * 0.75) >> 20)}m"
+
+
+def start_plain_imagej(jar: str | os.PathLike, plugins_dir: str | os.PathLike, mem: str | None = None) -> None:
     """Start a JVM with a plain ImageJ jar whose plugins folder is ``plugins_dir/plugins``.
 
-    Offline: scyjava is told never to fetch a JVM or artifacts.
+    Offline: scyjava is told never to fetch a JVM or artifacts. ``mem`` is the JVM's memory (see
+    :func:`heap_option`).
     """
     import scyjava
 
@@ -112,6 +145,7 @@ def start_plain_imagej(jar: str | os.PathLike, plugins_dir: str | os.PathLike) -
         scyjava.config.set_java_constraints(fetch="never")
         scyjava.config.add_classpath(str(jar))
         scyjava.config.add_option(f"-Dplugins.dir={plugins_dir}")
+        scyjava.config.add_option(heap_option(mem))
         scyjava.start_jvm()
 
 
@@ -167,8 +201,11 @@ def run_fiji(
     imagej_jar: str | os.PathLike | None = None,
     macro: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
+    mem: str | None = None,
 ) -> tuple:
     """``tem-ij fiji``: start ImageJ with the bridge and wait until it quits, or run a macro in it.
+
+    ``mem`` is the JVM's memory (``8g``; default from the Fiji.app, see :func:`heap_option`).
 
     Returns
     -------
@@ -184,10 +221,10 @@ def run_fiji(
         else:
             raise UserError("give the Fiji.app folder (tem-ij fiji PATH/Fiji.app) or --imagej-jar PATH/ij.jar")
     if fiji_dir is not None:
-        return _run_fiji_app(Path(fiji_dir).expanduser(), macro, settings)
+        return _run_fiji_app(Path(fiji_dir).expanduser(), macro, settings, mem)
     with tempfile.TemporaryDirectory(prefix="tem-ij-imagej-") as tmp:
         install_scripts(Path(tmp) / "plugins")
-        start_plain_imagej(imagej_jar, tmp)
+        start_plain_imagej(imagej_jar, tmp, mem)
         from scyjava import jimport
 
         bridge = Bridge(settings, log_errors=macro is not None).attach()
@@ -201,7 +238,7 @@ def run_fiji(
             dispose_windows()
 
 
-def _run_fiji_app(fiji: Path, macro, settings) -> int:
+def _run_fiji_app(fiji: Path, macro, settings, mem: str | None = None) -> int:
     """A user's Fiji.app through pyimagej.
 
     Not run by the tests: pyimagej resolves ImageJ2 through Maven, and this machine is offline.
@@ -219,6 +256,7 @@ def _run_fiji_app(fiji: Path, macro, settings) -> int:
     # On macOS the GUI must own the main thread, so init() may not return before Fiji quits:
     # the bridge attaches as soon as the JVM is up instead.
     scyjava.when_jvm_starts(bridge.attach)
+    scyjava.config.add_option(heap_option(mem, fiji))
     mode = "gui" if sys.platform == "darwin" and macro is None else "interactive"
     ij = imagej.init(str(fiji), mode=mode)
     try:

@@ -25,7 +25,7 @@ NOT_ATTACHED = (
     "    tem-ij fiji /path/to/Fiji.app\\n \\n"
     '(install it once with: pip install \\"tem_ij_plugin[fiji]\\")'
 )
-_TYPES = ("number", "choice", "string", "checkbox")
+_TYPES = ("number", "choice", "string", "file", "folder", "checkbox")
 
 
 @dataclass
@@ -117,6 +117,19 @@ def _quote(s) -> str:
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def help_html(cmd: Command) -> str:
+    """What the dialog's Help button shows: the command, each field with its macro key, and a macro call."""
+    from html import escape
+
+    rows = "".join(f"<li><b>{escape(a.label)}</b>: macro key <code>{a.key}</code></li>" for a in cmd.args)
+    call = " ".join(f"{a.key}=[...]" if a.type != "checkbox" else a.key for a in cmd.args)
+    return (
+        f"<html><h3>{escape(cmd.name)}</h3><p>{escape(cmd.help or '')}</p><ul>{rows}</ul>"
+        f"<p>In a macro: <code>run(&quot;{escape(cmd.name)}&quot;, &quot;{escape(call)}&quot;);</code></p>"
+        "<p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>"
+    )
+
+
 def macro_source(cmd: Command, version: str) -> str:
     """The ImageJ macro of one menu command."""
     lines = [
@@ -140,12 +153,18 @@ def macro_source(cmd: Command, version: str) -> str:
                 lines.append(f"Dialog.addChoice({_quote(a.label)}, newArray({choices}), {_quote(a.default)});")
             elif a.type == "string":
                 lines.append(f"Dialog.addString({_quote(a.label)}, {_quote(a.default)}, 30);")
+            elif a.type in ("file", "folder"):  # a text field with a Browse button
+                add = "Dialog.addFile" if a.type == "file" else "Dialog.addDirectory"
+                lines.append(f"{add}({_quote(a.label)}, {_quote(a.default)});")
             else:
                 lines.append(f"Dialog.addCheckbox({_quote(a.label)}, {'true' if a.default else 'false'});")
         if cmd.help:
             lines.append(f"Dialog.addMessage({_quote(cmd.help)});")
+        lines.append(f"Dialog.addHelp({_quote(help_html(cmd))});")
         lines.append("Dialog.show();")
-        getters = {"number": "Dialog.getNumber()", "choice": "Dialog.getChoice()", "string": "Dialog.getString()"}
+        text = "Dialog.getString()"
+        getters = {"number": "Dialog.getNumber()", "choice": "Dialog.getChoice()", "string": text, "file": text}
+        getters["folder"] = text
         for a in cmd.args:
             if a.type == "checkbox":
                 lines.append(f'if (Dialog.getCheckbox()) options = options + " {a.key}";')
