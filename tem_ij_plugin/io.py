@@ -20,7 +20,7 @@ import numpy as np
 
 from .annotations import Shape, StackLayout, check_coordinates
 from .errors import UserError
-from .outputs import SOFTWARE, atomic_write
+from .outputs import SOFTWARE, atomic_write, read_at
 
 if TYPE_CHECKING:
     from roifile import ImagejRoi
@@ -521,7 +521,7 @@ class PlaneReader:
                 dtype = self.dtype.newbyteorder(self._byteorder)
                 if self._fh is None:
                     self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
-                buf = os.pread(self._fh.fileno(), count * dtype.itemsize, self._offset + page * count * dtype.itemsize)
+                buf = read_at(self._fh.fileno(), count * dtype.itemsize, self._offset + page * count * dtype.itemsize)
                 if len(buf) < count * dtype.itemsize:
                     raise OSError(f"file ends inside plane {i + 1} (truncated?)")
                 return np.frombuffer(buf, dtype).reshape(self.plane_shape).astype(self.dtype, copy=False)

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -75,6 +76,29 @@ OBJECTS_CSV_HEADER = "id,slice,slice_label,area_"  # then the unit: area_um2, ar
 OBJECT_SLICES_CSV_HEADER = "slice,slice_label,count,mean_area_"
 OBJECTS_ZIP_COMMENT = b"tem_ij_plugin objects"  # object ROIs are named like anyone's (cell-1): the zip is marked
 PACKAGE_ZIP_COMMENT = b"tem_ij_plugin bioimage.io package"  # tem-ij export's model packages
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def read_at(fd: int, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes of the open file ``fd`` from ``offset``, leaving its position alone where possible.
+
+    ``os.pread`` where the platform has it (it is thread-safe and never moves the file position);
+    elsewhere (Windows) a seek and read under a lock, so that threads reading one file never interleave.
+    """
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, offset)
+    chunks, got = [], 0
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        while got < n:
+            chunk = os.read(fd, n - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    return b"".join(chunks)
 
 
 def written_by_us(path: Path) -> bool:
@@ -306,7 +330,7 @@ class OutputLock:
         An empty file is what a process killed between creating its lock and writing the record
         leaves (it holds nothing to lose): it reads as a dead owner.
         """
-        raw = os.pread(fd, 4096, 0)
+        raw = read_at(fd, 4096, 0)
         if not raw:
             return {"pid": -1, "host": socket.gethostname(), "started": "?", "command": "(an empty lock file)"}
         try:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from .errors import UserError
 from .io import Calibration, human_size
-from .outputs import SOFTWARE, atomic_write, remove_output
+from .outputs import SOFTWARE, atomic_write, read_at, remove_output
 from .schemas import JobStateFile
 
 IMAGEJ_LIMIT = 2**32 - 2**25  # ImageJ TIFFs store 32-bit offsets; keep a margin for the metadata
@@ -239,7 +239,7 @@ class TiffPlaneWriter:
         """Checksum of plane ``i`` as it is on disk now (None when it cannot be read)."""
         n = self.layout.plane_bytes
         try:
-            buf = os.pread(self._fh.fileno(), n, self.offset + i * n)
+            buf = read_at(self._fh.fileno(), n, self.offset + i * n)
         except OSError:
             return None
         return zlib.crc32(buf) if len(buf) == n else None

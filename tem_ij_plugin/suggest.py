@@ -719,7 +719,8 @@ def suggestion_rois(result: SuggestResult, stack: bool) -> list:
     return rois
 
 
-def _rows(result: SuggestResult) -> list[dict]:
+def suggestion_rows(result: SuggestResult) -> list[dict]:
+    """One row per suggestion: name, 1-based slice, box, score, its reasons and its focus regions."""
     rows = []
     for i, c in enumerate(result.suggestions, 1):
         rows.append(
@@ -769,7 +770,7 @@ def write_suggestions(path: str | Path, result: SuggestResult, stack: bool) -> l
     import roifile
 
     paths = suggestion_paths(path)
-    rois, rows = suggestion_rois(result, stack), _rows(result)
+    rois, rows = suggestion_rois(result, stack), suggestion_rows(result)
     summary = {
         "format": SUGGESTIONS_FORMAT,
         "phase": result.phase,

@@ -569,6 +569,16 @@ def test_a_time_series_comes_back_as_frames_and_labels_in_colour(clean, tmp_path
     assert "class 1 colour 1,1,1" not in log  # a grey LUT maps 1 to (1, 1, 1)
 
 
+def test_the_not_attached_message_names_this_imagej_folder(clean):
+    """The message a command shows in an ImageJ not started by tem-ij fiji, as ImageJ's macro language
+    evaluates it: the line to paste names this very ImageJ folder."""
+    from tem_ij_plugin.fiji.manifest import NOT_ATTACHED
+
+    assert _macro(clean, f"print({NOT_ATTACHED});") != "[aborted]", _log(clean)
+    folder = str(clean["IJ"].getDirectory("imagej"))
+    assert f"tem-ij fiji {folder}" in _log(clean)
+
+
 def test_real_menu_click_dialog_and_recorder(clean, data):
     """Click Plugins > TEM Segmentation > TEM Predict Probabilities, press OK, read the Recorder."""
     from jpype import JObject
@@ -743,6 +753,19 @@ def test_fiji_and_the_cli_suggest_the_same_windows(clean, data, synthetic, tmp_p
     cli = [(r["slice"] - 1, r["y"], r["x"], r["y"] + r["height"], r["x"] + r["width"]) for r in rows]
     fiji = [tuple(b) for b in clean["bridge"].last["TEM Suggest Next Patches"]["suggestions"]]
     assert fiji == cli
+
+
+def test_suggestion_scores_go_to_a_results_table_as_in_the_cli_csv(clean, data, synthetic, tmp_path, capsys):
+    import csv
+
+    from scyjava import jimport
+
+    out, _ = _suggest_in_both(clean, data, synthetic, tmp_path, capsys)
+    with open(out.with_suffix(".csv"), newline="") as f:
+        cli = [float(r["score"]) for r in csv.DictReader(f)]
+    table = jimport("ij.WindowManager").getWindow("TEM Suggestions").getResultsTable()
+    fiji = [float(table.getValue("score", i)) for i in range(int(table.size()))]
+    assert fiji == pytest.approx(cli, abs=1e-5)
 
 
 def test_fiji_and_the_cli_give_the_same_focus_regions(clean, data, synthetic, tmp_path, capsys):

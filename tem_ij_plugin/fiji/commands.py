@@ -391,7 +391,7 @@ def suggest_patches(ctx: Context) -> None:
         device=str(_device(ctx)), progress=progress, cancel=ctx.cancel,
     )  # fmt: skip
 
-    from ..suggest import suggestion_rois
+    from ..suggest import suggestion_rois, suggestion_rows
     from .convert import from_roi_bytes
 
     manager = roi_manager(ctx, create=True)
@@ -416,6 +416,11 @@ def suggest_patches(ctx: Context) -> None:
     overlay.drawNames(True)
     ctx.image.setOverlay(overlay)
     manager.deselect()
+    rows = suggestion_rows(result)
+    for row in rows:
+        row["focus_regions"] = len(row["focus"])
+    scalars = [k for k in dict.fromkeys(k for r in rows for k in r) if not isinstance(rows[0].get(k), (list, dict))]
+    _show_table(rows, {k: k for k in scalars}, "TEM Suggestions")  # the columns of `tem-ij suggest`'s CSV
     ctx.results.update(suggestions=[c.box() for c in result.suggestions], names=names, phase=result.phase)
     windows = [n for n in names if "-focus-" not in n]
     n_focus = len(names) - len(windows)
@@ -498,17 +503,21 @@ def _results_table(rows: list, unit: str) -> None:
     """The object table in ImageJ's Results window (a real ResultsTable: File > Save As gives a CSV)."""
     from ..objects import measurement_columns
 
+    _show_table(rows, measurement_columns(unit), "Results")
+
+
+def _show_table(rows: list, columns: dict, title: str) -> None:
+    """``rows`` (dicts) as an ImageJ ResultsTable window ``title``, ``columns`` mapping keys to column names."""
     table = jimport("ij.measure.ResultsTable")()
-    columns = measurement_columns(unit)
     for row in rows:
         table.incrementCounter()
         for key, name in columns.items():
-            v = row[key]
+            v = row.get(key)
             if isinstance(v, str):
                 table.addValue(name, v)
             else:
                 table.addValue(name, float("nan") if v is None else float(v))
-    table.show("Results")
+    table.show(title)
 
 
 def _overlay_without(imp, prefix: str):

@@ -19,11 +19,14 @@ from ..errors import UserError
 BRIDGE_COMMAND = "TEM Bridge"
 BRIDGE_PROPERTY = "tem_ij.bridge"
 SUBMENU = "TEM Segmentation"
+# The macro expression of the message a command shows in a Fiji not started by `tem-ij fiji`: it names
+# this very Fiji.app (getDirectory("imagej")), so the line can be pasted as it is.
 NOT_ATTACHED = (
-    "TEM Segmentation needs its Python side, which is not running in this Fiji.\\n \\n"
-    "Quit Fiji and start it from a terminal with:\\n"
-    "    tem-ij fiji /path/to/Fiji.app\\n \\n"
-    '(install it once with: pip install \\"tem_ij_plugin[fiji]\\")'
+    '"TEM Segmentation needs its Python side, which is not running in this Fiji.\\n \\n'
+    'Quit Fiji and start it from a terminal with:\\n    tem-ij fiji " + getDirectory("imagej") + "\\n \\n'
+    "If tem-ij is not found, activate the Python environment you installed tem_ij_plugin in; it needs its "
+    'Fiji extra there: pip install \\"tem_ij_plugin[fiji]\\" (from a source checkout: pip install -e '
+    '\\".[fiji]\\"). tem-ij doctor checks that environment."'
 )
 _TYPES = ("number", "choice", "string", "file", "folder", "checkbox")
 
@@ -137,7 +140,7 @@ def macro_source(cmd: Command, version: str) -> str:
         f"// {cmd.help}",
         "// Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.",
         f'bridge = "" + call("java.lang.System.getProperty", "{BRIDGE_PROPERTY}");',
-        f'if (bridge == "" || bridge == "null") exit("{NOT_ATTACHED}");',
+        f'if (bridge == "" || bridge == "null") exit({NOT_ATTACHED});',
         # Macro options present = a macro or a recorded command, so no file choosers may open
         'interactive = "" + call("ij.Macro.getOptions");',
         'if (interactive == "" || interactive == "null") interactive = "1"; else interactive = "0";',
