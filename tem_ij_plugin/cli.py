@@ -707,6 +707,7 @@ def _predict(args: argparse.Namespace, model: Path, options: dict) -> int:
     """``tem-ij predict`` with ``model`` a model file (a package's, extracted)."""
     from .apply import PredictJob
     from .errors import Cancelled, UserError
+    from .workflows import is_image_path
 
     if args.out_dir:
         if args.out:
@@ -714,7 +715,7 @@ def _predict(args: argparse.Namespace, model: Path, options: dict) -> int:
         return _predict_batch(args, model, options)
     if args.name:
         raise UserError("--name names the outputs of --out-dir; with -o the output is named already")
-    single = len(args.images) == 1 and Path(args.images[0]).is_file()
+    single = len(args.images) == 1 and is_image_path(Path(args.images[0]))
     if not args.out or not single:
         raise UserError(
             "predict needs -o OUTPUT for one image, or --out-dir DIR for several images, a folder or a glob"

@@ -254,23 +254,41 @@ class PlaneReader:
 
     def __init__(self, path: str | os.PathLike, channel: int | None = None):
         self.path = Path(path)
-        _check_readable(self.path)
         self._tif = None
         self._fh = None
         self._array = None
+        self._zarr = None
         self.calibration = Calibration()
         self.slice_labels: list = []
         suffix = self.path.suffix.lower()
+        if suffix == ".zarr" and self.path.is_dir():
+            self._open_zarr(channel)
+        else:
+            self._open_file(suffix, channel)
+        if self.dtype.kind not in "uif" or self.dtype == np.bool_:
+            raise UserError(f"{self.path}: unsupported pixel type {self.dtype}; use 8/16-bit or 32-bit float")
+        if self.n_planes == 0 or 0 in self.plane_shape:
+            raise UserError(f"{self.path} contains no pixels")
+
+    def _open_file(self, suffix: str, channel: int | None) -> None:
+        _check_readable(self.path)
         if suffix in _TIFF:
             self._open_tiff(channel)
         elif suffix in _OTHER:
             self._open_other()
         else:
-            raise UserError(f"{self.path}: unsupported image format '{suffix}'; use TIFF (or PNG for a 2-D image)")
-        if self.dtype.kind not in "uif" or self.dtype == np.bool_:
-            raise UserError(f"{self.path}: unsupported pixel type {self.dtype}; use 8/16-bit or 32-bit float")
-        if self.n_planes == 0 or 0 in self.plane_shape:
-            raise UserError(f"{self.path} contains no pixels")
+            raise UserError(
+                f"{self.path}: unsupported image format '{suffix}'; use TIFF or OME-Zarr (or PNG for a 2-D image)"
+            )
+
+    def _open_zarr(self, channel: int | None) -> None:
+        """An OME-Zarr image (see :class:`~tem_ij_plugin.zarr_input.ZarrPlanes`), read lazily."""
+        from .zarr_input import ZarrPlanes
+
+        z = self._zarr = ZarrPlanes(self.path, channel)
+        self.n_planes, self.plane_shape, self.dtype, self.n_channels = z.n_planes, z.plane_shape, z.dtype, z.n_channels
+        self.stack_axes, self.stack_shape = z.stack_axes, z.stack_shape
+        self.calibration, self.slice_labels = z.calibration, z.slice_labels
 
     def _open_other(self) -> None:
         import imageio.v3 as iio
@@ -502,6 +520,10 @@ class PlaneReader:
             raise IndexError(f"plane {i} of {self.n_planes}")
         if self._array is not None:
             return self._array[self._page(i) if self._tif is not None else i]
+        if self._zarr is not None:
+            plane = self._zarr.read(i)
+            self._check_finite(plane, f"plane {i + 1} of {self.n_planes}")
+            return plane
         page = self._page(i)
         plane = self._read_page(i, page)
         self._check_finite(plane, f"plane {i + 1} of {self.n_planes}")

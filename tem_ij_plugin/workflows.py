@@ -293,6 +293,11 @@ class BatchResult:
     summaries: list = field(default_factory=list)
 
 
+def is_image_path(path: Path) -> bool:
+    """Whether ``path`` names one image: a file, or an OME-Zarr folder (``NAME.zarr``)."""
+    return path.is_file() or (path.is_dir() and path.suffix.lower() == ".zarr")
+
+
 def expand_images(paths: list) -> list[Path]:
     """Images named directly, the TIFFs of a folder (sorted, not recursive) or the matches of a quoted glob.
 
@@ -311,7 +316,7 @@ def expand_images(paths: list) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         p = Path(raw).expanduser()
-        if p.is_file():
+        if is_image_path(p):
             found.append(p)
             continue
         if p.is_dir():

@@ -1,0 +1,132 @@
+"""OME-Zarr images as input: 0.4 (Zarr v2) and 0.5 (Zarr v3) written by the zarr library with compressed
+chunks, our own OME-Zarr outputs read back, and metadata that does not describe an image refused."""
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import run_cli
+from test_predict import save_random_model
+
+from tem_ij_plugin.errors import UserError
+from tem_ij_plugin.io import PlaneReader, read_image
+
+zarr = pytest.importorskip("zarr")
+
+
+def write_ome_zarr(path, data, axes="zyx", version="0.4", scale=None, unit="micrometer", labels=None):
+    """An OME-Zarr image as other tools write one: compressed chunks of one plane, one resolution level."""
+    fmt = 2 if version == "0.4" else 3
+    group = zarr.open_group(str(path), mode="w", zarr_format=fmt)
+    chunks = tuple(1 for _ in axes[:-2]) + data.shape[-2:]
+    group.create_array("s0", data=data, chunks=chunks)
+    kinds = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+    ax = [{"name": a, "type": kinds[a], **({"unit": unit} if kinds[a] == "space" else {})} for a in axes]
+    transforms = [{"type": "scale", "scale": list(scale or [1.0] * len(axes))}]
+    meta = {"multiscales": [{"version": version, "axes": ax, "datasets": [{"path": "s0",
+            "coordinateTransformations": transforms}]}]}  # fmt: skip
+    if labels:
+        meta["omero"] = {"channels": [{"label": label} for label in labels]}
+    group.attrs.update(meta if version == "0.4" else {"ome": {"version": version, **meta}})
+    return path
+
+
+@pytest.fixture()
+def stack(synthetic):
+    image = synthetic[0]
+    return np.stack([image, image[::-1], image[:, ::-1]])
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_an_ome_zarr_reads_plane_by_plane(tmp_path, stack, version):
+    path = write_ome_zarr(tmp_path / "s.zarr", stack, version=version)
+    with PlaneReader(path) as r:
+        assert np.array_equal(np.stack([r.read(i) for i in range(r.n_planes)]), stack)
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_an_ome_zarr_gives_its_physical_scale(tmp_path, stack, version):
+    path = write_ome_zarr(tmp_path / "s.zarr", stack, version=version, scale=[50, 4, 4], unit="nanometer")
+    cal = read_image(path).calibration
+    assert (cal.pixel_width, cal.unit, cal.z_spacing) == (4.0, "nm", 50.0)
+
+
+def test_a_time_series_in_ome_zarr_is_read_over_t(tmp_path, stack):
+    with PlaneReader(write_ome_zarr(tmp_path / "t.zarr", stack, axes="tyx")) as r:
+        assert (r.stack_axes, r.stack_shape) == ("T", (3,))
+
+
+def test_a_channel_of_an_ome_zarr_is_chosen_with_its_label(tmp_path, stack):
+    data = np.stack([stack, 255 - stack])  # c, z, y, x: OME-Zarr's axis order
+    path = write_ome_zarr(tmp_path / "c.zarr", data, axes="czyx", labels=["em", "inverted"])
+    with PlaneReader(path, channel=2) as r:
+        assert np.array_equal(r.read(1), 255 - stack[1])
+        assert r.slice_labels == ["inverted"] * 3
+
+
+def test_several_channels_need_a_channel(tmp_path, stack):
+    path = write_ome_zarr(tmp_path / "c.zarr", np.stack([stack, stack]), axes="czyx")
+    with pytest.raises(UserError, match="--channel 1..2"):
+        PlaneReader(path)
+
+
+def test_predict_from_ome_zarr_equals_predict_from_the_same_tiff(tmp_path, stack, capsys):
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    write_ome_zarr(tmp_path / "s.zarr", stack)
+    outs = []
+    for name in ("s.tif", "s.zarr"):
+        outs.append(tmp_path / f"p-{name}.tif")
+        code, _, err = run_cli(capsys, "predict", model, tmp_path / name, "-o", outs[-1], "--backend", "torch")
+        assert code == 0, err
+    assert np.array_equal(tifffile.imread(outs[0]), tifffile.imread(outs[1]))
+
+
+def test_our_ome_zarr_probabilities_read_back_with_their_class_names(tmp_path, stack, capsys):
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    write_ome_zarr(tmp_path / "s.zarr", stack, scale=[0.05, 0.005, 0.005])
+    out = tmp_path / "p.zarr"
+    code, _, err = run_cli(capsys, "predict", model, tmp_path / "s.zarr", "-o", out, "--backend", "torch")
+    assert code == 0, err
+    with PlaneReader(out, channel=2) as r:
+        assert (r.slice_labels[0], r.calibration.pixel_width, r.n_planes) == ("cell", 0.005, 3)
+
+
+def test_a_folder_of_images_lists_an_ome_zarr_as_one_image(tmp_path, stack):
+    from tem_ij_plugin.workflows import expand_images
+
+    write_ome_zarr(tmp_path / "s.zarr", stack)
+    assert expand_images([tmp_path / "s.zarr"]) == [(tmp_path / "s.zarr").resolve()]
+
+
+# -- groups that are not images ----------------------------------------------------------------------
+
+
+def _with_attrs(path, attrs, data=None):
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.create_array("0", data=np.zeros((2, 8, 8), np.uint8) if data is None else data)
+    group.attrs.update(attrs)
+    return path
+
+
+def _axes(*names):
+    return [{"name": n, "type": "space"} for n in names]
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({}, "not an OME-Zarr image"),
+        ({"multiscales": [{"axes": _axes("z", "x", "y"), "datasets": [{"path": "0"}]}]}, "cannot be read as planes"),
+        ({"multiscales": [{"axes": _axes("z", "y", "x"), "datasets": [{"path": "../../etc"}]}]}, "not valid"),
+        ({"multiscales": [{"axes": _axes("y", "x"), "datasets": [{"path": "0"}]}]}, "names 2 axes but the array has 3"),
+        ({"multiscales": [{"axes": _axes("z", "y", "x"), "datasets": [{"path": "missing"}]}]}, "cannot open"),
+        ({"multiscales": [{"axes": _axes("q", "y", "x"), "datasets": [{"path": "0"}]}]}, "not valid"),
+    ],
+)
+def test_a_group_that_is_not_an_image_is_exit_2(tmp_path, capsys, attrs, message):
+    path = _with_attrs(tmp_path / "g.zarr", attrs)
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    code, _, err = run_cli(capsys, "predict", model, path, "-o", tmp_path / "p.tif")
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
