@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from isbi_partial import DATA, choose_patches, large_profiles, load, partial_labels, rf_peer  # noqa: E402
+from predict_memory import time_and_peak_memory  # noqa: E402
 
 MIN_PROFILE = 5000
 
@@ -227,14 +226,10 @@ def memory(args) -> dict:
             probs = Path(tmp) / f"probs{n}.tif"
             write_probability_stack(probs, n)
             outs = [Path(tmp) / f"cells{n}.tif", Path(tmp) / f"cells{n}.csv", Path(tmp) / f"cells{n}.zip"]
-            cmd = ["/usr/bin/time", "-v", shutil.which("tem-ij"), "-q", "objects", str(probs), "--class", "cell",
-                   "-o", str(outs[0]), "--measure", str(outs[1]), "--rois", str(outs[2])]  # fmt: skip
-            t0 = time.perf_counter()
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if res.returncode != 0:
-                raise RuntimeError(res.stderr)
-            rss = next(int(x.split()[-1]) for x in res.stderr.splitlines() if "Maximum resident set size" in x)
+            wall, rss = time_and_peak_memory(
+                ["objects", str(probs), "--class", "cell", "-o", str(outs[0]), "--measure", str(outs[1]),
+                 "--rois", str(outs[2])]
+            )  # fmt: skip
             objects = sum(1 for _ in open(outs[1])) - 1
             rows.append({"planes": n, "input_mb": round(probs.stat().st_size / 2**20), "objects": objects,
                          "wall_s": round(wall, 1), "max_rss_mb": round(rss / 1024)})  # fmt: skip

@@ -46,6 +46,17 @@ def write_stack(path: Path, planes: int, size: int = 2048) -> None:
         )
 
 
+def time_and_peak_memory(argv: list) -> tuple[float, int]:
+    """Run ``tem-ij -q ARGV`` under ``/usr/bin/time -v``: (wall seconds, peak resident memory in kB)."""
+    cmd = ["/usr/bin/time", "-v", shutil.which("tem-ij"), "-q", *argv]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr)
+    return wall, next(int(x.split()[-1]) for x in res.stderr.splitlines() if "Maximum resident set size" in x)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--planes", default="40,400", help="comma-separated stack depths")
@@ -72,14 +83,7 @@ def main(argv=None) -> int:
             stack = work / f"stack{n}.tif"
             write_stack(stack, n)
             out = work / f"probs{n}{args.suffix}"
-            cmd = ["/usr/bin/time", "-v", shutil.which("tem-ij"), "-q", "predict", str(model), str(stack)]
-            cmd += ["-o", str(out)] + args.extra.split()
-            t = time.perf_counter()
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - t
-            if res.returncode != 0:
-                raise RuntimeError(res.stderr)
-            rss = next(int(x.split()[-1]) for x in res.stderr.splitlines() if "Maximum resident set size" in x)
+            wall, rss = time_and_peak_memory(["predict", str(model), str(stack), "-o", str(out), *args.extra.split()])
             row = {
                 "planes": n,
                 "input_mb": round(stack.stat().st_size / 2**20),
