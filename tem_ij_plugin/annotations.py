@@ -45,8 +45,7 @@ class Shape:
         Vertices as (x, y) in ImageJ pixel-corner coordinates. ``rect`` and ``oval`` hold one
         4-vertex bounding box polygon; ``composite`` holds sub-paths combined by the even-odd rule.
     position : int
-        1-based slice the shape labels; 0 = no position (every plane, allowed only on request). As
-        ImageJ stores it: the index into the whole stack, channels included.
+        1-based slice the shape labels; 0 = no position (every plane, allowed only on request).
     group : int
         ImageJ ROI group number (0 = none).
     hyper : tuple of int
@@ -72,13 +71,10 @@ class StackLayout:
         ``""`` (2-D), ``"Z"``, ``"T"`` or ``"TZ"`` (frames of slices, slices fastest).
     shape : tuple of int
         The length of each axis.
-    channels : int
-        Channels of the file the image is one channel of (ImageJ counts them in a ROI's position).
     """
 
     axes: str = ""
     shape: tuple = ()
-    channels: int = 1
 
     def length(self, axis: str) -> int:
         """The number of slices (``"Z"``) or frames (``"T"``): 1 where the image has no such axis."""
@@ -88,9 +84,10 @@ class StackLayout:
 def plane_of(shape: Shape, stack: StackLayout) -> int:
     """The 1-based plane a ROI labels (0: every plane), from ImageJ's position or its hyperstack position.
 
-    ImageJ keeps either a stack position (an index over channels, slices and frames, channels fastest)
-    or, for a ROI drawn on a hyperstack, its (channel, slice, frame), 0 meaning every one. Our planes
-    run over frames, then slices, for the one channel read.
+    ImageJ keeps either a stack position or, for a ROI drawn on a hyperstack, its (channel, slice,
+    frame), 0 meaning every one. Our planes run over frames, then slices, for the one channel read. A
+    stack position is taken as our plane: that is how tem-ij writes ROIs (objects, suggestions), and
+    the ROI Manager records hyperstack positions on a hyperstack.
 
     Raises
     ------
@@ -98,8 +95,6 @@ def plane_of(shape: Shape, stack: StackLayout) -> int:
         A hyperstack ROI that names a slice but not the frame of a T x Z stack (or the reverse).
     """
     if not shape.hyper:
-        if shape.position and stack.channels > 1:
-            return (shape.position - 1) // stack.channels + 1
         return shape.position
     _, z, t = shape.hyper
     n_z, n_t = stack.length("Z"), stack.length("T")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +63,22 @@ def to_output(probs: np.ndarray, kind: str, dtype: DTypeLike, keep: list[int] | 
     if dtype == np.float32:
         return p
     return np.rint(p * np.iinfo(dtype).max).astype(dtype)
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    """Size and modification time of an image file, or of an OME-Zarr folder's files (summed, newest).
+
+    Chunks rewritten in place change neither the size nor the time of the folder itself.
+    """
+    if not path.is_dir():
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    size = mtime = 0
+    for folder, _, names in os.walk(path):
+        for n in names:
+            st = os.stat(os.path.join(folder, n))
+            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    return size, mtime
 
 
 class SharedModel:
@@ -116,6 +133,7 @@ class PredictJob:
         inputs=(),
         tta: str = "off",
         shared: SharedModel | None = None,
+        pyramid: int = 0,
     ):
         if kind not in ("probabilities", "labels", "both"):
             raise UserError(f"unknown output '{kind}'; use probabilities, labels or both")
@@ -127,6 +145,11 @@ class PredictJob:
         self.tile, self.overlap, self.batch_size, self.resume = tile, overlap, batch_size, resume
         self.overwrite, self.inputs = overwrite, [Path(p) for p in inputs]
         self.tta, self.shared = tta, shared
+        if not 0 <= pyramid <= 10:
+            raise UserError(f"--pyramid {pyramid}: give 0 to 10 levels")
+        if pyramid and Path(out).suffix.lower() != ".zarr":
+            raise UserError("--pyramid adds resolution levels to an OME-Zarr output: name it NAME.zarr")
+        self.pyramid = pyramid
         self._model_sha256 = self._patch_size = self._object_areas = None
         self.n_planes = 0
         self.state = None
@@ -288,7 +311,7 @@ class PredictJob:
 
     def _job(self, names) -> dict:
         """What decides which result this job writes (recorded in each finished output)."""
-        st = self.image_path.stat()
+        size, mtime = _size_and_mtime(self.image_path)
         if self._model_sha256 is None:  # hashed once per job: the signature, the writers and resume all ask
             from .modelio import read_metadata
 
@@ -298,14 +321,15 @@ class PredictJob:
         return {
             "model_sha256": self._model_sha256,
             "image": str(self.image_path.resolve()),
-            "image_size": st.st_size,
-            "image_mtime_ns": st.st_mtime_ns,
+            "image_size": size,
+            "image_mtime_ns": mtime,
             "output": self.kind,
             "dtype": self.dtype,
             "classes": names,
             "channel": self.channel,
-            # Only when on, so that jobs without it keep the record they always had.
+            # Only when on, so that jobs without them keep the record they always had.
             **({"tta": self.tta} if self.tta != "off" else {}),
+            **({"pyramid": self.pyramid} if self.pyramid else {}),
             # The annotation scale, which sets defaults downstream (tem-ij objects' minimum area).
             **({"patch_size": self._patch_size} if self._patch_size else {}),
             **({"object_areas": self._object_areas} if self._object_areas else {}),
@@ -400,7 +424,7 @@ class PredictJob:
             writers, job = [], self._job(names)
             try:
                 for path, _, lay, labels in outputs:
-                    writers.append(open_writer(path, lay, reader.calibration, labels, names, resume=resume, job=job))
+                    writers.append(open_writer(path, lay, reader.calibration, labels, names, resume, job, self.pyramid))
             except BaseException:
                 for w in writers:
                     w.close()

@@ -200,6 +200,10 @@ def _add_predict(sub, common) -> None:
     )
     pr.add_argument("--resume", action="store_true", help="complete an interrupted prediction to the same output")
     pr.add_argument(
+        "--pyramid", type=int, default=0, metavar="N",
+        help="OME-Zarr output: add N resolution levels, each half the size of the one before (default: 0)",
+    )  # fmt: skip
+    pr.add_argument(
         "--overwrite",
         action="store_true",
         help="replace files in the way that tem_ij_plugin did not write (an existing output, stray NAME.partial.* "
@@ -690,7 +694,7 @@ def _predict_options(args: argparse.Namespace) -> dict:
         "kind": _predict_kind(args), "dtype": args.dtype, "classes": classes, "channel": args.channel,
         "device": args.device, "backend": args.backend, "precision": args.precision, "tile": args.tile,
         "overlap": args.overlap, "batch_size": args.batch_size, "resume": args.resume, "overwrite": args.overwrite,
-        "tta": args.tta,
+        "tta": args.tta, "pyramid": args.pyramid,
     }  # fmt: skip
 
 
@@ -716,6 +720,8 @@ def _predict(args: argparse.Namespace, model: Path, options: dict) -> int:
     if args.name:
         raise UserError("--name names the outputs of --out-dir; with -o the output is named already")
     single = len(args.images) == 1 and is_image_path(Path(args.images[0]))
+    if len(args.images) == 1 and not Path(args.images[0]).exists() and not set("*?[") & set(args.images[0]):
+        raise UserError(f"{args.images[0]}: no such file")
     if not args.out or not single:
         raise UserError(
             "predict needs -o OUTPUT for one image, or --out-dir DIR for several images, a folder or a glob"

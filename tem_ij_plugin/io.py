@@ -157,7 +157,7 @@ class Image:
         ImageJ slice labels, one per plane where the file had them.
     path : Path or None
     stack : StackLayout
-        Slices, frames and the file's channels, which place ROIs on the planes.
+        Slices and frames, which place ROIs on the planes.
     """
 
     data: np.ndarray
@@ -215,7 +215,7 @@ def read_image(path: str | os.PathLike, channel: int | None = None) -> Image:
                 f"{r.path} holds {sum(bad)} NaN or infinite pixel value(s) (in {sum(1 for b in bad if b)} of "
                 f"{r.n_planes} plane(s)); {_NONFINITE_ADVICE}"
             )
-        stack = StackLayout(r.stack_axes, tuple(r.stack_shape), r.n_channels)
+        stack = StackLayout(r.stack_axes, tuple(r.stack_shape))
         return Image(data=data, calibration=r.calibration, slice_labels=r.slice_labels, path=Path(path), stack=stack)
 
 

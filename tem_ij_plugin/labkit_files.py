@@ -110,6 +110,8 @@ def _read_labeling(path: Path) -> tuple[np.ndarray, list[list[str]], np.ndarray]
 
     A clash is a pixel that two labels of different classes claim (Labkit lets labels overlap).
     """
+    from .io import _check_fits
+
     f = _load_json(path, LabelingFile)
     low, high = np.array(f.interval.min), np.array(f.interval.max)
     if len(low) != len(high) or (high < low).any():
@@ -118,6 +120,8 @@ def _read_labeling(path: Path) -> tuple[np.ndarray, list[list[str]], np.ndarray]
     if np.prod(size.astype(float)) > 2**34:
         raise UserError(f"{path}: the labeling claims {'x'.join(map(str, size))} pixels, more than we read")
     shape = (int(size[2]) if len(size) == 3 else 1, int(size[1]), int(size[0]))
+    # What painting and the labels need per pixel (index, clash flag, class), refused before allocating.
+    _check_fits(path, f"a labeling of {'x'.join(map(str, size))} pixels", int(np.prod(size, dtype=np.int64)) * 6)
     values = np.zeros(shape, np.uint16)
     clash = np.zeros(shape, bool)
     names: list[list[str]] = [[]]
@@ -172,13 +176,18 @@ def _as_labels(values: np.ndarray, names: list[list[str]], clash, classes: list[
             f"{path}: label(s) {', '.join(repr(n) for n in unnamed)} carry no class name; rename them in "
             "Labkit, e.g. 'cell', 'background' (or 'bg'), 'ignore'"
         )
-    present = np.flatnonzero(np.bincount(values.ravel().astype(np.int64), minlength=len(names)))
-    used = sorted({n for i in present for n in names[i]})
+    present = np.zeros(len(names), bool)
+    for plane in values:  # plane by plane: no stack-sized int64 copy
+        present |= np.bincount(plane.ravel(), minlength=len(names))[: len(names)] > 0
+    used = sorted({n for i in np.flatnonzero(present) for n in names[i]})
     classes = label_classes(used, [named[n] for n in used], classes, what="label(s)")
     # Per index: its class; unlabelled where it has no label or labels of two classes; ignore leaves out.
+    # Labels no pixel carries (Labkit keeps empty ones) need no class.
     lookup = np.full(len(names), UNLABELLED, np.int16)
     mixed = np.zeros(len(names), bool)
     for i, ns in enumerate(names):
+        if not present[i]:
+            continue
         kinds = {named[n] for n in ns}
         mixed[i] = len(kinds - {IGNORE_NAME}) > 1
         if len(kinds) == 1 and IGNORE_NAME not in kinds:

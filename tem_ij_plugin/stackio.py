@@ -286,145 +286,158 @@ def resolution_tags(cal: Calibration) -> dict:
 _OME_UNITS = {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "nm": "nanometer", "mm": "millimeter"}
 
 
-class ZarrPlaneWriter:
-    """OME-Zarr 0.4 (Zarr v2 layout, one resolution level, uncompressed chunks), filled plane by plane.
+def _zarr():
+    """The zarr library, or a :class:`UserError` naming the extra that installs it."""
+    try:
+        import zarr
+    except ImportError as exc:
+        raise UserError("OME-Zarr needs the zarr library: pip install 'tem_ij_plugin[zarr]'") from exc
+    return zarr
 
-    Axes follow OME-Zarr's order: ``t``, ``c``, ``z``, ``y``, ``x`` (those present).
+
+class ZarrPlaneWriter:
+    """OME-Zarr 0.4 (Zarr v2 layout) through the zarr library, filled plane by plane.
+
+    Axes follow OME-Zarr's order: ``t``, ``c``, ``z``, ``y``, ``x`` (those present). Chunks hold one
+    plane of one channel (up to 1024 x 1024 pixels), compressed with Blosc/zstd, so that planes are
+    written, checked and resumed independently. ``pyramid`` adds that many levels, each half the size of
+    the one before (2 x 2 means of probabilities, the top-left pixel of labels), built when the output
+    is finished, for viewers (napari, Fiji's OME-Zarr readers) that show large images level by level.
     """
 
     CHUNK = 1024
 
     def __init__(
-        self, path: Path, layout: Layout, calibration: Calibration, channel_names=None, resume=False, job=None
-    ):
-        self._job = job
+        self, path: Path, layout: Layout, calibration: Calibration, channel_names=None, resume=False, job=None,
+        pyramid: int = 0,
+    ):  # fmt: skip
+        self._job, self.pyramid = job, pyramid
         self.path, self.layout = path, layout
         self.work = partial_path(path)
         self._dtype = np.dtype(layout.dtype).newbyteorder("<")
-        t = "T" in layout.stack_axes
-        z = "Z" in layout.stack_axes
-        dims = [("t", "time")] if t else []
+        dims = [("t", "time")] if "T" in layout.stack_axes else []
         dims += [("c", "channel")] if layout.channels else []
-        dims += [("z", "space")] if z else []
+        dims += [("z", "space")] if "Z" in layout.stack_axes else []
         dims += [("y", "space"), ("x", "space")]
+        self._axes = dims
         self._dims = [d for d, _ in dims]
         sizes = dict(zip(layout.stack_axes.lower(), layout.stack_shape))
         sizes.update(c=layout.channels or 1, y=layout.plane_shape[0], x=layout.plane_shape[1])
         self.shape = [int(sizes[d]) for d in self._dims]
         self.chunks = [1 if d in "tcz" else min(self.CHUNK, sizes[d]) for d in self._dims]
+        self._calibration, self._channel_names = calibration, channel_names
+        zarr = _zarr()
         if resume:
-            try:
-                meta = json.loads((self.work / "0" / ".zarray").read_text()[:100_000])
-            except (OSError, ValueError) as exc:
-                raise PartialMismatch(f"{self.work} is not readable ({exc})") from exc
-            if not isinstance(meta, dict) or meta.get("shape") != self.shape or meta.get("dtype") != self._dtype.str:
-                raise PartialMismatch(f"{self.work} does not have the layout of this prediction")
+            self._array = self._reopen(zarr)
             return
         try:
             if self.work.is_dir() and not self.work.is_symlink():
                 shutil.rmtree(self.work)  # planned and ours: see PredictJob
             elif self.work.exists() or self.work.is_symlink():
                 self.work.unlink()
-            (self.work / "0").mkdir(parents=True)
-            self._write_metadata(dims, calibration, channel_names)
+            group = zarr.open_group(str(self.work), mode="w", zarr_format=2)
+            group.attrs.update(self._attributes(calibration, channel_names, levels=1))
+            self._array = self._create(group, "0", self.shape)
         except OSError as exc:
             raise UserError(f"cannot create {self.work}: {exc.strerror or exc}") from exc
 
-    def _write_metadata(self, dims, cal: Calibration, channel_names) -> None:
+    def _create(self, group, name: str, shape: list):
+        import numcodecs
+
+        chunks = [min(c, n) for c, n in zip(self.chunks, shape)]
+        compressor = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+        return group.create_array(
+            name, shape=shape, chunks=chunks, dtype=self._dtype, compressors=compressor, fill_value=0,
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+        )  # fmt: skip
+
+    def _reopen(self, zarr):
+        """The level-0 array an interrupted run left, checked against this layout."""
+        try:
+            array = zarr.open_array(str(self.work / "0"), mode="r+")
+            shape, dtype = list(array.shape), np.dtype(array.dtype)
+        except Exception as exc:  # missing or damaged metadata: zarr raises several kinds
+            raise PartialMismatch(f"{self.work} is not readable ({exc})") from exc
+        if shape != self.shape or dtype != self._dtype:
+            raise PartialMismatch(f"{self.work} does not have the layout of this prediction")
+        return array
+
+    def _attributes(self, cal: Calibration, channel_names, levels: int) -> dict:
+        """The group's OME-Zarr metadata for ``levels`` resolution levels."""
         unit = _OME_UNITS.get(cal.unit)
-        axes = []
-        scale = []
-        for name, kind in dims:
-            ax = {"name": name, "type": kind}
-            if kind == "space" and unit:
-                ax["unit"] = unit
-            axes.append(ax)
-            scale.append({"x": cal.pixel_width, "y": cal.pixel_height, "z": cal.z_spacing}.get(name, 1.0))
+        axes = [{"name": n, "type": k, **({"unit": unit} if k == "space" and unit else {})} for n, k in self._axes]
+        base = [{"x": cal.pixel_width, "y": cal.pixel_height, "z": cal.z_spacing}.get(n, 1.0) for n in self._dims]
+        datasets = []
+        for k in range(levels):
+            scale = [v * 2**k if n in "yx" else v for n, v in zip(self._dims, base)]
+            datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
         attrs = {
             # how a later run knows it may replace this store, and what it holds
             SOFTWARE: {"written_by": "tem-ij predict", JOB_KEY: self._job},
-            "multiscales": [
-                {
-                    "version": "0.4",
-                    "name": self.path.stem,
-                    "axes": axes,
-                    "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-                }
-            ],
+            "multiscales": [{"version": "0.4", "name": self.path.stem, "axes": axes, "datasets": datasets}],
         }
         if channel_names and self.layout.channels:
             top = 1.0 if self._dtype.kind == "f" else float(np.iinfo(self._dtype).max)
-            attrs["omero"] = {
-                "channels": [
-                    {"label": str(n), "active": True, "window": {"start": 0.0, "end": top, "min": 0.0, "max": top}}
-                    for n in channel_names
-                ]
-            }
-        zarray = {
-            "zarr_format": 2,
-            "shape": self.shape,
-            "chunks": self.chunks,
-            "dtype": self._dtype.str,
-            "compressor": None,
-            "fill_value": 0,
-            "order": "C",
-            "filters": None,
-            "dimension_separator": "/",
-        }
-        (self.work / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
-        (self.work / ".zattrs").write_text(json.dumps(attrs, indent=1))
-        (self.work / "0" / ".zarray").write_text(json.dumps(zarray, indent=1))
+            window = {"start": 0.0, "end": top, "min": 0.0, "max": top}
+            attrs["omero"] = {"channels": [{"label": str(n), "active": True, "window": window} for n in channel_names]}
+        return attrs
 
-    def _chunk_files(self, i: int):
-        """(channel, y0, x0, path) of every chunk file of plane ``i``, in a fixed order."""
+    def _index(self, i: int) -> tuple:
+        """The array index of plane ``i``: its t and z, every channel, the whole plane."""
         lay = self.layout
         pos = dict(zip(lay.stack_axes.lower(), np.unravel_index(i, lay.stack_shape))) if lay.stack_shape else {}
-        cy, cx = self.chunks[-2:]
-        h, w = lay.plane_shape
-        for c in range(lay.channels or 1):
-            lead = [str(int(pos[d])) if d in pos else str(c) for d in self._dims[:-2]]
-            for y0 in range(0, h, cy):
-                for x0 in range(0, w, cx):
-                    yield c, y0, x0, self.work.joinpath("0", *lead, str(y0 // cy), str(x0 // cx))
+        return tuple(int(pos[d]) if d in pos else slice(None) for d in self._dims)
 
     def write(self, i: int, plane: np.ndarray) -> int:
-        """Write plane ``i`` (shape (C, Y, X), or (Y, X) for labels) as chunk files; returns its checksum."""
-        lay = self.layout
-        data = np.asarray(plane, dtype=self._dtype).reshape((lay.channels or 1,) + tuple(lay.plane_shape))
-        cy, cx = self.chunks[-2:]
-        crc = 0
-        for c, y0, x0, path in self._chunk_files(i):
-            chunk = np.zeros((cy, cx), self._dtype)  # edge chunks are stored full-size, padded
-            part = data[c, y0 : y0 + cy, x0 : x0 + cx]
-            chunk[: part.shape[0], : part.shape[1]] = part
-            path.parent.mkdir(parents=True, exist_ok=True)
-            raw = chunk.tobytes()
-            path.write_bytes(raw)
-            crc = zlib.crc32(raw, crc)
-        return crc
+        """Write plane ``i`` (shape (C, Y, X), or (Y, X) for labels); returns the checksum of its values."""
+        data = np.ascontiguousarray(plane, dtype=self._dtype)
+        self._array[self._index(i)] = data
+        return zlib.crc32(memoryview(data).cast("B"))
 
     def digest(self, i: int) -> int | None:
-        """Checksum of plane ``i`` as it is on disk now (None when a chunk is missing or short)."""
-        n = self.chunks[-2] * self.chunks[-1] * self._dtype.itemsize
-        crc = 0
-        for *_, path in self._chunk_files(i):
-            try:
-                raw = path.read_bytes()
-            except OSError:
-                return None
-            if len(raw) != n:
-                return None
-            crc = zlib.crc32(raw, crc)
-        return crc
+        """Checksum of plane ``i`` as it reads back now (None when it cannot be read)."""
+        try:
+            data = np.ascontiguousarray(self._array[self._index(i)], dtype=self._dtype)
+        except Exception:  # a damaged or truncated chunk: zarr and its codecs raise many kinds
+            return None
+        return zlib.crc32(memoryview(data).cast("B"))
 
     def close(self) -> None:
         """Nothing to close: every chunk file is written whole."""
         pass
 
     def finish(self) -> None:
-        """Move the complete store to its final name (replacing an older one the job planned to replace)."""
+        """Add the pyramid levels, then move the complete store to its final name."""
+        if self.pyramid:
+            self._build_pyramid()
         remove_output(self.path)
         os.replace(self.work, self.path)
+
+    def _build_pyramid(self) -> None:
+        """Levels 1..pyramid, plane by plane from the level before (bounded memory)."""
+        zarr = _zarr()
+        group = zarr.open_group(str(self.work), mode="r+")
+        labels = self.layout.channels is None
+        previous, shape = self._array, list(self.shape)
+        for k in range(1, self.pyramid + 1):
+            shape = shape[:-2] + [max(1, (shape[-2] + 1) // 2), max(1, (shape[-1] + 1) // 2)]
+            level = self._create(group, str(k), shape)
+            for i in range(self.layout.n_planes):
+                level[self._index(i)] = _half(np.asarray(previous[self._index(i)]), labels).astype(self._dtype)
+            previous = level
+        attrs = self._attributes(self._calibration, self._channel_names, self.pyramid + 1)
+        group.attrs.update({"multiscales": attrs["multiscales"]})
+
+
+def _half(plane: np.ndarray, labels: bool) -> np.ndarray:
+    """A plane (..., Y, X) at half the size: 2 x 2 means, or for labels the top-left pixel of each block."""
+    if labels:
+        return plane[..., ::2, ::2]
+    y, x = plane.shape[-2:]
+    padded = np.pad(plane.astype(np.float32), [(0, 0)] * (plane.ndim - 2) + [(0, y % 2), (0, x % 2)], mode="edge")
+    blocks = padded.reshape(*padded.shape[:-2], padded.shape[-2] // 2, 2, padded.shape[-1] // 2, 2)
+    mean = blocks.mean(axis=(-3, -1))
+    return np.rint(mean) if plane.dtype.kind in "ui" else mean
 
 
 def open_writer(
@@ -435,14 +448,17 @@ def open_writer(
     channel_names: list[str] | None = None,
     resume: bool = False,
     job: dict | None = None,
+    pyramid: int = 0,
 ) -> PlaneWriter:
     """A plane writer for ``path``; the format follows the suffix (see :func:`output_format`).
+
+    ``pyramid`` (OME-Zarr only) adds that many half-size resolution levels.
 
     ``job`` (a JSON-able dict: what decides the result) is stored in the file; see :func:`recorded_job`.
     """
     fmt = output_format(path)
     if fmt == "zarr":
-        return ZarrPlaneWriter(path, layout, calibration, channel_names, resume, job=job)
+        return ZarrPlaneWriter(path, layout, calibration, channel_names, resume, job=job, pyramid=pyramid)
     return TiffPlaneWriter(path, layout, calibration, labels, resume, fmt=fmt, job=job, channel_names=channel_names)
 
 

@@ -323,7 +323,7 @@ def expand_images(paths: list) -> list[Path]:
             listed = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
             what = f"{p} holds no TIFF image (.tif, .tiff, .btf)"
         elif _GLOB & set(str(raw)):
-            listed = sorted(Path(f) for f in glob.glob(str(p)) if Path(f).is_file())
+            listed = sorted(Path(f) for f in glob.glob(str(p)) if is_image_path(Path(f)))
             what = f"no file matches {raw}"
         else:
             raise UserError(f"{raw}: no such file or folder")
@@ -331,8 +331,8 @@ def expand_images(paths: list) -> list[Path]:
         if not listed:
             raise UserError(what)
         found += listed
-    unique = list(dict.fromkeys(f.resolve() for f in found))
-    return [Path(f) for f in unique]
+    # Once each (by the file they resolve to), but named as given: a symlinked image keeps its name.
+    return list({f.resolve(): f for f in reversed(found)}.values())[::-1]
 
 
 def output_names(images: list[Path], out_dir: Path, name: str, kind: str) -> list[Path]:
@@ -347,19 +347,24 @@ def output_names(images: list[Path], out_dir: Path, name: str, kind: str) -> lis
         An unknown placeholder, a template without ``{name}`` for several images, or two images whose
         outputs would have the same name.
     """
+    import string
+
+    from .apply import labels_path
     from .stackio import split_name
 
-    outs = []
+    fields = [f for _, f, spec, conv in string.Formatter().parse(name) if f is not None or spec or conv]
+    if any(f not in ("name", "kind") for f in fields) or "/" in name or "\\" in name:
+        raise UserError(
+            f"the output name '{name}' is not a template of a file name with {{name}} (the image's name) and "
+            "{kind} (probabilities or labels), e.g. '{name}-{kind}.tif'"
+        )
     holds = "labels" if kind == "labels" else "probabilities"
-    for image in images:
-        try:
-            outs.append(out_dir / name.format(name=split_name(image)[0], kind=holds))
-        except (KeyError, IndexError, ValueError) as exc:
-            raise UserError(
-                f"the output name '{name}' is not a template of {{name}} (the image's name) and {{kind}} "
-                f"({holds}): {exc}"
-            ) from None
-    clash = sorted({o.name for o in outs if outs.count(o) > 1})
+    outs = [out_dir / name.format(name=split_name(image)[0], kind=holds) for image in images]
+    if any(o.name in ("", ".", "..") for o in outs):
+        raise UserError(f"the output name '{name}' gives an empty file name")
+    # Case-insensitive disks (macOS, Windows) fold names; --kind both also writes NAME_labels beside each.
+    written = [p.name.casefold() for o in outs for p in ([o, labels_path(o)] if kind == "both" else [o])]
+    clash = sorted({n for n in written if written.count(n) > 1})
     if clash:
         raise UserError(
             f"several images would be written to {', '.join(clash[:5])}; give a name template with {{name}} "
@@ -408,7 +413,10 @@ def predict_files(
     files = expand_images(list(images))
     out_dir = Path(out_dir)
     outs = output_names(files, out_dir, name, kind)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
     shared, result = SharedModel(), BatchResult()
     for i, (image, out) in enumerate(zip(files, outs), 1):
         job = PredictJob(

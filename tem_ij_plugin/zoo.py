@@ -34,6 +34,7 @@ RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 EPS = 1e-6  # scale_range's epsilon, also in the test output we compute
 ARCH_FILE = "tem_ij_unet.py"
 PLACEHOLDER = "FILL IN"
+ATTACHED_MODEL = "tem_ij_plugin.model"  # a fixed name: the user's file name could be any of the package's
 
 
 @dataclass
@@ -179,7 +180,7 @@ def _write_files(model, model_path: Path, folder: Path, x: np.ndarray) -> dict:
     files = {
         "test_input": "test_input.npy", "test_output": "test_output.npy", "state_dict": "weights.pt",
         "architecture": ARCH_FILE, "torchscript": "weights_torchscript.pt", "onnx": "weights.onnx",
-        "cover": "cover.png", "documentation": "README.md", "model": model_path.name,
+        "cover": "cover.png", "documentation": "README.md", "model": ATTACHED_MODEL,
         "sample_input": "sample_input.tif", "sample_output": "sample_output.tif",
     }  # fmt: skip
     np.save(folder / files["test_input"], x)
@@ -221,6 +222,7 @@ def _cover(path: Path, image, probs, to_rgb, probability_rgb, side_by_side) -> N
 
 def _readme(model, model_path: Path) -> str:
     """The package's documentation: what the model segments, how it was trained, how to run it."""
+    low, high = model.normalization.get("low", 1.0), model.normalization.get("high", 99.8)
     lines = [
         f"# {model_path.stem}",
         "",
@@ -228,7 +230,7 @@ def _readme(model, model_path: Path) -> str:
         "partially annotated patches.",
         "",
         f"* Classes (output channels, in order): {', '.join(model.classes)}",
-        "* Input: one greyscale channel, scaled so that its 1st and 99.8th percentiles map to 0 and 1 "
+        f"* Input: one greyscale channel, scaled so that its {low:g}th and {high:g}th percentiles map to 0 and 1 "
         "(the package's `scale_range` preprocessing does this).",
         "* Output: the probability of each class per pixel (softmax).",
         "",
@@ -341,10 +343,13 @@ MAX_RDF_BYTES = 1 << 20
 def is_package(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a zip with a bioimage.io RDF at its top."""
     p = Path(path)
-    if not p.is_file() or not zipfile.is_zipfile(p):
+    try:
+        if not p.is_file() or not zipfile.is_zipfile(p):
+            return False
+        with zipfile.ZipFile(p) as zf:
+            return any(n in RDF_NAMES for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):  # looks like a zip, is none: read as a model file (and refused there)
         return False
-    with zipfile.ZipFile(p) as zf:
-        return any(n in RDF_NAMES for n in zf.namelist())
 
 
 def extract_model(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
@@ -366,7 +371,8 @@ def extract_model(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
             if info.file_size > MAX_RDF_BYTES:
                 raise UserError(f"{path}: its {rdf_name} is {info.file_size} bytes, more than an RDF we read")
             rdf = yaml.safe_load(zf.read(rdf_name))
-            ours = ((rdf or {}).get("config") or {}).get("tem_ij_plugin") if isinstance(rdf, dict) else None
+            config = rdf.get("config") if isinstance(rdf, dict) else None
+            ours = config.get("tem_ij_plugin") if isinstance(config, dict) else None
             name = ours.get("model") if isinstance(ours, dict) else None
             if not isinstance(name, str) or "/" in name or "\\" in name or name not in zf.namelist():
                 raise UserError(

@@ -222,22 +222,22 @@ def _placed(position=0, hyper=()):
 
 
 @pytest.mark.parametrize(
-    ("position", "hyper", "axes", "shape", "channels", "plane"),
+    ("position", "hyper", "axes", "shape", "plane"),
     [
-        (5, (), "Z", (8,), 1, 5),  # a stack position is the plane
-        (6, (), "TZ", (2, 3), 2, 3),  # ... counting channels: index 6 of 2 channels is the third plane
-        (0, (1, 2, 2), "TZ", (2, 3), 1, 5),  # slice 2 of frame 2: after the 3 slices of frame 1
-        (0, (1, 3, 1), "TZ", (2, 3), 1, 3),
-        (0, (1, 4, 1), "Z", (8,), 1, 4),  # a hyperstack ROI on a Z stack: its slice
-        (0, (1, 1, 3), "T", (4,), 1, 3),  # ... on a T stack: its frame
-        (0, (2, 0, 0), "Z", (8,), 1, 0),  # a channel only: every plane
-        (0, (1, 1, 1), "", (), 1, 1),
+        (5, (), "Z", (8,), 5),  # a stack position is the plane
+        (5, (), "TZ", (2, 3), 5),  # ... on a hyperstack too (how tem-ij writes ROIs)
+        (0, (1, 2, 2), "TZ", (2, 3), 5),  # slice 2 of frame 2: after the 3 slices of frame 1
+        (0, (1, 3, 1), "TZ", (2, 3), 3),
+        (0, (1, 4, 1), "Z", (8,), 4),  # a hyperstack ROI on a Z stack: its slice
+        (0, (1, 1, 3), "T", (4,), 3),  # ... on a T stack: its frame
+        (0, (2, 0, 0), "Z", (8,), 0),  # a channel only: every plane
+        (0, (1, 1, 1), "", (), 1),
     ],
 )
-def test_a_roi_labels_the_plane_of_its_position(position, hyper, axes, shape, channels, plane):
+def test_a_roi_labels_the_plane_of_its_position(position, hyper, axes, shape, plane):
     from tem_ij_plugin.annotations import StackLayout, plane_of
 
-    assert plane_of(_placed(position, hyper), StackLayout(axes, shape, channels)) == plane
+    assert plane_of(_placed(position, hyper), StackLayout(axes, shape)) == plane
 
 
 @pytest.mark.parametrize("hyper", [(1, 2, 0), (1, 0, 2)])

@@ -576,7 +576,7 @@ def test_the_not_attached_message_names_this_imagej_folder(clean):
 
     assert _macro(clean, f"print({NOT_ATTACHED});") != "[aborted]", _log(clean)
     folder = str(clean["IJ"].getDirectory("imagej"))
-    assert f"tem-ij fiji {folder}" in _log(clean)
+    assert f'tem-ij fiji "{folder}"' in _log(clean)
 
 
 def test_real_menu_click_dialog_and_recorder(clean, data):

@@ -139,9 +139,9 @@ def test_without_a_setting_java_gets_three_quarters_of_the_memory(tmp_path):
     assert abs(int(heap_option(None, tmp_path)[4:-1]) - 0.75 * total_mb) <= 1
 
 
-def test_a_mem_that_is_not_a_size_is_refused():
-    from tem_ij_plugin.errors import UserError
+@pytest.mark.parametrize("mem", ["lots", "8", "100m"])  # a bare 8 is 8 bytes to Java
+def test_a_mem_that_is_not_a_size_is_refused(mem):
     from tem_ij_plugin.fiji.launcher import heap_option
 
     with pytest.raises(UserError, match="such as 8g"):
-        heap_option("lots")
+        heap_option(mem)

@@ -72,6 +72,11 @@ def test_two_labels_of_one_class_may_overlap(tmp_path):
     assert read_labkit(tmp_path / "a.labeling", None).labels[0, 1, 1] == 1
 
 
+def test_a_label_nobody_painted_needs_no_class(tmp_path):
+    write_labeling(tmp_path / "a.labeling", {**_two_classes(), "mito": []}, (8, 4))
+    assert read_labkit(tmp_path / "a.labeling", ["background", "cell"]).classes == ["background", "cell"]
+
+
 def test_ignore_leaves_its_pixels_out_even_under_another_label(tmp_path):
     labels = {"background": [(0, 0), (3, 3)], "cell": [(1, 1), (2, 2)], "ignore": [(2, 2)]}
     write_labeling(tmp_path / "a.labeling", labels, (4, 4))

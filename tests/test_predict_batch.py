@@ -96,6 +96,8 @@ def test_predictions_in_the_input_folder_are_not_predicted_again(batch, capsys):
     [
         (["--out-dir", "{dir}/o", "--name", "all.tif"], "would be written to all.tif"),
         (["--out-dir", "{dir}/o", "--name", "{stem}.tif"], "not a template"),
+        (["--out-dir", "{dir}/o", "--name", "{name.real}.tif"], "not a template"),
+        (["--out-dir", "{dir}/o", "--name", "../{name}.tif"], "not a template"),
         (["-o", "{dir}/x.tif"], "use --out-dir"),
         (["-o", "{dir}/x.tif", "--out-dir", "{dir}/o"], "not both"),
         ([], "needs -o OUTPUT"),
@@ -109,6 +111,30 @@ def test_a_batch_that_cannot_be_named_is_exit_2_and_writes_nothing(batch, capsys
     assert code == 2
     assert message in err
     assert tree_digest(batch["dir"]) == before
+
+
+def test_labels_beside_an_output_may_not_meet_another_images_output(batch, capsys):
+    import shutil
+
+    shutil.copy(batch["folder"] / "a.tif", batch["folder"] / "a_labels.tif")
+    out = batch["dir"] / "o"
+    code, _, err = predict(capsys, batch["model"], batch["folder"], "--out-dir", out, "--name", "{name}.tif",
+                           "--kind", "both")  # fmt: skip
+    assert code == 2
+    assert "would be written to a_labels.tif" in err
+
+
+def test_an_output_folder_that_is_a_file_is_exit_2(batch, capsys):
+    (batch["dir"] / "out.tif").write_bytes(b"x")
+    code, _, err = predict(capsys, batch["model"], batch["folder"], "--out-dir", batch["dir"] / "out.tif")
+    assert code == 2
+    assert "cannot create the output folder" in err
+
+
+def test_a_missing_image_says_so(batch, capsys):
+    code, _, err = predict(capsys, batch["model"], batch["dir"] / "missing.tif", "-o", batch["dir"] / "p.tif")
+    assert code == 2
+    assert "missing.tif: no such file" in err
 
 
 def test_a_folder_without_images_is_exit_2(batch, capsys):

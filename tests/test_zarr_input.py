@@ -130,3 +130,61 @@ def test_a_group_that_is_not_an_image_is_exit_2(tmp_path, capsys, attrs, message
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+# -- OME-Zarr outputs through the zarr library -------------------------------------------------------
+
+
+def test_ome_zarr_outputs_are_compressed_one_plane_a_chunk(tmp_path, stack, capsys):
+    import json
+
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    code, _, err = run_cli(
+        capsys, "predict", model, tmp_path / "s.tif", "-o", tmp_path / "p.zarr", "--backend", "torch"
+    )
+    assert code == 0, err
+    meta = json.loads((tmp_path / "p.zarr" / "0" / ".zarray").read_text())
+    assert (meta["compressor"]["cname"], meta["chunks"]) == ("zstd", [1, 1, 256, 256])
+
+
+@pytest.fixture()
+def pyramid(tmp_path, stack, capsys):
+    """Probabilities and labels of a 3-plane stack as OME-Zarr with two extra levels."""
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    tifffile.imwrite(tmp_path / "s.tif", stack[:, :250, :250], imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / "p.zarr"
+    code, _, err = run_cli(capsys, "predict", model, tmp_path / "s.tif", "-o", out, "--kind", "both", "--pyramid", "2",
+                           "--backend", "torch")  # fmt: skip
+    assert code == 0, err
+    return out
+
+
+def test_a_pyramid_lists_each_level_at_twice_the_scale(pyramid):
+    group = zarr.open_group(str(pyramid), mode="r")
+    scales = [d["coordinateTransformations"][0]["scale"][-1] for d in group.attrs["multiscales"][0]["datasets"]]
+    assert scales == [1.0, 2.0, 4.0]
+
+
+def test_a_pyramid_level_is_the_mean_of_2x2_blocks_of_probabilities(pyramid):
+    group = zarr.open_group(str(pyramid), mode="r")
+    full, half = np.asarray(group["0"][1, 0]), np.asarray(group["1"][1, 0])  # channel 1, plane 0
+    np.testing.assert_allclose(half[:5, :5], full[:10, :10].reshape(5, 2, 5, 2).mean(axis=(1, 3)), atol=1e-6)
+
+
+def test_a_label_pyramid_keeps_labels(pyramid):
+    group = zarr.open_group(str(pyramid.with_name("p_labels.zarr")), mode="r")
+    full, half = np.asarray(group["0"][0]), np.asarray(group["1"][0])
+    assert np.array_equal(half, full[::2, ::2])
+
+
+def test_an_odd_sized_plane_rounds_its_pyramid_up(pyramid):
+    assert zarr.open_group(str(pyramid), mode="r")["2"].shape[-2:] == (63, 63)  # 250 -> 125 -> 63
+
+
+def test_a_pyramid_needs_an_ome_zarr_output(tmp_path, stack, capsys):
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    code, _, err = run_cli(capsys, "predict", model, tmp_path / "s.tif", "-o", tmp_path / "p.tif", "--pyramid", "1")
+    assert code == 2
+    assert "OME-Zarr output" in err

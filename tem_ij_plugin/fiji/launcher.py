@@ -98,7 +98,8 @@ def _needs_display() -> None:
         )
 
 
-_MEM = re.compile(r"[0-9]{1,7}[kKmMgG]?")
+_MEM = re.compile(r"([0-9]{1,7})([kKmMgG])")
+_MEM_MB = {"k": 1 / 1024, "m": 1, "g": 1024}
 _XMX = re.compile(r"-Xmx([0-9]{1,7}[kKmMgG]?)")
 
 
@@ -115,8 +116,9 @@ def heap_option(mem: str | None = None, fiji_dir: Path | None = None) -> str:
         A ``mem`` that is not a size.
     """
     if mem is not None:
-        if not _MEM.fullmatch(mem):
-            raise UserError(f"--mem {mem}: give a size such as 8g or 6000m")
+        size = _MEM.fullmatch(mem)
+        if not size or int(size.group(1)) * _MEM_MB[size.group(2).lower()] < 256:
+            raise UserError(f"--mem {mem}: give a size of at least 256m, such as 8g or 6000m")
         return f"-Xmx{mem}"
     for name in ("jvm.cfg", "ImageJ.cfg"):
         cfg = fiji_dir / name if fiji_dir is not None else None

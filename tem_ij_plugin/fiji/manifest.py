@@ -23,7 +23,7 @@ SUBMENU = "TEM Segmentation"
 # this very Fiji.app (getDirectory("imagej")), so the line can be pasted as it is.
 NOT_ATTACHED = (
     '"TEM Segmentation needs its Python side, which is not running in this Fiji.\\n \\n'
-    'Quit Fiji and start it from a terminal with:\\n    tem-ij fiji " + getDirectory("imagej") + "\\n \\n'
+    'Quit Fiji and start it from a terminal with:\\n    tem-ij fiji \\"" + getDirectory("imagej") + "\\"\\n \\n'
     "If tem-ij is not found, activate the Python environment you installed tem_ij_plugin in; it needs its "
     'Fiji extra there: pip install \\"tem_ij_plugin[fiji]\\" (from a source checkout: pip install -e '
     '\\".[fiji]\\"). tem-ij doctor checks that environment."'
