@@ -219,12 +219,19 @@ class TiffPlaneWriter:
             with tifffile.TiffFile(self.work) as tif:
                 series = tif.series[0]
                 shape, offset = tuple(series.shape), series.dataoffset
+                # Every page's IFD, not just the first: a run killed while creating the file can leave the
+                # pixel block sized but the later IFDs unwritten, which tifffile's ImageJ shortcut would
+                # hide and the finished file would keep (other readers then see one page).
+                pages = len(tif.pages)
             size = self.work.stat().st_size
         except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
             raise PartialMismatch(f"{self.work} is not readable ({exc})") from exc
+        want = self.layout.n_planes * (self.layout.channels or 1)
         # OME series drop axes of length 1 (one plane, one channel): compare what is left.
         if _squeezed(shape) != _squeezed(self.shape) or offset is None or offset + self.layout.total_bytes > size:
             raise PartialMismatch(f"{self.work} does not have the layout of this prediction")
+        if pages != want:
+            raise PartialMismatch(f"{self.work} holds {pages} of its {want} pages (cut short while it was created)")
         return offset
 
     def write(self, i: int, plane: np.ndarray) -> int:

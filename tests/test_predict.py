@@ -458,3 +458,23 @@ def test_an_explicit_precision_is_kept():
     from tem_ij_plugin.runtime import resolve_precision
 
     assert resolve_precision(torch.device("cpu"), "bf16") == "bf16"
+
+
+def test_a_partial_tiff_cut_short_while_it_was_created_is_not_resumed(tmp_path):
+    """A kill while the file was being created can leave the pixel block sized but later IFDs missing;
+    tifffile's ImageJ shortcut still reads the planes, so the page count is what tells."""
+    import struct
+
+    from tem_ij_plugin.stackio import PartialMismatch
+
+    lay = Layout("Z", (3,), 2, (16, 16), np.dtype(np.float32))
+    TiffPlaneWriter(tmp_path / "o.tif", lay, Calibration()).close()
+    with tifffile.TiffFile(tmp_path / "o.partial.tif") as tif:
+        first = tif.pages[0].offset
+    with open(tmp_path / "o.partial.tif", "r+b") as f:  # end the IFD chain after the first page
+        f.seek(first)
+        (count,) = struct.unpack("<H", f.read(2))
+        f.seek(first + 2 + 12 * count)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(PartialMismatch, match="1 of its 6 pages"):
+        TiffPlaneWriter(tmp_path / "o.tif", lay, Calibration(), resume=True)
