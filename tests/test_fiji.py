@@ -816,6 +816,24 @@ def test_fiji_and_the_cli_find_the_same_objects(clean, data, tmp_path, capsys):
     assert [r["pixels"] for r in fiji["rows"]] == [int(r["pixels"]) for r in rows]
 
 
+def test_fiji_proposals_are_named_as_the_cli_names_them(clean, data, tmp_path, capsys):
+    """TEM Find Objects with `proposals`: the ROI Manager holds proposal-N outlines, as `objects --proposals`."""
+    import roifile
+
+    _, zipped, _ = _objects_in_both(clean, data, tmp_path, capsys)
+    model = tmp_path / "m.model"
+    code, _, err = run_cli(capsys, "objects", model, data["image"], "--rois", tmp_path / "p.zip", "--proposals")
+    assert code == 0, err
+    macro = (
+        f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model", "model=[{model}]"); '
+        'run("TEM Find Objects", "class=cell split=probability minimum=0 device=cpu proposals");'
+    )
+    assert _macro(clean, macro) != "[aborted]", _log(clean)
+    names = clean["bridge"].last["TEM Find Objects"]["names"]
+    assert names == [r.name for r in roifile.roiread(tmp_path / "p.zip")]
+    assert names[0] == "proposal-1"
+
+
 def test_imagej_measures_the_area_the_table_gives(clean, data, tmp_path, capsys):
     """Each outline ROI, decoded and measured by ImageJ (pixel count and calibrated area), against the table."""
     import roifile

@@ -433,6 +433,7 @@ def suggest_patches(ctx: Context) -> None:
 
 def find_objects(ctx: Context) -> None:
     """TEM Find Objects: the label image, the outlines in the ROI Manager, the measurements in the Results table."""
+    from ..annotations import PROPOSAL_PREFIX
     from ..objects import ObjectSettings
     from ..workflows import object_class, objects_in_planes, suggestion_size
 
@@ -450,9 +451,11 @@ def find_objects(ctx: Context) -> None:
     def progress(ev):
         ctx.status(f"TEM objects: plane {ev['plane']}/{ev['planes']}", ev["plane"] / ev["planes"])
 
+    proposals = ctx.options.get("proposals") is True
     found = objects_in_planes(
         probs.__getitem__, len(probs), index, model.classes[index], settings, image.data.__getitem__,
         image.calibration, image.slice_labels, sink=labels.__setitem__, progress=progress, cancel=ctx.cancel,
+        roi_prefix=PROPOSAL_PREFIX if proposals else None,
     )  # fmt: skip
     imp = to_imageplus(
         labels.astype(np.uint16 if found.count <= 65535 else np.float32),
@@ -466,10 +469,16 @@ def find_objects(ctx: Context) -> None:
     _objects_to_manager(ctx, found.rois)
     _results_table(found.rows, found.unit)
     ctx.results.update(count=found.count, names=[r.name for r in found.rois], rows=found.rows)
+    name = PROPOSAL_PREFIX if proposals else found.class_name
+    how = (
+        f"rename the ones you accept to {found.class_name}-N (training ignores proposal-N) and delete the others"
+        if proposals
+        else f"TEM Train Model reads ROIs named {name}-N as {name} annotations: delete the outlines you do not mean "
+        "to train on"
+    )
     jimport("ij.IJ").log(
-        f"TEM Find Objects: {found.count} {found.class_name} object(s); outlines {found.class_name}-1.. in the ROI "
-        f"Manager, measurements in the Results table. TEM Train Model reads ROIs named {found.class_name}-N as "
-        f"{found.class_name} annotations: delete the outlines you do not mean to train on."
+        f"TEM Find Objects: {found.count} {found.class_name} object(s); outlines {name}-1.. in the ROI Manager, "
+        f"measurements in the Results table. {how}."
     )
 
 
