@@ -139,8 +139,8 @@ def export_package(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         files = _write_files(model, model_path, folder, _test_input(model, image_path, size))
-        rdf, placeholders = _rdf(model, model_path, folder, files, _zoo_name(name or model_path.stem), license_id,
-                                 (halo, minimum, step))  # fmt: skip
+        name = _zoo_name(name or model_path.stem)
+        rdf, placeholders = _rdf(model, folder, files, name, license_id, (halo, minimum, step))
         (folder / "rdf.yaml").write_text(rdf, encoding="utf-8")
         names = ["rdf.yaml", *files.values()]
 
@@ -267,7 +267,7 @@ def _readme(model, model_path: Path) -> str:
     return "\n".join(lines)
 
 
-def _rdf(model, model_path: Path, folder: Path, files: dict, name: str, license_id: str, sizes) -> tuple[str, list]:
+def _rdf(model, folder: Path, files: dict, name: str, license_id: str, sizes) -> tuple[str, list]:
     """The package's ``rdf.yaml`` text and the fields left for the user to fill."""
     import torch
     import yaml
