@@ -331,8 +331,14 @@ def expand_images(paths: list) -> list[Path]:
         if not listed:
             raise UserError(what)
         found += listed
-    # Once each (by the file they resolve to), but named as given: a symlinked image keeps its name.
-    return list({f.resolve(): f for f in reversed(found)}.values())[::-1]
+    # Once each (by the file they resolve to), in order, named as given: a symlinked image keeps its name.
+    seen: set = set()
+    unique = []
+    for f in found:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique
 
 
 def output_names(images: list[Path], out_dir: Path, name: str, kind: str) -> list[Path]:

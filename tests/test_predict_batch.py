@@ -193,3 +193,12 @@ def test_verbosity_may_follow_the_subcommand(batch, capsys, flag, shown):
     code, _, err = predict(capsys, batch["model"], batch["folder"] / "a.tif", "-o", out, flag)
     assert code == 0, err
     assert ("INFO" in err) == shown
+
+
+def test_an_image_named_twice_is_predicted_once_in_the_order_given(batch):
+    from tem_ij_plugin.workflows import expand_images
+
+    folder = batch["folder"]
+    (folder / "link.tif").symlink_to(folder / "a.tif")
+    images = expand_images([folder / "c.tif", folder / "link.tif", folder / "a.tif", folder / "b.tif"])
+    assert [p.name for p in images] == ["c.tif", "link.tif", "b.tif"]
