@@ -74,9 +74,16 @@ def _size_and_mtime(path: Path) -> tuple[int, int]:
         st = path.stat()
         return st.st_size, st.st_mtime_ns
     size = mtime = 0
-    for folder, _, names in os.walk(path):
+    for folder, dirs, names in os.walk(path):
+        # What viewers and file browsers add (a labels/ group, .DS_Store) is not the image.
+        dirs[:] = [d for d in dirs if d != "labels" and not d.startswith(".")]
         for n in names:
-            st = os.stat(os.path.join(folder, n))
+            if n.startswith(".") and n not in (".zattrs", ".zarray", ".zgroup"):
+                continue
+            try:
+                st = os.stat(os.path.join(folder, n))
+            except OSError:  # a broken link: not data the image can be read from either
+                continue
             size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
     return size, mtime
 
@@ -148,9 +155,12 @@ class PredictJob:
         if not 0 <= pyramid <= 10:
             raise UserError(f"--pyramid {pyramid}: give 0 to 10 levels")
         if pyramid and Path(out).suffix.lower() != ".zarr":
-            raise UserError("--pyramid adds resolution levels to an OME-Zarr output: name it NAME.zarr")
+            raise UserError(
+                "--pyramid adds resolution levels to an OME-Zarr output: name it NAME.zarr "
+                "(with --out-dir: --name '{name}-{kind}.zarr')"
+            )
         self.pyramid = pyramid
-        self._model_sha256 = self._patch_size = self._object_areas = None
+        self._model_sha256 = self._patch_size = self._object_areas = self._image_stat = None
         self.n_planes = 0
         self.state = None
         self.writers: list = []
@@ -172,12 +182,13 @@ class PredictJob:
     def plan(self):
         """Check every path this job may write against every input; returns the :class:`OutputPlan`."""
         from .outputs import OutputPlan, lock_path, temporary_name
-        from .stackio import JobState, output_format, partial_path
+        from .stackio import JobState, _zarr, output_format, partial_path
 
         plan = OutputPlan([self.model_path, self.image_path, *self.inputs], overwrite=self.overwrite)
         state = JobState.path_for(self.out)
         for path in self.final_paths():
-            output_format(path)
+            if output_format(path) == "zarr":
+                _zarr()  # a missing library is said before anything is computed
             plan.output(path)
             plan.add(partial_path(path), f"working file of {path.name}", replace=True)
             plan.add(lock_path(path), f"lock file of {path.name}", replace=True)
@@ -215,14 +226,25 @@ class PredictJob:
                     return f"{', '.join(map(str, self.final_paths()))} already complete (the state was left behind)"
                 self._open(outputs, reader, predictor, names, any(stale))
                 elapsed = self._predict_all(predictor, reader, lo, hi, outputs, keep, progress, cancel)
-                for w in self.writers:
-                    w.finish()
+                self._finish()
                 self.state.remove()
         mp = n * reader.plane_shape[0] * reader.plane_shape[1] / 1e6
         return (
             f"wrote {', '.join(str(p) for p, *_ in outputs)}: {self.kind} of {n} plane(s), classes {', '.join(names)} "
             f"({elapsed:.1f} s, {mp / max(elapsed, 1e-9):.2f} MP/s, {predictor.backend.name} {predictor.precision})"
         )
+
+    def _finish(self) -> None:
+        """Move the finished outputs into place (an OME-Zarr pyramid is built then); a full disk is exit 2."""
+        try:
+            for w in self.writers:
+                w.finish()
+        except OSError as exc:
+            raise UserError(
+                f"finishing {self.out} failed: {exc.strerror or exc}. Every plane is in "
+                f"{', '.join(map(str, self.partial_files))}; free space and run it again with resume "
+                "(tem-ij: --resume; Fiji: tick 'Resume')"
+            ) from exc
 
     def _predict_all(self, predictor, reader, lo, hi, outputs, keep, progress, cancel) -> float:
         """Predict and write every plane not done yet, recording each; returns the seconds it took.
@@ -311,7 +333,9 @@ class PredictJob:
 
     def _job(self, names) -> dict:
         """What decides which result this job writes (recorded in each finished output)."""
-        size, mtime = _size_and_mtime(self.image_path)
+        if self._image_stat is None:  # once per job: a folder image is walked
+            self._image_stat = _size_and_mtime(self.image_path)
+        size, mtime = self._image_stat
         if self._model_sha256 is None:  # hashed once per job: the signature, the writers and resume all ask
             from .modelio import read_metadata
 

@@ -298,7 +298,9 @@ def _zarr():
     try:
         import zarr
     except ImportError as exc:
-        raise UserError("OME-Zarr needs the zarr library: pip install 'tem_ij_plugin[zarr]'") from exc
+        raise UserError(
+            "OME-Zarr needs the zarr library (zarr 3, Python 3.11 or newer): pip install 'tem_ij_plugin[zarr]'"
+        ) from exc
     return zarr
 
 
@@ -353,9 +355,10 @@ class ZarrPlaneWriter:
 
         chunks = [min(c, n) for c, n in zip(self.chunks, shape)]
         compressor = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+        # overwrite: a pyramid level a killed finish() left is rebuilt by the resumed one
         return group.create_array(
             name, shape=shape, chunks=chunks, dtype=self._dtype, compressors=compressor, fill_value=0,
-            chunk_key_encoding={"name": "v2", "separator": "/"},
+            chunk_key_encoding={"name": "v2", "separator": "/"}, overwrite=True,
         )  # fmt: skip
 
     def _reopen(self, zarr):

@@ -358,12 +358,20 @@ def output_names(images: list[Path], out_dir: Path, name: str, kind: str) -> lis
     from .apply import labels_path
     from .stackio import split_name
 
-    fields = [f for _, f, spec, conv in string.Formatter().parse(name) if f is not None or spec or conv]
-    if any(f not in ("name", "kind") for f in fields) or "/" in name or "\\" in name:
-        raise UserError(
-            f"the output name '{name}' is not a template of a file name with {{name}} (the image's name) and "
-            "{kind} (probabilities or labels), e.g. '{name}-{kind}.tif'"
-        )
+    bad = UserError(
+        f"the output name '{name}' is not a template of a file name with {{name}} (the image's name) and "
+        "{kind} (probabilities or labels), e.g. '{name}-{kind}.tif'"
+    )
+    try:
+        parts = list(string.Formatter().parse(name))
+    except ValueError:  # unbalanced braces
+        raise bad from None
+    if (
+        any(f not in (None, "name", "kind") or spec or conv for _, f, spec, conv in parts)
+        or "/" in name
+        or "\\" in name
+    ):
+        raise bad
     holds = "labels" if kind == "labels" else "probabilities"
     outs = [out_dir / name.format(name=split_name(image)[0], kind=holds) for image in images]
     if any(o.name in ("", ".", "..") for o in outs):
@@ -819,7 +827,10 @@ def find_objects(
         plan.output(t)
     if out:
         from .outputs import written_by_us
-        from .stackio import partial_path
+        from .stackio import _zarr, output_format, partial_path
+
+        if not Path(out).name.lower().endswith(".npy") and output_format(Path(out)) == "zarr":
+            _zarr()  # said before any object is computed
 
         work = partial_path(Path(out))
         plan.add(work, f"unfinished {Path(out).name}", replace=not work.exists() or written_by_us(work))

@@ -98,6 +98,8 @@ def test_predictions_in_the_input_folder_are_not_predicted_again(batch, capsys):
         (["--out-dir", "{dir}/o", "--name", "{stem}.tif"], "not a template"),
         (["--out-dir", "{dir}/o", "--name", "{name.real}.tif"], "not a template"),
         (["--out-dir", "{dir}/o", "--name", "../{name}.tif"], "not a template"),
+        (["--out-dir", "{dir}/o", "--name", "{name.tif"], "not a template"),
+        (["--out-dir", "{dir}/o", "--name", "{name!r}.tif"], "not a template"),
         (["-o", "{dir}/x.tif"], "use --out-dir"),
         (["-o", "{dir}/x.tif", "--out-dir", "{dir}/o"], "not both"),
         ([], "needs -o OUTPUT"),

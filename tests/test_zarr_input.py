@@ -188,3 +188,18 @@ def test_a_pyramid_needs_an_ome_zarr_output(tmp_path, stack, capsys):
     code, _, err = run_cli(capsys, "predict", model, tmp_path / "s.tif", "-o", tmp_path / "p.tif", "--pyramid", "1")
     assert code == 2
     assert "OME-Zarr output" in err
+
+
+def test_a_pyramid_left_half_built_by_a_kill_is_rebuilt_on_resume(tmp_path):
+    from tem_ij_plugin.io import Calibration
+    from tem_ij_plugin.stackio import Layout, open_writer
+
+    lay = Layout("Z", (2,), 2, (20, 30), np.dtype(np.float32))
+    w = open_writer(tmp_path / "p.zarr", lay, Calibration(), pyramid=1)
+    for i in range(2):
+        w.write(i, np.full((2, 20, 30), 0.5, np.float32))
+    group = zarr.open_group(str(tmp_path / "p.partial.zarr"), mode="r+")
+    group.create_array("1", shape=(2, 2, 3, 3), dtype="<f4")  # what a kill inside finish() leaves
+    resumed = open_writer(tmp_path / "p.zarr", lay, Calibration(), resume=True, pyramid=1)
+    resumed.finish()
+    assert zarr.open_group(str(tmp_path / "p.zarr"), mode="r")["1"].shape == (2, 2, 10, 15)
