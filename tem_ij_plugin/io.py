@@ -610,8 +610,10 @@ def _tiff_calibration(page, meta: dict) -> Calibration:
 _OME_NS = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
 MAX_OME_XML = 64 << 20
 #: OME's UnitsLength symbols -> (our unit, factor to it); OME's default unit is the micrometre.
-_FROM_OME = {"µm": ("µm", 1.0), "um": ("µm", 1.0), "nm": ("nm", 1.0), "mm": ("mm", 1.0), "cm": ("µm", 1e4),
-             "m": ("µm", 1e6), "in": ("inch", 1.0), "Å": ("nm", 0.1), "pm": ("nm", 1e-3)}  # fmt: skip
+# (Some writers spell the micro sign with the Greek mu, U+03BC.)
+_FROM_OME = {"µm": ("µm", 1.0), "\u03bcm": ("µm", 1.0), "um": ("µm", 1.0), "nm": ("nm", 1.0), "mm": ("mm", 1.0),
+             "cm": ("µm", 1e4), "m": ("µm", 1e6), "in": ("inch", 1.0), "Å": ("nm", 0.1),
+             "pm": ("nm", 1e-3)}  # fmt: skip
 
 
 def _ome_pixels(tif) -> dict | None:

@@ -151,6 +151,7 @@ def test_a_plain_tiff_is_read_in_the_unit_of_its_resolution_tag(tmp_path, unit, 
         ("2", "nm", (2.0, "nm")),
         ("1e-6", "m", (1.0, "µm")),
         ("0.004", None, (0.004, "µm")),  # OME's default unit
+        ("0.004", "\u03bcm", (0.004, "µm")),  # the Greek mu some writers use for the micro sign
     ],  # fmt: skip
 )
 def test_an_ome_tiff_from_elsewhere_is_read_in_its_physical_unit(tmp_path, size, unit, expected):
