@@ -13,7 +13,6 @@ own validator and test runner (``bioimageio test``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -54,14 +53,6 @@ class Exported:
     path: Path
     files: list
     placeholders: list
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def scale_range(x: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -275,7 +266,9 @@ def _rdf(model, folder: Path, files: dict, name: str, license_id: str, sizes) ->
     from . import __version__
 
     halo, minimum, step = sizes
-    sha = {role: _sha256(folder / f) for role, f in files.items()}
+    from .apply import file_digest
+
+    sha = {role: file_digest(folder / f) for role, f in files.items()}
     torch_version = torch.__version__.split("+")[0]
     space_in = [{"type": "space", "id": a, "size": {"min": minimum, "step": step}} for a in ("y", "x")]
     space_out = [
