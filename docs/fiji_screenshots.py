@@ -118,7 +118,7 @@ def main() -> None:
     xdotool("mousemove", frame.x + 321, frame.y + 12, "click", 1)
 
     # 2. the TEM Train Model dialog
-    t = run('selectImage("isbi-00.tif"); run("TEM Train Model");')
+    t = run('selectImage("isbi-00.tif"); run("TEM Train Model...");')
     dialog = wait_for(lambda: showing("TEM Train Model"))[0]
     settle(dialog)
     grab(dialog, args.out / "fiji_dialog.png", pad=2)
@@ -134,8 +134,8 @@ def main() -> None:
 
     # 3. probabilities with the patch grid
     run(
-        'selectImage("isbi-00.tif"); run("TEM Show Patch Grid", "rois=[]"); '
-        'run("TEM Predict Probabilities", "output=probabilities device=auto");'
+        'selectImage("isbi-00.tif"); run("TEM Show Patch Grid...", "rois=[]"); '
+        'run("TEM Predict Probabilities...", "output=probabilities device=auto");'
     ).join()
     prob = WindowManager.getImage("isbi-00-probabilities")
     prob.setOverlay(imp.getOverlay().duplicate())

@@ -283,12 +283,32 @@ def test_every_command_is_in_the_plugins_menu(imagej):
 
     from tem_ij_plugin.fiji.manifest import load_manifest
 
-    names = [c.name for c in load_manifest()["commands"]]
+    names = [c.menu_name for c in load_manifest()["commands"]]
     table = jimport("ij.Menus").getCommands()
     for name in names:
         assert table.get(name) is not None, name
     sub = _tem_menu()
     assert sorted(str(sub.getItem(i).getLabel()) for i in range(sub.getItemCount())) == sorted(names)
+
+
+def test_the_menu_marks_commands_with_a_dialog_with_dots(imagej):
+    sub = _tem_menu()
+    labels = {str(sub.getItem(i).getLabel()) for i in range(sub.getItemCount())}
+    assert {"TEM Train Model...", "TEM Load Model...", "TEM Stop Training", "TEM Check Environment"} <= labels
+
+
+def test_macros_of_0_2_still_run_the_commands_by_their_old_names(clean, data, tmp_path):
+    """Macros recorded before the "..." (``run("TEM Save Model", ...)``) still work, with their options."""
+    model = tmp_path / "old-name.model"
+    macro = (
+        f'setBatchMode(true); open("{data["image"]}"); '
+        f'run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]"); '
+        f'run("TEM Save Model", "model=[{model}]"); print("after the old names");'
+    )
+    assert _macro(clean, macro) != "[aborted]", _log(clean)
+    assert model.is_file()
+    assert clean["bridge"].last["TEM Train Model"]["stop_reason"] == "max iterations"
+    assert "after the old names" in _log(clean)
 
 
 def _tem_menu():
@@ -340,8 +360,8 @@ def test_macro_train_predict_suggest_grid(clean, data, tmp_path):
         setBatchMode(true);
         open("{image}");
         roiManager("Open", "{rois}");
-        run("TEM Train Model", "max=1 device=cpu");
-        run("TEM Predict Probabilities", "output=probabilities device=cpu");
+        run("TEM Train Model...", "max=1 device=cpu");
+        run("TEM Predict Probabilities...", "output=probabilities device=cpu");
         saveAs("Tiff", "{out}");
         setBatchMode("exit and display");
         """,
@@ -388,7 +408,7 @@ def test_macro_train_predict_suggest_grid(clean, data, tmp_path):
             rm.runCommand("Delete")
     kept = rm.getCount()
     assert 0 < kept < 18
-    result = _macro(imagej, 'selectImage("image.tif"); run("TEM Suggest Next Patches", "number=2 device=cpu");')
+    result = _macro(imagej, 'selectImage("image.tif"); run("TEM Suggest Next Patches...", "number=2 device=cpu");')
     assert result != "[aborted]", _log(imagej)
     names = [str(rm.getName(i)) for i in range(rm.getCount())]
     ours = [n for n in names if n.startswith("suggest-")]
@@ -400,11 +420,12 @@ def test_macro_train_predict_suggest_grid(clean, data, tmp_path):
     drawn = [str(overlay.get(i).getName()) for i in range(overlay.size())]
     assert drawn == ours
     # running it again replaces our suggestions instead of piling them up
-    assert _macro(imagej, 'selectImage("image.tif"); run("TEM Suggest Next Patches", "number=1 device=cpu");') is None
+    again_macro = 'selectImage("image.tif"); run("TEM Suggest Next Patches...", "number=1 device=cpu");'
+    assert _macro(imagej, again_macro) is None
     again = [str(rm.getName(i)) for i in range(rm.getCount())][kept:]
     assert [n for n in again if "-focus-" not in n] == ["suggest-1"]
 
-    result = _macro(imagej, f'selectImage("image.tif"); run("TEM Show Patch Grid", "rois=[{rois}]");')
+    result = _macro(imagej, f'selectImage("image.tif"); run("TEM Show Patch Grid...", "rois=[{rois}]");')
     assert result != "[aborted]", _log(imagej)
     counts = bridge.last["TEM Show Patch Grid"]
     assert counts == {"train": 3, "validation": 1, "unused": 0}  # all four 128-px patches of the RoiSet
@@ -436,14 +457,14 @@ def test_labels_output_save_load_apply_check(clean, data, tmp_path):
         f"""
         setBatchMode(true);
         open("{data["image"]}");
-        run("TEM Train Model", "max=1 device=cpu rois=[{data["rois"]}] new show=cell");
+        run("TEM Train Model...", "max=1 device=cpu rois=[{data["rois"]}] new show=cell");
         print("shown " + getTitle() + " " + nSlices + " " + getInfo("slice.label"));
         selectImage("image.tif");
-        run("TEM Save Model", "model=[{model}]");
-        run("TEM Load Model", "model=[{model}]");
-        run("TEM Predict Probabilities", "output=labels device=cpu");
+        run("TEM Save Model...", "model=[{model}]");
+        run("TEM Load Model...", "model=[{model}]");
+        run("TEM Predict Probabilities...", "output=labels device=cpu");
         print("labels " + bitDepth() + " " + nSlices + " " + getTitle());
-        run("TEM Apply Model To Stack", "input=[{folder}] output=[{out}] kind=probabilities device=cpu");
+        run("TEM Apply Model To Stack...", "input=[{folder}] output=[{out}] kind=probabilities device=cpu");
         run("TEM Check Environment");
         run("TEM Stop Training");
         """,
@@ -481,8 +502,8 @@ def test_apply_to_stack_cancelled_then_resumed(clean, data, synthetic, tmp_path,
     model = tmp_path / "m.model"
     train = (
         f'setBatchMode(true); open("{data["image"]}"); '
-        f'run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]"); '
-        f'run("TEM Save Model", "model=[{model}]");'
+        f'run("TEM Train Model...", "max=1 device=cpu new rois=[{data["rois"]}]"); '
+        f'run("TEM Save Model...", "model=[{model}]");'
     )
     assert _macro(imagej, train) != "[aborted]", _log(imagej)
     real = commands._predict_progress
@@ -498,7 +519,7 @@ def test_apply_to_stack_cancelled_then_resumed(clean, data, synthetic, tmp_path,
         return progress
 
     monkeypatch.setattr(commands, "_predict_progress", esc_after_first_plane_of_b)
-    apply = f'setBatchMode(true); run("TEM Apply Model To Stack", "input=[{folder}] output=[{out}] device=cpu'
+    apply = f'setBatchMode(true); run("TEM Apply Model To Stack...", "input=[{folder}] output=[{out}] device=cpu'
     assert _macro(imagej, apply + '");') == "[aborted]"
     assert "1 of 2 file(s) done" in _log(imagej)
     assert "Resume" in _log(imagej)
@@ -529,8 +550,8 @@ def test_fiji_and_the_cli_apply_a_model_to_a_folder_alike(clean, synthetic, tmp_
     write_hyperstack(folder / "b.tif", synthetic[0][None, ::-1])
     model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
     macro = (
-        f'setBatchMode(true); run("TEM Load Model", "model=[{model}]"); '
-        f'run("TEM Apply Model To Stack", "input=[{folder}] output=[{tmp_path / "fiji"}] kind=both device=cpu");'
+        f'setBatchMode(true); run("TEM Load Model...", "model=[{model}]"); '
+        f'run("TEM Apply Model To Stack...", "input=[{folder}] output=[{tmp_path / "fiji"}] kind=both device=cpu");'
     )
     assert _macro(clean, macro) != "[aborted]", _log(clean)
     cli = tmp_path / "cli"
@@ -551,13 +572,13 @@ def test_a_time_series_comes_back_as_frames_and_labels_in_colour(clean, tmp_path
     macro = f"""
         setBatchMode(true);
         newImage("t", "8-bit ramp", 64, 64, 1, 1, 3);
-        run("TEM Load Model", "model=[{model}]");
+        run("TEM Load Model...", "model=[{model}]");
         selectImage("t");
-        run("TEM Predict Probabilities", "output=probabilities device=cpu");
+        run("TEM Predict Probabilities...", "output=probabilities device=cpu");
         Stack.getDimensions(w, h, c, z, f);
         print("probabilities c=" + c + " z=" + z + " t=" + f);
         selectImage("t");
-        run("TEM Predict Probabilities", "output=labels device=cpu");
+        run("TEM Predict Probabilities...", "output=labels device=cpu");
         Stack.getDimensions(w, h, c, z, f);
         getLut(r, g, b);
         print("labels z=" + z + " t=" + f + " class 1 colour " + r[1] + "," + g[1] + "," + b[1]);
@@ -587,7 +608,7 @@ def test_real_menu_click_dialog_and_recorder(clean, data):
     imagej = clean
     assert _macro(imagej, f'open("{data["image"]}");') != "[aborted]"
     # trained with its window showing: the live plot must not stay the current image afterwards
-    train = f'run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]");'
+    train = f'run("TEM Train Model...", "max=1 device=cpu new rois=[{data["rois"]}]");'
     assert _macro(imagej, train) != "[aborted]"
     assert str(jimport("ij.WindowManager").getCurrentImage().getTitle()) == "image.tif"
     plot = jimport("ij.WindowManager").getImage("TEM training: image.tif")  # the live plot, kept
@@ -602,7 +623,7 @@ def test_real_menu_click_dialog_and_recorder(clean, data):
     item = next(
         sub.getItem(i)
         for i in range(sub.getItemCount())
-        if str(sub.getItem(i).getLabel()) == "TEM Predict Probabilities"
+        if str(sub.getItem(i).getLabel()) == "TEM Predict Probabilities..."
     )
     ActionEvent = jimport("java.awt.event.ActionEvent")
     # Both clicks go through the AWT event queue, so ImageJ handles them on the event thread as it does
@@ -617,7 +638,7 @@ def test_real_menu_click_dialog_and_recorder(clean, data):
         recorded = _wait_for(lambda: str(recorder.getText())[len(before) :].strip())
     finally:
         recorder.close()
-    assert 'run("TEM Predict Probabilities", "output=probabilities device=auto");' in recorded
+    assert 'run("TEM Predict Probabilities...", "output=probabilities device=auto");' in recorded
     assert "TEM Bridge" not in recorded
 
 
@@ -640,10 +661,10 @@ def test_recorder_line_is_completed_when_the_dialog_recorded_nothing(clean):
     try:
         before = str(recorder.getText())
         # what ImageJ's Executer does for a menu command, from a thread that is not a macro's
-        t, errors = _in_thread(lambda: Recorder.setCommand(command.name))
+        t, errors = _in_thread(lambda: Recorder.setCommand(command.menu_name))
         t.join(10)
         assert not errors
-        assert str(Recorder.getCommand()) == command.name
+        assert str(Recorder.getCommand()) == command.menu_name
         second = command.args[1].key
         Recorder.recordOption(second, options[second])  # only a later field got recorded: order must still hold
         complete_recording(command, options)
@@ -655,7 +676,7 @@ def test_recorder_line_is_completed_when_the_dialog_recorded_nothing(clean):
     for arg in command.args:
         value = options[arg.key]
         expected.append(arg.key if value is True else f"{arg.key}={value or '[]'}")
-    assert recorded == f'run("{command.name}", "{" ".join(expected)}");'
+    assert recorded == f'run("{command.menu_name}", "{" ".join(expected)}");'
 
 
 def test_rois_without_slice_position_on_a_stack_need_all_slices(clean, data, synthetic, tmp_path):
@@ -666,7 +687,8 @@ def test_rois_without_slice_position_on_a_stack_need_all_slices(clean, data, syn
     image = synthetic[0]
     stack = tmp_path / "stack.tif"
     write_hyperstack(stack, np.stack([image, image[:, ::-1]]), Calibration(0.005, 0.005, "µm"))
-    train = f'setBatchMode(true); open("{stack}"); run("TEM Train Model", "max=1 device=cpu new rois=[{data["rois"]}]'
+    train = f'setBatchMode(true); open("{stack}"); '
+    train += f'run("TEM Train Model...", "max=1 device=cpu new rois=[{data["rois"]}]'
     assert _macro(imagej, train + '");') == "[aborted]"
     assert "no slice position" in _log(imagej)
     assert "All slices" in _log(imagej)
@@ -680,7 +702,7 @@ def test_train_with_a_project_folder_keeps_rounds(clean, data, tmp_path):
 
     imagej = clean
     project = tmp_path / "project"
-    train = f'run("TEM Train Model", "max=1 device=cpu rois=[{data["rois"]}] project=[{project}]");'
+    train = f'run("TEM Train Model...", "max=1 device=cpu rois=[{data["rois"]}] project=[{project}]");'
     macro = f"""
         setBatchMode(true);
         open("{data["image"]}");
@@ -711,7 +733,7 @@ def test_fiji_and_the_cli_train_the_same_model_from_the_same_inputs(clean, data,
     assert code == 0, err
     macro = (
         f'setBatchMode(true); open("{data["image"]}"); '
-        f'run("TEM Train Model", "max=10 device=cpu new rois=[{data["rois"]}] settings=[{data["config"]}]");'
+        f'run("TEM Train Model...", "max=10 device=cpu new rois=[{data["rois"]}] settings=[{data["config"]}]");'
     )
     assert _macro(clean, macro) != "[aborted]", _log(clean)
     cli, fiji = load_model(tmp_path / "cli.model").net.state_dict(), clean["bridge"].model.net.state_dict()
@@ -737,8 +759,8 @@ def _suggest_in_both(clean, data, synthetic, tmp_path, capsys) -> tuple:
     assert code == 0, err
     saved = tmp_path / "fiji.zip"
     macro = (
-        f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model", "model=[{model}]"); '
-        f'run("TEM Suggest Next Patches", "number=2 rois=[{rois}] device=cpu"); roiManager("Save", "{saved}");'
+        f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model...", "model=[{model}]"); '
+        f'run("TEM Suggest Next Patches...", "number=2 rois=[{rois}] device=cpu"); roiManager("Save", "{saved}");'
     )
     assert _macro(clean, macro) != "[aborted]", _log(clean)
     return out, saved
@@ -798,8 +820,8 @@ def _objects_in_both(clean, data, tmp_path, capsys) -> tuple:
     code, _, err = run_cli(capsys, "objects", model, data["image"], "--measure", table, "--rois", zipped)
     assert code == 0, err
     macro = (
-        f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model", "model=[{model}]"); '
-        'run("TEM Find Objects", "class=cell split=probability minimum=0 device=cpu");'
+        f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model...", "model=[{model}]"); '
+        'run("TEM Find Objects...", "class=cell split=probability minimum=0 device=cpu");'
     )
     assert _macro(clean, macro) != "[aborted]", _log(clean)
     with open(table, newline="", encoding="utf-8") as f:
@@ -825,8 +847,8 @@ def test_fiji_proposals_are_named_as_the_cli_names_them(clean, data, tmp_path, c
     code, _, err = run_cli(capsys, "objects", model, data["image"], "--rois", tmp_path / "p.zip", "--proposals")
     assert code == 0, err
     macro = (
-        f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model", "model=[{model}]"); '
-        'run("TEM Find Objects", "class=cell split=probability minimum=0 device=cpu proposals");'
+        f'setBatchMode(true); open("{data["image"]}"); run("TEM Load Model...", "model=[{model}]"); '
+        'run("TEM Find Objects...", "class=cell split=probability minimum=0 device=cpu proposals");'
     )
     assert _macro(clean, macro) != "[aborted]", _log(clean)
     names = clean["bridge"].last["TEM Find Objects"]["names"]
@@ -878,7 +900,7 @@ def test_stop_training_cancels_and_keeps_the_best_model(clean, data, tmp_path):
     cfg.write_text(dump_settings(long))
     macro = (
         f'setBatchMode(true); open("{data["image"]}"); '
-        f'run("TEM Train Model", "max=10 device=cpu new rois=[{data["rois"]}] settings=[{cfg}]"); '
+        f'run("TEM Train Model...", "max=10 device=cpu new rois=[{data["rois"]}] settings=[{cfg}]"); '
         'print("after training");'
     )
     results = []
@@ -929,7 +951,7 @@ def test_escape_cancels_training_and_keeps_the_model(clean, data, tmp_path, monk
     bridge.model = None
     options = f"max=10 device=cpu new rois=[{data['rois']}] settings=[{cfg}]"
     # as a menu command runs: ImageJ's Executer and Macro_Runner in this thread, no calling macro
-    thread, errors = _in_thread(lambda: imagej["IJ"].run("TEM Train Model", options))
+    thread, errors = _in_thread(lambda: imagej["IJ"].run("TEM Train Model...", options))
     _wait_for(lambda: bridge.training.locked() and (bridge.progress or {}).get("iteration", 0) >= 2, timeout=60)
     KeyEvent = jimport("java.awt.event.KeyEvent")
     esc = KeyEvent(imagej["ij"], KeyEvent.KEY_PRESSED, 0, 0, KeyEvent.VK_ESCAPE, KeyEvent.CHAR_UNDEFINED)
@@ -953,7 +975,7 @@ def test_errors_reach_the_log_in_batch_mode_and_abort_the_macro(clean, data, tmp
     result = _macro(
         imagej,
         f'setBatchMode(true); open("{data["image"]}"); '
-        f'run("TEM Train Model", "max=1 rois=[{tmp_path / "missing.zip"}]"); print("must not run");',
+        f'run("TEM Train Model...", "max=1 rois=[{tmp_path / "missing.zip"}]"); print("must not run");',
     )
     assert result == "[aborted]"
     log = _log(imagej)
@@ -964,7 +986,7 @@ def test_errors_reach_the_log_in_batch_mode_and_abort_the_macro(clean, data, tmp
     result = _macro(
         imagej,
         f'setBatchMode(true); open("{data["image"]}"); makeRectangle(1, 1, 20, 20); roiManager("Add"); '
-        'roiManager("Select", 0); roiManager("Rename", "mitochondrion-1"); run("TEM Train Model", "max=1 new");',
+        'roiManager("Select", 0); roiManager("Rename", "mitochondrion-1"); run("TEM Train Model...", "max=1 new");',
     )
     assert result == "[aborted]"
     assert "mitochondrion" in _log(imagej)
@@ -1043,12 +1065,12 @@ def test_tem_ij_fiji_runs_a_macro_and_exits_with_its_status(imagej, data, tmp_pa
     good = tmp_path / "good.ijm"
     good.write_text(
         f'open("{data["image"]}");\nroiManager("Open", "{data["rois"]}");\n'
-        'run("TEM Train Model", "max=1 device=cpu");\n'
-        'run("TEM Predict Probabilities", "output=probabilities");\n'
+        'run("TEM Train Model...", "max=1 device=cpu");\n'
+        'run("TEM Predict Probabilities...", "output=probabilities");\n'
         f'saveAs("Tiff", "{out}");\nprint("done " + nSlices);\n'
     )
     bad = tmp_path / "bad.ijm"
-    bad.write_text(f'open("{data["image"]}");\nrun("TEM Predict Probabilities", "output=probabilities");\n')
+    bad.write_text(f'open("{data["image"]}");\nrun("TEM Predict Probabilities...", "output=probabilities");\n')
     cmd = [
         sys.executable,
         "-m",

@@ -100,6 +100,27 @@ def test_install_replaces_our_old_menu_macros_but_keeps_a_users_own(tmp_path):
     assert mine.read_text() == 'run("TEM Predict Probabilities");\n'
 
 
+def test_commands_that_open_a_dialog_end_in_dots_in_the_menu():
+    commands = {c.name: c for c in load_manifest()["commands"]}
+    assert commands["TEM Train Model"].menu_name == "TEM Train Model..."
+    assert commands["TEM Train Model"].filename == "TEM_Train_Model....ijm"
+    assert commands["TEM Stop Training"].menu_name == "TEM Stop Training"
+    assert all(c.menu_name.endswith("...") == bool(c.args) for c in commands.values())
+
+
+def test_install_over_0_2_replaces_the_menu_files_named_without_dots(tmp_path):
+    from tem_ij_plugin.fiji.launcher import install_scripts
+
+    folder = tmp_path / "plugins" / "TEM Segmentation"
+    folder.mkdir(parents=True)
+    old = folder / "TEM_Train_Model.ijm"  # 0.2's file: ImageJ would show the command twice
+    header = "// TEM Train Model: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)\n"
+    old.write_text(header + "// Generated from plugin.yml by `tem-ij install-fiji --write-scripts`\n")
+    install_scripts(tmp_path / "plugins")
+    assert not old.exists()
+    assert (folder / "TEM_Train_Model....ijm").is_file()
+
+
 def test_file_and_folder_fields_have_a_browse_button():
     cmd = next(c for c in load_manifest()["commands"] if c.name == "TEM Apply Model To Stack")
     text = macro_source(cmd, __version__)

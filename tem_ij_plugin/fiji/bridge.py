@@ -105,6 +105,10 @@ class Bridge:
         self.settings = settings
         self.log_errors = log_errors
         self.commands = {c.name: c for c in load_manifest()["commands"]}
+        # Macros of 0.2 call the commands by their names before the "..." (run("TEM Train Model", ...)),
+        # which ImageJ's run() would not find: the listener turns them into the menu names
+        self.menu_names = {c.name: c.menu_name for c in self.commands.values()}
+        self.menu_names.update({c.menu_name: c.menu_name for c in self.commands.values()})
         self.model = None
         self.model_path = None
         self.stop = threading.Event()
@@ -153,9 +157,10 @@ class Bridge:
                 if name == BRIDGE_COMMAND:
                     Functions.registerExtensions(bridge._extension)
                     return None
-                if name in bridge.commands:
+                if name in bridge.menu_names:
                     # Still in the caller's context: its menu macro has not started its own interpreter
                     bridge._callers[threading.get_ident()] = Interpreter.getInstance()
+                    return JString(bridge.menu_names[name])
                 return command
 
         self._extension = Extension()
@@ -252,7 +257,7 @@ def complete_recording(command: Command, options: dict) -> None:
     dialog's order, completes that line.
     """
     Recorder = jimport("ij.plugin.frame.Recorder")
-    if not Recorder.record or str(Recorder.getCommand()) != command.name:
+    if not Recorder.record or str(Recorder.getCommand()) != command.menu_name:
         return
     recorded = parse_options(str(Recorder.getCommandOptions() or ""))
     wanted = [a.key for a in command.args if a.key in options]  # an unticked checkbox is absent

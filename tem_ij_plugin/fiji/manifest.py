@@ -2,7 +2,7 @@
 
 No Java here: ``tem-ij install-fiji`` and the manifest test use this module without a JVM.
 
-Every menu command is a small ImageJ1 macro (``fiji_scripts/TEM_Train_Model.ijm`` ...). Its
+Every menu command is a small ImageJ1 macro (``fiji_scripts/TEM_Train_Model....ijm`` ...). Its
 ``Dialog.*`` calls make it recordable and usable from macros with no dialog; it then hands the
 chosen options to Python with ``run("TEM Bridge")`` (which the bridge intercepts to register its
 macro extension) and ``Ext.temRun(command, options, error)``.
@@ -53,10 +53,15 @@ class Command:
     args: list = field(default_factory=list)
 
     @property
+    def menu_name(self) -> str:
+        """The name in the menu, which macros record: ImageJ's "..." marks a command that opens a dialog."""
+        return self.name + "..." if self.args else self.name
+
+    @property
     def filename(self) -> str:
-        """The command's ``.ijm`` file name: its name with underscores for spaces."""
+        """The command's ``.ijm`` file name: its menu name with underscores for spaces."""
         # ImageJ installs plugins/**/*.ijm whose name holds an underscore, underscores shown as spaces
-        return self.name.replace(" ", "_") + ".ijm"
+        return self.menu_name.replace(" ", "_") + ".ijm"
 
 
 def repo_root() -> Path:
@@ -128,7 +133,7 @@ def help_html(cmd: Command) -> str:
     call = " ".join(f"{a.key}=[...]" if a.type != "checkbox" else a.key for a in cmd.args)
     return (
         f"<html><h3>{escape(cmd.name)}</h3><p>{escape(cmd.help or '')}</p><ul>{rows}</ul>"
-        f"<p>In a macro: <code>run(&quot;{escape(cmd.name)}&quot;, &quot;{escape(call)}&quot;);</code></p>"
+        f"<p>In a macro: <code>run(&quot;{escape(cmd.menu_name)}&quot;, &quot;{escape(call)}&quot;);</code></p>"
         "<p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>"
     )
 
@@ -136,7 +141,7 @@ def help_html(cmd: Command) -> str:
 def macro_source(cmd: Command, version: str) -> str:
     """The ImageJ macro of one menu command."""
     lines = [
-        f"// {cmd.name}: Plugins > {SUBMENU} (tem_ij_plugin {version})",
+        f"// {cmd.menu_name}: Plugins > {SUBMENU} (tem_ij_plugin {version})",
         f"// {cmd.help}",
         "// Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.",
         f'bridge = "" + call("java.lang.System.getProperty", "{BRIDGE_PROPERTY}");',

@@ -1,4 +1,4 @@
-// TEM Suggest Next Patches: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// TEM Suggest Next Patches...: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
 // Adds rectangles suggest-1..k to the ROI Manager and draws them over the image.
 // Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
 bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
@@ -12,7 +12,7 @@ Dialog.addFile("ROIs file (empty = ROI Manager)", "");
 Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
 Dialog.addCheckbox("All slices for ROIs without a slice position", false);
 Dialog.addMessage("Adds rectangles suggest-1..k to the ROI Manager and draws them over the image.");
-Dialog.addHelp("<html><h3>TEM Suggest Next Patches</h3><p>Adds rectangles suggest-1..k to the ROI Manager and draws them over the image.</p><ul><li><b>Number of suggestions</b>: macro key <code>number</code></li><li><b>ROIs file (empty = ROI Manager)</b>: macro key <code>rois</code></li><li><b>Device</b>: macro key <code>device</code></li><li><b>All slices for ROIs without a slice position</b>: macro key <code>all</code></li></ul><p>In a macro: <code>run(&quot;TEM Suggest Next Patches&quot;, &quot;number=[...] rois=[...] device=[...] all&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
+Dialog.addHelp("<html><h3>TEM Suggest Next Patches</h3><p>Adds rectangles suggest-1..k to the ROI Manager and draws them over the image.</p><ul><li><b>Number of suggestions</b>: macro key <code>number</code></li><li><b>ROIs file (empty = ROI Manager)</b>: macro key <code>rois</code></li><li><b>Device</b>: macro key <code>device</code></li><li><b>All slices for ROIs without a slice position</b>: macro key <code>all</code></li></ul><p>In a macro: <code>run(&quot;TEM Suggest Next Patches...&quot;, &quot;number=[...] rois=[...] device=[...] all&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
 Dialog.show();
 options = options + " number=[" + Dialog.getNumber() + "]";
 options = options + " rois=[" + Dialog.getString() + "]";

@@ -1,4 +1,4 @@
-// TEM Apply Model To Stack: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// TEM Apply Model To Stack...: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
 // Predicts a stack file, or every TIFF in a folder, into an output folder without opening windows.
 // Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
 bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
@@ -13,7 +13,7 @@ Dialog.addChoice("Kind", newArray("probabilities", "labels", "both"), "probabili
 Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
 Dialog.addCheckbox("Resume an interrupted run (finished files and planes are kept)", false);
 Dialog.addMessage("Predicts a stack file, or every TIFF in a folder, into an output folder without opening windows.");
-Dialog.addHelp("<html><h3>TEM Apply Model To Stack</h3><p>Predicts a stack file, or every TIFF in a folder, into an output folder without opening windows.</p><ul><li><b>Input (TIFF file or folder)</b>: macro key <code>input</code></li><li><b>Output folder</b>: macro key <code>output</code></li><li><b>Kind</b>: macro key <code>kind</code></li><li><b>Device</b>: macro key <code>device</code></li><li><b>Resume an interrupted run (finished files and planes are kept)</b>: macro key <code>resume</code></li></ul><p>In a macro: <code>run(&quot;TEM Apply Model To Stack&quot;, &quot;input=[...] output=[...] kind=[...] device=[...] resume&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
+Dialog.addHelp("<html><h3>TEM Apply Model To Stack</h3><p>Predicts a stack file, or every TIFF in a folder, into an output folder without opening windows.</p><ul><li><b>Input (TIFF file or folder)</b>: macro key <code>input</code></li><li><b>Output folder</b>: macro key <code>output</code></li><li><b>Kind</b>: macro key <code>kind</code></li><li><b>Device</b>: macro key <code>device</code></li><li><b>Resume an interrupted run (finished files and planes are kept)</b>: macro key <code>resume</code></li></ul><p>In a macro: <code>run(&quot;TEM Apply Model To Stack...&quot;, &quot;input=[...] output=[...] kind=[...] device=[...] resume&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
 Dialog.show();
 options = options + " input=[" + Dialog.getString() + "]";
 options = options + " output=[" + Dialog.getString() + "]";

@@ -1,4 +1,4 @@
-// TEM Load Model: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// TEM Load Model...: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
 // Makes a .model file the current model.
 // Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
 bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
@@ -9,7 +9,7 @@ options = "interactive=" + interactive;
 Dialog.create("TEM Load Model");
 Dialog.addFile("Model file", "");
 Dialog.addMessage("Makes a .model file the current model.");
-Dialog.addHelp("<html><h3>TEM Load Model</h3><p>Makes a .model file the current model.</p><ul><li><b>Model file</b>: macro key <code>model</code></li></ul><p>In a macro: <code>run(&quot;TEM Load Model&quot;, &quot;model=[...]&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
+Dialog.addHelp("<html><h3>TEM Load Model</h3><p>Makes a .model file the current model.</p><ul><li><b>Model file</b>: macro key <code>model</code></li></ul><p>In a macro: <code>run(&quot;TEM Load Model...&quot;, &quot;model=[...]&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
 Dialog.show();
 options = options + " model=[" + Dialog.getString() + "]";
 run("TEM Bridge");

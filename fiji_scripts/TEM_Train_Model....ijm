@@ -1,4 +1,4 @@
-// TEM Train Model: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// TEM Train Model...: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
 // Trains a model from the ROI Manager's ROIs on the current image, warm-starting from the current model.
 // Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
 bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
@@ -16,7 +16,7 @@ Dialog.addFile("Settings file (optional YAML)", "");
 Dialog.addCheckbox("New model (ignore the current one)", false);
 Dialog.addCheckbox("All slices for ROIs without a slice position", false);
 Dialog.addMessage("Trains a model from the ROI Manager's ROIs on the current image, warm-starting from the current model.");
-Dialog.addHelp("<html><h3>TEM Train Model</h3><p>Trains a model from the ROI Manager&#x27;s ROIs on the current image, warm-starting from the current model.</p><ul><li><b>Max minutes</b>: macro key <code>max</code></li><li><b>Device</b>: macro key <code>device</code></li><li><b>ROIs file (empty = ROI Manager)</b>: macro key <code>rois</code></li><li><b>Show probabilities of (classes, all or none)</b>: macro key <code>show</code></li><li><b>Project folder (optional)</b>: macro key <code>project</code></li><li><b>Settings file (optional YAML)</b>: macro key <code>settings</code></li><li><b>New model (ignore the current one)</b>: macro key <code>new</code></li><li><b>All slices for ROIs without a slice position</b>: macro key <code>all</code></li></ul><p>In a macro: <code>run(&quot;TEM Train Model&quot;, &quot;max=[...] device=[...] rois=[...] show=[...] project=[...] settings=[...] new all&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
+Dialog.addHelp("<html><h3>TEM Train Model</h3><p>Trains a model from the ROI Manager&#x27;s ROIs on the current image, warm-starting from the current model.</p><ul><li><b>Max minutes</b>: macro key <code>max</code></li><li><b>Device</b>: macro key <code>device</code></li><li><b>ROIs file (empty = ROI Manager)</b>: macro key <code>rois</code></li><li><b>Show probabilities of (classes, all or none)</b>: macro key <code>show</code></li><li><b>Project folder (optional)</b>: macro key <code>project</code></li><li><b>Settings file (optional YAML)</b>: macro key <code>settings</code></li><li><b>New model (ignore the current one)</b>: macro key <code>new</code></li><li><b>All slices for ROIs without a slice position</b>: macro key <code>all</code></li></ul><p>In a macro: <code>run(&quot;TEM Train Model...&quot;, &quot;max=[...] device=[...] rois=[...] show=[...] project=[...] settings=[...] new all&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
 Dialog.show();
 options = options + " max=[" + Dialog.getNumber() + "]";
 options = options + " device=[" + Dialog.getChoice() + "]";

@@ -1,4 +1,4 @@
-// TEM Show Patch Grid: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// TEM Show Patch Grid...: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
 // Overlay of the 256x256 patch grid - training patches red, validation blue, unused green.
 // Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
 bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
@@ -10,7 +10,7 @@ Dialog.create("TEM Show Patch Grid");
 Dialog.addFile("ROIs file (empty = ROI Manager)", "");
 Dialog.addCheckbox("All slices for ROIs without a slice position", false);
 Dialog.addMessage("Overlay of the 256x256 patch grid - training patches red, validation blue, unused green.");
-Dialog.addHelp("<html><h3>TEM Show Patch Grid</h3><p>Overlay of the 256x256 patch grid - training patches red, validation blue, unused green.</p><ul><li><b>ROIs file (empty = ROI Manager)</b>: macro key <code>rois</code></li><li><b>All slices for ROIs without a slice position</b>: macro key <code>all</code></li></ul><p>In a macro: <code>run(&quot;TEM Show Patch Grid&quot;, &quot;rois=[...] all&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
+Dialog.addHelp("<html><h3>TEM Show Patch Grid</h3><p>Overlay of the 256x256 patch grid - training patches red, validation blue, unused green.</p><ul><li><b>ROIs file (empty = ROI Manager)</b>: macro key <code>rois</code></li><li><b>All slices for ROIs without a slice position</b>: macro key <code>all</code></li></ul><p>In a macro: <code>run(&quot;TEM Show Patch Grid...&quot;, &quot;rois=[...] all&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
 Dialog.show();
 options = options + " rois=[" + Dialog.getString() + "]";
 if (Dialog.getCheckbox()) options = options + " all";

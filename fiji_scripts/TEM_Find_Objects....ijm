@@ -1,4 +1,4 @@
-// TEM Find Objects: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// TEM Find Objects...: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
 // Objects of one class: a label image, their outlines CLASS-ID in the ROI Manager and their measurements in the Results table.
 // Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
 bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
@@ -13,7 +13,7 @@ Dialog.addNumber("Minimum area in pixels (0 = from your annotations)", 0);
 Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
 Dialog.addCheckbox("Proposals: name outlines proposal-N (training ignores them until renamed)", false);
 Dialog.addMessage("Objects of one class: a label image, their outlines CLASS-ID in the ROI Manager and their measurements in the Results table.");
-Dialog.addHelp("<html><h3>TEM Find Objects</h3><p>Objects of one class: a label image, their outlines CLASS-ID in the ROI Manager and their measurements in the Results table.</p><ul><li><b>Class (empty = the one that is not background)</b>: macro key <code>class</code></li><li><b>Split touching objects by</b>: macro key <code>split</code></li><li><b>Minimum area in pixels (0 = from your annotations)</b>: macro key <code>minimum</code></li><li><b>Device</b>: macro key <code>device</code></li><li><b>Proposals: name outlines proposal-N (training ignores them until renamed)</b>: macro key <code>proposals</code></li></ul><p>In a macro: <code>run(&quot;TEM Find Objects&quot;, &quot;class=[...] split=[...] minimum=[...] device=[...] proposals&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
+Dialog.addHelp("<html><h3>TEM Find Objects</h3><p>Objects of one class: a label image, their outlines CLASS-ID in the ROI Manager and their measurements in the Results table.</p><ul><li><b>Class (empty = the one that is not background)</b>: macro key <code>class</code></li><li><b>Split touching objects by</b>: macro key <code>split</code></li><li><b>Minimum area in pixels (0 = from your annotations)</b>: macro key <code>minimum</code></li><li><b>Device</b>: macro key <code>device</code></li><li><b>Proposals: name outlines proposal-N (training ignores them until renamed)</b>: macro key <code>proposals</code></li></ul><p>In a macro: <code>run(&quot;TEM Find Objects...&quot;, &quot;class=[...] split=[...] minimum=[...] device=[...] proposals&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
 Dialog.show();
 options = options + " class=[" + Dialog.getString() + "]";
 options = options + " split=[" + Dialog.getChoice() + "]";

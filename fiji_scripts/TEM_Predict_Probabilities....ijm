@@ -1,4 +1,4 @@
-// TEM Predict Probabilities: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
+// TEM Predict Probabilities...: Plugins > TEM Segmentation (tem_ij_plugin 0.2.0)
 // Probability maps of the current image or stack as a new 32-bit image, one channel per class.
 // Generated from plugin.yml by `tem-ij install-fiji --write-scripts`: edit plugin.yml, not this file.
 bridge = "" + call("java.lang.System.getProperty", "tem_ij.bridge");
@@ -10,7 +10,7 @@ Dialog.create("TEM Predict Probabilities");
 Dialog.addChoice("Output", newArray("probabilities", "labels"), "probabilities");
 Dialog.addChoice("Device", newArray("auto", "cpu", "cuda", "mps"), "auto");
 Dialog.addMessage("Probability maps of the current image or stack as a new 32-bit image, one channel per class.");
-Dialog.addHelp("<html><h3>TEM Predict Probabilities</h3><p>Probability maps of the current image or stack as a new 32-bit image, one channel per class.</p><ul><li><b>Output</b>: macro key <code>output</code></li><li><b>Device</b>: macro key <code>device</code></li></ul><p>In a macro: <code>run(&quot;TEM Predict Probabilities&quot;, &quot;output=[...] device=[...]&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
+Dialog.addHelp("<html><h3>TEM Predict Probabilities</h3><p>Probability maps of the current image or stack as a new 32-bit image, one channel per class.</p><ul><li><b>Output</b>: macro key <code>output</code></li><li><b>Device</b>: macro key <code>device</code></li></ul><p>In a macro: <code>run(&quot;TEM Predict Probabilities...&quot;, &quot;output=[...] device=[...]&quot;);</code></p><p>More: the tem_ij_plugin README, section <i>In Fiji: Plugins &gt; TEM Segmentation</i>.</p>");
 Dialog.show();
 options = options + " output=[" + Dialog.getChoice() + "]";
 options = options + " device=[" + Dialog.getChoice() + "]";
