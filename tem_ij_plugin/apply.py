@@ -34,9 +34,14 @@ STATE_SAVE_S = 2.0  # ... and then at most every this many seconds
 
 
 def labels_path(out: Path) -> Path:
-    """Where ``--kind both`` writes the label image: ``name_labels.tif`` next to ``name.tif``."""
-    from .stackio import split_name
+    """Where ``--kind both`` writes the label image: ``name_labels.tif`` next to ``name.tif``.
 
+    An OME-Zarr image keeps it in its standard ``labels/`` group: ``name.zarr/labels/classes``.
+    """
+    from .stackio import ZARR_SUFFIXES, split_name
+
+    if out.suffix.lower() in ZARR_SUFFIXES:
+        return out / "labels" / "classes"
     stem, suffix = split_name(out)
     return out.with_name(f"{stem}_labels{suffix}")
 
@@ -161,6 +166,7 @@ class PredictJob:
             )
         self.pyramid = pyramid
         self._model_sha256 = self._patch_size = self._object_areas = self._image_stat = None
+        self._model_classes: list = []
         self.n_planes = 0
         self.state = None
         self.writers: list = []
@@ -179,6 +185,12 @@ class PredictJob:
         """The finished outputs, in the order they are written."""
         return {"both": [self.out, labels_path(self.out)]}.get(self.kind, [self.out])
 
+    def _files(self) -> list:
+        """The files (or OME-Zarr folders) this job creates: the outputs not inside another one."""
+        from .stackio import label_store
+
+        return [p for p in self.final_paths() if label_store(p) is None]
+
     def plan(self):
         """Check every path this job may write against every input; returns the :class:`OutputPlan`."""
         from .outputs import OutputPlan, lock_path, temporary_name
@@ -186,7 +198,7 @@ class PredictJob:
 
         plan = OutputPlan([self.model_path, self.image_path, *self.inputs], overwrite=self.overwrite)
         state = JobState.path_for(self.out)
-        for path in self.final_paths():
+        for path in self._files():
             if output_format(path) == "zarr":
                 _zarr()  # a missing library is said before anything is computed
             plan.output(path)
@@ -220,7 +232,7 @@ class PredictJob:
             with contextlib.ExitStack() as locks:
                 stale = [
                     locks.enter_context(OutputLock(p, "tem-ij predict", overwrite=self.overwrite)).stale
-                    for p in self.final_paths()
+                    for p in self._files()
                 ]
                 if self.resume and self._renamed_but_state_kept(names):
                     return f"{', '.join(map(str, self.final_paths()))} already complete (the state was left behind)"
@@ -237,7 +249,7 @@ class PredictJob:
     def _finish(self) -> None:
         """Move the finished outputs into place (an OME-Zarr pyramid is built then); a full disk is exit 2."""
         try:
-            for w in self.writers:
+            for w in reversed(self.writers):  # a label image inside the image's OME-Zarr finishes first
                 w.finish()
         except OSError as exc:
             raise UserError(
@@ -292,6 +304,7 @@ class PredictJob:
         else:
             model = load_segmenter(self.model_path, self.device)
         keep = list(range(len(model.classes)))
+        self._model_classes = list(model.classes)
         if self.classes:
             unknown = [c for c in self.classes if c not in model.classes]
             if unknown:
@@ -395,7 +408,7 @@ class PredictJob:
         from .stackio import JobState, partial_path
 
         state = JobState.path_for(self.out)
-        if not state.exists() or any(partial_path(p).exists() for p in self.final_paths()):
+        if not state.exists() or any(partial_path(p).exists() for p in self._files()):
             return False
         if not self._finals_record(self._job(names)):
             return False
@@ -447,8 +460,11 @@ class PredictJob:
         def create(resume: bool) -> list:
             writers, job = [], self._job(names)
             try:
-                for path, _, lay, labels in outputs:
-                    writers.append(open_writer(path, lay, reader.calibration, labels, names, resume, job, self.pyramid))
+                for path, kind, lay, labels in outputs:
+                    # label value k is the model's class k, whichever classes the probabilities keep
+                    classes = self._model_classes if kind == "labels" else names
+                    cal = reader.calibration
+                    writers.append(open_writer(path, lay, cal, labels, classes, resume, job, self.pyramid))
             except BaseException:
                 for w in writers:
                     w.close()
@@ -483,7 +499,7 @@ class PredictJob:
         from .stackio import partial_path
 
         # (Hidden temporary names, .NAME.partial, are ours by their name: a kill mid-write leaves one.)
-        for path in [*(partial_path(p) for p in self.final_paths()), state.path]:
+        for path in [*(partial_path(p) for p in self._files()), state.path]:
             if (path.exists() or path.is_symlink()) and not self.overwrite:
                 raise UserError(
                     f"{path} exists but no interrupted run of this job describes it; move it away "

@@ -49,11 +49,21 @@ def split_name(path: Path) -> tuple[str, str]:
     return path.stem, path.suffix
 
 
+def label_store(path: Path) -> Path | None:
+    """The OME-Zarr image whose ``labels/`` group holds ``path`` (``cells.zarr/labels/classes``), else None."""
+    parent = path.parent
+    if parent.name == "labels" and parent.parent.suffix.lower() in ZARR_SUFFIXES:
+        return parent.parent
+    return None
+
+
 def output_format(path: Path) -> str:
     """``imagej``, ``ome`` (OME-TIFF), ``bigtiff`` (OME-BigTIFF) or ``zarr`` from the file name.
 
     Anything else is a :class:`UserError`.
     """
+    if label_store(path) is not None:
+        return "zarr"
     if path.name.lower().endswith(OME_TIFF_SUFFIXES):
         return "ome"
     suffix = path.suffix.lower()
@@ -74,7 +84,14 @@ class PartialMismatch(Exception):
 
 
 def partial_path(path: Path) -> Path:
-    """Where ``path`` is written until it is complete: ``name.partial.tif`` for ``name.tif``."""
+    """Where ``path`` is written until it is complete: ``name.partial.tif`` for ``name.tif``.
+
+    A label image inside an OME-Zarr image is written inside that image's working store, and moves
+    into place with it.
+    """
+    store = label_store(path)
+    if store is not None:
+        return partial_path(store) / path.relative_to(store)
     stem, suffix = split_name(path)
     return path.with_name(f"{stem}.partial{suffix}")
 
@@ -323,9 +340,11 @@ class ZarrPlaneWriter:
         self._job, self.pyramid = job, pyramid
         self.path, self.layout = path, layout
         self.work = partial_path(path)
+        # A label image in an image's labels/ group: the image's axes, with one channel
+        self.inside = label_store(path) is not None
         self._dtype = np.dtype(layout.dtype).newbyteorder("<")
         dims = [("t", "time")] if "T" in layout.stack_axes else []
-        dims += [("c", "channel")] if layout.channels else []
+        dims += [("c", "channel")] if layout.channels or self.inside else []
         dims += [("z", "space")] if "Z" in layout.stack_axes else []
         dims += [("y", "space"), ("x", "space")]
         self._axes = dims
@@ -344,6 +363,9 @@ class ZarrPlaneWriter:
                 shutil.rmtree(self.work)  # planned and ours: see PredictJob
             elif self.work.exists() or self.work.is_symlink():
                 self.work.unlink()
+            if self.inside:  # the image's writer has just created its store: list this label image there
+                labels = zarr.open_group(str(self.work.parent), mode="a", zarr_format=2)
+                labels.attrs.update({"labels": [*labels.attrs.get("labels", []), self.work.name]})
             group = zarr.open_group(str(self.work), mode="w", zarr_format=2)
             group.attrs.update(self._attributes(calibration, channel_names, levels=1))
             self._array = self._create(group, "0", self.shape)
@@ -390,6 +412,15 @@ class ZarrPlaneWriter:
             top = 1.0 if self._dtype.kind == "f" else float(np.iinfo(self._dtype).max)
             window = {"start": 0.0, "end": top, "min": 0.0, "max": top}
             attrs["omero"] = {"channels": [{"label": str(n), "active": True, "window": window} for n in channel_names]}
+        if self.inside:
+            names = list(channel_names or [])
+            colours = label_colours(len(names))
+            attrs["image-label"] = {
+                "version": "0.4",
+                "colors": [{"label-value": i, "rgba": [*rgb, 0 if i == 0 else 255]} for i, rgb in enumerate(colours)],
+                "properties": [{"label-value": i, "class": str(n)} for i, n in enumerate(names)],
+                "source": {"image": "../../"},
+            }
         return attrs
 
     def _index(self, i: int) -> tuple:
@@ -401,7 +432,7 @@ class ZarrPlaneWriter:
     def write(self, i: int, plane: np.ndarray) -> int:
         """Write plane ``i`` (shape (C, Y, X), or (Y, X) for labels); returns the checksum of its values."""
         data = np.ascontiguousarray(plane, dtype=self._dtype)
-        self._array[self._index(i)] = data
+        self._array[self._index(i)] = data[None] if self.inside else data  # its one channel
         return zlib.crc32(memoryview(data).cast("B"))
 
     def digest(self, i: int) -> int | None:
@@ -417,9 +448,14 @@ class ZarrPlaneWriter:
         pass
 
     def finish(self) -> None:
-        """Add the pyramid levels, then move the complete store to its final name."""
+        """Add the pyramid levels, then move the complete store to its final name.
+
+        A label image inside an image moves with the image's store: finish it before the image's.
+        """
         if self.pyramid:
             self._build_pyramid()
+        if self.inside:
+            return
         remove_output(self.path)
         os.replace(self.work, self.path)
 
@@ -437,6 +473,16 @@ class ZarrPlaneWriter:
             previous = level
         attrs = self._attributes(self._calibration, self._channel_names, self.pyramid + 1)
         group.attrs.update({"multiscales": attrs["multiscales"]})
+
+
+def label_colours(n: int) -> list:
+    """``n`` RGB colours (0-255) for label values: black for the first, then hues that differ from their neighbours."""
+    import colorsys
+
+    if n <= 0:
+        return []
+    hsv = [((i * 0.618034) % 1.0, 0.55 + 0.45 * (i % 3) / 2, 1.0 - 0.3 * (i % 2)) for i in range(max(n - 1, 0))]
+    return [(0, 0, 0)] + [tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(*v)) for v in hsv][: max(n - 1, 0)]
 
 
 def _half(plane: np.ndarray, labels: bool) -> np.ndarray:

@@ -377,7 +377,9 @@ def output_names(images: list[Path], out_dir: Path, name: str, kind: str) -> lis
     if any(o.name in ("", ".", "..") for o in outs):
         raise UserError(f"the output name '{name}' gives an empty file name")
     # Case-insensitive disks (macOS, Windows) fold names; --kind both also writes NAME_labels beside each.
-    written = [p.name.casefold() for o in outs for p in ([o, labels_path(o)] if kind == "both" else [o])]
+    written = [
+        str(p.relative_to(out_dir)).casefold() for o in outs for p in ([o, labels_path(o)] if kind == "both" else [o])
+    ]
     clash = sorted({n for n in written if written.count(n) > 1})
     if clash:
         raise UserError(

@@ -126,6 +126,16 @@ def test_labels_beside_an_output_may_not_meet_another_images_output(batch, capsy
     assert "would be written to a_labels.tif" in err
 
 
+def test_a_batch_of_ome_zarr_keeps_each_label_image_inside_its_own_image(batch, capsys):
+    pytest.importorskip("zarr")
+    out = batch["dir"] / "out"
+    code, _, err = predict(capsys, batch["model"], batch["folder"], "--out-dir", out, "--name", "{name}.zarr",
+                           "--kind", "both")  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["a.zarr", "b.zarr", "c.zarr"]
+    assert all((out / f"{n}.zarr" / "labels" / "classes" / "0").is_dir() for n in "abc")
+
+
 def test_an_output_folder_that_is_a_file_is_exit_2(batch, capsys):
     (batch["dir"] / "out.tif").write_bytes(b"x")
     code, _, err = predict(capsys, batch["model"], batch["folder"], "--out-dir", batch["dir"] / "out.tif")

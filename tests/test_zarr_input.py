@@ -173,9 +173,67 @@ def test_a_pyramid_level_is_the_mean_of_2x2_blocks_of_probabilities(pyramid):
 
 
 def test_a_label_pyramid_keeps_labels(pyramid):
-    group = zarr.open_group(str(pyramid.with_name("p_labels.zarr")), mode="r")
-    full, half = np.asarray(group["0"][0]), np.asarray(group["1"][0])
+    group = zarr.open_group(str(pyramid / "labels" / "classes"), mode="r")
+    full, half = np.asarray(group["0"][0, 0]), np.asarray(group["1"][0, 0])  # channel 0, plane 0
     assert np.array_equal(half, full[::2, ::2])
+
+
+def test_the_label_image_is_in_the_images_labels_group(pyramid):
+    assert zarr.open_group(str(pyramid / "labels"), mode="r").attrs["labels"] == ["classes"]
+    assert not pyramid.with_name("p_labels.zarr").exists()
+
+
+def test_the_label_image_has_the_images_axes_with_one_channel(pyramid):
+    image = zarr.open_group(str(pyramid), mode="r")
+    labels = zarr.open_group(str(pyramid / "labels" / "classes"), mode="r")
+    assert [a["name"] for a in labels.attrs["multiscales"][0]["axes"]] == ["c", "z", "y", "x"]
+    assert labels["0"].shape == (1, *image["0"].shape[1:])
+
+
+def test_the_label_image_has_as_many_levels_as_the_image(pyramid):
+    image = zarr.open_group(str(pyramid), mode="r").attrs["multiscales"][0]["datasets"]
+    labels = zarr.open_group(str(pyramid / "labels" / "classes"), mode="r").attrs["multiscales"][0]["datasets"]
+    assert [d["coordinateTransformations"] for d in labels] == [d["coordinateTransformations"] for d in image]
+
+
+def test_the_label_image_names_each_label_value_by_its_class(pyramid):
+    label = zarr.open_group(str(pyramid / "labels" / "classes"), mode="r").attrs["image-label"]
+    assert [(p["label-value"], p["class"]) for p in label["properties"]] == [(0, "background"), (1, "cell")]
+    assert [c["label-value"] for c in label["colors"]] == [0, 1]
+    assert label["source"] == {"image": "../../"}
+
+
+def test_the_label_image_is_the_argmax_of_the_probabilities(pyramid):
+    probabilities = np.asarray(zarr.open_group(str(pyramid), mode="r")["0"])
+    labels = np.asarray(zarr.open_group(str(pyramid / "labels" / "classes"), mode="r")["0"])
+    assert np.array_equal(labels[0], probabilities.argmax(axis=0))
+
+
+def test_a_cancelled_run_with_labels_inside_resumes_to_the_same_store(tmp_path, stack):
+    import threading
+
+    from tem_ij_plugin.apply import PredictJob
+    from tem_ij_plugin.errors import Cancelled
+
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    cancel, out = threading.Event(), tmp_path / "p.zarr"
+
+    def stop_after_first_plane(ev):
+        if ev["done"] >= 1:
+            cancel.set()
+
+    options = {"kind": "both", "backend": "torch", "pyramid": 1}
+    with pytest.raises(Cancelled):
+        PredictJob(model, tmp_path / "s.tif", out, **options).run(progress=stop_after_first_plane, cancel=cancel)
+    assert (tmp_path / "p.partial.zarr" / "labels" / "classes").is_dir()
+    planes = set()
+    PredictJob(model, tmp_path / "s.tif", out, resume=True, **options).run(progress=lambda ev: planes.add(ev["plane"]))
+    assert planes == {2, 3}
+    PredictJob(model, tmp_path / "s.tif", tmp_path / "fresh.zarr", **options).run()
+    for part in ["0", "1", "labels/classes/0", "labels/classes/1"]:
+        fresh = np.asarray(zarr.open_array(str(tmp_path / "fresh.zarr" / part), mode="r"))
+        assert np.array_equal(np.asarray(zarr.open_array(str(out / part), mode="r")), fresh), part
 
 
 def test_an_odd_sized_plane_rounds_its_pyramid_up(pyramid):

@@ -484,14 +484,12 @@ def find_objects(ctx: Context) -> None:
 
 def _distinct_lut():
     """A label LUT: black background, then 255 colours that differ from their neighbours (golden-ratio hues)."""
-    import colorsys
-
     from jpype import JArray, JByte
 
-    rgb = [(0, 0, 0)] + [
-        colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.55 + 0.45 * (i % 3) / 2, 1.0 - 0.3 * (i % 2)) for i in range(255)
-    ]
-    channels = [[int(round(c[k] * 255)) if i else 0 for i, c in enumerate(rgb)] for k in range(3)]
+    from ..stackio import label_colours
+
+    rgb = label_colours(256)
+    channels = [[c[k] for c in rgb] for k in range(3)]
     arrays = [JArray(JByte)(np.array(ch, np.uint8).view(np.int8).tolist()) for ch in channels]
     return jimport("ij.process.LUT")(*arrays)
 
