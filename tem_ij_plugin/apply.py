@@ -238,7 +238,7 @@ class PredictJob:
                     return f"{', '.join(map(str, self.final_paths()))} already complete (the state was left behind)"
                 self._open(outputs, reader, predictor, names, any(stale))
                 elapsed = self._predict_all(predictor, reader, lo, hi, outputs, keep, progress, cancel)
-                self._finish()
+                self._finish(cancel)
                 self.state.remove()
         mp = n * reader.plane_shape[0] * reader.plane_shape[1] / 1e6
         return (
@@ -246,11 +246,11 @@ class PredictJob:
             f"({elapsed:.1f} s, {mp / max(elapsed, 1e-9):.2f} MP/s, {predictor.backend.name} {predictor.precision})"
         )
 
-    def _finish(self) -> None:
+    def _finish(self, cancel) -> None:
         """Move the finished outputs into place (an OME-Zarr pyramid is built then); a full disk is exit 2."""
         try:
             for w in reversed(self.writers):  # a label image inside the image's OME-Zarr finishes first
-                w.finish()
+                w.finish(cancel)
         except OSError as exc:
             raise UserError(
                 f"finishing {self.out} failed: {exc.strerror or exc}. Every plane is in "

@@ -9,6 +9,7 @@ are done, so an interrupted prediction can be resumed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ from .errors import UserError
 from .io import Calibration, human_size
 from .outputs import SOFTWARE, atomic_write, read_at, remove_output
 from .schemas import JobStateFile
+
+log = logging.getLogger(__name__)
 
 IMAGEJ_LIMIT = 2**32 - 2**25  # ImageJ TIFFs store 32-bit offsets; keep a margin for the metadata
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -150,8 +153,8 @@ class PlaneWriter(Protocol):
         """Close without finishing: the partial output stays for a resume."""
         ...
 
-    def finish(self) -> None:
-        """Close and move the complete output to its final name."""
+    def finish(self, cancel=None) -> None:
+        """Close and move the complete output to its final name (``cancel`` stops slow finishing work)."""
         ...
 
 
@@ -272,8 +275,8 @@ class TiffPlaneWriter:
         """Close the partial file without finishing it."""
         self._fh.close()
 
-    def finish(self) -> None:
-        """Close and move the complete file to its final name."""
+    def finish(self, cancel=None) -> None:
+        """Close and move the complete file to its final name (quick: ``cancel`` is not needed)."""
         self.close()
         if self.path.is_dir():  # only planned with --overwrite
             remove_output(self.path)
@@ -411,7 +414,13 @@ class ZarrPlaneWriter:
         if channel_names and self.layout.channels:
             top = 1.0 if self._dtype.kind == "f" else float(np.iinfo(self._dtype).max)
             window = {"start": 0.0, "end": top, "min": 0.0, "max": top}
-            attrs["omero"] = {"channels": [{"label": str(n), "active": True, "window": window} for n in channel_names]}
+            colours = [bytes(c).hex().upper() for c in label_colours(len(channel_names) + 1)[1:]]  # not black
+            attrs["omero"] = {
+                "channels": [
+                    {"label": str(n), "color": colour, "active": True, "window": window}
+                    for n, colour in zip(channel_names, colours)
+                ]
+            }
         if self.inside:
             names = list(channel_names or [])
             colours = label_colours(len(names))
@@ -447,28 +456,35 @@ class ZarrPlaneWriter:
         """Nothing to close: every chunk file is written whole."""
         pass
 
-    def finish(self) -> None:
+    def finish(self, cancel=None) -> None:
         """Add the pyramid levels, then move the complete store to its final name.
 
         A label image inside an image moves with the image's store: finish it before the image's.
+        ``cancel`` is checked between the planes of the pyramid: a cancelled build stays in the
+        working store, and a resumed run builds it again.
         """
         if self.pyramid:
-            self._build_pyramid()
+            self._build_pyramid(cancel)
         if self.inside:
             return
         remove_output(self.path)
         os.replace(self.work, self.path)
 
-    def _build_pyramid(self) -> None:
+    def _build_pyramid(self, cancel=None) -> None:
         """Levels 1..pyramid, plane by plane from the level before (bounded memory)."""
+        from .events import check_cancel
+
         zarr = _zarr()
         group = zarr.open_group(str(self.work), mode="r+")
         labels = self.layout.channels is None
         previous, shape = self._array, list(self.shape)
         for k in range(1, self.pyramid + 1):
             shape = shape[:-2] + [max(1, (shape[-2] + 1) // 2), max(1, (shape[-1] + 1) // 2)]
+            planes = self.layout.n_planes
+            log.info("%s: resolution level %d of %d (%d plane(s))", self.path.name, k, self.pyramid, planes)
             level = self._create(group, str(k), shape)
             for i in range(self.layout.n_planes):
+                check_cancel(cancel)
                 level[self._index(i)] = _half(np.asarray(previous[self._index(i)]), labels).astype(self._dtype)
             previous = level
         attrs = self._attributes(self._calibration, self._channel_names, self.pyramid + 1)

@@ -261,3 +261,47 @@ def test_a_pyramid_left_half_built_by_a_kill_is_rebuilt_on_resume(tmp_path):
     resumed = open_writer(tmp_path / "p.zarr", lay, Calibration(), resume=True, pyramid=1)
     resumed.finish()
     assert zarr.open_group(str(tmp_path / "p.zarr"), mode="r")["1"].shape == (2, 2, 10, 15)
+
+
+def test_a_pyramid_build_stops_when_cancelled_and_keeps_the_working_store(tmp_path):
+    import threading
+
+    from tem_ij_plugin.errors import Cancelled
+    from tem_ij_plugin.io import Calibration
+    from tem_ij_plugin.stackio import Layout, open_writer
+
+    lay = Layout("Z", (2,), 2, (20, 30), np.dtype(np.float32))
+    w = open_writer(tmp_path / "p.zarr", lay, Calibration(), pyramid=1)
+    for i in range(2):
+        w.write(i, np.full((2, 20, 30), 0.5, np.float32))
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        w.finish(cancel)
+    assert (tmp_path / "p.partial.zarr" / "0").is_dir()
+    assert not (tmp_path / "p.zarr").exists()
+
+
+def _validator():
+    """ome-zarr-models, an independent reading of the OME-NGFF spec (required in CI)."""
+    import os
+
+    try:
+        from ome_zarr_models import v04
+    except ImportError:
+        if os.environ.get("TEM_IJ_REQUIRE_OME_ZARR_MODELS") == "1":
+            pytest.fail("ome-zarr-models is required in CI (pip install -e '.[test]')")
+        pytest.skip("ome-zarr-models not installed")
+    return v04
+
+
+def test_our_ome_zarr_image_validates_against_the_spec(pyramid):
+    _validator().Image.from_zarr(zarr.open_group(str(pyramid), mode="r"))
+
+
+def test_our_labels_group_validates_against_the_spec(pyramid):
+    _validator().Labels.from_zarr(zarr.open_group(str(pyramid / "labels"), mode="r"))
+
+
+def test_our_label_image_validates_against_the_spec(pyramid):
+    _validator().ImageLabel.from_zarr(zarr.open_group(str(pyramid / "labels" / "classes"), mode="r"))
