@@ -99,6 +99,15 @@ def make_data(seed: int):
     return train_img, labels, big, big_truth
 
 
+def cpu_name() -> str:
+    """The CPU's model name (the results differ between the machines of the shared pool)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def whole_process(model_path: Path, image_path: Path, out: Path, backend: str, repeats: int) -> dict:
     """Median wall time and the largest peak RSS of ``tem-ij predict`` as a separate process."""
     exe = shutil.which("tem-ij")
@@ -130,19 +139,20 @@ def main(argv=None) -> int:
     import torch
     from isbi_partial import miou, rf_peer
 
-    from tem_ij_plugin.backends import onnx_available
+    from tem_ij_plugin.backends import cpu_has_native_bf16, onnx_available, precision_report
     from tem_ij_plugin.config import Settings
     from tem_ij_plugin.io import write_hyperstack
     from tem_ij_plugin.modelio import build_network, save_model
     from tem_ij_plugin.normalization import normalization_range, normalize
-    from tem_ij_plugin.predict import make_predictor
+    from tem_ij_plugin.predict import make_predictor, probe_crop
     from tem_ij_plugin.receptive import fold_batchnorm
     from tem_ij_plugin.tiling import pad_amounts, tile_specs
     from tem_ij_plugin.train import train
 
     threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="tem-ij-speed-"))
-    res: dict = {"threads": threads, "torch": torch.__version__, "image": [2920, 3840]}
+    res: dict = {"threads": threads, "torch": torch.__version__, "image": [2920, 3840], "cpu": cpu_name()}
+    res["cpu_native_bf16"] = cpu_has_native_bf16()
     try:
         print("data ...", flush=True)
         train_img, labels, big, big_truth = make_data(args.seed)
@@ -160,13 +170,13 @@ def main(argv=None) -> int:
         res["sgemm_gflops"] = round(sgemm_gflops(), 1)
         configs = [("auto", "auto")] + ([("onnx", "fp32")] if onnx_available() else [])
         configs += [("torch", "fp32"), ("torch", "bf16")]
-        probe = np.ascontiguousarray(x[:256, :256])
+        probe = np.ascontiguousarray(probe_crop(x))
         infer = fold_batchnorm(net)
         ref = None
         res["backends"] = {}
         for backend, precision in configs:
             # bf16 runs unchecked here so that its speed and error are measured; `tem-ij predict` checks
-            # it on a probe tile and falls back to fp32 when a probability moves by more than 0.02.
+            # it on the probe (precision_report) and falls back to fp32 when it fails.
             pred = make_predictor(
                 net, torch.device("cpu"), backend, precision, probe=probe if backend == "auto" else None
             )
@@ -202,6 +212,9 @@ def main(argv=None) -> int:
                 ref = out["p"]
             else:
                 row["max_diff_vs_first"] = round(float(np.abs(out["p"] - ref).max()), 5)
+                # the acceptance test over the whole image, not just the probe
+                whole = precision_report(ref, out["p"])
+                row["whole_image_vs_first"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in whole.items()}
             row["backend"] = pred.backend.name
             res["backends"][f"{backend}-{precision}"] = row
             print(f"  {backend} {pred.precision}: {row}", flush=True)

@@ -558,7 +558,7 @@ def image_predictor(
         A single plane with no contrast.
     """
     from .normalization import normalize
-    from .predict import make_predictor
+    from .predict import make_predictor, probe_crop
     from .receptive import HALO_MASS
     from .runtime import resolve_device
 
@@ -572,7 +572,7 @@ def image_predictor(
         tile,
         overlap,
         batch_size,
-        normalize(first[:256, :256], lo, hi),
+        normalize(probe_crop(first), lo, hi),
         halo=erf.get("radius") if erf.get("mass") == HALO_MASS else None,
         tta=tta,
     )

@@ -232,8 +232,84 @@ def test_reduced_precision_is_checked_against_fp32(monkeypatch):
     probe = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     dev = torch.device("cpu")
     assert make_predictor(net, dev, backend="torch", precision="bf16", probe=probe).precision == "bf16"
-    monkeypatch.setattr(backends, "PRECISION_TOLERANCE", 0.0)  # now any bf16 rounding is too much
+    monkeypatch.setattr(backends, "MIN_ARGMAX_AGREEMENT", 1.01)  # now nothing passes
     assert make_predictor(net, dev, backend="torch", precision="bf16", probe=probe).precision == "fp32"
+
+
+def _two_class(p_cell: np.ndarray) -> np.ndarray:
+    return np.stack([1 - p_cell, p_cell]).astype(np.float32)
+
+
+def test_a_precision_that_changes_nothing_is_accepted():
+    from tem_ij_plugin.backends import precision_report
+
+    ref = _two_class(np.random.default_rng(0).random((64, 64)))
+    assert precision_report(ref, ref.copy())["accepted"]
+
+
+def test_a_class_changed_where_fp32_was_sure_is_refused():
+    from tem_ij_plugin.backends import precision_report
+
+    p = np.full((100, 100), 0.1)
+    p[50:, :] = 0.9  # half cell: one changed pixel leaves each class's IoU above 0.99
+    low = p.copy()
+    low[0, 0] = 0.6  # fp32 said background with margin 0.8: one confident decision changed
+    assert not precision_report(_two_class(p), _two_class(low))["accepted"]
+
+
+def test_a_class_changed_only_where_fp32_was_undecided_is_accepted():
+    from tem_ij_plugin.backends import precision_report
+
+    p = np.full((100, 100), 0.1)
+    p[50:, :] = 0.9
+    p[0, 0] = 0.49  # nearly a tie in fp32
+    low = p.copy()
+    low[0, 0] = 0.51
+    report = precision_report(_two_class(p), _two_class(low))
+    assert report["flip_margin"] == pytest.approx(0.02, abs=1e-6)
+    assert report["accepted"]
+
+
+def test_a_small_class_lost_is_refused_even_when_nearly_every_pixel_agrees():
+    from tem_ij_plugin.backends import precision_report
+
+    p = np.full((100, 100), 0.1)
+    p[0, :5] = 0.52  # a thin, uncertain class region: 5 of 10 000 pixels
+    low = p.copy()
+    low[0, :5] = 0.48
+    report = precision_report(_two_class(p), _two_class(low))
+    assert report["agreement"] >= 0.999
+    assert not report["accepted"]
+
+
+def test_auto_on_a_cpu_with_native_bf16_keeps_bf16_only_when_it_passes(monkeypatch):
+    import tem_ij_plugin.backends as backends
+
+    net, _ = random_net(depth=3)
+    probe = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    dev = torch.device("cpu")
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
+    assert make_predictor(net, dev, backend="torch", probe=probe).precision == "bf16"
+    monkeypatch.setattr(backends, "MIN_ARGMAX_AGREEMENT", 1.01)
+    assert make_predictor(net, dev, backend="torch", probe=probe).precision == "fp32"
+
+
+def test_auto_on_a_cpu_without_native_bf16_stays_fp32(monkeypatch):
+    import tem_ij_plugin.backends as backends
+
+    net, _ = random_net(depth=3)
+    probe = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    assert make_predictor(net, torch.device("cpu"), backend="torch", probe=probe).precision == "fp32"
+
+
+def test_the_probe_is_the_centre_of_the_plane():
+    from tem_ij_plugin.predict import probe_crop
+
+    plane = np.arange(1000 * 800, dtype=np.float32).reshape(1000, 800)
+    crop = probe_crop(plane, 512)
+    assert crop.shape == (512, 512)
+    assert crop[0, 0] == plane[244, 144]
 
 
 def test_backend_and_precision_errors():
