@@ -1,8 +1,9 @@
 """Tiled inference of a trained network on 2-D images and stacks, in bounded memory.
 
-Images are normalised by robust percentiles, padded (reflect) to whole tiles, cut into overlapping
-tiles (:mod:`tem_ij_plugin.tiling`), run in batches and blended back with a raised-cosine window whose
-overlap covers the network's effective receptive field, so tile borders leave no seams. Stacks are
+Images are normalised by robust percentiles, padded (reflect) to the network's size multiple, cut into
+overlapping tiles fitted to the plane (:mod:`tem_ij_plugin.tiling`), run in batches and blended back
+with a raised-cosine window whose overlap covers the network's effective receptive field, so tile
+borders leave no seams. Stacks are
 processed one plane at a time: the next plane is read while the current one is computed and the
 previous one is written, so memory does not grow with the number of planes.
 
@@ -132,12 +133,11 @@ class Predictor:
         """
         h, w = image.shape
         mult = self.multiple
-        # A small image needs no tile bigger than itself.
-        tile = min(self.tile, int(np.ceil(max(h, w) / mult) * mult))
-        overlap = min(self.overlap, tile - mult)
-        ph, pw = pad_amounts(h, w, tile, mult)
+        ph, pw = pad_amounts(h, w, mult, mult)
         padded = np.pad(image, ((0, ph), (0, pw)), mode="reflect" if min(h, w) > 1 else "edge")
-        tiles = tile_specs(padded.shape[0], padded.shape[1], tile, overlap)
+        # Tiles fitted to the plane: an axis no longer than a tile is one tile of its own length
+        overlap = self.overlap
+        tiles = tile_specs(padded.shape[0], padded.shape[1], self.tile, overlap, mult)
         windows: dict = {}  # blend windows by border flags (numpy)
         device_windows: dict = {}  # the same on the compute device
         on_device = self.backend.on_device
@@ -159,7 +159,7 @@ class Predictor:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
             chunk = tiles[i : i + self.batch_size]
-            x = stack([src[t.y0 : t.y0 + t.size, t.x0 : t.x0 + t.size] for t in chunk])[:, None]
+            x = stack([src[t.y0 : t.y0 + t.height, t.x0 : t.x0 + t.width] for t in chunk])[:, None]
             probs = self.backend(x)
             for t, p in zip(chunk, probs):
                 window = tile_window(t, *padded.shape, overlap, windows)
@@ -169,7 +169,8 @@ class Predictor:
                     window = device_windows[id(window)]
                 stitch(acc, wsum, t, p, window)
             if on_batch is not None:
-                on_batch(TileEvent(min(i + self.batch_size, len(tiles)), len(tiles), len(chunk) * tile * tile))
+                pixels = sum(t.height * t.width for t in chunk)
+                on_batch(TileEvent(min(i + self.batch_size, len(tiles)), len(tiles), pixels))
         out = acc[:, :h, :w] / wsum[:h, :w]
         return out.cpu().numpy() if on_device else out
 

@@ -14,33 +14,44 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Tile:
-    """Window ``[y0, y0 + size) x [x0, x0 + size)`` of an image padded to ``(height, width)``."""
+    """Window ``[y0, y0 + height) x [x0, x0 + width)`` of a (padded) image."""
 
     y0: int
     x0: int
-    size: int
+    height: int
+    width: int
 
 
-def _starts(length: int, tile: int, step: int) -> list:
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, step))
-    starts.append(length - tile)
-    return starts
+def _axis(length: int, tile: int, overlap: int, multiple: int) -> tuple:
+    """The tile size and starts along one axis: the fewest tiles of at most ``tile``, then spread evenly.
 
-
-def tile_specs(height: int, width: int, tile: int, overlap: int) -> list:
-    """Tiles covering a ``height`` x ``width`` image (which must be at least ``tile`` on each side).
-
-    Neighbouring tiles overlap by at least ``overlap`` pixels; the last row/column is shifted back
-    to end at the border, so no tile reaches past the image.
+    The count comes first (the fewest tiles of ``tile`` pixels that overlap by ``overlap``); the size is
+    then the smallest multiple of ``multiple`` with which that many tiles still cover ``length``, so no
+    tile computes more than the image needs (960-pixel tiles on 2920 rows: 4 of 912, not 4 of 960).
     """
-    if height < tile or width < tile:
-        raise ValueError("pad the image to at least one tile before tiling")
+    if length <= tile:
+        return length, [0]
+    n = -(-(length - overlap) // (tile - overlap))
+    size = -(-(length + (n - 1) * overlap) // n)
+    size = min(tile, -(-size // multiple) * multiple, length)
+    # floor((i * span) / (n - 1)): steps differ by at most one pixel and never exceed size - overlap
+    return size, [i * (length - size) // (n - 1) for i in range(n)]
+
+
+def tile_specs(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> list:
+    """Tiles of at most ``tile`` x ``tile`` covering a ``height`` x ``width`` image, fitted to it.
+
+    Neighbouring tiles overlap by at least ``overlap`` pixels; along each axis the tiles have one size
+    (a multiple of ``multiple``, as the network needs; the image sides must be multiples too) and are
+    spread evenly from border to border, so no tile reaches past the image.
+    """
     if not 0 <= overlap < tile:
         raise ValueError("overlap must be >= 0 and smaller than the tile")
-    step = tile - overlap
-    return [Tile(y, x, tile) for y in _starts(height, tile, step) for x in _starts(width, tile, step)]
+    if height % multiple or width % multiple or min(height, width) < 1:
+        raise ValueError("pad the image to a multiple of the network's size multiple before tiling")
+    th, ys = _axis(height, tile, overlap, multiple)
+    tw, xs = _axis(width, tile, overlap, multiple)
+    return [Tile(y, x, th, tw) for y in ys for x in xs]
 
 
 HALO_FRACTION = 3 / 8  # of the overlap, at each inner tile edge, gets (almost) no weight
@@ -63,27 +74,30 @@ def _side_weights(tile: int, overlap: int, open_start: bool, open_end: bool) -> 
 
 
 def blend_window(
-    tile: int, overlap: int, top: bool = False, bottom: bool = False, left: bool = False, right: bool = False
+    shape, overlap: int, top: bool = False, bottom: bool = False, left: bool = False, right: bool = False
 ) -> np.ndarray:
-    """Weights of shape (tile, tile) for blending tiles that overlap by ``overlap`` pixels.
+    """Weights of ``shape`` (height, width; an int for a square) for blending tiles that overlap by ``overlap``.
 
     Along each inner side: a halo of ``3/8 * overlap`` pixels next to the tile edge gets a negligible
     weight (1e-6: a tile's outputs near its edge lack context), then a raised-cosine ramp over the
-    middle quarter of the overlap, then 1. Where two tiles overlap, every pixel with a real weight is
-    therefore at least a halo away from the edge of the tile it comes from. Sides flagged ``top``,
-    ``bottom``, ``left``, ``right`` lie on the image border and get no halo. The weight is never zero.
+    middle quarter of the overlap, then 1. Where two tiles overlap (by ``overlap`` or more), every pixel
+    with a real weight is therefore at least a halo away from the edge of the tile it comes from. Sides
+    flagged ``top``, ``bottom``, ``left``, ``right`` lie on the image border and get no halo. The weight
+    is never zero.
     """
-    wy = _side_weights(tile, overlap, top, bottom)
-    wx = _side_weights(tile, overlap, left, right)
+    height, width = (shape, shape) if isinstance(shape, int) else shape
+    wy = _side_weights(height, overlap, top, bottom)
+    wx = _side_weights(width, overlap, left, right)
     return np.outer(wy, wx).astype(np.float32)
 
 
 def tile_window(tile: Tile, height: int, width: int, overlap: int, cache: dict | None = None) -> np.ndarray:
     """:func:`blend_window` for ``tile`` in an image of ``height`` x ``width``, its border sides open."""
-    key = (tile.y0 == 0, tile.y0 + tile.size >= height, tile.x0 == 0, tile.x0 + tile.size >= width)
+    sides = (tile.y0 == 0, tile.y0 + tile.height >= height, tile.x0 == 0, tile.x0 + tile.width >= width)
+    key = (tile.height, tile.width, *sides)
     if cache is not None and key in cache:
         return cache[key]
-    w = blend_window(tile.size, overlap, *key)
+    w = blend_window((tile.height, tile.width), overlap, *sides)
     if cache is not None:
         cache[key] = w
     return w
@@ -98,9 +112,9 @@ def overlap_for_halo(halo: int, multiple: int = 8) -> int:
 
 
 def stitch(accumulator: np.ndarray, weights: np.ndarray, tile: Tile, values: np.ndarray, window: np.ndarray) -> None:
-    """Add ``values`` of shape (C, size, size) weighted by ``window`` into the accumulators in place."""
-    ys = slice(tile.y0, tile.y0 + tile.size)
-    xs = slice(tile.x0, tile.x0 + tile.size)
+    """Add ``values`` of shape (C, height, width) weighted by ``window`` into the accumulators in place."""
+    ys = slice(tile.y0, tile.y0 + tile.height)
+    xs = slice(tile.x0, tile.x0 + tile.width)
     accumulator[:, ys, xs] += values * window
     weights[ys, xs] += window
 

@@ -8,17 +8,42 @@ from tem_ij_plugin.tiling import blend_window, pad_amounts, stitch, tile_specs
 
 @pytest.mark.parametrize("shape, tile, overlap", [((100, 130), 32, 8), ((64, 64), 64, 0), ((70, 257), 48, 47)])
 def test_tile_stitch_round_trip_is_exact(shape, tile, overlap):
+    from tem_ij_plugin.tiling import tile_window
+
     rng = np.random.default_rng(0)
     img = rng.random((2,) + shape).astype(np.float32)
     acc = np.zeros_like(img)
     wsum = np.zeros(shape, np.float32)
-    window = blend_window(tile, overlap)
     specs = tile_specs(*shape, tile, overlap)
     for t in specs:
-        stitch(acc, wsum, t, img[:, t.y0 : t.y0 + tile, t.x0 : t.x0 + tile], window)
+        window = tile_window(t, *shape, overlap)
+        stitch(acc, wsum, t, img[:, t.y0 : t.y0 + t.height, t.x0 : t.x0 + t.width], window)
     # float32 sums of weights from 1e-12 to 1 (up to 48 tiles deep in the last case) round at ~1e-5
     assert np.allclose(acc / wsum, img, atol=2e-5)
-    assert all(t.y0 + tile <= shape[0] and t.x0 + tile <= shape[1] for t in specs)
+    assert all(t.y0 + t.height <= shape[0] and t.x0 + t.width <= shape[1] for t in specs)
+
+
+def test_tiles_are_fitted_to_the_image():
+    # 2944 rows (2920 padded to a multiple of 32) need 4 tiles of at most 960 that overlap by 240, and
+    # 928 rows (916 rounded up to the multiple) are enough for 4
+    specs = tile_specs(2944, 3840, 960, 240, multiple=32)
+    assert {(t.height, t.width) for t in specs} == {(928, 960)}
+    assert len(specs) == 20
+
+
+def test_fitted_tiles_overlap_by_at_least_the_overlap_and_cover_the_image():
+    for length in (300, 961, 2920, 3841, 5000):
+        specs = tile_specs(length, 64, 960, 240, multiple=1)
+        starts = sorted({t.y0 for t in specs})
+        size = specs[0].height
+        assert starts[0] == 0
+        assert starts[-1] + size == length
+        assert all(b - a <= size - 240 for a, b in zip(starts, starts[1:])), length
+
+
+def test_an_axis_shorter_than_a_tile_is_one_tile_of_its_length():
+    specs = tile_specs(96, 2016, 512, 64, multiple=32)
+    assert {t.height for t in specs} == {96}
 
 
 def test_window_positive_with_halo_and_ramp():
@@ -65,8 +90,11 @@ def test_overlap_for_halo():
 
 def test_pad_amounts():
     assert pad_amounts(100, 300, 256, 8) == (156, 4)
+
+
+def test_tiling_an_image_that_is_not_a_multiple_of_the_network_is_refused():
     with pytest.raises(ValueError):
-        tile_specs(10, 10, 32, 0)
+        tile_specs(100, 96, 64, 0, multiple=32)
 
 
 def test_geometry_keeps_image_and_labels_aligned():
