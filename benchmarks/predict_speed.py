@@ -99,6 +99,14 @@ def make_data(seed: int):
     return train_img, labels, big, big_truth
 
 
+def computed_pixels(shape, pred, multiple: int) -> int:
+    """The pixels the predictor's tiles compute for one plane of ``shape`` (overlaps counted twice)."""
+    from tem_ij_plugin.tiling import pad_amounts, tile_specs
+
+    ph, pw = pad_amounts(shape[0], shape[1], multiple, multiple)
+    return sum(t.height * t.width for t in tile_specs(shape[0] + ph, shape[1] + pw, pred.tile, pred.overlap, multiple))
+
+
 def cpu_name() -> str:
     """The CPU's model name (the results differ between the machines of the shared pool)."""
     try:
@@ -108,10 +116,10 @@ def cpu_name() -> str:
         return "unknown"
 
 
-def whole_process(model_path: Path, image_path: Path, out: Path, backend: str, repeats: int) -> dict:
+def whole_process(model_path: Path, image_path: Path, out: Path, backend: str, repeats: int, extra=()) -> dict:
     """Median wall time and the largest peak RSS of ``tem-ij predict`` as a separate process."""
     exe = shutil.which("tem-ij")
-    cmd = [exe, "-q", "predict", str(model_path), str(image_path), "-o", str(out), "--backend", backend]
+    cmd = [exe, "-q", "predict", str(model_path), str(image_path), "-o", str(out), "--backend", backend, *extra]
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
     walls, rss = [], []
     for _ in range(repeats):
@@ -132,6 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-rf", action="store_true")
+    ap.add_argument("--keep", type=Path, help="copy the trained model and the large image into this folder")
+    ap.add_argument("--tiles", type=lambda v: [int(t) for t in v.split(",") if t], default=[],
+                    help="also time the whole process with these --tile sizes (comma-separated)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "predict_speed.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -146,7 +157,6 @@ def main(argv=None) -> int:
     from tem_ij_plugin.normalization import normalization_range, normalize
     from tem_ij_plugin.predict import make_predictor, probe_crop
     from tem_ij_plugin.receptive import fold_batchnorm
-    from tem_ij_plugin.tiling import pad_amounts, tile_specs
     from tem_ij_plugin.train import train
 
     threads = torch.get_num_threads()
@@ -191,8 +201,7 @@ def main(argv=None) -> int:
                 out["p"] = pred.plane(x)
 
             t = median_time(run, args.repeats)
-            ph, pw = pad_amounts(x.shape[0], x.shape[1], pred.tile, net.size_multiple)
-            n_tiles = len(tile_specs(x.shape[0] + ph, x.shape[1] + pw, pred.tile, pred.overlap))
+            computed = computed_pixels(x.shape, pred, net.size_multiple)
             fl = flops_per_tile(infer, pred.tile)
             row = {
                 "precision": pred.precision,
@@ -203,7 +212,10 @@ def main(argv=None) -> int:
                 "seconds": round(t, 2),
                 "megapixels_per_s": round(mp / t, 2),
                 "model_kflop_per_pixel": round(fl / pred.tile**2 / 1e3, 1),
-                "gflop_per_s": round(n_tiles * fl / t / 1e9, 1),
+                "gflop_per_s": round(computed * fl / pred.tile**2 / t / 1e9, 1),
+                # the same, counting only the image's own pixels: tile overlap counts against it
+                "useful_gflop_per_s": round(x.size * fl / pred.tile**2 / t / 1e9, 1),
+                "computed_pixels_per_image_pixel": round(computed / x.size, 3),
                 "miou": round(miou(out["p"].argmax(0).astype(np.int64), big_truth.astype(np.int64)), 4),
             }
             if precision not in ("fp32", "auto"):
@@ -227,15 +239,14 @@ def main(argv=None) -> int:
             pred = make_predictor(wide, torch.device("cpu"), backend, "fp32", halo=35)
             pred.plane(crop[:512, :512])
             t = median_time(lambda pred=pred: pred.plane(crop), args.repeats)
-            ph, pw = pad_amounts(crop.shape[0], crop.shape[1], pred.tile, wide.size_multiple)
-            n_tiles = len(tile_specs(crop.shape[0] + ph, crop.shape[1] + pw, pred.tile, pred.overlap))
+            computed = computed_pixels(crop.shape, pred, wide.size_multiple)
             fl = flops_per_tile(fold_batchnorm(wide), pred.tile)
             row = {
                 "backend": backend,
                 "image": list(crop.shape),
                 "seconds": round(t, 2),
                 "model_kflop_per_pixel": round(fl / pred.tile**2 / 1e3, 1),
-                "gflop_per_s": round(n_tiles * fl / t / 1e9, 1),
+                "gflop_per_s": round(computed * fl / pred.tile**2 / t / 1e9, 1),
             }
             res.setdefault("wide_unet_32", {})[backend] = row
             print(f"  base-32 U-Net {backend}: {row}", flush=True)
@@ -245,6 +256,8 @@ def main(argv=None) -> int:
         if peaks:
             for row in list(res["backends"].values()) + list(res.get("wide_unet_32", {}).values()):
                 row["fraction_of_fp32_peak"] = round(row["gflop_per_s"] / max(peaks), 3)
+                if "useful_gflop_per_s" in row:
+                    row["useful_fraction_of_fp32_peak"] = round(row["useful_gflop_per_s"] / max(peaks), 3)
 
         # Seams: 256-pixel tiles (default overlap) against one tile covering a 1024x1024 crop.
         crop = x[:1024, :1024]
@@ -268,6 +281,10 @@ def main(argv=None) -> int:
             row = whole_process(model_path, image_path, work / "out.tif", backend, args.repeats)
             res["whole_process"][backend] = row
             print(f"  tem-ij predict --backend {backend}: {row}", flush=True)
+        for tile in args.tiles:  # larger tiles: fewer overlaps, more memory
+            row = whole_process(model_path, image_path, work / "out.tif", "auto", args.repeats, ["--tile", str(tile)])
+            res["whole_process"][f"auto-tile-{tile}"] = row
+            print(f"  tem-ij predict --tile {tile}: {row}", flush=True)
 
         if not args.no_rf:
             pred, fit_s, pred_s = rf_peer(train_img[None], labels.labels, big[None], args.seed)
@@ -279,6 +296,11 @@ def main(argv=None) -> int:
             }
             print(f"  RF peer: {res['rf_peer']}", flush=True)
     finally:
+        if args.keep:  # the model and the image, for benchmarks/int8_onnx.py
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for name in ("default.model", "big.tif"):
+                if (work / name).exists():
+                    shutil.copyfile(work / name, args.keep / name)
         shutil.rmtree(work, ignore_errors=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .backends import TTA_MODES, OnnxBackend, TTABackend, _auto_runner, onnx_available
+from .backends import TTA_MODES, OnnxBackend, TTABackend, _auto_runner, _int8_runner, onnx_available
 from .errors import Cancelled, UserError
 from .events import PredictEvent
 from .normalization import normalize, sampled_range
@@ -199,7 +199,8 @@ def make_predictor(
         ``torch``, ``onnx``.
     precision : str
         ``auto``: bf16 autocast on CUDA (fp16 without bf16) and on CPUs that compute bf16 in hardware
-        (AVX512-BF16, AMX), fp32 elsewhere. Or ``fp32``, ``bf16``, ``fp16``. Reduced precision (the
+        (AVX512-BF16, AMX), fp32 elsewhere. Or ``fp32``, ``bf16``, ``fp16``, ``int8`` (onnxruntime on
+        the CPU, calibrated on ``probe``: activation ranges from the image itself). Reduced precision (the
         first convolution stays fp32) is checked on ``probe`` against fp32 and dropped unless it keeps
         the class of 99.9 % of the pixels, each class's IoU at 0.99 or more, and changes a class only
         where fp32's top-two margin was at most 0.1 (:func:`~tem_ij_plugin.backends.precision_report`).
@@ -219,8 +220,8 @@ def make_predictor(
         raise UserError(f"unknown test-time augmentation '{tta}'; use {', '.join(TTA_MODES)}")
     if backend not in ("auto", "torch", "onnx"):
         raise UserError(f"unknown backend '{backend}'; use auto, torch or onnx")
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
+    if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+        raise UserError(f"unknown precision '{precision}'; use auto, fp32, bf16, fp16 or int8")
     infer = fold_batchnorm(net).float()
     if halo is None:
         halo = effective_receptive_field(infer, HALO_MASS)
@@ -228,7 +229,13 @@ def make_predictor(
     tile = int(np.ceil((tile or d_tile) / net.size_multiple) * net.size_multiple)
     check_tiling(tile, d_overlap if overlap is None else overlap, derived=overlap is None, halo=halo)
     overlap = d_overlap if overlap is None else overlap
-    if backend == "onnx":
+    if precision == "int8":
+        if device.type != "cpu" or backend == "torch" or not onnx_available():
+            raise UserError(
+                "int8 runs on the CPU with onnxruntime: --device cpu --backend auto (pip install 'tem-ij-plugin[onnx]')"
+            )
+        runner = _int8_runner(infer, probe)
+    elif backend == "onnx":
         if device.type != "cpu":
             raise UserError("the onnx backend runs on the CPU; use --backend torch for a GPU")
         if precision not in ("auto", "fp32"):

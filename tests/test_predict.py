@@ -303,6 +303,42 @@ def test_auto_on_a_cpu_without_native_bf16_stays_fp32(monkeypatch):
     assert make_predictor(net, torch.device("cpu"), backend="torch", probe=probe).precision == "fp32"
 
 
+def _accept_anything(monkeypatch):
+    import tem_ij_plugin.backends as backends
+
+    monkeypatch.setattr(backends, "MIN_ARGMAX_AGREEMENT", 0.0)
+    monkeypatch.setattr(backends, "MIN_CLASS_IOU", 0.0)
+    monkeypatch.setattr(backends, "MAX_FLIP_MARGIN", 1.0)
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_int8_runs_a_quantised_graph_close_to_fp32(monkeypatch):
+    _accept_anything(monkeypatch)
+    net, _ = random_net(depth=3)
+    image = np.random.default_rng(0).random((200, 150)).astype(np.float32)
+    dev = torch.device("cpu")
+    int8 = make_predictor(net, dev, precision="int8", tile=128, probe=image[:128, :128])
+    assert int8.precision == "int8"
+    ref = make_predictor(net, dev, backend="onnx", tile=128).plane(image)
+    assert np.abs(int8.plane(image) - ref).mean() < 0.05
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_int8_that_fails_the_acceptance_test_falls_back_to_fp32(monkeypatch):
+    import tem_ij_plugin.backends as backends
+
+    monkeypatch.setattr(backends, "MIN_ARGMAX_AGREEMENT", 1.01)
+    net, _ = random_net(depth=3)
+    probe = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    assert make_predictor(net, torch.device("cpu"), precision="int8", probe=probe).precision == "fp32"
+
+
+def test_int8_needs_onnxruntime_on_the_cpu():
+    net, _ = random_net(depth=3)
+    with pytest.raises(UserError, match="int8 runs on the CPU with onnxruntime"):
+        make_predictor(net, torch.device("cpu"), backend="torch", precision="int8")
+
+
 def test_the_probe_is_the_centre_of_the_plane():
     from tem_ij_plugin.predict import probe_crop
 
