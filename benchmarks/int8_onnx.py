@@ -16,21 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predict_speed import median_time  # noqa: E402
 
 
 def _calibration_reader(x: np.ndarray, size: int, count: int):
@@ -98,7 +92,8 @@ def main(argv=None) -> int:
     tile = np.ascontiguousarray(x[: args.tile // mult * mult, : args.tile // mult * mult])[None, None]
     res: dict = {"tile": list(tile.shape[-2:]), "threads": torch.get_num_threads(), "quantize_s": round(quantize_s, 2)}
     for name, sess in sessions.items():
-        res[f"{name}_tile_s"] = round(_median_seconds(lambda s=sess: s.run(None, {"image": tile}), args.repeats), 3)
+        sess.run(None, {"image": tile})  # warm-up
+        res[f"{name}_tile_s"] = round(median_time(lambda s=sess: s.run(None, {"image": tile}), args.repeats), 3)
     res["speedup"] = round(res["fp32_tile_s"] / res["int8_tile_s"], 2)
 
     # The whole image through our tiled predictor, with the int8 session as its backend

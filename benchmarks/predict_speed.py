@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         peak_before = fma_peak(threads, work)
         res["sgemm_gflops"] = round(sgemm_gflops(), 1)
         configs = [("auto", "auto")] + ([("onnx", "fp32")] if onnx_available() else [])
-        configs += [("torch", "fp32"), ("torch", "bf16")]
+        configs += [("torch", "fp32"), ("torch", "bf16")] + ([("auto", "int8")] if onnx_available() else [])
         probe = np.ascontiguousarray(probe_crop(x))
         infer = fold_batchnorm(net)
         ref = None
@@ -190,7 +190,9 @@ def main(argv=None) -> int:
             pred = make_predictor(
                 net, torch.device("cpu"), backend, precision, probe=probe if backend == "auto" else None
             )
-            if precision not in ("fp32", "auto"):
+            if precision == "int8":  # calibrated and checked on the probe by make_predictor itself
+                checked = pred.precision
+            elif precision not in ("fp32", "auto"):
                 from tem_ij_plugin.backends import _check_reduced_precision
 
                 checked = _check_reduced_precision(fold_batchnorm(net), torch.device("cpu"), precision, probe)
@@ -281,6 +283,10 @@ def main(argv=None) -> int:
             row = whole_process(model_path, image_path, work / "out.tif", backend, args.repeats)
             res["whole_process"][backend] = row
             print(f"  tem-ij predict --backend {backend}: {row}", flush=True)
+        if onnx_available():
+            row = whole_process(model_path, image_path, work / "out.tif", "auto", args.repeats, ["--precision", "int8"])
+            res["whole_process"]["auto-int8"] = row
+            print(f"  tem-ij predict --precision int8: {row}", flush=True)
         for tile in args.tiles:  # larger tiles: fewer overlaps, more memory
             row = whole_process(model_path, image_path, work / "out.tif", "auto", args.repeats, ["--tile", str(tile)])
             res["whole_process"][f"auto-tile-{tile}"] = row
