@@ -6,9 +6,12 @@ Torch runs eager and channels_last, with optional autocast checked against fp32.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import logging
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +20,8 @@ from .errors import UserError
 from .runtime import autocast_context, resolve_precision
 
 log = logging.getLogger(__name__)
+
+OPSET = 17  # of the exported ONNX graphs
 
 
 # A reduced precision is accepted when, on the probe, it agrees with fp32 where users look: the class of
@@ -28,13 +33,30 @@ MAX_FLIP_MARGIN = 0.1
 
 
 def onnx_available() -> bool:
-    """Whether onnxruntime and onnx (extra ``[onnx]``) can be imported."""
-    try:
-        import onnx  # noqa: F401  (torch's exporter needs it)
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether onnxruntime and onnx (extra ``[onnx]``) are installed.
+
+    Found, not imported: importing onnx costs most of a second, and a cached graph never needs it.
+    """
+    from importlib.util import find_spec
+
+    return find_spec("onnx") is not None and find_spec("onnxruntime") is not None
+
+
+def graph_cache_dir() -> Path:
+    """Where exported ONNX graphs are kept between runs: ``$TEM_IJ_CACHE/onnx`` or the user's cache folder."""
+    root = os.environ.get("TEM_IJ_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tem-ij"
+    return Path(root) / "onnx"
+
+
+def graph_key(net: torch.nn.Module) -> str:
+    """What an exported graph depends on: the network's weights and structure, torch, onnxruntime, the opset."""
+    import onnxruntime
+
+    h = hashlib.sha256(f"{torch.__version__}|{onnxruntime.__version__}|{OPSET}|{net!r}".encode())
+    for name, tensor in net.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class _Softmax(torch.nn.Module):
@@ -98,25 +120,64 @@ class TorchBackend:
 class OnnxBackend:
     """Probabilities from onnxruntime on the CPU (numpy in, numpy out).
 
-    The network (with its softmax) is exported to ONNX in memory; its outputs are checked against
-    torch on a test input and must agree within 1e-4.
+    The network (with its softmax) is exported to ONNX; its outputs are checked against torch on a
+    test input and must agree within 1e-4. With ``cache`` (a folder), the exported graph is kept there
+    under :func:`graph_key` and reused by later runs, which then skip the export (and importing onnx);
+    a kept graph is checked the same way, and one that fails or cannot be loaded is exported again.
     """
 
     name = "onnx"
     precision = "fp32"
     on_device = False
 
-    def __init__(self, net: torch.nn.Module, threads: int | None = None):
-        self.onnx_bytes = export_onnx(net)
+    def __init__(self, net: torch.nn.Module, threads: int | None = None, cache: Path | None = None):
         self._threads = threads or torch.get_num_threads()
-        self.session = self._session(self.onnx_bytes)
-        self.input_name = self.session.get_inputs()[0].name
         x = torch.rand((1, 1, 64, 64), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            ref = _Softmax(net).eval()(x).numpy()
-        diff = float(np.abs(self(x) - ref).max())
-        if diff > 1e-4:
-            raise RuntimeError(f"the ONNX export differs from torch by {diff:.2g} (> 1e-4)")
+            self._ref = (x, _Softmax(net).eval()(x).numpy())
+        path = Path(cache) / f"{graph_key(net)}.onnx" if cache is not None else None
+        if path is not None and self._load(path):
+            log.debug("ONNX graph from %s", path)
+            return
+        self._use(export_onnx(net))
+        if not self._agrees():
+            raise RuntimeError("the ONNX export differs from torch by more than 1e-4")
+        if path is not None:
+            self._keep(path)
+
+    def _use(self, graph: bytes) -> None:
+        self.onnx_bytes = graph
+        self.session = self._session(graph)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _agrees(self) -> bool:
+        x, ref = self._ref
+        return float(np.abs(self(x) - ref).max()) <= 1e-4
+
+    def _load(self, path: Path) -> bool:
+        """Use the kept graph at ``path`` if there is one and it computes what the network does."""
+        try:
+            graph = path.read_bytes()
+        except OSError:
+            return False
+        try:
+            self._use(graph)
+            if self._agrees():
+                return True
+        except Exception as exc:  # a damaged file: onnxruntime raises several kinds
+            log.debug("kept ONNX graph %s unusable: %s", path, exc)
+        log.info("the kept ONNX graph %s does not match the model; exporting it again", path)
+        return False
+
+    def _keep(self, path: Path) -> None:
+        """Keep the graph for later runs; a cache that cannot be written only costs the next run the export."""
+        from .outputs import atomic_write
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: tmp.write_bytes(self.onnx_bytes), wrap=False)
+        except OSError as exc:
+            log.debug("cannot keep the ONNX graph in %s: %s", path, exc)
 
     def _session(self, graph: bytes):
         import onnxruntime as ort
@@ -230,7 +291,7 @@ def export_onnx(net: torch.nn.Module, size: int = 64) -> bytes:
             input_names=["image"],
             output_names=["probabilities"],
             dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "probabilities": {0: "batch"}},
-            opset_version=17,
+            opset_version=OPSET,
         )
     return buf.getvalue()
 
@@ -288,7 +349,7 @@ def _check_reduced_precision(net, device, precision, probe: np.ndarray) -> str:
 
 def _int8_runner(infer, probe) -> OnnxBackend:
     """The int8 onnxruntime backend calibrated on ``probe`` if it passes :func:`precision_report` there, else fp32."""
-    fp32 = OnnxBackend(infer)
+    fp32 = OnnxBackend(infer, cache=graph_cache_dir())
     if probe is None:
         log.info("int8 needs a probe of the image to calibrate on; using fp32")
         return fp32
@@ -327,7 +388,7 @@ def _auto_runner(infer, device, backend: str, precision: str, probe):
         precision = _check_reduced_precision(infer, device, precision, probe)
     if precision == "fp32" and backend == "auto" and device.type == "cpu" and onnx_available():
         try:
-            return OnnxBackend(infer)
+            return OnnxBackend(infer, cache=graph_cache_dir())
         except Exception as exc:  # any export/runtime failure: torch computes the same result
             log.warning("onnxruntime unavailable for this model (%s); using torch", exc)
     return TorchBackend(infer, device, precision)

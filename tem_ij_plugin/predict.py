@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .backends import TTA_MODES, OnnxBackend, TTABackend, _auto_runner, _int8_runner, onnx_available
+from .backends import (
+    TTA_MODES,
+    OnnxBackend,
+    TTABackend,
+    _auto_runner,
+    _int8_runner,
+    graph_cache_dir,
+    onnx_available,
+)
 from .errors import Cancelled, UserError
 from .events import PredictEvent
 from .normalization import normalize, sampled_range
@@ -242,7 +250,7 @@ def make_predictor(
             raise UserError("the onnx backend computes in fp32; use --backend torch for bf16/fp16")
         if not onnx_available():
             raise UserError("the onnx backend needs onnxruntime and onnx: pip install 'tem-ij-plugin[onnx]'")
-        runner = OnnxBackend(infer)
+        runner = OnnxBackend(infer, cache=graph_cache_dir())
     else:
         runner = _auto_runner(infer, device, backend, precision, probe)
     if batch_size is None and runner.name == "onnx" and tile <= 512:

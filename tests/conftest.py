@@ -16,6 +16,20 @@ ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_graph_cache(tmp_path_factory):
+    """Exported ONNX graphs go to a folder of this test run, not the user's cache (subprocesses inherit it)."""
+    import os
+
+    old = os.environ.get("TEM_IJ_CACHE")
+    os.environ["TEM_IJ_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("TEM_IJ_CACHE", None)
+    else:
+        os.environ["TEM_IJ_CACHE"] = old
+
+
 # Run in cellpose's own environment by test_cellpose_model.py, never imported here (it imports cellpose).
 collect_ignore = ["cellpose_tiny_model.py"]
 

@@ -303,6 +303,45 @@ def test_auto_on_a_cpu_without_native_bf16_stays_fp32(monkeypatch):
     assert make_predictor(net, torch.device("cpu"), backend="torch", probe=probe).precision == "fp32"
 
 
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_a_kept_onnx_graph_is_reused_without_exporting_again(tmp_path, monkeypatch):
+    import tem_ij_plugin.backends as backends
+    from tem_ij_plugin.backends import OnnxBackend
+
+    net = fold_batchnorm(random_net(depth=3)[0])
+    first = OnnxBackend(net, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
+    monkeypatch.setattr(backends, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    x = np.random.default_rng(0).random((1, 1, 64, 96)).astype(np.float32)
+    assert np.array_equal(OnnxBackend(net, cache=tmp_path)(x), first(x))
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_a_damaged_kept_graph_is_exported_again(tmp_path):
+    from tem_ij_plugin.backends import OnnxBackend
+
+    net = fold_batchnorm(random_net(depth=3)[0])
+    OnnxBackend(net, cache=tmp_path)
+    kept = next(tmp_path.glob("*.onnx"))
+    kept.write_bytes(b"not an onnx graph")
+    x = np.random.default_rng(0).random((1, 1, 64, 64)).astype(np.float32)
+    assert OnnxBackend(net, cache=tmp_path)(x).shape == (1, 2, 64, 64)
+    assert kept.read_bytes() != b"not an onnx graph"
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_a_kept_graph_of_another_model_is_refused(tmp_path):
+    from tem_ij_plugin.backends import OnnxBackend, export_onnx, graph_key
+
+    net, other = (fold_batchnorm(random_net(depth=3, seed=s)[0]) for s in (0, 1))
+    (tmp_path / f"{graph_key(net)}.onnx").write_bytes(export_onnx(other))  # under this model's key
+    backend = OnnxBackend(net, cache=tmp_path)
+    x = torch.rand((1, 1, 64, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = torch.softmax(net(x), dim=1).numpy()
+    assert np.abs(backend(x) - ref).max() <= 1e-4
+
+
 def _accept_anything(monkeypatch):
     import tem_ij_plugin.backends as backends
 
