@@ -98,7 +98,7 @@ class SharedModel:
 
     Loading a model and building its backend (an ONNX export and its check) cost seconds; a batch
     pays them once. The predictor's tiling depends on the device and the network only; its check of
-    a reduced precision (``--precision auto`` on a GPU) runs on the first image's probe tile.
+    a reduced precision (bf16, int8) and int8's calibration run on the first image's probe.
     """
 
     def __init__(self):
@@ -147,6 +147,9 @@ class PredictJob:
         shared: SharedModel | None = None,
         pyramid: int = 0,
     ):
+        from .stackio import refuse_label_group_output
+
+        refuse_label_group_output(Path(out))
         if kind not in ("probabilities", "labels", "both"):
             raise UserError(f"unknown output '{kind}'; use probabilities, labels or both")
         if dtype not in ("float32", "uint8", "uint16"):
@@ -182,7 +185,7 @@ class PredictJob:
         return [w.work for w in self.writers]
 
     def final_paths(self) -> list:
-        """The finished outputs, in the order they are written."""
+        """The finished outputs (a label image inside an OME-Zarr image finishes before it)."""
         return {"both": [self.out, labels_path(self.out)]}.get(self.kind, [self.out])
 
     def _files(self) -> list:
@@ -377,6 +380,7 @@ class PredictJob:
         return {
             **self._job(names),
             "tile": predictor.tile,
+            "tiling": "fitted",  # 0.2's square tiles put their seams elsewhere: never mixed in one file
             "overlap": predictor.overlap,
             "precision": predictor.precision,
         }

@@ -5,6 +5,7 @@ Torch runs eager and channels_last, with optional autocast checked against fp32.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -22,6 +23,7 @@ from .runtime import autocast_context, resolve_precision
 log = logging.getLogger(__name__)
 
 OPSET = 17  # of the exported ONNX graphs
+KEPT_GRAPHS = 20  # exported graphs kept in the cache, the most recently used
 
 
 # A reduced precision is accepted when, on the probe, it agrees with fp32 where users look: the class of
@@ -163,6 +165,8 @@ class OnnxBackend:
         try:
             self._use(graph)
             if self._agrees():
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: kept longest
                 return True
         except Exception as exc:  # a damaged file: onnxruntime raises several kinds
             log.debug("kept ONNX graph %s unusable: %s", path, exc)
@@ -176,6 +180,10 @@ class OnnxBackend:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: tmp.write_bytes(self.onnx_bytes), wrap=False)
+            # every trained model adds a graph (8 MB for the default one): keep the most recently used
+            kept = sorted(path.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in kept[KEPT_GRAPHS:]:
+                old.unlink(missing_ok=True)
         except OSError as exc:
             log.debug("cannot keep the ONNX graph in %s: %s", path, exc)
 
@@ -250,7 +258,8 @@ def _dihedral(x, k: int, inverse: bool = False):
 class TTABackend:
     """Test-time augmentation: the mean probabilities over flips (4) or all 8 dihedral symmetries.
 
-    Tiles are square, so every symmetry keeps the tile's shape; each costs one more forward pass.
+    A transposed rectangular tile is computed as it is and transposed back; each symmetry costs one more
+    forward pass.
     """
 
     def __init__(self, backend, mode: str):
@@ -353,7 +362,11 @@ def _int8_runner(infer, probe) -> OnnxBackend:
     if probe is None:
         log.info("int8 needs a probe of the image to calibrate on; using fp32")
         return fp32
-    int8 = fp32.quantized(probe)
+    try:
+        int8 = fp32.quantized(probe)
+    except Exception as exc:  # onnxruntime's quantiser raises many kinds; fp32 computes the same result
+        log.warning("int8 quantisation failed (%s); using fp32", exc)
+        return fp32
     x = np.ascontiguousarray(probe, dtype=np.float32)[None, None]
     report = precision_report(fp32(x)[0], int8(x)[0])
     if not report["accepted"]:

@@ -159,7 +159,8 @@ def _add_predict(sub, common) -> None:
         "--kind",
         choices=["probabilities", "labels", "both"],
         default=None,
-        help="probabilities per class (default), the argmax label image, or both (labels to NAME_labels.*)",
+        help="probabilities per class (default), the argmax label image, or both (labels to NAME_labels.*; "
+        "an OME-Zarr keeps them in NAME.zarr/labels/classes)",
     )
     pr.add_argument("--output", dest="old_kind", help=argparse.SUPPRESS)  # the name of --kind before 0.3
     pr.add_argument(

@@ -114,8 +114,8 @@ class Predictor:
     def describe(self) -> str:
         """One line for logs: backend, precision, device, tiling."""
         return (
-            f"{self.backend.name} {self.precision} on {self.device}, tiles {self.tile} px with {self.overlap} px "
-            f"overlap (receptive-field radius {self.halo} px), batch {self.batch_size}"
+            f"{self.backend.name} {self.precision} on {self.device}, tiles of at most {self.tile} px with "
+            f"{self.overlap} px overlap (receptive-field radius {self.halo} px), batch {self.batch_size}"
             + (f", test-time augmentation x{self.backend.n}" if isinstance(self.backend, TTABackend) else "")
         )
 

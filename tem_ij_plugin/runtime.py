@@ -42,8 +42,8 @@ def resolve_precision(device: torch.device, precision: str, checked: bool = Fals
 
     bf16 on a CUDA GPU that supports it; fp16 on an older CUDA GPU only where the result is ``checked``
     against fp32 (prediction's probe tile: training has no loss scaling, so fp16 could underflow);
-    fp32 elsewhere, CPUs included (bf16 there was twice as fast but moved probabilities by up to
-    0.047-0.066 somewhere in a 3840x2920 image while passing the probe check).
+    fp32 elsewhere, CPUs included. (Prediction alone tries bf16 on CPUs that have it in hardware, checked
+    on its probe: see :func:`~tem_ij_plugin.backends.precision_report`.)
     """
     if precision != "auto":
         return precision

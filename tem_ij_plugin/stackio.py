@@ -60,6 +60,20 @@ def label_store(path: Path) -> Path | None:
     return None
 
 
+def refuse_label_group_output(path: Path) -> None:
+    """A :class:`UserError` for an output named inside an OME-Zarr image's ``labels/`` group.
+
+    Only ``--kind both`` writes there (its own ``labels/classes``, moved into place with the image);
+    a store of its own inside someone's image would be neither planned nor moved.
+    """
+    store = label_store(Path(path))
+    if store is not None:
+        raise UserError(
+            f"{path} is inside the labels/ group of {store.name}; write the image with --kind both "
+            f"(-o {store.name}) to get its label image there, or name an output of its own (NAME.zarr, NAME.tif)"
+        )
+
+
 def output_format(path: Path) -> str:
     """``imagej``, ``ome`` (OME-TIFF), ``bigtiff`` (OME-BigTIFF) or ``zarr`` from the file name.
 

@@ -542,7 +542,7 @@ def _tta_source(net, image, lo_hi, dev, exact):
 def _probability_sources(image, model, dev, lo_hi, probabilities, cancel) -> tuple:
     """``plane_probs(z, normalised_plane)``, and ``window_probs(box)`` when the caller gave the maps (else None)."""
     from .normalization import normalize
-    from .predict import make_predictor
+    from .predict import make_predictor, probe_crop
 
     if probabilities is not None:
 
@@ -552,7 +552,7 @@ def _probability_sources(image, model, dev, lo_hi, probabilities, cancel) -> tup
 
         return (lambda z, _plane: probabilities(z)), window
     halo = (model.meta.get("effective_receptive_field") or {}).get("radius")
-    probe = normalize(image[0, :256, :256], *lo_hi)
+    probe = normalize(probe_crop(image[0]), *lo_hi)
     predictor = make_predictor(model.net, dev, probe=probe, halo=halo)
     return (lambda _z, plane: predictor.plane(plane, cancel=cancel)), None
 

@@ -26,16 +26,18 @@ def _axis(length: int, tile: int, overlap: int, multiple: int) -> tuple:
     """The tile size and starts along one axis: the fewest tiles of at most ``tile``, then spread evenly.
 
     The count comes first (the fewest tiles of ``tile`` pixels that overlap by ``overlap``); the size is
-    then the smallest multiple of ``multiple`` with which that many tiles still cover ``length``, so no
-    tile computes more than the image needs (960-pixel tiles on 2920 rows: 4 of 912, not 4 of 960).
+    then the smallest with which that many still cover ``length`` (960-pixel tiles on 2928 rows: 4 of
+    912, not 4 of 960). Sizes and starts are counted in steps of ``multiple``, the network's pooling
+    grid: a tile shifted off that grid would pool other pixels together than the whole plane does.
     """
     if length <= tile:
         return length, [0]
-    n = -(-(length - overlap) // (tile - overlap))
-    size = -(-(length + (n - 1) * overlap) // n)
-    size = min(tile, -(-size // multiple) * multiple, length)
-    # floor((i * span) / (n - 1)): steps differ by at most one pixel and never exceed size - overlap
-    return size, [i * (length - size) // (n - 1) for i in range(n)]
+    units, max_units = length // multiple, tile // multiple
+    overlap_units = -(-overlap // multiple)
+    n = -(-(units - overlap_units) // (max_units - overlap_units))
+    size = min(max_units, -(-(units + (n - 1) * overlap_units) // n))
+    # floor((i * span) / (n - 1)): steps differ by at most one unit and never exceed size - overlap
+    return size * multiple, [i * (units - size) // (n - 1) * multiple for i in range(n)]
 
 
 def tile_specs(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> list:
@@ -47,6 +49,8 @@ def tile_specs(height: int, width: int, tile: int, overlap: int, multiple: int =
     """
     if not 0 <= overlap < tile:
         raise ValueError("overlap must be >= 0 and smaller than the tile")
+    if tile % multiple or -(-overlap // multiple) * multiple >= tile:
+        raise ValueError("the tile must be a multiple of the network's size multiple, and more than the overlap")
     if height % multiple or width % multiple or min(height, width) < 1:
         raise ValueError("pad the image to a multiple of the network's size multiple before tiling")
     th, ys = _axis(height, tile, overlap, multiple)

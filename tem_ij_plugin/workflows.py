@@ -345,7 +345,7 @@ def output_names(images: list[Path], out_dir: Path, name: str, kind: str) -> lis
     """The output of each image: ``out_dir`` / ``name``, ``{name}`` the image's name, ``{kind}`` what the file holds.
 
     ``{kind}`` is ``labels`` or ``probabilities`` (also for ``both``, whose labels go beside the named
-    file as ``NAME_labels``).
+    file as ``NAME_labels``, or into an OME-Zarr's ``labels/classes``).
 
     Raises
     ------
@@ -376,7 +376,8 @@ def output_names(images: list[Path], out_dir: Path, name: str, kind: str) -> lis
     outs = [out_dir / name.format(name=split_name(image)[0], kind=holds) for image in images]
     if any(o.name in ("", ".", "..") for o in outs):
         raise UserError(f"the output name '{name}' gives an empty file name")
-    # Case-insensitive disks (macOS, Windows) fold names; --kind both also writes NAME_labels beside each.
+    # Case-insensitive disks (macOS, Windows) fold names; --kind both also writes NAME_labels beside each
+    # (inside each OME-Zarr image: NAME.zarr/labels/classes).
     written = [
         str(p.relative_to(out_dir)).casefold() for o in outs for p in ([o, labels_path(o)] if kind == "both" else [o])
     ]
@@ -825,7 +826,10 @@ def find_objects(
     targets += [rois] if rois else []
     if not targets:
         raise UserError("nothing to write: give a label image (-o), a table (--measure) or ROIs (--rois)")
+    from .stackio import refuse_label_group_output
+
     for t in targets:
+        refuse_label_group_output(Path(t))
         plan.output(t)
     if out:
         from .outputs import written_by_us

@@ -342,6 +342,31 @@ def test_a_kept_graph_of_another_model_is_refused(tmp_path):
     assert np.abs(backend(x) - ref).max() <= 1e-4
 
 
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_the_graph_cache_keeps_only_the_most_recent_graphs(tmp_path, monkeypatch):
+    import tem_ij_plugin.backends as backends
+    from tem_ij_plugin.backends import OnnxBackend, graph_key
+
+    monkeypatch.setattr(backends, "KEPT_GRAPHS", 1)
+    first, second = (fold_batchnorm(random_net(depth=3, seed=s)[0]) for s in (0, 1))
+    OnnxBackend(first, cache=tmp_path)
+    OnnxBackend(second, cache=tmp_path)
+    assert [p.name for p in tmp_path.glob("*.onnx")] == [f"{graph_key(second)}.onnx"]
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_int8_whose_quantisation_fails_falls_back_to_fp32(monkeypatch):
+    import tem_ij_plugin.backends as backends
+
+    def broken(self, calibration):
+        raise RuntimeError("quantiser broke")
+
+    monkeypatch.setattr(backends.OnnxBackend, "quantized", broken)
+    net, _ = random_net(depth=3)
+    probe = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    assert make_predictor(net, torch.device("cpu"), precision="int8", probe=probe).precision == "fp32"
+
+
 def _accept_anything(monkeypatch):
     import tem_ij_plugin.backends as backends
 

@@ -24,16 +24,23 @@ def test_tile_stitch_round_trip_is_exact(shape, tile, overlap):
 
 
 def test_tiles_are_fitted_to_the_image():
-    # 2944 rows (2920 padded to a multiple of 32) need 4 tiles of at most 960 that overlap by 240, and
-    # 928 rows (916 rounded up to the multiple) are enough for 4
-    specs = tile_specs(2944, 3840, 960, 240, multiple=32)
-    assert {(t.height, t.width) for t in specs} == {(928, 960)}
+    # 2928 rows (2920 padded to the default model's multiple, 16) need 4 tiles of at most 960 that overlap
+    # by 240, and 912 rows (912 = ceil((2928 + 3 * 240) / 4), a multiple of 16) are enough for 4
+    specs = tile_specs(2928, 3840, 960, 240, multiple=16)
+    assert {(t.height, t.width) for t in specs} == {(912, 960)}
     assert len(specs) == 20
 
 
-def test_fitted_tiles_overlap_by_at_least_the_overlap_and_cover_the_image():
-    for length in (300, 961, 2920, 3841, 5000):
-        specs = tile_specs(length, 64, 960, 240, multiple=1)
+@pytest.mark.parametrize("length, multiple", [(2928, 16), (2920, 8), (1008, 16), (4000, 32)])
+def test_fitted_tiles_start_on_the_networks_pooling_grid(length, multiple):
+    specs = tile_specs(length, 64, 512, 96, multiple=multiple)
+    assert all(t.y0 % multiple == 0 and t.height % multiple == 0 for t in specs)
+
+
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_fitted_tiles_overlap_by_at_least_the_overlap_and_cover_the_image(multiple):
+    for length in (304, 976, 2928, 3856, 5008):
+        specs = tile_specs(length, 64, 960, 240, multiple=multiple)
         starts = sorted({t.y0 for t in specs})
         size = specs[0].height
         assert starts[0] == 0

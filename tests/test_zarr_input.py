@@ -305,3 +305,13 @@ def test_our_labels_group_validates_against_the_spec(pyramid):
 
 def test_our_label_image_validates_against_the_spec(pyramid):
     _validator().ImageLabel.from_zarr(zarr.open_group(str(pyramid / "labels" / "classes"), mode="r"))
+
+
+@pytest.mark.parametrize("command", ["predict", "objects"])
+def test_an_output_named_inside_an_images_labels_group_is_exit_2(tmp_path, stack, capsys, command):
+    model = save_random_model(tmp_path / "m.model", {"patch_size": 256})
+    tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    (tmp_path / "raw.zarr" / "labels").mkdir(parents=True)
+    code, _, err = run_cli(capsys, command, model, tmp_path / "s.tif", "-o", tmp_path / "raw.zarr" / "labels" / "cells")
+    assert code == 2
+    assert "inside the labels/ group" in err
