@@ -30,6 +30,7 @@ KEPT_GRAPHS = 20  # exported graphs kept in the cache, the most recently used
 # at least this fraction of pixels, each class's area (IoU of the two argmaxes) ...
 MIN_ARGMAX_AGREEMENT = 0.999
 MIN_CLASS_IOU = 0.99
+MIN_CLASS_FRACTION = 0.001  # classes on fewer pixels of the probe than this are judged by the margin alone
 # ... and a pixel may change class only where fp32 itself was nearly undecided (top-two margin).
 MAX_FLIP_MARGIN = 0.1
 
@@ -206,7 +207,6 @@ class OnnxBackend:
         ``calibration`` is a normalised 2-D crop of the image (the probe): activation ranges come from it.
         """
         import tempfile
-        from pathlib import Path
 
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -312,18 +312,19 @@ def precision_report(ref: np.ndarray, low: np.ndarray) -> dict:
     -------
     dict
         ``agreement`` (fraction of pixels with the same class), ``min_iou`` (the lowest IoU between the
-        two argmaxes over the classes either one assigns), ``flip_margin`` (the largest fp32 top-two margin
-        at a pixel whose class changed; 0 when none did), ``max_diff`` (largest probability change, for the
-        log) and ``accepted``.
+        two argmaxes over the classes either one assigns to at least 0.1 % of the pixels),
+        ``flip_margin`` (the largest fp32 top-two margin at a pixel whose class changed; 0 when none
+        did), ``max_diff`` (largest probability change, for the log) and ``accepted``.
     """
     a, b = ref.argmax(axis=0), low.argmax(axis=0)
     changed = a != b
     top2 = np.sort(ref, axis=0)[-2:]
     margin = top2[1] - top2[0]
-    ious = []
+    ious = [1.0]
     for k in np.union1d(np.unique(a), np.unique(b)):
         union = np.count_nonzero((a == k) | (b == k))
-        ious.append(np.count_nonzero((a == k) & (b == k)) / union)
+        if union >= MIN_CLASS_FRACTION * a.size:  # a few pixels of a class make a noisy IoU
+            ious.append(np.count_nonzero((a == k) & (b == k)) / union)
     report = {
         "agreement": float(1.0 - changed.mean()),
         "min_iou": float(min(ious)),

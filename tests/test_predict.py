@@ -270,16 +270,26 @@ def test_a_class_changed_only_where_fp32_was_undecided_is_accepted():
     assert report["accepted"]
 
 
-def test_a_small_class_lost_is_refused_even_when_nearly_every_pixel_agrees():
+def test_a_thin_class_that_loses_area_is_refused_even_when_nearly_every_pixel_agrees():
     from tem_ij_plugin.backends import precision_report
 
     p = np.full((100, 100), 0.1)
-    p[0, :5] = 0.52  # a thin, uncertain class region: 5 of 10 000 pixels
+    p[:2, :] = 0.52  # a thin, uncertain class region: 200 of 10 000 pixels
     low = p.copy()
-    low[0, :5] = 0.48
+    low[:2, :5] = 0.48  # 5 of them change: IoU 0.975
     report = precision_report(_two_class(p), _two_class(low))
     assert report["agreement"] >= 0.999
     assert not report["accepted"]
+
+
+def test_a_class_on_a_handful_of_pixels_is_judged_by_the_margin_alone():
+    from tem_ij_plugin.backends import precision_report
+
+    p = np.full((100, 100), 0.1)
+    p[0, :5] = 0.52  # 5 of 10 000 pixels, all nearly undecided
+    low = p.copy()
+    low[0, :5] = 0.48
+    assert precision_report(_two_class(p), _two_class(low))["accepted"]
 
 
 def test_auto_on_a_cpu_with_native_bf16_keeps_bf16_only_when_it_passes(monkeypatch):
