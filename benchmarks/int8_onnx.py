@@ -1,9 +1,9 @@
 """int8 prediction with onnxruntime's static quantisation: speed and the precision acceptance test.
 
 A look at whether int8 (VNNI on CPUs that have it) could become a prediction precision. The model's
-fp32 ONNX graph (BatchNorm folded, as ``tem-ij predict`` exports it) is quantised to QDQ int8 with
-per-channel weights, calibrated on a few crops of the image itself (what ``predict`` would have at
-start-up); then one tile of ``--tile`` pixels is timed in fp32 and int8 (medians), and the whole image
+fp32 ONNX graph (BatchNorm folded) is quantised as ``tem-ij predict --precision int8`` does it
+(:meth:`tem_ij_plugin.backends.OnnxBackend.quantized`, calibrated on the image's probe); then one
+tile of ``--tile`` pixels is timed in fp32 and int8 (medians), and the whole image
 is compared with fp32 by :func:`tem_ij_plugin.backends.precision_report` (class agreement, lowest
 class IoU, the fp32 margin where a class changed).
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,67 +26,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from predict_speed import median_time  # noqa: E402
 
 
-def _calibration_reader(x: np.ndarray, size: int, count: int):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    rng = np.random.default_rng(0)
-    h, w = x.shape
-    crops = []
-    for _ in range(count):
-        y0, x0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-        crops.append(np.ascontiguousarray(x[y0 : y0 + size, x0 : x0 + size])[None, None])
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(crops)
-
-        def get_next(self):
-            crop = next(self.items, None)
-            return None if crop is None else {"image": crop}
-
-    return Reader()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
     ap.add_argument("image", type=Path)
     ap.add_argument("--tile", type=int, default=960)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--calibration-crops", type=int, default=8)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    import onnxruntime as ort
     import torch
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from tem_ij_plugin.apply import load_segmenter
-    from tem_ij_plugin.backends import export_onnx, precision_report
+    from tem_ij_plugin.backends import OnnxBackend, precision_report
     from tem_ij_plugin.io import read_image
     from tem_ij_plugin.normalization import normalization_range, normalize
-    from tem_ij_plugin.predict import make_predictor
+    from tem_ij_plugin.predict import make_predictor, probe_crop
     from tem_ij_plugin.receptive import fold_batchnorm
 
     model = load_segmenter(args.model, "cpu")
     image = read_image(args.image).data[0].astype(np.float32)
     lo, hi = normalization_range(image)
     x = normalize(image, lo, hi).astype(np.float32)
-    work = Path(tempfile.mkdtemp(prefix="tem-ij-int8-"))
-    fp32_path, int8_path = work / "fp32.onnx", work / "int8.onnx"
-    fp32_path.write_bytes(export_onnx(fold_batchnorm(model.net).float()))
+    fp32 = OnnxBackend(fold_batchnorm(model.net).float())
     t = time.perf_counter()
-    reader = _calibration_reader(x, 256, args.calibration_crops)
-    quantize_static(str(fp32_path), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    int8 = fp32.quantized(probe_crop(x))
     quantize_s = time.perf_counter() - t
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    sessions = {
-        name: ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        for name, path in (("fp32", fp32_path), ("int8", int8_path))
-    }
+    sessions = {"fp32": fp32.session, "int8": int8.session}
     mult = model.net.size_multiple
     tile = np.ascontiguousarray(x[: args.tile // mult * mult, : args.tile // mult * mult])[None, None]
     res: dict = {"tile": list(tile.shape[-2:]), "threads": torch.get_num_threads(), "quantize_s": round(quantize_s, 2)}

@@ -339,6 +339,15 @@ def precision_report(ref: np.ndarray, low: np.ndarray) -> dict:
     return report
 
 
+def _log_refusal(precision: str, report: dict) -> None:
+    """Say why a reduced precision was not used (a :func:`precision_report` that failed)."""
+    log.info(
+        "%s vs fp32 on the probe: %.4f of pixels keep their class, lowest class IoU %.4f, a class changed "
+        "at an fp32 margin of %.3f; using fp32", precision, report["agreement"], report["min_iou"],
+        report["flip_margin"],
+    )  # fmt: skip
+
+
 def _check_reduced_precision(net, device, precision, probe: np.ndarray) -> str:
     """``precision`` if it passes :func:`precision_report` against fp32 on ``probe``, else ``fp32``."""
     x = torch.from_numpy(np.ascontiguousarray(probe))[None, None]
@@ -347,11 +356,7 @@ def _check_reduced_precision(net, device, precision, probe: np.ndarray) -> str:
         low = TorchBackend(net, device, precision)(x)[0].float().cpu().numpy()
     report = precision_report(ref, low)
     if not report["accepted"]:
-        log.info(
-            "%s vs fp32 on the probe: %.4f of pixels keep their class, lowest class IoU %.4f, a class changed "
-            "at an fp32 margin of %.3f; using fp32", precision, report["agreement"], report["min_iou"],
-            report["flip_margin"],
-        )  # fmt: skip
+        _log_refusal(precision, report)
         return "fp32"
     log.debug("%s vs fp32 on the probe: %s", precision, report)
     return precision
@@ -371,10 +376,7 @@ def _int8_runner(infer, probe) -> OnnxBackend:
     x = np.ascontiguousarray(probe, dtype=np.float32)[None, None]
     report = precision_report(fp32(x)[0], int8(x)[0])
     if not report["accepted"]:
-        log.info(
-            "int8 vs fp32 on the probe: %.4f of pixels keep their class, lowest class IoU %.4f, a class changed "
-            "at an fp32 margin of %.3f; using fp32", report["agreement"], report["min_iou"], report["flip_margin"],
-        )  # fmt: skip
+        _log_refusal("int8", report)
         return fp32
     return int8
 
