@@ -140,7 +140,10 @@ class TrainConfig(_Strict):
         "'off' keeps the labelled class mix.",
     )
     validation_patches: int | None = Field(
-        None, ge=0, description="Annotated patches held out for validation; None = about 20 %, at least 1 when 3+."
+        None,
+        ge=0,
+        description="Annotated patches held out for validation; None = about 20 % once that makes 2 "
+        "(8+ patches), else 0.",
     )
     refit: float = Field(
         0.0,

@@ -47,7 +47,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def tiny_settings(iterations: int = 12) -> Settings:
+def tiny_settings(iterations: int = 12, validation_patches: int | None = 1) -> Settings:
     """Settings for a model small and quick enough for unit tests."""
     s = Settings()
     s.model.depth = 2
@@ -58,6 +58,9 @@ def tiny_settings(iterations: int = 12) -> Settings:
     s.train.crop_size = 64
     s.train.eval_every = 4
     s.train.min_iterations = 0
+    # The fixtures annotate a handful of 128-pixel patches, where the default holds none out (it starts
+    # at 8): one validation patch keeps early stopping, selection and warm starts under test.
+    s.train.validation_patches = validation_patches
     s.patches.size = 128
     return s
 

@@ -294,7 +294,7 @@ def big_files(tmp_path):
     write_rois(tmp_path / "r1.zip", simulate_annotations(truth, [(0, 0, 128, 128)], SYNTHETIC_CLASSES, rng))
     both = simulate_annotations(truth, [(0, 0, 128, 128), (256, 128, 384, 256)], SYNTHETIC_CLASSES, rng)
     write_rois(tmp_path / "r2.zip", both)
-    (tmp_path / "tiny.yaml").write_text(dump_settings(tiny_settings(8)))
+    (tmp_path / "tiny.yaml").write_text(dump_settings(tiny_settings(8, validation_patches=None)))  # rounds from 1 patch
     return tmp_path
 
 

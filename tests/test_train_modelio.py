@@ -166,13 +166,23 @@ def test_split_keeps_classes_and_holds_out():
     labels[0, 310:320, 300:310] = 0
     patches = annotated_patches(labels, 256)
     assert len(patches) == 4
-    assert default_validation_count(4) == 1
-    assert default_validation_count(2) == 0
-    train_p, val_p = split(labels, patches, None, 0, 2)
+    train_p, val_p = split(labels, patches, 1, 0, 2)
     assert len(val_p) == 1, "the only two-class patch validates"
     assert val_p[0].grid_index == (0, 256, 256), "the only two-class patch validates"
     with pytest.raises(UserError, match="only 4 patch"):
         split(labels, patches, 4, 0, 2)
+
+
+@pytest.mark.parametrize("n, expected", [(2, 0), (4, 0), (7, 0), (8, 2), (15, 3)])
+def test_default_validation_starts_at_two_held_out_patches(n, expected):
+    assert default_validation_count(n) == expected
+
+
+def test_a_default_training_on_four_patches_trains_on_all_of_them(synthetic):
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    res = train(image[None], labels, tiny_settings(2, validation_patches=None), device="cpu")
+    assert (len(res.train_patches), len(res.val_patches)) == (4, 0)
 
 
 def test_training_crops_never_reach_validation_patches():
@@ -196,7 +206,7 @@ def test_image_smaller_than_one_patch_trains_and_predicts(synthetic):
     labels = rasterize(
         [s for s in shapes if s.polygons[0].max(0)[0] < 100 and s.polygons[0].max(0)[1] < 90], (1,) + small.shape
     )
-    res = train(small[None], labels, tiny_settings(3), device="cpu")
+    res = train(small[None], labels, tiny_settings(3, validation_patches=None), device="cpu")
     assert res.val_patches == []
     assert len(res.train_patches) == 1
     probs = predict_stack(res.model.net, small[None], res.model.normalization, torch.device("cpu"), tile=256)
@@ -243,6 +253,18 @@ def test_split_keeps_earlier_validation_patches():
         assert [p.as_list() for p in val_p] == [[0, 0, 256, 256, 512]]
 
 
+def test_split_by_default_keeps_an_earlier_validation_patch_below_its_minimum():
+    labels = _four_patch_labels()
+    _, val_p = split(labels, annotated_patches(labels, 256), None, 0, 2, keep_val=[[0, 0, 0, 256, 256]])
+    assert [p.as_list() for p in val_p] == [[0, 0, 0, 256, 256]]
+
+
+def test_split_holds_out_nothing_when_asked_for_none():
+    labels = _four_patch_labels()
+    _, val_p = split(labels, annotated_patches(labels, 256), 0, 0, 2, keep_val=[[0, 0, 0, 256, 256]])
+    assert val_p == []
+
+
 def test_split_grows_validation_to_hold_every_earlier_patch():
     labels = _four_patch_labels()
     earlier = [[0, 0, 0, 256, 256], [0, 256, 256, 512, 512]]
@@ -273,9 +295,7 @@ def test_a_warm_start_is_validated_on_the_earlier_held_out_patches(trained):
     earlier = res.model.meta["history"]["rounds"][-1]["val_patches"]
     patches = annotated_patches(labels.labels, 128)
     # A seed whose own split would hold out another patch.
-    seed = next(
-        k for k in range(1, 50) if [p.as_list() for p in split(labels.labels, patches, None, k, 2)[1]] != earlier
-    )
+    seed = next(k for k in range(1, 50) if [p.as_list() for p in split(labels.labels, patches, 1, k, 2)[1]] != earlier)
     s = tiny_settings(2)
     s.train.seed = seed
     res2 = train(image[None], labels, s, init=res.model, device="cpu")
@@ -312,7 +332,7 @@ def test_split_holds_out_a_patch_no_earlier_round_trained_on():
     patches = annotated_patches(labels, 256)
     trained = [[0, 0, 0, 256, 256], [0, 0, 256, 256, 512], [0, 256, 0, 512, 256]]
     for seed in range(5):
-        _, val_p = split(labels, patches, None, seed, 2, trained=trained)
+        _, val_p = split(labels, patches, 1, seed, 2, trained=trained)
         assert [p.as_list() for p in val_p] == [[0, 256, 256, 512, 512]]
 
 
