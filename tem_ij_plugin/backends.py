@@ -180,7 +180,9 @@ class OnnxBackend:
 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: tmp.write_bytes(self.onnx_bytes), wrap=False)
+            # A name of this process's own: two processes keeping the same graph must not share one.
+            mine = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            atomic_write(path, lambda tmp: tmp.write_bytes(self.onnx_bytes), wrap=False, tmp=mine)
             # every trained model adds a graph (8 MB for the default one): keep the most recently used
             kept = sorted(path.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
             for old in kept[KEPT_GRAPHS:]:

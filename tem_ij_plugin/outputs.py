@@ -114,7 +114,7 @@ def written_by_us(path: Path) -> bool:
     try:
         if path.is_dir():
             attrs = json.loads((path / ".zattrs").read_text(encoding="utf-8")[:1_000_000])
-            return suffix == ".zarr" and isinstance(attrs, dict) and SOFTWARE in attrs
+            return suffix == ".zarr" and isinstance(attrs, dict) and SOFTWARE in attrs and not foreign_in_zarr(path)
         if suffix in (".tif", ".tiff", ".btf", ".tf8", ".tf2"):
             import tifffile
 
@@ -145,6 +145,23 @@ def written_by_us(path: Path) -> bool:
         return True
     except Exception:  # unreadable in any way: not a file we can vouch for
         return False
+
+
+def foreign_in_zarr(path: Path) -> list[str]:
+    """What an OME-Zarr store of ours holds that we never write there (a label image someone added, say).
+
+    Our stores hold resolution levels named by number, the group's metadata and ``labels/classes``.
+    Replacing the store would take anything else with it, so such a store is not ours to replace.
+    """
+    ours_top = {".zattrs", ".zgroup", "labels"}
+    try:
+        found = [e.name for e in path.iterdir() if e.name not in ours_top and not e.name.isdigit()]
+        labels = path / "labels"
+        if labels.is_dir():
+            found += [f"labels/{e.name}" for e in labels.iterdir() if e.name not in {".zattrs", ".zgroup", "classes"}]
+    except OSError:  # unreadable: the caller's other checks decide
+        return []
+    return sorted(found)
 
 
 class OutputPlan:
@@ -215,6 +232,13 @@ class OutputPlan:
         self.add(path, role, replace=True)
         exists = path.exists() or path.is_symlink()
         if exists and not self.overwrite and (path.is_symlink() or not written_by_us(path)):
+            foreign = foreign_in_zarr(path) if path.is_dir() and not path.is_symlink() else []
+            if foreign:
+                raise UserError(
+                    f"the {role} {path} is an OME-Zarr store that tem_ij_plugin wrote, but it now also holds "
+                    f"{', '.join(foreign[:5])}, which replacing it would delete; choose another name or move "
+                    "those away (or, with tem-ij, pass --overwrite to replace the whole store)"
+                )
             kind = "folder" if path.is_dir() else "file"
             raise UserError(
                 f"the {role} {path} is an existing {kind} that tem_ij_plugin did not write; choose another "
@@ -255,15 +279,17 @@ def claim_folder(folder: str | os.PathLike, command: str, inputs: Iterable = ())
     return folder
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], wrap: bool = True) -> None:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], object], wrap: bool = True, tmp: Path | None = None
+) -> None:
     """Call ``write(tmp)``, flush ``tmp`` to disk and rename it to ``path``.
 
     A failure (or a power cut) leaves any earlier ``path`` intact and never a half-written one.
-    ``tmp`` is :func:`temporary_name` of ``path``; callers plan both names with :class:`OutputPlan`.
-    An OSError becomes a :class:`UserError` naming ``path`` unless ``wrap`` is false.
+    ``tmp`` is :func:`temporary_name` of ``path`` unless given; callers plan both names with
+    :class:`OutputPlan`. An OSError becomes a :class:`UserError` naming ``path`` unless ``wrap`` is false.
     """
     path = Path(path)
-    tmp = temporary_name(path)
+    tmp = temporary_name(path) if tmp is None else tmp
     try:
         write(tmp)
         _fsync(tmp)

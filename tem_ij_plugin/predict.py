@@ -250,7 +250,13 @@ def make_predictor(
             raise UserError("the onnx backend computes in fp32; use --backend torch for bf16/fp16")
         if not onnx_available():
             raise UserError("the onnx backend needs onnxruntime and onnx: pip install 'tem-ij-plugin[onnx]'")
-        runner = OnnxBackend(infer, cache=graph_cache_dir())
+        try:
+            runner = OnnxBackend(infer, cache=graph_cache_dir())
+        except ImportError as exc:  # found by name but broken (a missing shared library, say)
+            raise UserError(
+                f"onnxruntime or onnx is installed but does not import ({exc}); reinstall them "
+                "(pip install --force-reinstall onnx onnxruntime) or use --backend torch"
+            ) from exc
     else:
         runner = _auto_runner(infer, device, backend, precision, probe)
     if batch_size is None and runner.name == "onnx" and tile <= 512:

@@ -407,6 +407,21 @@ def test_int8_that_fails_the_acceptance_test_falls_back_to_fp32(monkeypatch):
     assert make_predictor(net, torch.device("cpu"), precision="int8", probe=probe).precision == "fp32"
 
 
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_an_onnxruntime_that_is_found_but_does_not_import_is_a_user_error(tmp_path, monkeypatch):
+    # A real package of that name that fails on import, as a broken install does (not a mock of ours).
+    broken = tmp_path / "site" / "onnxruntime"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for name in [m for m in sys.modules if m == "onnxruntime" or m.startswith("onnxruntime.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setenv("TEM_IJ_CACHE", str(tmp_path / "cache"))
+    net, _ = random_net(depth=3)
+    with pytest.raises(UserError, match="installed but does not import"):
+        make_predictor(net, torch.device("cpu"), backend="onnx")
+
+
 def test_int8_needs_onnxruntime_on_the_cpu():
     net, _ = random_net(depth=3)
     with pytest.raises(UserError, match="int8 runs on the CPU with onnxruntime"):

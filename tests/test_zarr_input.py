@@ -315,3 +315,32 @@ def test_an_output_named_inside_an_images_labels_group_is_exit_2(tmp_path, stack
     code, _, err = run_cli(capsys, command, model, tmp_path / "s.tif", "-o", tmp_path / "raw.zarr" / "labels" / "cells")
     assert code == 2
     assert "inside the labels/ group" in err
+
+
+def _predict_again(tmp_path, capsys, out):
+    model = tmp_path / "m.model"
+    return run_cli(capsys, "predict", model, tmp_path / "s.tif", "-o", out, "--kind", "both", "--backend", "torch")
+
+
+def _add_users_label_image(store):
+    users = zarr.open_group(str(store / "labels" / "cells"), mode="w", zarr_format=2)
+    users.create_array("0", data=np.ones((4, 4), np.uint8))
+    return store / "labels" / "cells"
+
+
+def test_predicting_again_onto_our_store_replaces_it(pyramid, tmp_path, capsys):
+    code, _, err = _predict_again(tmp_path, capsys, pyramid)
+    assert code == 0, err
+
+
+def test_predicting_again_onto_our_store_with_a_users_label_image_is_exit_2(pyramid, tmp_path, capsys):
+    _add_users_label_image(pyramid)
+    code, _, err = _predict_again(tmp_path, capsys, pyramid)
+    assert code == 2
+    assert "also holds labels/cells" in err
+
+
+def test_a_refused_store_keeps_the_users_label_image(pyramid, tmp_path, capsys):
+    users = _add_users_label_image(pyramid)
+    _predict_again(tmp_path, capsys, pyramid)
+    assert np.asarray(zarr.open_group(str(users), mode="r")["0"]).sum() == 16
