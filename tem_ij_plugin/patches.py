@@ -97,6 +97,19 @@ def annotated_patches(labels: np.ndarray, size: int) -> list:
 MIN_VALIDATION = 2
 
 
+def round_history(rounds: list) -> tuple[list, set]:
+    """(earlier validation patches still unseen, patches a round learnt) from a model's training rounds.
+
+    What :func:`split` keeps held out (``keep_val``) and avoids holding out (``trained``) for a round
+    warm-started from that model. A refit trained on its validation patches too: they are learnt.
+    """
+    learnt = {
+        tuple(t) for r in rounds for t in (r.get("train_patches") or []) + (r.get("refit") or {}).get("patches", [])
+    }
+    earlier = [v for r in rounds for v in r.get("val_patches") or [] if tuple(v) not in learnt]
+    return earlier, learnt
+
+
 def default_validation_count(n_patches: int) -> int:
     """About 20 % of the annotated patches once that makes ``MIN_VALIDATION`` (8 or more patches); else none.
 

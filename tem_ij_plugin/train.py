@@ -29,7 +29,7 @@ from .losses import class_weights, deep_supervision_loss, edge_potts_loss, maske
 from .metrics import mean_iou
 from .modelio import TrainedModel, build_network, software_versions
 from .normalization import DEFAULT_NORMALIZATION, normalization_range, normalize
-from .patches import Patch, annotated_patches, split
+from .patches import Patch, annotated_patches, round_history, split
 from .predict import predict_plane
 from .priors import effective_training_prior, estimate_correction, shift_output_bias
 from .receptive import HALO_MASS, effective_receptive_field, fold_batchnorm
@@ -336,13 +336,7 @@ class Trainer:
         """The train/validation split, the crop sampler, the augmenter, the validator and class weights."""
         tc, labels, image = self.tc, self.labels.labels, self.image
         patches = annotated_patches(labels, self.s.patches.size)
-        rounds = self.init.rounds if self.init is not None else []
-        # A refit trained on its validation patches too: they are no longer fresh for a warm start.
-        self.learnt = {
-            tuple(t) for r in rounds for t in (r.get("train_patches") or []) + (r.get("refit") or {}).get("patches", [])
-        }
-        # Earlier validation patches stay held out unless a refit has learnt them since.
-        earlier = [v for r in rounds for v in r.get("val_patches") or [] if tuple(v) not in self.learnt]
+        earlier, self.learnt = round_history(self.init.rounds if self.init is not None else [])
         self.train_p, self.val_p = split(
             labels, patches, tc.validation_patches, tc.seed, n_classes, earlier, self.learnt
         )

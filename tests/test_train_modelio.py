@@ -9,7 +9,7 @@ from tem_ij_plugin.annotations import rasterize
 from tem_ij_plugin.errors import ModelFileError, UserError
 from tem_ij_plugin.metrics import mean_iou
 from tem_ij_plugin.modelio import FORMAT_VERSION, load_model, read_metadata, save_model
-from tem_ij_plugin.patches import Patch, annotated_patches, default_validation_count, split
+from tem_ij_plugin.patches import Patch, annotated_patches, default_validation_count, round_history, split
 from tem_ij_plugin.predict import predict_stack
 from tem_ij_plugin.train import _expanded_box, train
 
@@ -454,3 +454,15 @@ def test_a_model_never_trained_here_has_no_rounds():
 def test_last_round_is_the_latest_history_record(trained):
     res = trained[2]
     assert res.model.last_round is res.model.meta["history"]["rounds"][-1]
+
+
+def test_round_history_keeps_unseen_validation_patches_held_out():
+    rounds = [{"train_patches": [[0, 0, 0, 1, 1]], "val_patches": [[0, 1, 1, 2, 2]]}]
+    assert round_history(rounds)[0] == [[0, 1, 1, 2, 2]]
+
+
+def test_round_history_counts_refitted_validation_patches_as_learnt():
+    rounds = [
+        {"train_patches": [[0, 0, 0, 1, 1]], "val_patches": [[0, 1, 1, 2, 2]], "refit": {"patches": [[0, 1, 1, 2, 2]]}}
+    ]
+    assert round_history(rounds) == ([], {(0, 0, 0, 1, 1), (0, 1, 1, 2, 2)})

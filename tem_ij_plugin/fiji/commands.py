@@ -541,7 +541,7 @@ def _overlay_without(imp, prefix: str):
 def show_patch_grid(ctx: Context) -> None:
     """TEM Show Patch Grid: training patches red, validation blue, unused green (as training splits them)."""
     from ..config import Settings
-    from ..patches import annotated_patches, grid, split
+    from ..patches import annotated_patches, grid, round_history, split
 
     settings = ctx.bridge.settings or Settings()
     image = to_image(ctx.image)
@@ -550,8 +550,16 @@ def show_patch_grid(ctx: Context) -> None:
     labels = _labels(ctx, image, shapes, model.classes if model is not None else None)
     size = settings.patches.size
     annotated = annotated_patches(labels.labels, size)
+    # A training from here warm-starts from the model in memory: split as that round will.
+    earlier, learnt = round_history(getattr(model, "rounds", None) or [])
     train_p, val_p = split(
-        labels.labels, annotated, settings.train.validation_patches, settings.train.seed, len(labels.classes)
+        labels.labels,
+        annotated,
+        settings.train.validation_patches,
+        settings.train.seed,
+        len(labels.classes),
+        earlier,
+        learnt,
     )
     role = {p.grid_index: "train" for p in train_p} | {p.grid_index: "validation" for p in val_p}
     colours = {"train": "red", "validation": "blue", "unused": "green"}
