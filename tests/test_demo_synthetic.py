@@ -28,13 +28,15 @@ def test_simulated_annotator_is_partial_and_inside_truth():
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, capsys):
     import imageio.v3 as iio
 
     from tem_ij_plugin.cli import main
 
     code = main(["demo", "-o", str(tmp_path / "demo"), "--minutes", "0.15"])
     assert code == 0
+    # its 5 patches are fewer than validation needs: the summary must not call a loss a validation mIoU
+    assert "no validation patch (fewer than 8 annotated)" in capsys.readouterr().out
     files = {p.name for p in (tmp_path / "demo").iterdir()}
     assert {"image.tif", "RoiSet.zip", "demo.model", "probabilities.tif", "demo.png"} <= files
     fig = iio.imread(tmp_path / "demo" / "demo.png")
