@@ -113,8 +113,7 @@ def written_by_us(path: Path) -> bool:
     suffix = path.suffix.lower()
     try:
         if path.is_dir():
-            attrs = json.loads((path / ".zattrs").read_text(encoding="utf-8")[:1_000_000])
-            return suffix == ".zarr" and isinstance(attrs, dict) and SOFTWARE in attrs and not foreign_in_zarr(path)
+            return _marked_zarr(path) and not foreign_in_zarr(path)
         if suffix in (".tif", ".tiff", ".btf", ".tf8", ".tf2"):
             import tifffile
 
@@ -145,6 +144,15 @@ def written_by_us(path: Path) -> bool:
         return True
     except Exception:  # unreadable in any way: not a file we can vouch for
         return False
+
+
+def _marked_zarr(path: Path) -> bool:
+    """Whether a folder is an OME-Zarr store with our key in its ``.zattrs``."""
+    try:
+        attrs = json.loads((path / ".zattrs").read_text(encoding="utf-8")[:1_000_000])
+    except (OSError, ValueError):
+        return False
+    return path.suffix.lower() == ".zarr" and isinstance(attrs, dict) and SOFTWARE in attrs
 
 
 def foreign_in_zarr(path: Path) -> list[str]:
@@ -232,7 +240,8 @@ class OutputPlan:
         self.add(path, role, replace=True)
         exists = path.exists() or path.is_symlink()
         if exists and not self.overwrite and (path.is_symlink() or not written_by_us(path)):
-            foreign = foreign_in_zarr(path) if path.is_dir() and not path.is_symlink() else []
+            ours = path.is_dir() and not path.is_symlink() and _marked_zarr(path)
+            foreign = foreign_in_zarr(path) if ours else []
             if foreign:
                 raise UserError(
                     f"the {role} {path} is an OME-Zarr store that tem_ij_plugin wrote, but it now also holds "

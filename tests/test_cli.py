@@ -337,7 +337,7 @@ def test_train_from_a_label_image(files, label_image, capsys):
     out = files["dir"] / "from-labels.model"
     code, _, err = run(
         capsys, "train", files["image"], "--labels", label_image, "--classes", "background,cell", "-o", out,
-        "--config", files["config"],
+        "--config", files["config"], "--val-patches", "0",  # one painted patch: nothing to hold out
     )  # fmt: skip
     assert code == 0, err
     from tem_ij_plugin.modelio import load_model
@@ -353,7 +353,7 @@ def test_a_label_image_and_rois_train_together(files, label_image, capsys):
         out = files["dir"] / f"{name}.model"
         code, _, err = run(
             capsys, "train", files["image"], "--labels", label_image, *extra, "--classes", "background,cell",
-            "-o", out, "--config", files["config"],
+            "-o", out, "--config", files["config"], "--val-patches", "0",  # one painted patch in "labels"
         )  # fmt: skip
         assert code == 0, err
         counts[name] = sum(load_model(out).last_round["labelled_pixels"].values())
