@@ -123,7 +123,11 @@ def _add_train(sub, common) -> None:
     tr.add_argument("--config", metavar="FILE", help="YAML or JSON settings (see --print-config)")
     tr.add_argument("--print-config", action="store_true", help="print the effective settings as YAML and exit")
     tr.add_argument("--classes", help="comma-separated allowed classes in order, e.g. background,cell,mito")
-    tr.add_argument("--val-patches", type=int, help="annotated patches held out for validation (default: ~20%%)")
+    tr.add_argument(
+        "--val-patches",
+        type=int,
+        help="annotated patches held out for validation (default: ~20%% once that is 2 or more, else 0)",
+    )
     tr.add_argument("--overwrite", action="store_true", help="let -o replace a file that tem_ij_plugin did not write")
 
 
