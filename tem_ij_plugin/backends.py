@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17  # of the exported ONNX graphs
 KEPT_GRAPHS = 20  # exported graphs kept in the cache, the most recently used
+STALE_PARTIAL_S = 3600  # a temporary graph this old is a killed writer's, not one being written
 
 
 # A reduced precision is accepted when, on the probe, it agrees with fp32 where users look: the class of
@@ -185,7 +187,9 @@ class OnnxBackend:
             atomic_write(path, lambda tmp: tmp.write_bytes(self.onnx_bytes), wrap=False, tmp=mine)
             # every trained model adds a graph (8 MB for the default one): keep the most recently used
             kept = sorted(path.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-            for old in kept[KEPT_GRAPHS:]:
+            # per-process temporary names are never reused: one a killed run left would stay for good
+            stale = [p for p in path.parent.glob(".*.partial") if time.time() - p.stat().st_mtime > STALE_PARTIAL_S]
+            for old in kept[KEPT_GRAPHS:] + stale:
                 old.unlink(missing_ok=True)
         except OSError as exc:
             log.debug("cannot keep the ONNX graph in %s: %s", path, exc)

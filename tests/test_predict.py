@@ -340,6 +340,18 @@ def test_a_damaged_kept_graph_is_exported_again(tmp_path):
 
 
 @pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_a_killed_writers_temporary_graph_is_removed_when_a_graph_is_kept(tmp_path):
+    from tem_ij_plugin.backends import STALE_PARTIAL_S, OnnxBackend
+
+    left = tmp_path / ".abc.onnx.999999.partial"
+    left.write_bytes(b"half a graph")
+    old = os.stat(left).st_mtime - STALE_PARTIAL_S - 60
+    os.utime(left, (old, old))
+    OnnxBackend(fold_batchnorm(random_net(depth=3)[0]), cache=tmp_path)
+    assert not left.exists()
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
 def test_a_kept_graph_of_another_model_is_refused(tmp_path):
     from tem_ij_plugin.backends import OnnxBackend, export_onnx, graph_key
 
