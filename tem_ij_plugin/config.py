@@ -161,6 +161,12 @@ class TrainConfig(_Strict):
     min_iterations: int = Field(
         150, ge=0, description="Warm-up: validations before this iteration neither count as best nor as stalls."
     )
+    warm_selection: Literal["best", "final"] = Field(
+        "best",
+        description="A warm start (--init, --project): 'best' selects among the round's checkpoints after "
+        "warm-up like a fresh training; 'final' lets only the round's last weight average compete with the "
+        "starting model (no early stopping: the round runs its whole budget).",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA that supports it, fp32 elsewhere."
     )

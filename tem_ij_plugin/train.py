@@ -306,6 +306,9 @@ class Trainer:
         self.loss_ema = None
         self.last_val = None
         self.start_score = None  # the warm start's validation score, when there is one
+        # A warm start's early checkpoints still carry much of the starting model, and a few partially
+        # labelled patches judge them poorly: with 'final' only the round's end competes with its start.
+        self.final_only = init is not None and tc.warm_selection == "final"
         self.refitted = None  # the refit's record, once it has run
         # The warm start competes only on patches it never trained on: elsewhere its score flatters it.
         fresh = not any(tuple(p.as_list()) in self.learnt for p in self.val_p)
@@ -450,22 +453,28 @@ class Trainer:
         self.best.update(score=self.smoothed, iteration=0, state=_state(self.ema))
         self.start_score = self.smoothed
 
-    def evaluate(self) -> bool:
-        """Validate the weight average; False (and nothing recorded) when its weights are not finite."""
-        tc = self.tc
+    def evaluate(self, final: bool = False) -> bool:
+        """Validate the weight average; False (and nothing recorded) when its weights are not finite.
+
+        ``final``: the training's last validation, the only one a ``final_only`` round lets compete.
+        """
         if not _all_finite(self.ema):
             return False
         self._validate()
-        if self.it < tc.min_iterations:
+        self._consider(final)
+        return True
+
+    def _consider(self, final: bool) -> None:
+        """Let the latest validation compete for best, or keep it as the fallback while it may not."""
+        if self.it < self.tc.min_iterations or (self.final_only and not final):
             # An early, barely trained score must not become the best to backtrack to.
             self.fallback.update(score=self.smoothed, iteration=self.it, state=_state(self.ema))
-            return True
+            return
         if self.smoothed > self.best["score"] + 1e-4:
             self.best.update(score=self.smoothed, iteration=self.it, state=_state(self.ema))
             self.bad = 0
         else:
             self.bad += 1
-        return True
 
     def stalled(self) -> bool:
         """Whether the smoothed score has not improved for ``patience`` validations after warm-up."""
@@ -545,9 +554,11 @@ class Trainer:
             if progress is not None:
                 progress(self.event(time.perf_counter() - start, max_seconds))
         if problem is None and (not self.curves["val_iteration"] or self.curves["val_iteration"][-1] != self.it):
-            if not self.evaluate():
+            if not self.evaluate(final=True):
                 problem = f"the averaged weights became non-finite (NaN or infinite) by iteration {self.it}"
                 stop_reason = NON_FINITE
+        elif problem is None and self.final_only:
+            self._consider(final=True)  # the loop's last validation was the final one
         if problem is None and stop_reason != "cancelled":
             self._settle_best(None)
             self.refit(lambda: time.perf_counter() - start, max_seconds, progress, cancel)

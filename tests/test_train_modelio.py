@@ -347,6 +347,48 @@ def test_a_warm_start_is_not_judged_on_patches_it_trained_on(trained):
     assert Trainer(image[None], labels, s, init=first, device="cpu").start_score is None
 
 
+def _final_only(iterations: int):
+    s = tiny_settings(iterations)
+    s.train.warm_selection = "final"
+    s.train.patience, s.train.backtracks = 1, 0  # a round that judged its checkpoints would stop at once
+    return s
+
+
+@pytest.fixture(scope="module")
+def final_only_round(trained):
+    image, labels, res, _ = trained
+    return train(image[None], labels, _final_only(12), init=res.model, device="cpu")
+
+
+def test_a_final_only_round_runs_its_whole_budget(final_only_round):
+    assert final_only_round.model.meta["history"]["rounds"][-1]["iterations"] == 12
+
+
+def _kept_if_better(rnd: dict) -> int:
+    """The iteration a final-only round must keep: its end when that scored above its start, else 0."""
+    score = rnd["curves"]["smoothed_score"]
+    return rnd["curves"]["val_iteration"][-1] if score[-1] > score[0] + 1e-4 else 0
+
+
+def test_a_final_only_round_keeps_its_end_when_it_beats_the_start(final_only_round):
+    rnd = final_only_round.model.last_round
+    assert rnd["best_iteration"] == _kept_if_better(rnd)
+
+
+def test_a_final_only_round_lets_its_end_compete_between_validations(trained):
+    image, labels, res, _ = trained
+    # 10 iterations, validations every 4: the end (10) is validated after the loop.
+    rnd = train(image[None], labels, _final_only(10), init=res.model, device="cpu").model.last_round
+    assert rnd["best_iteration"] == _kept_if_better(rnd)
+
+
+def test_a_fresh_training_ignores_final_only(trained):
+    from tem_ij_plugin.train import Trainer
+
+    image, labels, _, _ = trained
+    assert Trainer(image[None], labels, _final_only(4), device="cpu").final_only is False
+
+
 # -- refit on every patch (train.refit) -------------------------------------------------------------
 def _refit_settings(refit: float = 0.5):
     s = tiny_settings(12)
