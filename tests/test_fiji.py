@@ -720,6 +720,52 @@ def test_train_with_a_project_folder_keeps_rounds(clean, data, tmp_path):
     assert imagej["bridge"].model_path == project / rounds[1]["model"]
 
 
+@pytest.fixture()
+def project_and_grid(clean, data, synthetic, tmp_path, capsys):
+    """A project whose one round held out another patch than the session's settings would; the grid macro."""
+    from tem_ij_plugin.annotations import rasterize
+    from tem_ij_plugin.patches import annotated_patches, split
+    from tem_ij_plugin.project import Project
+
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    patches = annotated_patches(labels.labels, 128)
+
+    def held_out(seed):
+        return [p.as_list() for p in split(labels.labels, patches, 1, seed, len(labels.classes))[1]]
+
+    seed = next(k for k in range(1, 50) if held_out(k) != held_out(0))
+    project = tmp_path / "project"
+    train = ["train", data["image"], "--rois", data["rois"], "--config", data["config"], "--seed", seed]
+    assert run_cli(capsys, *train, "--project", project)[0] == 0
+    bridge, model = clean["bridge"], clean["bridge"].model
+    bridge.model = None  # the grid without a project then splits as a new training with seed 0
+    grid = f'open("{data["image"]}"); run("TEM Show Patch Grid...", "rois=[{data["rois"]}]'
+    yield {"imagej": clean, "macro": grid, "project": project, "held": Project.open(project).rounds[0]["val_patches"]}
+    bridge.model = model
+
+
+def _blue(imagej) -> list:
+    """The validation patches of the grid on the current image, as [z, y0, x0, y1, x1]."""
+    imp = imagej["IJ"].getImage()
+    overlay = imp.getOverlay()
+    rois = [overlay.get(i) for i in range(overlay.size()) if str(overlay.get(i).getName()) == "tem-grid-validation"]
+    boxes = [r.getBounds() for r in rois]
+    return [[0, int(b.y), int(b.x), int(b.y + b.height), int(b.x + b.width)] for b in boxes]
+
+
+def test_patch_grid_with_a_project_splits_as_its_next_round(project_and_grid):
+    imagej, macro, project = project_and_grid["imagej"], project_and_grid["macro"], project_and_grid["project"]
+    assert _macro(imagej, f'{macro} project=[{project}]");') != "[aborted]", _log(imagej)
+    assert _blue(imagej) == project_and_grid["held"]
+
+
+def test_patch_grid_without_a_project_splits_as_a_new_training(project_and_grid):
+    imagej, macro = project_and_grid["imagej"], project_and_grid["macro"]
+    assert _macro(imagej, f'{macro}");') != "[aborted]", _log(imagej)
+    assert _blue(imagej) != project_and_grid["held"]
+
+
 def test_fiji_and_the_cli_train_the_same_model_from_the_same_inputs(clean, data, tmp_path, capsys):
     """Both front ends call workflows.train_round: same image, ROIs, settings and seed give the same weights."""
     import torch

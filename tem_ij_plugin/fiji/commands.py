@@ -216,8 +216,6 @@ class TrainingPlot:
 def train_model(ctx: Context) -> None:
     """TEM Train Model."""
     from ..config import Settings, load_settings
-    from ..modelio import load_model as read_model
-    from ..workflows import warm_start_path
 
     bridge = ctx.bridge
     settings_path = ctx.text("settings")
@@ -227,15 +225,7 @@ def train_model(ctx: Context) -> None:
     device = _device(ctx)
     image = to_image(ctx.image)
     rois, shapes = _annotation_rois(ctx)
-    project = None
-    init = None if ctx.options.get("new") else bridge.model
-    if ctx.text("project"):
-        from ..project import Project
-
-        project = Project.open(ctx.text("project"), create=True)
-        warm = None if ctx.options.get("new") else warm_start_path(project)
-        if warm is not None:  # the project's current round wins over the model in memory
-            init = read_model(warm)
+    project, init = _warm_start(ctx)
     if not bridge.training.acquire(blocking=False):
         raise UserError("a training is already running; stop it with TEM Stop Training first")
     plot = None if ctx.batch else TrainingPlot(f"TEM training: {ctx.image.getTitle()}")
@@ -267,6 +257,26 @@ def train_model(ctx: Context) -> None:
         val_patches=len(result.val_patches),
     )
     _show_trained(ctx, image, device, result.model.classes)
+
+
+def _warm_start(ctx: Context) -> tuple:
+    """(project or None, the model a training from this dialog warm-starts from, or None).
+
+    The project's current round wins over the model in memory; ``new`` starts from neither.
+    """
+    from ..modelio import load_model as read_model
+    from ..workflows import warm_start_path
+
+    project = None
+    init = None if ctx.options.get("new") else ctx.bridge.model
+    if ctx.text("project"):
+        from ..project import Project
+
+        project = Project.open(ctx.text("project"), create=True)
+        warm = None if ctx.options.get("new") else warm_start_path(project)
+        if warm is not None:
+            init = read_model(warm)
+    return project, init
 
 
 def _train_round(ctx, image, rois, shapes, settings, init, project, device, progress):
@@ -546,11 +556,11 @@ def show_patch_grid(ctx: Context) -> None:
     settings = ctx.bridge.settings or Settings()
     image = to_image(ctx.image)
     _, shapes = _annotation_rois(ctx)
-    model = ctx.bridge.model
+    _, model = _warm_start(ctx)
     labels = _labels(ctx, image, shapes, model.classes if model is not None else None)
     size = settings.patches.size
     annotated = annotated_patches(labels.labels, size)
-    # A training from here warm-starts from the model in memory: split as that round will.
+    # Split as the next training will, warm-started from the project's current round or the model in memory.
     earlier, learnt = round_history(getattr(model, "rounds", None) or [])
     train_p, val_p = split(
         labels.labels,
