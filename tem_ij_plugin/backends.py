@@ -207,20 +207,22 @@ class OnnxBackend:
         x = x.numpy() if isinstance(x, torch.Tensor) else x
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def quantized(self, calibration: np.ndarray) -> OnnxBackend:
+    def quantized(self, calibration) -> OnnxBackend:
         """An int8 copy (onnxruntime static quantisation, QDQ, per-channel weights) calibrated on ``calibration``.
 
-        ``calibration`` is a normalised 2-D crop of the image (the probe): activation ranges come from it.
+        ``calibration`` is a normalised 2-D crop of the image, or a list of them: activation ranges come
+        from these crops.
         """
         import tempfile
 
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-        batch = np.ascontiguousarray(calibration, dtype=np.float32)[None, None]
+        crops = [calibration] if isinstance(calibration, np.ndarray) else list(calibration)
+        batches = [np.ascontiguousarray(c, dtype=np.float32)[None, None] for c in crops]
 
         class Reader(CalibrationDataReader):
             def __init__(self):
-                self.items = iter([{"image": batch}])
+                self.items = iter([{"image": b} for b in batches])
 
             def get_next(self):
                 return next(self.items, None)

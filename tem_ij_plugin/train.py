@@ -75,7 +75,7 @@ class TrainResult:
             f"{len(self.train_patches)} training / {len(self.val_patches)} validation patches"
         )
         if last.get("kept_previous_model"):
-            text += "; kept the starting model: no checkpoint of this round scored better on the validation patches"
+            text += "; kept the starting model: this round's model did not score better on the validation patches"
         return text
 
 
@@ -698,7 +698,7 @@ class Trainer:
         best = self.best
         if self.kept_previous:
             log.info(
-                "no checkpoint of this round beat the starting model on the validation patches (%.3f); kept it",
+                "this round's model did not beat the starting model on the validation patches (%.3f); kept it",
                 self.start_score,
             )
         self.ema.load_state_dict(best["state"])

@@ -410,6 +410,17 @@ def test_int8_runs_a_quantised_graph_close_to_fp32(monkeypatch):
 
 
 @pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_int8_calibration_uses_every_crop_it_is_given():
+    from tem_ij_plugin.backends import OnnxBackend
+
+    net, _ = random_net(depth=2)
+    fp32 = OnnxBackend(fold_batchnorm(net).float())
+    dark = np.zeros((64, 64), np.float32)
+    bright = np.full((64, 64), 3.0, np.float32)  # activations far outside the dark crop's ranges
+    assert fp32.quantized([dark, bright]).onnx_bytes != fp32.quantized(dark).onnx_bytes
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
 def test_int8_that_fails_the_acceptance_test_falls_back_to_fp32(monkeypatch):
     import tem_ij_plugin.backends as backends
 
