@@ -27,9 +27,14 @@ import numpy as np
 
 
 def spread_crops(stack: np.ndarray, size: int) -> list:
-    """Crops of ``size`` spread over a (Z, Y, X) stack, avoiding the probe (centre of plane 0)."""
+    """Crops of ``size`` spread over a (Z, Y, X) stack, clear of the probe (centre of plane 0).
+
+    Planes of at least 4 x ``size`` a side: the four quadrant centres of plane 0 (they cannot touch
+    its centre crop); smaller planes: the centres of planes at 1/4, 1/2 and 3/4 of the stack; a single
+    small plane: none.
+    """
     z, h, w = stack.shape
-    if min(h, w) >= 2 * size:
+    if min(h, w) >= 4 * size:
         return [
             stack[0, y - size // 2 : y + size // 2, x - size // 2 : x + size // 2]
             for y in (h // 4, 3 * h // 4)
@@ -61,9 +66,10 @@ def evaluate(model_path: Path, image_path: Path) -> dict:
     ref_probe = fp32.backend(probe[None, None])[0]
     spread = spread_crops(x, PROBE_SIZE)
     out = {"model": str(model_path), "image": str(image_path), "shape": list(stack.shape), "spread_crops": len(spread)}
-    for name, crops in (("probe", [probe]), ("spread", spread), ("spread+probe", spread + [probe])):
-        if not crops:
-            continue
+    variants = {"probe": [probe]}
+    if spread:  # without spread crops, "spread+probe" would be the probe alone under another name
+        variants.update({"spread": spread, "spread+probe": spread + [probe]})
+    for name, crops in variants.items():
         low = copy.copy(fp32)
         low.backend = fp32.backend.quantized(crops)
         whole = np.stack([low.plane(p) for p in x])

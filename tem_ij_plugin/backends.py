@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +208,7 @@ class OnnxBackend:
         x = x.numpy() if isinstance(x, torch.Tensor) else x
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def quantized(self, calibration) -> OnnxBackend:
+    def quantized(self, calibration: np.ndarray | Sequence[np.ndarray]) -> OnnxBackend:
         """An int8 copy (onnxruntime static quantisation, QDQ, per-channel weights) calibrated on ``calibration``.
 
         ``calibration`` is a normalised 2-D crop of the image, or a list of them: activation ranges come
@@ -218,6 +219,8 @@ class OnnxBackend:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
         crops = [calibration] if isinstance(calibration, np.ndarray) else list(calibration)
+        if not crops or any(np.ndim(c) != 2 for c in crops):
+            raise ValueError("int8 calibration needs one or more 2-D crops")
         batches = [np.ascontiguousarray(c, dtype=np.float32)[None, None] for c in crops]
 
         class Reader(CalibrationDataReader):

@@ -163,9 +163,10 @@ class TrainConfig(_Strict):
     )
     warm_selection: Literal["best", "final"] = Field(
         "best",
-        description="A warm start (--init, --project): 'best' selects among the round's checkpoints after "
-        "warm-up like a fresh training; 'final' lets only the round's last weight average compete with the "
-        "starting model (no early stopping: the round runs its whole budget).",
+        description="A warm start (--init, --project, Fiji's model in memory): 'best' selects among the "
+        "round's checkpoints after warm-up like a fresh training; 'final' lets only the round's last weight "
+        "average compete with the starting model, on the validation patches the start never trained on "
+        "(none: the last is kept), with no early stopping: the round runs its whole budget.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA that supports it, fp32 elsewhere."

@@ -297,8 +297,8 @@ class Trainer:
         self.it = 0
         self.curves = {"iteration": [], "train_loss": [], "val_iteration": [], "val_score": [], "smoothed_score": []}
         self.best = {"score": -np.inf, "iteration": 0, "state": None}
-        # The latest finite weight average seen at a validation during warm-up: what a non-finite loss
-        # during warm-up can still fall back to.
+        # The latest finite weight average seen at a validation that could not compete (warm-up, or any
+        # but the last of a final-only round): what a non-finite loss can still fall back to.
         self.fallback = {"score": None, "iteration": 0, "state": None}
         self.smoothed = None
         self.bad = 0
@@ -465,9 +465,13 @@ class Trainer:
         return True
 
     def _consider(self, final: bool) -> None:
-        """Let the latest validation compete for best, or keep it as the fallback while it may not."""
-        if self.it < self.tc.min_iterations or (self.final_only and not final):
-            # An early, barely trained score must not become the best to backtrack to.
+        """Let the latest validation compete for best, or keep it as the fallback while it may not.
+
+        A final-only round's end competes (with its smoothed score, as every checkpoint does) even
+        inside the warm-up, which only keeps barely trained checkpoints from becoming backtracking targets.
+        """
+        may_compete = final if self.final_only else self.it >= self.tc.min_iterations
+        if not may_compete:
             self.fallback.update(score=self.smoothed, iteration=self.it, state=_state(self.ema))
             return
         if self.smoothed > self.best["score"] + 1e-4:

@@ -741,7 +741,8 @@ def project_and_grid(clean, data, synthetic, tmp_path, capsys):
     bridge, model = clean["bridge"], clean["bridge"].model
     bridge.model = None  # the grid without a project then splits as a new training with seed 0
     grid = f'open("{data["image"]}"); run("TEM Show Patch Grid...", "rois=[{data["rois"]}]'
-    yield {"imagej": clean, "macro": grid, "project": project, "held": Project.open(project).rounds[0]["val_patches"]}
+    held = Project.open(project).rounds[0]["val_patches"]
+    yield {"imagej": clean, "macro": grid, "project": project, "held": held, "new": held_out(0)}
     bridge.model = model
 
 
@@ -763,7 +764,23 @@ def test_patch_grid_with_a_project_splits_as_its_next_round(project_and_grid):
 def test_patch_grid_without_a_project_splits_as_a_new_training(project_and_grid):
     imagej, macro = project_and_grid["imagej"], project_and_grid["macro"]
     assert _macro(imagej, f'{macro}");') != "[aborted]", _log(imagej)
-    assert _blue(imagej) != project_and_grid["held"]
+    assert _blue(imagej) == project_and_grid["new"]
+
+
+@pytest.fixture()
+def grid_of_a_missing_project(project_and_grid, tmp_path):
+    imagej, macro, missing = project_and_grid["imagej"], project_and_grid["macro"], tmp_path / "not-yet"
+    assert _macro(imagej, f'{macro} project=[{missing}]");') != "[aborted]", _log(imagej)
+    return _blue(imagej), missing, project_and_grid["new"]
+
+
+def test_patch_grid_with_a_project_not_yet_trained_splits_as_a_new_training(grid_of_a_missing_project):
+    blue, _, new = grid_of_a_missing_project
+    assert blue == new
+
+
+def test_patch_grid_creates_no_project_folder(grid_of_a_missing_project):
+    assert not grid_of_a_missing_project[1].exists()
 
 
 def test_fiji_and_the_cli_train_the_same_model_from_the_same_inputs(clean, data, tmp_path, capsys):

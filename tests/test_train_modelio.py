@@ -350,7 +350,7 @@ def test_a_warm_start_is_not_judged_on_patches_it_trained_on(trained):
 def _final_only(iterations: int):
     s = tiny_settings(iterations)
     s.train.warm_selection = "final"
-    s.train.patience, s.train.backtracks = 1, 0  # a round that judged its checkpoints would stop at once
+    s.train.patience, s.train.backtracks = 1, 0  # judged checkpoints would stop at the first that is no better
     return s
 
 
@@ -387,6 +387,48 @@ def test_a_fresh_training_ignores_final_only(trained):
 
     image, labels, _, _ = trained
     assert Trainer(image[None], labels, _final_only(4), device="cpu").final_only is False
+
+
+@pytest.fixture()
+def final_trainer(trained):
+    """A final-only warm start, scored on its validation patch, before its first step."""
+    from tem_ij_plugin.train import Trainer
+
+    image, labels, res, _ = trained
+    return Trainer(image[None], labels, _final_only(12), init=res.model, device="cpu")
+
+
+def _scored(trainer, iteration: int, above_start: float):
+    """Put the trainer at ``iteration`` with a smoothed score ``above_start`` above its start's."""
+    trainer.it, trainer.smoothed = iteration, trainer.start_score + above_start
+    return trainer
+
+
+def test_a_final_only_checkpoint_before_the_end_does_not_compete(final_trainer):
+    _scored(final_trainer, 200, 0.5)._consider(final=False)
+    assert final_trainer.best["iteration"] == 0
+
+
+def test_a_final_only_end_that_scores_higher_is_kept(final_trainer):
+    _scored(final_trainer, 200, 0.5)._consider(final=True)
+    assert final_trainer.best["iteration"] == 200
+
+
+def test_a_final_only_end_that_scores_lower_leaves_the_start(final_trainer):
+    _scored(final_trainer, 200, -0.5)._consider(final=True)
+    assert final_trainer.best["iteration"] == 0
+
+
+def test_a_final_only_end_competes_inside_the_warm_up(final_trainer):
+    final_trainer.tc.min_iterations = 150
+    _scored(final_trainer, 20, 0.5)._consider(final=True)
+    assert final_trainer.best["iteration"] == 20
+
+
+def test_a_final_only_round_never_stalls(final_trainer):
+    for it in range(200, 200 + 25 * (final_trainer.tc.patience + 2), 25):
+        _scored(final_trainer, it, -0.5)._consider(final=False)
+    assert not final_trainer.stalled()
 
 
 # -- refit on every patch (train.refit) -------------------------------------------------------------
