@@ -162,7 +162,7 @@ class TrainConfig(_Strict):
         150, ge=0, description="Warm-up: validations before this iteration neither count as best nor as stalls."
     )
     warm_selection: Literal["best", "final"] = Field(
-        "best",
+        "final",
         description="A warm start (--init, --project, Fiji's model in memory): 'best' selects among the "
         "round's checkpoints after warm-up like a fresh training; 'final' lets only the round's last weight "
         "average compete with the starting model, on the validation patches the start never trained on "
