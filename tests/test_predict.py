@@ -410,6 +410,14 @@ def test_int8_runs_a_quantised_graph_close_to_fp32(monkeypatch):
 
 
 @pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_onnx_sessions_plan_no_memory_pattern():
+    from tem_ij_plugin.backends import OnnxBackend
+
+    backend = OnnxBackend(fold_batchnorm(random_net(depth=2)[0]).float())
+    assert backend.session.get_session_options().enable_mem_pattern is False
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
 def test_int8_calibration_is_reproducible():
     from tem_ij_plugin.backends import OnnxBackend
 
