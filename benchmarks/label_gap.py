@@ -2,7 +2,8 @@
 
 For each task and seed, on sections 0-14 (training) and every pixel of sections 15-29 (test):
 
-* ``dense``: the default network trained on the *dense* labels of the training sections (the ceiling);
+* ``dense``: the default network trained on the *dense* labels of the training sections (the ceiling;
+  ``--set`` overrides apply to it as to ``partial``, so both train under the same budget);
 * ``partial``: the same network on simulated partial polygons of 15 random 256x256 patches (the product);
 * ``rf``: the random-forest peer on exactly the same partial labels.
 
@@ -276,7 +277,7 @@ def run_task(
         )
     if "dense" in arms:
         row["dense"] = train_and_score(
-            train_img, dense_labels(truth[:15], classes), test_img, test_truth, minutes, seed
+            train_img, dense_labels(truth[:15], classes), test_img, test_truth, minutes, seed, overrides
         )
     logging.info("%s seed %d: %s", task, seed, {k: v.get("miou") for k, v in row.items() if isinstance(v, dict)})
     return row
