@@ -2,9 +2,12 @@
 
 Writes a synthetic Z stack (the same 2048x2048 section, shifted per plane) as an ImageJ TIFF and runs
 ``/usr/bin/time -v tem-ij predict`` on it, reporting wall time and the maximum resident set size.
-Nothing is trained: a default-architecture model with random weights does the same work as a trained
-one. Its near-uniform outputs pass the bf16 accuracy check, so on a CPU with native bf16 it runs in
-bf16 where a trained model may fall back to fp32 (``--extra "--precision fp32"`` forces fp32).
+By default nothing is trained: a default-architecture model with random weights. Its tiles are not a
+trained model's: the overlap follows the model's effective receptive field, which is small for random
+weights (512-pixel tiles with 32 px overlap here, against 960 px and 240 px for a trained depth-5
+model), and its near-uniform outputs pass the bf16 accuracy check where a trained model may fall back
+to fp32. ``--model`` runs a trained model instead (``predict_speed.py --keep DIR`` keeps one), which is
+what the memory and throughput of a user's run are.
 Float32 probabilities of 400 such planes (13 GB) exceed the ImageJ TIFF limit, so the default runs
 write BigTIFF (``.btf``) for every size.
 
@@ -12,6 +15,7 @@ Usage::
 
     python benchmarks/predict_memory.py                    # 40 and 400 planes (400 takes ~15 min)
     python benchmarks/predict_memory.py --planes 40 --out /tmp/tem-ij-mem
+    python benchmarks/predict_memory.py --model /tmp/speed/default.model   # a trained model's tiles
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--planes", default="40,400", help="comma-separated stack depths")
     ap.add_argument("--suffix", default=".btf", help="output type: .btf, .tif or .zarr")
     ap.add_argument("--extra", default="", help="more tem-ij predict options, e.g. '--dtype uint8'")
+    ap.add_argument("--model", type=Path, help="a trained model file (default: random weights, see above)")
     ap.add_argument("--out", type=Path, help="work folder (default: a temporary one, removed afterwards)")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "predict_memory.json")
     args = ap.parse_args(argv)
@@ -73,10 +78,12 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     from tem_ij_plugin.config import Settings
 
-    arch = {"name": "RecurrentUNet", "in_channels": 1, "n_classes": 2, **Settings().model.model_dump()}
-    meta = {"classes": ["background", "cell"], "architecture": arch, "normalization": dict(DEFAULT_NORMALIZATION)}
-    model = work / "default.model"
-    save_model(model, TrainedModel(build_network(arch).eval(), meta))
+    model = args.model
+    if model is None:
+        arch = {"name": "RecurrentUNet", "in_channels": 1, "n_classes": 2, **Settings().model.model_dump()}
+        meta = {"classes": ["background", "cell"], "architecture": arch, "normalization": dict(DEFAULT_NORMALIZATION)}
+        model = work / "default.model"
+        save_model(model, TrainedModel(build_network(arch).eval(), meta))
     rows = []
     try:
         for n in [int(p) for p in args.planes.split(",")]:
@@ -104,7 +111,8 @@ def main(argv=None) -> int:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"suffix": args.suffix, "extra": args.extra, "runs": rows}, indent=1))
+    about = {"suffix": args.suffix, "extra": args.extra, "model": str(args.model or "random weights")}
+    args.json.write_text(json.dumps({**about, "runs": rows}, indent=1))
     print(f"wrote {args.json}")
     return 0
 
