@@ -15,9 +15,12 @@ labelled pixels of the model's validation patches; T = 1 without any):
 ``entropy`` (mean normalised entropy), ``entropy_p90`` (its 90th percentile), ``margin`` (mean of
 1 - (p1 - p2)), ``expected_error`` (mean of 1 - max p: the error rate the probabilities predict),
 ``ambiguous`` (fraction with p1 - p2 < 0.3), ``focus`` (mean of the top 10 % of the smoothed entropy:
-the broad uncertain areas that :mod:`tem_ij_plugin.focus` outlines), ``tta`` (flip disagreement) and
+the broad uncertain areas that :mod:`tem_ij_plugin.focus` outlines), ``tta`` (flip disagreement),
 ``product`` (the score :func:`tem_ij_plugin.suggest.suggest` ranks by; its top 5 are its 5 drawn
-suggestions).
+suggestions) and, from the second count on, a committee of the chain's last two models (the previous
+round's model is free in a project): ``round_change`` (mean total-variation distance between their
+probabilities), ``round_flips`` (fraction of pixels whose class changed), ``round_mix_entropy`` (entropy
+of their mean) and ``entropy_plus_change``.
 
 ``--focus`` adds the focus-region experiment: from the 2-patch model the next patches (the same ones
 as the chain's) are annotated *focus-first* (each polygon starts inside the patch's focus regions
@@ -148,8 +151,23 @@ def acquisition_metrics(scores: np.ndarray, errors: np.ndarray, top: np.ndarray 
     return {"top5_ratio": round(float(errors[top].mean() / errors.mean()), 3), "spearman": round(float(rho), 3)}
 
 
-def score_model(model, labels, images, truth, boxes, cand, seed, tta=True) -> dict:
-    """Every score's top-5 ratio and Spearman rho for one model, with the oracle's ratio."""
+def committee_stats(p: np.ndarray, q: np.ndarray) -> dict:
+    """How one window's probabilities ``p`` (C, H, W) differ from the previous round's ``q``."""
+    change = 0.5 * np.abs(p - q).sum(0).mean()
+    return {
+        "round_change": float(change),
+        "round_flips": float((p.argmax(0) != q.argmax(0)).mean()),
+        "round_mix_entropy": float(entropy(0.5 * (p + q)).mean()),
+        "entropy_plus_change": float(entropy(p).mean() + change),
+    }
+
+
+def score_model(model, labels, images, truth, boxes, cand, seed, tta=True, previous=None) -> tuple:
+    """Every score's top-5 ratio and Spearman rho for one model, with the oracle's ratio.
+
+    ``previous``: the pool's probabilities from the chain's previous model (adds the committee scores).
+    Returns the row and the pool's probabilities.
+    """
     import torch
 
     from tem_ij_plugin.normalization import sampled_range
@@ -170,6 +188,9 @@ def score_model(model, labels, images, truth, boxes, cand, seed, tta=True) -> di
             rows[name].append(v)
         for name, v in window_stats(tempered(p, t)).items():
             rows[f"cal_{name}"].append(v)
+        if previous is not None:
+            for name, v in committee_stats(p, previous[z, :, y0:y1, x0:x1]).items():
+                rows.setdefault(name, []).append(v)
     net = fold_batchnorm(model.net).float()
     lo_hi = sampled_range(lambda i: pool_img[i], SECTIONS, model.normalization)
     if tta:  # three network passes per candidate: the most expensive score
@@ -192,9 +213,10 @@ def score_model(model, labels, images, truth, boxes, cand, seed, tta=True) -> di
         for c in res.candidates:
             values[index[c.box()]] = c.reasons.get(term) or 0.0
         raw[term] = values.tolist()
-    return {"temperature": round(t, 3), "oracle_ratio": round(float(oracle), 3),
-            "mean_error": round(float(errors.mean()), 4), "scores": out,
-            "candidates": {"errors": np.round(errors, 5).tolist(), **raw}}  # fmt: skip
+    row = {"temperature": round(t, 3), "oracle_ratio": round(float(oracle), 3),
+           "mean_error": round(float(errors.mean()), 4), "scores": out,
+           "candidates": {"errors": np.round(errors, 5).tolist(), **raw}}  # fmt: skip
+    return row, probs
 
 
 def focus_masks(model, labels, images, boxes) -> list:
@@ -226,13 +248,15 @@ def run(task, truth, images, seed, args) -> dict:
     for i in order[:n_max]:  # one annotation per patch, so that every count sees the same outlines
         shapes_by_patch.append(annotate(truth, boxes[[i]], classes, rng))
     test_img, test_truth = images[SECTIONS:], truth[SECTIONS:]
-    out, model, models = {"counts": {}}, None, {}
+    out, model, models, probs = {"counts": {}}, None, {}, None
     for k in sorted(args.counts):
         shapes = [s for group in shapes_by_patch[:k] for s in group]
         path = args.cache / f"{task}-s{seed}-k{k}-it{args.iterations}.model"
         model, labels = train_cached(path, images[:SECTIONS], shapes, classes, seed, args.iterations, model)
         models[k] = (model, labels, shapes)
-        row = score_model(model, labels, images, truth, boxes, boxes[order[k:]], seed, tta=not args.no_tta)
+        row, probs = score_model(
+            model, labels, images, truth, boxes, boxes[order[k:]], seed, tta=not args.no_tta, previous=probs
+        )
         row["test_miou"] = dense_score(model.net, test_img, test_truth, model, len(classes))
         row["labelled_px"] = int((labels.labels >= 0).sum())
         out["counts"][str(k)] = row
