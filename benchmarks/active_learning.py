@@ -72,6 +72,8 @@ def run_task(task, images, truth, args, out_dir):
             settings,
             schedule=args.schedule,
             seeds=[seed],
+            arms=args.arms,
+            rf="random" in args.arms,
             device="cpu",
             out_dir=out_dir if seed == args.seeds[0] else None,
             progress=keep,
@@ -80,7 +82,7 @@ def run_task(task, images, truth, args, out_dir):
         "classes": CLASSES[task],
         "schedule": sorted(args.schedule),
         "seeds": args.seeds,
-        "arms": ["random", "suggest"],
+        "arms": args.arms,
         "rows": rows,
     }
     result["summary"] = summarize(rows, result["schedule"], result["arms"])
@@ -104,7 +106,8 @@ def combine_runs(folders: list, tasks: list, schedule: list) -> dict:
             if path.is_file():
                 rows += json.loads(path.read_text())["rows"]
         seeds = sorted({r["seed"] for r in rows})
-        complete = [s for s in seeds if sum(r["seed"] == s for r in rows) == 2 * len(schedule)]
+        arms = [a for a in ("random", "suggest", "suggest-novel") if any(r["arm"] == a for r in rows)]
+        complete = [s for s in seeds if sum(r["seed"] == s for r in rows) == len(arms) * len(schedule)]
         rows = [r for r in rows if r["seed"] in complete]
         if not rows:
             continue
@@ -112,7 +115,7 @@ def combine_runs(folders: list, tasks: list, schedule: list) -> dict:
         out[task] = {
             "seeds": complete,
             "incomplete_seeds": [s for s in seeds if s not in complete],
-            "summary": summarize(rows, schedule, ["random", "suggest"]),
+            "summary": summarize(rows, schedule, arms),
             "top5_error_ratio_at_4_patches": four_patch_ratio(result),
             "worst_drop_below_best_earlier_round": worst_drops(result),
             "rows": rows,
@@ -131,13 +134,25 @@ def worst_drops(result):
     }
 
 
-def four_patch_ratio(result):
-    """Top-5 error / mean candidate error of the model trained on 4 patches (suggest arm), per seed."""
+def four_patch_ratio(result, arm="suggest"):
+    """Top-5 error / mean candidate error of the model trained on 4 patches (a suggest arm), per seed."""
     out = []
     for r in result["rows"]:
-        if r["arm"] == "suggest" and r.get("analysis_model_patches") == 4:
+        if r["arm"] == arm and r.get("analysis_model_patches") == 4:
             out.append(round(r["top5_error"] / max(r["mean_candidate_error"], 1e-9), 3))
     return out
+
+
+def headline(summary, result) -> str:
+    """One line per task: each arm's AUC per seed and mean curve, the forest line, the 4-patch ratios."""
+    parts = []
+    for arm, sm in summary.items():
+        line = f"{arm}: AUC {sm.get('auc_per_seed')} curve {sm['miou_mean']}"
+        if sm.get("patches_to_rf_final") is not None:
+            line += f", reaches RF@15 at {sm['patches_to_rf_final']}"
+        parts.append(line)
+    ratios = {a: four_patch_ratio(result, a) for a in summary if a.startswith("suggest")}
+    return "; ".join(parts) + f"; top-5 ratio at 4 patches {ratios}; worst drops {worst_drops(result)}"
 
 
 def speed(args):
@@ -198,6 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="membrane,profiles,mito")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--schedule", default="1,2,4,8,15")
+    ap.add_argument(
+        "--arms", default="random,suggest", help="random, suggest and/or suggest-novel (default: %(default)s)"
+    )
     ap.add_argument("--iterations", type=int, default=360, help="training iterations per round (360: about 90 s)")
     ap.add_argument("--score-stride", type=int, default=2)
     ap.add_argument("--speed", action="store_true", help="time scoring a 3840x2920 image instead")
@@ -208,6 +226,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.schedule = [int(s) for s in args.schedule.split(",")]
+    args.arms = args.arms.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("tem_ij_plugin.train",):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -215,15 +234,7 @@ def main(argv=None) -> int:
     if args.report:
         res = combine_runs(args.report, args.tasks.split(","), args.schedule)
         for task, r in res.items():
-            sm = r["summary"]
-            print(
-                f"{task} (seeds {r['seeds']}): AUC random {sm['random']['auc_per_seed']} suggest "
-                f"{sm['suggest']['auc_per_seed']}; mean curves random {sm['random']['miou_mean']} suggest "
-                f"{sm['suggest']['miou_mean']} RF {sm['rf']['miou_mean']}; suggest reaches RF@15 at "
-                f"{sm['suggest']['patches_to_rf_final']}, random at {sm['random']['patches_to_rf_final']}; "
-                f"top-5 ratio {r['top5_error_ratio_at_4_patches']}; "
-                f"worst drops {r['worst_drop_below_best_earlier_round']}"
-            )
+            print(f"{task} (seeds {r['seeds']}): {headline(r['summary'], r)}")
         if args.json:
             args.json.write_text(json.dumps({"iterations_per_round": args.iterations, "tasks": res}, indent=1))
         return 0
@@ -254,13 +265,7 @@ def main(argv=None) -> int:
             "rows": result["rows"],
         }
         (args.out / "active_learning.json").write_text(json.dumps(report, indent=1))
-        print(
-            f"\n{task}: AUC random {s['random']['auc_mean']:.3f} suggest {s['suggest']['auc_mean']:.3f}; "
-            f"RF at 15: {s['rf']['miou_mean'][-1]:.3f}; suggest reaches it at {s['suggest']['patches_to_rf_final']} "
-            f"patches (random at {s['random']['patches_to_rf_final']}); top-5 error ratio at 4 patches "
-            f"{four_patch_ratio(result)}; worst drop below an earlier round {worst_drops(result)}",
-            flush=True,
-        )
+        print(f"\n{task}: {headline(s, result)}", flush=True)
     return 0
 
 

@@ -351,7 +351,12 @@ def _add_experiment(sub, common) -> None:
     ex.add_argument(
         "--schedule", default="1,2,3,5,8,12,15", help="annotated patches after each round (default: %(default)s)"
     )
-    ex.add_argument("--arms", default="random,suggest", help="random and/or suggest (default: %(default)s)")
+    ex.add_argument(
+        "--arms",
+        default="random,suggest",
+        help="random, suggest and/or suggest-novel (suggest damping look-alikes of annotated patches; "
+        "default: %(default)s)",
+    )
     ex.add_argument("--seeds", default="0", help="comma-separated seeds, each runs every arm (default: %(default)s)")
     ex.add_argument(
         "--test-fraction", type=float, default=0.25, help="patches held out for scoring (default: %(default)s)"

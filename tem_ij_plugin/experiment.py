@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ARMS = ("random", "suggest")
+# suggest-novel: suggest with the novelty damping, a benchmark arm (not run by default)
+KNOWN_ARMS = ARMS + ("suggest-novel",)
 DEFAULT_SCHEDULE = (1, 2, 3, 5, 8, 12, 15)
 
 
@@ -159,9 +161,9 @@ def _checked_schedule(schedule, pool, arms, test_mask) -> list:
         raise UserError("the schedule must list patch counts of at least 1")
     if schedule[-1] > len(pool):
         raise UserError(f"the schedule goes to {schedule[-1]} patches but the pool has only {len(pool)}")
-    bad = [a for a in arms if a not in ARMS]
+    bad = [a for a in arms if a not in KNOWN_ARMS]
     if bad:
-        raise UserError(f"unknown arm(s) {', '.join(bad)}; use random and/or suggest")
+        raise UserError(f"unknown arm(s) {', '.join(bad)}; use {', '.join(KNOWN_ARMS)}")
     if not test_mask.any():
         raise UserError("no held-out pixels to score")
     return schedule
@@ -241,6 +243,7 @@ class _ArmRun:
             device=str(st.device),
             probabilities=None if self.probs is None else self.probs.__getitem__,
             candidates=st.pool[unused],
+            novelty=self.arm == "suggest-novel",
         )
         index = {tuple(st.pool[i]): i for i in unused}
         order = [index[c.box()] for c in res.suggestions]

@@ -369,6 +369,7 @@ def suggest(
     candidates: np.ndarray | None = None,
     progress: ProgressSink | None = None,
     cancel: CancelToken | None = None,
+    novelty: bool = False,
 ) -> SuggestResult:
     """Rank candidate windows that hold no annotation and draw ``k`` suggestions.
 
@@ -396,6 +397,10 @@ def suggest(
     progress : callable, optional
         Called with ``{"stage", "plane", "planes"}`` after each plane.
     cancel : threading.Event, optional
+    novelty : bool
+        With a model, also damp windows that look like annotated ones (score times the novelty
+        term), as the draw damps look-alikes of each drawn window. Off by default (see
+        ``benchmarks/active_learning.py``).
 
     Returns
     -------
@@ -410,6 +415,8 @@ def suggest(
         sc = _typical_diverse(image, boxes, n_cand, rng, timings, progress, cancel)
     else:
         sc = _uncertain(image, boxes, n_cand, n_annotated, model, device, probabilities, rng, timings, progress, cancel)
+        if novelty:
+            sc.score = sc.score * sc.nov
     chosen = draw(sc.score, sc.desc[:n_cand], boxes[:n_cand], k, sc.scale, temperature, rng)
     candidates = [
         Candidate(*map(int, boxes[j]), score=float(sc.score[j]), reasons=_reasons(sc, j)) for j in range(n_cand)

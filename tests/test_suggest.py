@@ -147,6 +147,21 @@ def test_the_confusing_region_is_suggested_first(confusing_image, trained):
     assert Counter(firsts).most_common(1)[0][0] == CONFUSING
 
 
+def test_novelty_damps_a_twin_of_an_annotated_window(confusing_image, trained):
+    """A second ambiguous window, already annotated, makes CONFUSING a look-alike: novelty lowers its score."""
+    image, _ = confusing_image
+    twin = image.copy()
+    twin[0, 0:128, 384:512] = image[0, 256:384, 128:256]
+    labels = _labels_on(twin, [(0, 384, 128, 512), (384, 384, 512, 512)])
+    plain = suggest(twin, labels, trained, k=3, size=128, device="cpu")
+    damped = suggest(twin, labels, trained, k=3, size=128, device="cpu", novelty=True)
+    before = next(c for c in plain.candidates if c.box() == CONFUSING)
+    after = next(c for c in damped.candidates if c.box() == CONFUSING)
+    assert before.score == pytest.approx(before.reasons["uncertainty"], abs=1e-4)
+    assert after.score == pytest.approx(after.reasons["uncertainty"] * after.reasons["novelty"], abs=1e-3)
+    assert after.score < before.score - 0.01
+
+
 def test_a_suggestion_says_where_to_draw_inside_it(trained):
     """Maps that are unsure in one quarter of the window only: the first focus region lies in that quarter.
 
