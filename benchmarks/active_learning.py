@@ -20,6 +20,7 @@ image.
     python benchmarks/active_learning.py                          # three tasks, seeds 0,1,2
     python benchmarks/active_learning.py --tasks mito --seeds 0 --schedule 1,2,4
     python benchmarks/active_learning.py --speed
+    python benchmarks/active_learning.py --tasks profiles --arms suggest-novel --out /tmp/al/novel
     python benchmarks/active_learning.py --report /tmp/al/s0 /tmp/al/s1 --json results/active_learning_90s.json
 
 ``--report`` combines the rows that runs (one per seed, say) kept in their ``--out`` folders: seeds

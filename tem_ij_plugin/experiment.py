@@ -98,7 +98,7 @@ def run_experiment(
     settings : Settings, optional
         Training settings of every round (``train.seed`` is set per seed).
     arms : sequence of str
-        ``random`` and/or ``suggest``.
+        ``random`` and/or ``suggest``; ``suggest-novel`` is suggest with ``novelty=True``.
     schedule : sequence of int
         Annotated patch counts after each round, increasing.
     seeds : sequence of int
