@@ -11,6 +11,11 @@ the probe and on every pixel of the image (all planes of a stack):
   checks crops the calibration never saw;
 * ``spread+probe``: both.
 
+``--keep-fp32 ends,full-res`` adds variants calibrated on the probe that leave convolutions in fp32:
+``ends`` the first and the last and the softmax (the image's own rounding and the logits), ``full-res`` every
+convolution at full resolution (the first two and the last three); the JSON also gets each variant's
+int8 seconds for the whole image, which are only comparable within a run on a quiet machine.
+
 Accuracy only (fp32 and int8 use the same tiles), so a busy machine does not change the numbers.
 
     python benchmarks/int8_calibration.py MODEL IMAGE.tif [MODEL IMAGE.tif ...] --json out.json
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +52,13 @@ def spread_crops(stack: np.ndarray, size: int) -> list:
     return [probe_crop(stack[i], size) for i in planes]
 
 
-def evaluate(model_path: Path, image_path: Path) -> dict:
+KEEP_FP32 = {  # the softmax too: onnxruntime would otherwise quantise its input, the logits
+    "ends": lambda convs, softmax: [convs[0], convs[-1]] + softmax,
+    "full-res": lambda convs, softmax: convs[:2] + convs[-3:] + softmax,
+}
+
+
+def evaluate(model_path: Path, image_path: Path, keep: list[str]) -> dict:
     import torch
 
     from tem_ij_plugin.apply import load_segmenter
@@ -62,21 +74,29 @@ def evaluate(model_path: Path, image_path: Path) -> dict:
     x = np.stack([normalize(p, lo, hi).astype(np.float32) for p in stack])
     probe = probe_crop(x[0])
     fp32 = make_predictor(model.net, torch.device("cpu"), "onnx", "fp32")
+    t0 = time.perf_counter()
     ref = np.stack([fp32.plane(p) for p in x])
+    fp32_seconds = time.perf_counter() - t0
     ref_probe = fp32.backend(probe[None, None])[0]
     spread = spread_crops(x, PROBE_SIZE)
-    out = {"model": str(model_path), "image": str(image_path), "shape": list(stack.shape), "spread_crops": len(spread)}
-    variants = {"probe": [probe]}
+    out = {"model": str(model_path), "image": str(image_path), "shape": list(stack.shape), "spread_crops": len(spread),
+           "fp32_seconds": round(fp32_seconds, 2)}  # fmt: skip
+    variants = {"probe": ([probe], [])}
     if spread:  # without spread crops, "spread+probe" would be the probe alone under another name
-        variants.update({"spread": spread, "spread+probe": spread + [probe]})
-    for name, crops in variants.items():
+        variants.update({"spread": (spread, []), "spread+probe": (spread + [probe], [])})
+    nodes = fp32.backend.node_names("Conv"), fp32.backend.node_names("Softmax")
+    variants.update({f"probe, {k} fp32": ([probe], KEEP_FP32[k](*nodes)) for k in keep})
+    for name, (crops, kept) in variants.items():
         low = copy.copy(fp32)
-        low.backend = fp32.backend.quantized(crops)
+        low.backend = fp32.backend.quantized(crops, keep_fp32=kept)
+        t0 = time.perf_counter()
         whole = np.stack([low.plane(p) for p in x])
+        seconds = time.perf_counter() - t0
         on_probe = precision_report(ref_probe, low.backend(probe[None, None])[0])
         on_image = precision_report(ref.transpose(1, 0, 2, 3), whole.transpose(1, 0, 2, 3))
-        out[name] = {"probe": on_probe, "image": on_image}
-        print(f"{image_path.name} {name:13s} probe {_line(on_probe)} | image {_line(on_image)}", flush=True)
+        out[name] = {"probe": on_probe, "image": on_image, "kept_fp32": kept, "int8_seconds": round(seconds, 2)}
+        print(f"{image_path.name} {name:13s} probe {_line(on_probe)} | image {_line(on_image)} | {seconds:.1f} s",
+              flush=True)  # fmt: skip
     return out
 
 
@@ -89,10 +109,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", nargs="+", type=Path, help="MODEL IMAGE pairs")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep-fp32", default="", help="comma-separated: ends, full-res (see above)")
     args = ap.parse_args(argv)
     if len(args.pairs) % 2:
         ap.error("give MODEL IMAGE pairs")
-    runs = [evaluate(m, i) for m, i in zip(args.pairs[::2], args.pairs[1::2])]
+    keep = [k for k in args.keep_fp32.split(",") if k]
+    if unknown := set(keep) - set(KEEP_FP32):
+        ap.error(f"unknown --keep-fp32 {', '.join(sorted(unknown))}; use {', '.join(KEEP_FP32)}")
+    runs = [evaluate(m, i, keep) for m, i in zip(args.pairs[::2], args.pairs[1::2])]
     if args.json:
         args.json.write_text(json.dumps({"runs": runs}, indent=1))
     return 0

@@ -213,11 +213,17 @@ class OnnxBackend:
         x = x.numpy() if isinstance(x, torch.Tensor) else x
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def quantized(self, calibration: np.ndarray | Sequence[np.ndarray]) -> OnnxBackend:
+    def node_names(self, op_type: str) -> list[str]:
+        """Names of the graph's ``op_type`` nodes (``Conv``, ``Softmax``), input side first, for ``keep_fp32``."""
+        import onnx
+
+        return [n.name for n in onnx.load_from_string(self.onnx_bytes).graph.node if n.op_type == op_type]
+
+    def quantized(self, calibration: np.ndarray | Sequence[np.ndarray], keep_fp32: Sequence[str] = ()) -> OnnxBackend:
         """An int8 copy (onnxruntime static quantisation, QDQ, per-channel weights) calibrated on ``calibration``.
 
         ``calibration`` is a normalised 2-D crop of the image, or a list of them: activation ranges come
-        from these crops.
+        from these crops. ``keep_fp32`` names graph nodes left unquantised (see :meth:`node_names`).
         """
         import tempfile
 
@@ -242,7 +248,8 @@ class OnnxBackend:
             was, root.disabled = root.disabled, True
             try:
                 quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                nodes_to_exclude=list(keep_fp32))  # fmt: skip
             finally:
                 root.disabled = was
             graph = target.read_bytes()

@@ -439,6 +439,30 @@ def test_int8_calibration_uses_every_crop_it_is_given():
     assert both not in (fp32.quantized(dark).onnx_bytes, fp32.quantized(bright).onnx_bytes)
 
 
+def _first_conv_weight_quantised(keep_first: bool) -> bool:
+    """Whether int8 quantisation gives the first convolution an int8 weight (read through DequantizeLinear)."""
+    import onnx
+
+    from tem_ij_plugin.backends import OnnxBackend
+
+    fp32 = OnnxBackend(fold_batchnorm(random_net(depth=2)[0]).float())
+    first = fp32.node_names("Conv")[0]
+    crop = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    graph = onnx.load_from_string(fp32.quantized(crop, keep_fp32=[first] if keep_first else []).onnx_bytes).graph
+    dequantised = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return next(n for n in graph.node if n.name == first).input[1] in dequantised
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_int8_keeps_the_named_convolutions_in_fp32():
+    assert not _first_conv_weight_quantised(keep_first=True)
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_int8_quantises_every_convolution_it_is_not_told_to_keep():
+    assert _first_conv_weight_quantised(keep_first=False)
+
+
 @pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
 def test_int8_that_fails_the_acceptance_test_falls_back_to_fp32(monkeypatch):
     import tem_ij_plugin.backends as backends
