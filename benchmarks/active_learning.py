@@ -20,7 +20,7 @@ image.
     python benchmarks/active_learning.py                          # three tasks, seeds 0,1,2
     python benchmarks/active_learning.py --tasks mito --seeds 0 --schedule 1,2,4
     python benchmarks/active_learning.py --speed
-    python benchmarks/active_learning.py --tasks profiles --arms suggest-novel --out /tmp/al/novel
+    python benchmarks/active_learning.py --tasks profiles --arms suggest-novel,suggest-mix --out /tmp/al/variants
     python benchmarks/active_learning.py --report /tmp/al/s0 /tmp/al/s1 --json results/active_learning_90s.json
 
 ``--report`` combines the rows that runs (one per seed, say) kept in their ``--out`` folders: seeds
@@ -97,7 +97,7 @@ def run_task(task, images, truth, args, out_dir):
 
 def combine_runs(folders: list, tasks: list, schedule: list) -> dict:
     """Summaries of the complete seeds in the runs' ``TASK/TASK.partial.json`` files."""
-    from tem_ij_plugin.experiment import summarize
+    from tem_ij_plugin.experiment import KNOWN_ARMS, summarize
 
     out = {}
     for task in tasks:
@@ -107,7 +107,7 @@ def combine_runs(folders: list, tasks: list, schedule: list) -> dict:
             if path.is_file():
                 rows += json.loads(path.read_text())["rows"]
         seeds = sorted({r["seed"] for r in rows})
-        arms = [a for a in ("random", "suggest", "suggest-novel") if any(r["arm"] == a for r in rows)]
+        arms = [a for a in KNOWN_ARMS if any(r["arm"] == a for r in rows)]
         complete = [s for s in seeds if sum(r["seed"] == s for r in rows) == len(arms) * len(schedule)]
         rows = [r for r in rows if r["seed"] in complete]
         if not rows:
@@ -215,7 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--schedule", default="1,2,4,8,15")
     ap.add_argument(
-        "--arms", default="random,suggest", help="random, suggest and/or suggest-novel (default: %(default)s)"
+        "--arms",
+        default="random,suggest",
+        help="random, suggest, suggest-novel and/or suggest-mix (default: %(default)s)",
     )
     ap.add_argument("--iterations", type=int, default=360, help="training iterations per round (360: about 90 s)")
     ap.add_argument("--score-stride", type=int, default=2)

@@ -354,8 +354,8 @@ def _add_experiment(sub, common) -> None:
     ex.add_argument(
         "--arms",
         default="random,suggest",
-        help="random, suggest and/or suggest-novel (suggest damping look-alikes of annotated patches; "
-        "default: %(default)s)",
+        help="random, suggest, suggest-novel (suggest damping look-alikes of annotated patches) and/or "
+        "suggest-mix (half the patches typical and unlike the annotated ones; default: %(default)s)",
     )
     ex.add_argument("--seeds", default="0", help="comma-separated seeds, each runs every arm (default: %(default)s)")
     ex.add_argument(

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ARMS = ("random", "suggest")
-# suggest-novel: suggest with the novelty damping, a benchmark arm (not run by default)
-KNOWN_ARMS = ARMS + ("suggest-novel",)
+# Benchmark arms (not run by default): suggest-novel damps look-alikes of annotated patches,
+# suggest-mix draws half of each round's patches by typicality x novelty.
+KNOWN_ARMS = ARMS + ("suggest-novel", "suggest-mix")
 DEFAULT_SCHEDULE = (1, 2, 3, 5, 8, 12, 15)
 
 
@@ -98,7 +99,8 @@ def run_experiment(
     settings : Settings, optional
         Training settings of every round (``train.seed`` is set per seed).
     arms : sequence of str
-        ``random`` and/or ``suggest``; ``suggest-novel`` is suggest with ``novelty=True``.
+        ``random`` and/or ``suggest``; ``suggest-novel`` is suggest with ``novelty=True``,
+        ``suggest-mix`` with ``explore=0.5``.
     schedule : sequence of int
         Annotated patch counts after each round, increasing.
     seeds : sequence of int
@@ -244,6 +246,7 @@ class _ArmRun:
             probabilities=None if self.probs is None else self.probs.__getitem__,
             candidates=st.pool[unused],
             novelty=self.arm == "suggest-novel",
+            explore=0.5 if self.arm == "suggest-mix" else 0.0,
         )
         index = {tuple(st.pool[i]): i for i in unused}
         order = [index[c.box()] for c in res.suggestions]

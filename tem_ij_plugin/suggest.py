@@ -40,7 +40,7 @@ from .outputs import SUGGESTIONS_FORMAT, atomic_write
 from .patches import Patch, grid_boxes
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import torch
 
@@ -317,6 +317,7 @@ def draw(
     scale: float,
     temperature: float,
     rng: np.random.Generator,
+    taken: Sequence[int] = (),
 ) -> list[int]:
     """Draw ``k`` candidates one at a time, damping look-alikes and overlapping windows after each draw.
 
@@ -330,6 +331,8 @@ def draw(
     boxes : ndarray, shape (N, 5)
     temperature : float
         0 = always the best remaining; larger = more random (weights ``score ** (1 / temperature)``).
+    taken : sequence of int
+        Candidates already chosen by another ranking: damped as if drawn first, never drawn again.
 
     Returns
     -------
@@ -337,6 +340,15 @@ def draw(
         Indices in draw order.
     """
     s = score.astype(np.float64).copy()
+
+    def damp(j: int) -> None:
+        d = np.sqrt(((desc - desc[j]) ** 2).sum(1))
+        s[:] *= 1 - np.exp(-((d / max(scale, 1e-9)) ** 2))
+        s[_overlap(boxes, j)] = 0
+        s[j] = 0
+
+    for j in taken:
+        damp(j)
     chosen = []
     for _ in range(min(k, len(s))):
         if not (s > 0).any():
@@ -348,10 +360,7 @@ def draw(
             w = (s / s.max()) ** (1.0 / temperature)
             j = int(rng.choice(len(s), p=w / w.sum()))
         chosen.append(j)
-        d = np.sqrt(((desc - desc[j]) ** 2).sum(1))
-        s *= 1 - np.exp(-((d / max(scale, 1e-9)) ** 2))
-        s[_overlap(boxes, j)] = 0
-        s[j] = 0
+        damp(j)
     return chosen
 
 
@@ -370,6 +379,7 @@ def suggest(
     progress: ProgressSink | None = None,
     cancel: CancelToken | None = None,
     novelty: bool = False,
+    explore: float = 0.0,
 ) -> SuggestResult:
     """Rank candidate windows that hold no annotation and draw ``k`` suggestions.
 
@@ -401,12 +411,19 @@ def suggest(
         With a model, also damp windows that look like annotated ones (score times the novelty
         term), as the draw damps look-alikes of each drawn window. Off by default (see
         ``benchmarks/active_learning.py``).
+    explore : float
+        With a model, the fraction of the ``k`` suggestions drawn by typicality times novelty
+        (typical windows unlike the annotated ones) instead of uncertainty, alternating with the
+        uncertain ones from the second suggestion on. 0 by default (see
+        ``benchmarks/active_learning.py``).
 
     Returns
     -------
     SuggestResult
     """
     _check_request(image, labels, k, size, stride)
+    if not 0 <= explore <= 1:
+        raise UserError(f"explore must be between 0 and 1, got {explore}")
     rng = np.random.default_rng(seed)
     timings = {}
     t0 = time.perf_counter()
@@ -417,7 +434,7 @@ def suggest(
         sc = _uncertain(image, boxes, n_cand, n_annotated, model, device, probabilities, rng, timings, progress, cancel)
         if novelty:
             sc.score = sc.score * sc.nov
-    chosen = draw(sc.score, sc.desc[:n_cand], boxes[:n_cand], k, sc.scale, temperature, rng)
+    chosen = _draw_mixed(sc, boxes[:n_cand], k, explore if model is not None else 0.0, temperature, rng)
     candidates = [
         Candidate(*map(int, boxes[j]), score=float(sc.score[j]), reasons=_reasons(sc, j)) for j in range(n_cand)
     ]
@@ -426,6 +443,20 @@ def suggest(
     timings["focus_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
     return SuggestResult(drawn, candidates, sc.phase, timings, slice_table(candidates, drawn))
+
+
+def _draw_mixed(sc: _Scores, boxes: np.ndarray, k: int, explore: float, temperature: float, rng) -> list[int]:
+    """Draw ``k`` windows: a fraction ``explore`` by typicality x novelty, the rest by score, alternating."""
+    desc = sc.desc[: len(boxes)]
+    n_explore = int(round(k * explore))
+    by_score = draw(sc.score, desc, boxes, k - n_explore, sc.scale, temperature, rng)
+    if not n_explore:
+        return by_score
+    typical = draw(sc.typ * sc.nov, desc, boxes, n_explore, sc.scale, temperature, rng, taken=by_score)
+    order, rest = by_score[:1], by_score[1:]
+    for i in range(max(len(typical), len(rest))):
+        order += typical[i : i + 1] + rest[i : i + 1]
+    return order
 
 
 @dataclass

@@ -162,6 +162,24 @@ def test_novelty_damps_a_twin_of_an_annotated_window(confusing_image, trained):
     assert after.score < before.score - 0.01
 
 
+def test_explore_draws_the_most_typical_novel_window(confusing_image, trained):
+    """With ``explore=1`` the single suggestion is the candidate of highest typicality x novelty."""
+    image, _ = confusing_image
+    labels = _labels_on(image, [(0, 384, 128, 512)])
+    res = suggest(image, labels, trained, k=1, size=128, device="cpu", explore=1.0)
+    best = max(res.candidates, key=lambda c: c.reasons["typicality"] * c.reasons["novelty"])
+    assert res.suggestions[0].box() == best.box()
+
+
+def test_explore_keeps_the_most_uncertain_window_first(confusing_image, trained):
+    """Half exploring: the first suggestion is still the one uncertainty alone puts first."""
+    image, _ = confusing_image
+    labels = _labels_on(image, [(0, 384, 128, 512)])
+    plain = suggest(image, labels, trained, k=4, size=128, device="cpu")
+    mixed = suggest(image, labels, trained, k=4, size=128, device="cpu", explore=0.5)
+    assert mixed.suggestions[0].box() == plain.suggestions[0].box()
+
+
 def test_a_suggestion_says_where_to_draw_inside_it(trained):
     """Maps that are unsure in one quarter of the window only: the first focus region lies in that quarter.
 
@@ -294,6 +312,8 @@ def test_suggest_rejects_bad_arguments(confusing_image):
     full = np.zeros(image.shape, np.int16)  # every pixel labelled
     with pytest.raises(UserError, match="nothing left"):
         suggest(image, full, None, size=128)
+    with pytest.raises(UserError, match="explore"):
+        suggest(image, None, None, size=128, explore=1.5)
 
 
 # ----------------------------------------------------------------------------------- command line
