@@ -13,7 +13,8 @@ the probe and on every pixel of the image (all planes of a stack):
 
 ``--keep-fp32 ends,full-res`` adds variants calibrated on the probe that leave convolutions in fp32:
 ``ends`` the first and the last and the softmax (the image's own rounding and the logits), ``full-res`` every
-convolution at full resolution (the first two and the last three); the JSON also gets each variant's
+convolution at full resolution (the first two and the last three, which holds for a single-step network
+like both benchmarked here); the JSON also gets each variant's
 int8 seconds for the whole image, which are only comparable within a run on a quiet machine.
 
 Accuracy only (fp32 and int8 use the same tiles), so a busy machine does not change the numbers.
@@ -95,7 +96,7 @@ def evaluate(model_path: Path, image_path: Path, keep: list[str]) -> dict:
         on_probe = precision_report(ref_probe, low.backend(probe[None, None])[0])
         on_image = precision_report(ref.transpose(1, 0, 2, 3), whole.transpose(1, 0, 2, 3))
         out[name] = {"probe": on_probe, "image": on_image, "kept_fp32": kept, "int8_seconds": round(seconds, 2)}
-        print(f"{image_path.name} {name:13s} probe {_line(on_probe)} | image {_line(on_image)} | {seconds:.1f} s",
+        print(f"{image_path.name} {name:22s} probe {_line(on_probe)} | image {_line(on_image)} | {seconds:.1f} s",
               flush=True)  # fmt: skip
     return out
 

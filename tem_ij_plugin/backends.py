@@ -213,11 +213,12 @@ class OnnxBackend:
         x = x.numpy() if isinstance(x, torch.Tensor) else x
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def node_names(self, op_type: str) -> list[str]:
-        """Names of the graph's ``op_type`` nodes (``Conv``, ``Softmax``), input side first, for ``keep_fp32``."""
+    def node_names(self, op_type: str | None = None) -> list[str]:
+        """Names of the graph's nodes (of ``op_type``: ``Conv``, ``Softmax``), input side first, for ``keep_fp32``."""
         import onnx
 
-        return [n.name for n in onnx.load_from_string(self.onnx_bytes).graph.node if n.op_type == op_type]
+        nodes = onnx.load_from_string(self.onnx_bytes).graph.node
+        return [n.name for n in nodes if op_type is None or n.op_type == op_type]
 
     def quantized(self, calibration: np.ndarray | Sequence[np.ndarray], keep_fp32: Sequence[str] = ()) -> OnnxBackend:
         """An int8 copy (onnxruntime static quantisation, QDQ, per-channel weights) calibrated on ``calibration``.
@@ -232,6 +233,10 @@ class OnnxBackend:
         crops = [calibration] if isinstance(calibration, np.ndarray) else list(calibration)
         if not crops or any(np.ndim(c) != 2 for c in crops):
             raise ValueError("int8 calibration needs one or more 2-D crops")
+        if isinstance(keep_fp32, str):
+            raise TypeError("keep_fp32 is a sequence of node names, not one name")
+        if unknown := set(keep_fp32) - set(self.node_names()):  # onnxruntime would ignore them silently
+            raise ValueError(f"no node of the graph is named {', '.join(sorted(unknown))}")
         batches = [np.ascontiguousarray(c, dtype=np.float32)[None, None] for c in crops]
 
         class Reader(CalibrationDataReader):

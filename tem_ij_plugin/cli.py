@@ -355,7 +355,7 @@ def _add_experiment(sub, common) -> None:
         "--arms",
         default="random,suggest",
         help="random, suggest, suggest-novel (suggest damping look-alikes of annotated patches) and/or "
-        "suggest-mix (half the patches typical and unlike the annotated ones; default: %(default)s)",
+        "suggest-mix (every second patch of a round typical and unlike the annotated ones; default: %(default)s)",
     )
     ex.add_argument("--seeds", default="0", help="comma-separated seeds, each runs every arm (default: %(default)s)")
     ex.add_argument(

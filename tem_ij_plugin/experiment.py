@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 ARMS = ("random", "suggest")
 # Benchmark arms (not run by default): suggest-novel damps look-alikes of annotated patches,
-# suggest-mix draws half of each round's patches by typicality x novelty.
+# suggest-mix (explore=0.5) makes every second patch of a round, from its second on, a typical one
+# unlike the annotated patches.
 KNOWN_ARMS = ARMS + ("suggest-novel", "suggest-mix")
 DEFAULT_SCHEDULE = (1, 2, 3, 5, 8, 12, 15)
 

@@ -72,7 +72,7 @@ class SuggestResult:
     Attributes
     ----------
     suggestions : list of Candidate
-        The chosen windows in the order drawn (``suggest-1`` first).
+        The chosen windows in the order to annotate them (``suggest-1`` first).
     candidates : list of Candidate
         Every candidate that was scored (annotated windows excluded).
     phase : str
@@ -412,10 +412,10 @@ def suggest(
         term), as the draw damps look-alikes of each drawn window. Off by default (see
         ``benchmarks/active_learning.py``).
     explore : float
-        With a model, the fraction of the ``k`` suggestions drawn by typicality times novelty
-        (typical windows unlike the annotated ones) instead of uncertainty, alternating with the
-        uncertain ones from the second suggestion on. 0 by default (see
-        ``benchmarks/active_learning.py``).
+        With a model, the fraction of the ``k`` suggestions (rounded down) drawn by typicality times
+        novelty (typical windows unlike the annotated ones) instead of uncertainty, alternating with
+        the uncertain ones from the second suggestion on; their ``score`` is still their uncertainty.
+        0 by default (see ``benchmarks/active_learning.py``).
 
     Returns
     -------
@@ -448,7 +448,7 @@ def suggest(
 def _draw_mixed(sc: _Scores, boxes: np.ndarray, k: int, explore: float, temperature: float, rng) -> list[int]:
     """Draw ``k`` windows: a fraction ``explore`` by typicality x novelty, the rest by score, alternating."""
     desc = sc.desc[: len(boxes)]
-    n_explore = int(round(k * explore))
+    n_explore = int(k * explore)  # rounded down: k=1 stays the most uncertain window
     by_score = draw(sc.score, desc, boxes, k - n_explore, sc.scale, temperature, rng)
     if not n_explore:
         return by_score

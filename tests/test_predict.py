@@ -464,6 +464,16 @@ def test_int8_quantises_every_convolution_it_is_not_told_to_keep():
 
 
 @pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
+def test_int8_refuses_to_keep_a_node_the_graph_does_not_have():
+    from tem_ij_plugin.backends import OnnxBackend
+
+    fp32 = OnnxBackend(fold_batchnorm(random_net(depth=2)[0]).float())
+    crop = np.zeros((64, 64), np.float32)
+    with pytest.raises(ValueError, match="no node of the graph is named /net/typo"):
+        fp32.quantized(crop, keep_fp32=["/net/typo"])
+
+
+@pytest.mark.skipif(not onnx_available(), reason="onnxruntime not installed")
 def test_int8_that_fails_the_acceptance_test_falls_back_to_fp32(monkeypatch):
     import tem_ij_plugin.backends as backends
 
