@@ -31,9 +31,15 @@ def normalization_range(data: np.ndarray, low: float = 1.0, high: float = 99.8, 
     return float(lo), float(hi)
 
 
+def normalization_terms(lo: float, hi: float) -> tuple:
+    """The float32 offset and divisor of :func:`normalize` (shared with the GPU's copy of it)."""
+    return np.float32(lo), np.float32(hi - lo)
+
+
 def normalize(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Map ``[lo, hi]`` to ``[0, 1]`` as float32 (values outside stay outside; NaN/inf become 0)."""
-    out = (data.astype(np.float32) - lo) / (hi - lo)
+    offset, scale = normalization_terms(lo, hi)
+    out = (data.astype(np.float32) - offset) / scale
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32, copy=False)
 
 

@@ -895,7 +895,6 @@ class _ObjectSource:
     def _from_model(self, model_path, image_path, channel, device) -> None:
         from .apply import image_predictor, load_segmenter
         from .io import PlaneReader
-        from .normalization import normalize
 
         model = load_segmenter(model_path, device)
         reader = PlaneReader(image_path, channel=channel)
@@ -905,7 +904,7 @@ class _ObjectSource:
         self.object_areas = model.meta.get("object_areas")
         self._describe(reader, reader.slice_labels)
         self.image = reader.read
-        self.planes = lambda z: predictor.plane(normalize(reader.read(z), lo, hi))
+        self.planes = lambda z: predictor.plane(reader.read(z), normalization=(lo, hi))
 
     def _from_map(self, path) -> None:
         from .io import PlaneReader, ProbabilityPlanes, probability_classes

@@ -58,3 +58,37 @@ def test_auto_precision_never_trains_in_unscaled_fp16():
     from tem_ij_plugin.runtime import resolve_precision
 
     assert resolve_precision(torch.device("cuda"), "auto", checked=False) in ("bf16", "fp32")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_plane_normalised_on_the_gpu_is_bit_identical_to_normalize(dtype):
+    from tem_ij_plugin.normalization import normalize
+    from tem_ij_plugin.predict import _to_device
+
+    raw = np.random.default_rng(0).integers(0, np.iinfo(dtype).max + 1, (300, 400)).astype(dtype)
+    lo, hi = 7.25, 201.5
+    ours = _to_device(raw, torch.device("cuda"), (lo, hi)).cpu().numpy()
+    assert np.array_equal(ours, normalize(raw, lo, hi))
+
+
+def test_a_raw_plane_on_the_gpu_predicts_as_the_normalised_plane(synthetic):
+    from tem_ij_plugin.normalization import normalize
+    from tem_ij_plugin.predict import make_predictor
+
+    image, _, shapes = synthetic
+    labels = rasterize(shapes, (1,) + image.shape)
+    net = train(image[None], labels, tiny_settings(20), device="cpu").model.net
+    pred = make_predictor(net, torch.device("cuda"), "torch", "fp32", tile=128)
+    raw = pred.plane(image, normalization=(10.0, 240.0))
+    assert np.array_equal(raw, pred.plane(normalize(image, 10.0, 240.0)))
+
+
+def test_reading_back_through_the_page_locked_buffer_changes_no_value(synthetic):
+    from tem_ij_plugin.predict import make_predictor
+
+    image = synthetic[0]
+    net = train(image[None], rasterize(synthetic[2], (1,) + image.shape), tiny_settings(20), device="cpu").model.net
+    pred = make_predictor(net, torch.device("cuda"), "torch", "fp32", tile=128)
+    pinned = pred.plane(image, normalization=(0.0, 255.0))
+    pred.pinned_readback = False
+    assert np.array_equal(pinned, pred.plane(image, normalization=(0.0, 255.0)))

@@ -208,6 +208,37 @@ def test_small_tiles_with_a_large_overlap_match_the_whole_image():
     assert np.abs(whole - tiled).max() <= 0.02
 
 
+def _raw_planes():
+    """Raw planes of the dtypes a TEM file holds, with values where a careless conversion would go wrong."""
+    rng = np.random.default_rng(3)
+    u16 = rng.integers(0, 65536, (40, 50)).astype(np.uint16)  # above 32767: the int16 bits cross as they are
+    i16 = rng.integers(-32768, 32768, (40, 50)).astype(np.int16)
+    f64 = rng.normal(size=(40, 50))
+    f64[0, :3] = np.nan, np.inf, -np.inf
+    return {"uint8": rng.integers(0, 256, (40, 50)).astype(np.uint8), "uint16": u16, "int16": i16, "float64": f64}
+
+
+@pytest.mark.parametrize("kind", ["uint8", "uint16", "int16", "float64"])
+def test_normalising_where_the_tiles_run_is_bit_identical_to_normalize(kind):
+    from tem_ij_plugin.normalization import normalize
+    from tem_ij_plugin.predict import _to_device
+
+    raw = _raw_planes()[kind]
+    lo, hi = 123.4567, 40000.25
+    ours = _to_device(raw, torch.device("cpu"), (lo, hi)).numpy()
+    assert np.array_equal(ours, normalize(raw, lo, hi))
+
+
+def test_a_raw_plane_with_its_range_predicts_as_the_normalised_plane():
+    from tem_ij_plugin.normalization import normalize
+
+    net, _ = random_net(depth=2, seed=5)
+    raw = _raw_planes()["uint16"]
+    pred = make_predictor(net, torch.device("cpu"), backend="torch", tile=64, overlap=16)
+    lo, hi = 1000.0, 60000.0
+    assert np.array_equal(pred.plane(raw, normalization=(lo, hi)), pred.plane(normalize(raw, lo, hi)))
+
+
 def test_effective_receptive_field_grows_with_depth():
     shallow = effective_receptive_field(random_net(depth=2)[0])
     deep = effective_receptive_field(random_net(depth=4)[0])
