@@ -197,7 +197,10 @@ def _add_predict(sub, common) -> None:
         "the time (default: off)",
     )
     pr.add_argument(
-        "--tile", type=int, help="tile side in pixels (default: 512 on CPU, 1024 on GPU, at least 4x the overlap)"
+        "--tile",
+        type=int,
+        help="tile side in pixels (default on a CPU: 8x the overlap, 1024 to 2048, as the free memory allows, "
+        "else 4x; on a GPU 1024 or 4x the overlap)",
     )
     pr.add_argument("--overlap", type=int, help="tile overlap (default: from the model's effective receptive field)")
     pr.add_argument(

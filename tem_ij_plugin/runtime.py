@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -61,3 +62,47 @@ def autocast_context(device: torch.device, precision: str):
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process can still take without swapping, or None when the system does not say.
+
+    The lower of the system's available memory (``MemAvailable``; psutil's figure where there is no
+    ``/proc``, if it is installed) and what is left under this process's cgroup limit (containers,
+    cluster jobs: cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``), since passing either ends
+    the process.
+    """
+    found = [v for v in (_meminfo_available(meminfo), _cgroup_headroom(cgroup)) if v is not None]
+    if found:
+        return min(found)
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _meminfo_available(meminfo: Path) -> int | None:
+    try:
+        for line in meminfo.read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom(cgroup: Path) -> int | None:
+    for limit_name, usage_name in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = (cgroup / limit_name).read_text(encoding="ascii").strip()
+            usage = (cgroup / usage_name).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        # v2 writes "max" for no limit, v1 a number near 2**63
+        if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:
+            return max(0, int(limit) - int(usage))
+    return None

@@ -622,9 +622,11 @@ class JobState:
         old = saved.model_dump(mode="json")["signature"]  # plain values, as this run's signature holds them
         diff = [k for k in sorted(set(old) | set(self.signature)) if old.get(k) != self.signature.get(k)]
         if diff:
+            # The default tile follows the free memory, so a resume elsewhere may need the old one named.
+            hint = f" (it used --tile {old['tile']})" if "tile" in diff and old.get("tile") else ""
             raise UserError(
                 f"cannot resume: {', '.join(diff)} differ from the interrupted run recorded in {self.path}; "
-                "rerun with the same model, image and options, or delete the .partial files to start over"
+                f"rerun with the same model, image and options{hint}, or delete the .partial files to start over"
             )
         if [o.model_dump() for o in saved.outputs] != self.outputs:
             raise UserError(f"cannot resume: {self.path} describes other output files; {start_over}")

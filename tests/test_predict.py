@@ -18,8 +18,9 @@ from tem_ij_plugin.errors import Cancelled, UserError
 from tem_ij_plugin.io import Calibration, PlaneReader
 from tem_ij_plugin.modelio import TrainedModel, build_network, save_model
 from tem_ij_plugin.normalization import DEFAULT_NORMALIZATION
-from tem_ij_plugin.predict import make_predictor
+from tem_ij_plugin.predict import default_tiling, make_predictor
 from tem_ij_plugin.receptive import effective_receptive_field, fold_batchnorm
+from tem_ij_plugin.runtime import available_memory
 from tem_ij_plugin.stackio import Layout, TiffPlaneWriter, ZarrPlaneWriter
 
 
@@ -186,6 +187,107 @@ def _seam_difference(norm, overlap=None):
     tiled_pred = make_predictor(net, dev, backend="torch", tile=64, overlap=overlap)
     tiled = tiled_pred.plane(image)
     return float(np.abs(whole - tiled).max()), tiled_pred
+
+
+GIB = 1 << 30
+CPU = torch.device("cpu")
+
+
+def test_cpu_tiles_grow_to_eight_overlaps_when_memory_allows():
+    # The default depth-5 model: a 90 px receptive field radius asks for 256 px of overlap
+    tile, overlap, batch = default_tiling(CPU, 90, 32, 16, available=64 * GIB)
+    assert (tile, overlap, batch) == (2048, 256, 1)
+
+
+def test_cpu_tiles_shrink_to_what_half_the_available_memory_holds():
+    tile, _, _ = default_tiling(CPU, 90, 32, 16, available=4_000_000_000)
+    assert tile == 1536  # 1536² px x 16 channels x 48 B = 1.81 GB; 1664 px would need 2.13 GB
+
+
+def test_cpu_tiles_never_shrink_below_four_overlaps():
+    assert default_tiling(CPU, 90, 32, 16, available=1)[0] == 1024
+
+
+def test_cpu_tiles_stay_at_four_overlaps_when_the_free_memory_is_unknown():
+    assert default_tiling(CPU, 90, 32, 16, available=None)[0] == 1024
+
+
+def test_a_small_receptive_field_gets_1024_pixel_cpu_tiles():
+    # depth 4: 35 px radius, 96 px overlap; 8 overlaps (768 px) ran slower than 1024 (README)
+    assert default_tiling(CPU, 35, 16, 16, available=64 * GIB)[0] == 1024
+
+
+def test_wider_networks_get_smaller_cpu_tiles_from_the_same_memory():
+    assert default_tiling(CPU, 90, 32, 64, available=8 * GIB)[0] < default_tiling(CPU, 90, 32, 16, available=8 * GIB)[0]
+
+
+def test_gpu_tiling_does_not_depend_on_host_memory():
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert default_tiling(cuda, 90, 32, 16, available=1) == default_tiling(cuda, 90, 32, 16, available=64 * GIB)
+
+
+def test_make_predictor_sizes_default_tiles_from_the_free_memory(monkeypatch):
+    # The free memory of this machine cannot be changed by a test, so its reading is replaced.
+    import tem_ij_plugin.predict as predict_module
+
+    net, _ = random_net()
+    monkeypatch.setattr(predict_module, "available_memory", lambda: 64 * GIB)
+    roomy = make_predictor(net, CPU, backend="torch", halo=90)
+    monkeypatch.setattr(predict_module, "available_memory", lambda: 1)
+    tight = make_predictor(net, CPU, backend="torch", halo=90)
+    assert (roomy.tile, tight.tile) == (max(1024, min(2048, 8 * roomy.overlap)), 4 * tight.overlap)
+
+
+def test_an_explicit_tile_is_kept_whatever_the_memory(monkeypatch):
+    import tem_ij_plugin.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "available_memory", lambda: 1)
+    assert make_predictor(random_net()[0], CPU, backend="torch", tile=3072, halo=90).tile == 3072
+
+
+def _meminfo(tmp_path, kib):
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal:       99999999 kB\nMemFree:         1000 kB\nMemAvailable:   {kib} kB\n")
+    return path
+
+
+def _cgroup(tmp_path, files):
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_available_memory_reads_memavailable(tmp_path):
+    assert available_memory(_meminfo(tmp_path, 2048), tmp_path / "none") == 2048 * 1024
+
+
+def test_available_memory_is_what_a_cgroup_v2_limit_leaves(tmp_path):
+    root = _cgroup(tmp_path, {"memory.max": "1000000\n", "memory.current": "400000\n"})
+    assert available_memory(_meminfo(tmp_path, 8 << 20), root) == 600000
+
+
+def test_available_memory_ignores_a_cgroup_without_a_limit(tmp_path):
+    root = _cgroup(tmp_path, {"memory.max": "max\n", "memory.current": "400000\n"})
+    assert available_memory(_meminfo(tmp_path, 2048), root) == 2048 * 1024
+
+
+def test_available_memory_ignores_cgroup_v1s_no_limit_number(tmp_path):
+    v1 = {"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "5\n"}
+    assert available_memory(_meminfo(tmp_path, 2048), _cgroup(tmp_path, v1)) == 2048 * 1024
+
+
+def test_available_memory_survives_a_garbled_meminfo(tmp_path):
+    path = tmp_path / "meminfo"
+    path.write_bytes(b"MemAvailable: lots kB\n\xff\xfe")
+    root = _cgroup(tmp_path, {"memory.max": "1000\n", "memory.current": "10\n"})
+    assert available_memory(path, root) == 990
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
+def test_available_memory_of_this_machine_is_positive():
+    assert available_memory() > 0
 
 
 def test_tiles_match_one_whole_tile():
@@ -621,6 +723,8 @@ def test_cancel_then_resume_completes_without_redoing_planes(stack, model_file, 
     with pytest.raises(UserError, match="--resume"):
         PredictJob(model_file, path, out, backend="torch").run()
     with pytest.raises(UserError, match="cannot resume: tile"):
+        PredictJob(model_file, path, out, backend="torch", tile=128, resume=True).run()
+    with pytest.raises(UserError, match=r"it used --tile \d+\)"):
         PredictJob(model_file, path, out, backend="torch", tile=128, resume=True).run()
 
     planes = set()

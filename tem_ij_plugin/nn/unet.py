@@ -172,6 +172,7 @@ class RecurrentUNet(nn.Module):
         self.in_channels = in_channels
         self.n_classes = n_classes
         self.depth = depth
+        self.base_channels = base_channels
         self.steps = steps
         self.feedback = feedback
         self.norm = norm
