@@ -10,10 +10,10 @@ image, with the same labels):
   reference;
 * the default model's FLOPs per pixel (``torch.utils.flop_counter`` on one tile of the inference
   network, BatchNorm folded) and, per backend, in-process time for the whole image, megapixels/s,
-  achieved GFLOP/s and their ratio to the peak;
+  achieved GFLOP/s and their ratio to the peak; the same for ``auto`` at each ``--tiles`` size;
 * ``tem-ij predict`` as a whole process (start-up, reading, writing included) under ``/usr/bin/time -v``;
 * the random-forest peer (skimage multiscale features + sklearn RF, as in ``isbi_partial.py``);
-* the seam check: a 2048x2048 crop predicted with the default tiling and as one tile.
+* the seam check: a 2048x2048 crop predicted with the smallest default tiling (4 overlaps) and as one tile.
 
 Times are medians over ``--repeats`` runs. Usage::
 
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-rf", action="store_true")
     ap.add_argument("--keep", type=Path, help="copy the trained model and the large image into this folder")
     ap.add_argument("--tiles", type=lambda v: [int(t) for t in v.split(",") if t], default=[],
-                    help="also time the whole process with these --tile sizes (comma-separated)")  # fmt: skip
+                    help="also time `auto` at these --tile sizes, in and as a process (comma-separated)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "predict_speed.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -178,17 +178,19 @@ def main(argv=None) -> int:
 
         peak_before = fma_peak(threads, work)
         res["sgemm_gflops"] = round(sgemm_gflops(), 1)
-        configs = [("auto", "auto")] + ([("onnx", "fp32")] if onnx_available() else [])
-        configs += [("torch", "fp32"), ("torch", "bf16")] + ([("auto", "int8")] if onnx_available() else [])
+        configs = [("auto", "auto", None)] + ([("onnx", "fp32", None)] if onnx_available() else [])
+        configs += [("torch", "fp32", None), ("torch", "bf16", None)]
+        configs += [("auto", "int8", None)] if onnx_available() else []
+        configs += [("auto", "auto", tile) for tile in args.tiles]  # other tile sizes, same run
         probe = np.ascontiguousarray(probe_crop(x))
         infer = fold_batchnorm(net)
         ref = None
         res["backends"] = {}
-        for backend, precision in configs:
+        for backend, precision, tile in configs:
             # bf16 runs unchecked here so that its speed and error are measured; `tem-ij predict` checks
             # it on the probe (precision_report) and falls back to fp32 when it fails.
             pred = make_predictor(
-                net, torch.device("cpu"), backend, precision, probe=probe if backend == "auto" else None
+                net, torch.device("cpu"), backend, precision, tile=tile, probe=probe if backend == "auto" else None
             )
             if precision == "int8":  # calibrated and checked on the probe by make_predictor itself
                 checked = pred.precision
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
                 whole = precision_report(ref, out["p"])
                 row["whole_image_vs_first"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in whole.items()}
             row["backend"] = pred.backend.name
-            res["backends"][f"{backend}-{precision}"] = row
+            res["backends"][f"{backend}-{precision}" + (f"-tile-{tile}" if tile else "")] = row
             print(f"  {backend} {pred.precision}: {row}", flush=True)
         # The backend on a wider U-Net (32 base channels, random weights): convolutions with more channels
         # do more arithmetic per byte moved, which shows how much of the gap to the peak is the model's.
@@ -261,11 +263,13 @@ def main(argv=None) -> int:
                 if "useful_gflop_per_s" in row:
                     row["useful_fraction_of_fp32_peak"] = round(row["useful_gflop_per_s"] / max(peaks), 3)
 
-        # Seams: the default tiling against one tile covering a 2048x2048 crop. (256-pixel tiles, as
-        # before, are refused for a model whose receptive field asks for an overlap of 256 px or more.)
+        # Seams: the smallest default tiling (4 overlaps, where memory is short) against one tile over
+        # a 2048x2048 crop, which the largest default tile covers whole. (256-pixel tiles, as before,
+        # are refused for a model whose receptive field asks for an overlap of 256 px or more.)
         crop = x[:2048, :2048]
         whole = make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=2048, overlap=0).plane(crop)
-        tiled = make_predictor(net, torch.device("cpu"), "torch", "fp32")
+        small = 4 * make_predictor(net, torch.device("cpu"), "torch", "fp32").overlap
+        tiled = make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=small)
         bare = make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=tiled.tile, overlap=0).plane(crop)
         res["seams"] = {
             "tile": tiled.tile,

@@ -47,12 +47,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-#: The largest default CPU tile. Per computed pixel, 2048-pixel tiles of the default model cost what
-#: 1024-pixel ones do, 3072-pixel ones 7 % more and whole 3840x2920 planes 32 % more (torch bf16, AMD
-#: EPYC, 2 cores; README, *Tile size on the CPU*).
+#: The largest default CPU tile. 2048- and 3072-pixel tiles of the default model cost 10 % more per
+#: computed pixel than 1024-pixel ones but compute 28 % and 34 % fewer on a 3840x2920 plane; a whole
+#: plane costs 30 % more per pixel (torch bf16, AMD EPYC, 2 cores; README, *Tile size on the CPU*).
 CPU_MAX_TILE = 2048
 #: Peak process memory per pixel of a CPU tile and per base channel of the network, rounded up from the
-#: default 16-channel model's 19 (torch bf16), 28 (torch fp32) and 46 bytes (onnxruntime fp32).
+#: default 16-channel model's growth from 1024- to 2048-pixel tiles: 15 bytes with torch bf16, 46 with
+#: onnxruntime fp32 (``benchmarks/predict_tiles.py``).
 TILE_BYTES_PER_PIXEL_CHANNEL = 48
 
 
