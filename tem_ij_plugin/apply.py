@@ -322,9 +322,13 @@ class PredictJob:
         if self.shared is not None and self.shared.predictor is not None:
             lo, hi, _ = image_range(model, reader)
             return self.shared.predictor, lo, hi
+        from .stackio import JobState
+
         options = {"backend": self.backend, "precision": self.precision, "tile": self.tile, "overlap": self.overlap}
+        # The default tile follows the free memory: a resume keeps the interrupted run's while it fits.
+        resume_tile = JobState.recorded_tile(self.out) if self.resume and self.tile is None else None
         predictor, lo, hi = image_predictor(
-            model, reader, self.device, batch_size=self.batch_size, tta=self.tta, **options
+            model, reader, self.device, batch_size=self.batch_size, tta=self.tta, resume_tile=resume_tile, **options
         )
         if self.shared is not None:
             self.shared.predictor = predictor
@@ -547,8 +551,12 @@ def image_predictor(
     overlap: int | None = None,
     batch_size: int | None = None,
     tta: str = "off",
+    resume_tile: int | None = None,
 ) -> tuple:
     """The tiled predictor of ``model`` for the image behind ``reader``, and the image's normalisation range.
+
+    ``resume_tile``: an interrupted run's tile, kept when ``tile`` is None and it is one the default
+    could be here (see :func:`~tem_ij_plugin.predict.default_tiling`).
 
     Returns
     -------
@@ -579,6 +587,7 @@ def image_predictor(
         normalize(probe_crop(first), lo, hi),
         halo=erf.get("radius") if erf.get("mass") == HALO_MASS else None,
         tta=tta,
+        resume_tile=resume_tile,
     )
     log.info("prediction: %s", predictor.describe())
     return predictor, lo, hi

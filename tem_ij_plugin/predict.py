@@ -58,7 +58,12 @@ TILE_BYTES_PER_PIXEL_CHANNEL = 48
 
 
 def default_tiling(
-    device: torch.device, halo: int, multiple: int, base_channels: int = 16, available: int | None = None
+    device: torch.device,
+    halo: int,
+    multiple: int,
+    base_channels: int = 16,
+    available: int | None = None,
+    prefer: int | None = None,
 ) -> tuple:
     """(tile, overlap, batch) per device: large tiles amortise the overlap; GPUs take larger batches.
 
@@ -67,18 +72,20 @@ def default_tiling(
     pixels), which computes 1.17x the pixels of a 3840x2920 plane where 4 overlaps computed 1.62x,
     when a tile's estimated memory is at most half of ``available`` bytes (see
     :func:`~tem_ij_plugin.runtime.available_memory`); else the largest that is, down to 4 overlaps
-    (at least 512 pixels), the size used when ``available`` is unknown.
+    (at least 512 pixels), the size used when ``available`` is unknown. ``prefer`` (an interrupted
+    run's tile) replaces the tile when it lies between 4 overlaps and the tile chosen here.
     """
     overlap = max(32, overlap_for_halo(halo, multiple))
     if device.type != "cpu":
         return max(1024, 4 * overlap), overlap, 4
-    small = max(512, 4 * overlap)
-    tile = max(small, min(CPU_MAX_TILE, max(1024, 8 * overlap)))
-    if available is None:
-        return small, overlap, 1
-    step = max(multiple, 128)
-    while tile > small and tile * tile * base_channels * TILE_BYTES_PER_PIXEL_CHANNEL > available / 2:
-        tile = max(small, tile - step)
+    small = tile = max(512, 4 * overlap)
+    if available is not None:
+        tile = max(small, min(CPU_MAX_TILE, max(1024, 8 * overlap)))
+        step = max(multiple, 128)
+        while tile > small and tile * tile * base_channels * TILE_BYTES_PER_PIXEL_CHANNEL > available / 2:
+            tile = max(small, tile - step)
+    if prefer is not None and small <= prefer <= tile and prefer % multiple == 0:
+        tile = prefer
     return tile, overlap, 1
 
 
@@ -262,6 +269,7 @@ def make_predictor(
     probe: np.ndarray | None = None,
     halo: int | None = None,
     tta: str = "off",
+    resume_tile: int | None = None,
 ) -> Predictor:
     """A :class:`Predictor` for ``net`` with the fastest correct path unless told otherwise.
 
@@ -291,6 +299,9 @@ def make_predictor(
     tta : str
         Test-time augmentation: ``off``, ``flips`` (mean over 4 flips, 4x the work) or ``dihedral``
         (8 symmetries, 8x).
+    resume_tile : int, optional
+        An interrupted run's tile, used instead of the default when ``tile`` is None and it is one
+        the default could be here (:func:`default_tiling`'s ``prefer``).
     """
     if tta not in TTA_MODES:
         raise UserError(f"unknown test-time augmentation '{tta}'; use {', '.join(TTA_MODES)}")
@@ -301,9 +312,8 @@ def make_predictor(
     infer = fold_batchnorm(net).float()
     if halo is None:
         halo = effective_receptive_field(infer, HALO_MASS)
-    d_tile, d_overlap, d_batch = default_tiling(
-        device, halo, net.size_multiple, net.base_channels, available_memory() if tile is None else None
-    )
+    free = available_memory() if tile is None else None
+    d_tile, d_overlap, d_batch = default_tiling(device, halo, net.size_multiple, net.base_channels, free, resume_tile)
     tile = int(np.ceil((tile or d_tile) / net.size_multiple) * net.size_multiple)
     check_tiling(tile, d_overlap if overlap is None else overlap, derived=overlap is None, halo=halo)
     overlap = d_overlap if overlap is None else overlap

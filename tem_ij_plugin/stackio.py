@@ -604,6 +604,22 @@ class JobState:
         """Whether a state file is on disk."""
         return self.path.exists()
 
+    @classmethod
+    def recorded_tile(cls, out: Path) -> int | None:
+        """The tile of the interrupted prediction to ``out``, or None (no state, or one :meth:`load` refuses).
+
+        The default tile follows the free memory, so a resume keeps the one its partial files were made
+        with, where it still fits (:func:`~tem_ij_plugin.predict.default_tiling`).
+        """
+        path = cls.path_for(out)
+        try:
+            if path.stat().st_size > MAX_STATE_BYTES:
+                return None
+            tile = JobStateFile.model_validate_json(path.read_bytes()).signature.get("tile")
+        except (OSError, ValidationError):
+            return None
+        return tile if isinstance(tile, int) and not isinstance(tile, bool) and tile > 0 else None
+
     def load(self, n_planes: int) -> None:
         """Read an earlier run's state; a corrupt file or a different signature is a :class:`UserError`."""
         start_over = "delete it and the .partial files to start over"
@@ -622,7 +638,6 @@ class JobState:
         old = saved.model_dump(mode="json")["signature"]  # plain values, as this run's signature holds them
         diff = [k for k in sorted(set(old) | set(self.signature)) if old.get(k) != self.signature.get(k)]
         if diff:
-            # The default tile follows the free memory, so a resume elsewhere may need the old one named.
             hint = f" (it used --tile {old['tile']})" if "tile" in diff and old.get("tile") else ""
             raise UserError(
                 f"cannot resume: {', '.join(diff)} differ from the interrupted run recorded in {self.path}; "

@@ -226,6 +226,19 @@ def test_gpu_tiling_does_not_depend_on_host_memory():
     assert default_tiling(cuda, 90, 32, 16, available=1) == default_tiling(cuda, 90, 32, 16, available=64 * GIB)
 
 
+def test_a_resumed_runs_tile_is_kept_where_it_fits():
+    assert default_tiling(CPU, 90, 32, 16, available=64 * GIB, prefer=1536)[0] == 1536
+
+
+def test_a_resumed_runs_tile_that_no_longer_fits_gives_way_to_the_free_memory():
+    assert default_tiling(CPU, 90, 32, 16, available=4_000_000_000, prefer=2048)[0] == 1536
+
+
+@pytest.mark.parametrize("prefer", [4, 1000, 1 << 20])  # under 4 overlaps, off the network's grid, huge
+def test_a_recorded_tile_the_default_could_not_be_is_ignored(prefer):
+    assert default_tiling(CPU, 90, 32, 16, available=64 * GIB, prefer=prefer)[0] == 2048
+
+
 def test_make_predictor_sizes_default_tiles_from_the_free_memory(monkeypatch):
     # The free memory of this machine cannot be changed by a test, so its reading is replaced.
     import tem_ij_plugin.predict as predict_module
@@ -735,6 +748,44 @@ def test_cancel_then_resume_completes_without_redoing_planes(stack, model_file, 
     assert np.array_equal(tifffile.imread(out), tifffile.imread(fresh))
     assert not partial.exists()
     assert not (tmp_path / "p.partial.json").exists()
+
+
+def _interrupt(model_file, path, out):
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        PredictJob(model_file, path, out, backend="torch").run(
+            progress=lambda ev: ev["done"] >= 1 and cancel.set(), cancel=cancel
+        )
+    return json.loads(out.with_name(f"{out.stem}.partial.json").read_text())["signature"]["tile"]
+
+
+def test_a_resume_keeps_the_interrupted_runs_default_tile_when_more_memory_is_free(
+    stack, model_file, tmp_path, monkeypatch
+):
+    # The machine's free memory cannot be changed by a test, so its reading is replaced.
+    import tem_ij_plugin.predict as predict_module
+
+    path, _ = stack
+    monkeypatch.setattr(predict_module, "available_memory", lambda: 1)
+    tight = _interrupt(model_file, path, tmp_path / "p.tif")
+    monkeypatch.setattr(predict_module, "available_memory", lambda: 64 << 30)
+    fresh = PredictJob(model_file, path, tmp_path / "fresh.tif", backend="torch")
+    fresh.run()
+    assert fresh.state.signature["tile"] > tight, "the test needs a default tile that the free memory changes"
+    resumed = PredictJob(model_file, path, tmp_path / "p.tif", backend="torch", resume=True)
+    resumed.run()
+    assert resumed.state.signature["tile"] == tight
+
+
+def test_a_resume_with_less_free_memory_names_the_tile_to_pass(stack, model_file, tmp_path, monkeypatch):
+    import tem_ij_plugin.predict as predict_module
+
+    path, _ = stack
+    monkeypatch.setattr(predict_module, "available_memory", lambda: 64 << 30)
+    roomy = _interrupt(model_file, path, tmp_path / "p.tif")
+    monkeypatch.setattr(predict_module, "available_memory", lambda: 1)
+    with pytest.raises(UserError, match=rf"it used --tile {roomy}\)"):
+        PredictJob(model_file, path, tmp_path / "p.tif", backend="torch", resume=True).run()
 
 
 def test_output_over_the_file_size_limit_is_a_clear_error(stack, model_file, tmp_path):
