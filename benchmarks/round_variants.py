@@ -92,12 +92,12 @@ def main(argv=None) -> int:
         model = train(images, labels, s, init=None if variant == "fresh" else run.model, device="cpu").model
         row = {"patches": schedule[-1], "variant": variant, **score(model.net, model.normalization)}
         row["true"] = np.round(true_frac, 3).tolist()
-        shift = (model.last_round.get("prior_correction") or {}).get("logit_shift")
-        if variant == "warm" and shift is not None:
-            net = copy.deepcopy(model.net)
-            shift_output_bias(net, -np.asarray(shift))
-            row["without_prior_correction"] = score(net, model.normalization)
         if variant == "warm":
+            shift = (model.last_round.get("prior_correction") or {}).get("logit_shift")
+            if shift is not None:
+                net = copy.deepcopy(model.net)
+                shift_output_bias(net, -np.asarray(shift))
+                row["without_prior_correction"] = score(net, model.normalization)
             row["new_patches"] = [pool[i].tolist() for i in picks]
             row["new_patches_true_fraction"] = [
                 np.round(

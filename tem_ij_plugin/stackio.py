@@ -574,6 +574,16 @@ STATE_VERSION = 2  # 2: outputs, per-plane checksums; version 1 (0.2.0) had no c
 MAX_STATE_BYTES = 64 << 20
 
 
+def _readable_state(path: Path) -> JobStateFile | None:
+    """The state file at ``path`` as its schema reads it, or None (missing, too large or not a state)."""
+    try:
+        if path.stat().st_size > MAX_STATE_BYTES:
+            return None
+        return JobStateFile.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
+        return None
+
+
 class JobState:
     """Which planes of a prediction are written, kept as JSON next to the output (``name.partial.json``).
 
@@ -611,13 +621,8 @@ class JobState:
         The default tile follows the free memory, so a resume keeps the one its partial files were made
         with, where it still fits (:func:`~tem_ij_plugin.predict.default_tiling`).
         """
-        path = cls.path_for(out)
-        try:
-            if path.stat().st_size > MAX_STATE_BYTES:
-                return None
-            tile = JobStateFile.model_validate_json(path.read_bytes()).signature.get("tile")
-        except (OSError, ValidationError):
-            return None
+        saved = _readable_state(cls.path_for(out))
+        tile = saved.signature.get("tile") if saved is not None else None
         return tile if isinstance(tile, int) and not isinstance(tile, bool) and tile > 0 else None
 
     def load(self, n_planes: int) -> None:
@@ -656,12 +661,8 @@ class JobState:
 
     def recorded_outputs(self) -> list | None:
         """The final outputs an existing state file names (None when it cannot be read as a state)."""
-        try:
-            if self.path.stat().st_size > MAX_STATE_BYTES:
-                return None
-            return [o.path for o in JobStateFile.model_validate_json(self.path.read_bytes()).outputs]
-        except (OSError, ValidationError):
-            return None
+        saved = _readable_state(self.path)
+        return None if saved is None else [o.path for o in saved.outputs]
 
     def verify(self, writers: list) -> list:
         """Drop (and return) the finished planes whose bytes in any partial file differ from those written."""
