@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import logging
+import platform
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -106,3 +111,71 @@ def _cgroup_headroom(cgroup: Path) -> int | None:
         if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:
             return max(0, int(limit) - int(usage))
     return None
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+# What glibc's own adaptive thresholds settle at once large blocks were freed (64-bit): restored after a
+# block, since setting any threshold switches the adaptation off for the life of the process.
+_SETTLED_MMAP_THRESHOLD = 32 * 1024 * 1024
+_SETTLED_TRIM_THRESHOLD = 2 * _SETTLED_MMAP_THRESHOLD
+_DEFAULT_MMAP_MAX = 65536
+_heap_lock = threading.Lock()
+_heap_users = 0
+
+
+@functools.cache
+def _glibc():
+    """The C library when it is glibc (whose allocator :func:`reuse_freed_memory` tunes), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """Inside the block, freed memory (tensors, arrays) stays in the process for the next ones.
+
+    glibc gives every block over 32 MB its own mapping and unmaps it when freed, so each tile's
+    feature maps arrive on fresh pages the kernel must fault in and zero: 0.7 million page faults and
+    1.3 s of system time per 2048-px tile of the default model, which took 2.3 s, and 1.35 s without
+    them (bf16, 2-core AMD EPYC; README *Where a tile's time goes*). The block makes glibc serve large
+    blocks from its heap and keep what is freed; at the end of the outermost block (blocks may nest,
+    or overlap in threads) the kept memory goes back to the system. Elsewhere than glibc it does nothing.
+    """
+    global _heap_users
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        _heap_users += 1
+        if _heap_users == 1:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_users -= 1
+            if _heap_users == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+                libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand the memory that :func:`reuse_freed_memory` keeps back to the system now (glibc only).
+
+    Inside a long block the kept memory only grows: whenever frees come in another order (a writer
+    thread freeing the last plane while this one is computed) the heap's free holes land elsewhere,
+    and every page ever touched stays resident. Releasing now and then bounds that, for the cost of
+    faulting the pages in once more.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

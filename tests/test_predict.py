@@ -2,6 +2,8 @@
 
 import json
 import os
+import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ from tem_ij_plugin.modelio import TrainedModel, build_network, save_model
 from tem_ij_plugin.normalization import DEFAULT_NORMALIZATION
 from tem_ij_plugin.predict import default_tiling, make_predictor
 from tem_ij_plugin.receptive import effective_receptive_field, fold_batchnorm
-from tem_ij_plugin.runtime import available_memory
+from tem_ij_plugin.runtime import available_memory, release_freed_memory, reuse_freed_memory
 from tem_ij_plugin.stackio import Layout, TiffPlaneWriter, ZarrPlaneWriter
 
 
@@ -301,6 +303,50 @@ def test_available_memory_survives_a_garbled_meminfo(tmp_path):
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
 def test_available_memory_of_this_machine_is_positive():
     assert available_memory() > 0
+
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _faults_of_planes(pred, image, n=3) -> list:
+    """Minor page faults of this process during each of ``n`` predictions of ``image``."""
+    faults = []
+    for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        pred.plane(image)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
+
+
+def _large_map_predictor():
+    # 16 channels of a 1024-px fp32 tile are 64 MB per feature map: what glibc maps afresh each time
+    net, _ = random_net(depth=2, base=16)
+    return make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=1024, overlap=64, batch_size=1, halo=8)
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator tuned is glibc's")
+def test_planes_inside_one_block_reuse_the_first_planes_memory():
+    pred, image = _large_map_predictor(), np.random.default_rng(0).random((1024, 1024)).astype(np.float32)
+    with reuse_freed_memory():
+        faults = _faults_of_planes(pred, image)
+    assert faults[2] < 0.1 * faults[0]
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator tuned is glibc's")
+def test_released_memory_must_be_faulted_in_again_inside_a_block():
+    pred, image = _large_map_predictor(), np.random.default_rng(0).random((1024, 1024)).astype(np.float32)
+    with reuse_freed_memory():
+        first = _faults_of_planes(pred, image, n=2)[0]
+        release_freed_memory()
+        again = _faults_of_planes(pred, image, n=1)[0]
+    assert again > 0.5 * first
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator tuned is glibc's")
+def test_memory_goes_back_to_the_system_after_each_block():
+    pred, image = _large_map_predictor(), np.random.default_rng(0).random((1024, 1024)).astype(np.float32)
+    faults = _faults_of_planes(pred, image)  # each plane() is a block of its own
+    assert faults[2] > 0.5 * faults[0]
 
 
 def test_tiles_match_one_whole_tile():
