@@ -7,10 +7,13 @@ image, with the same labels):
 * the CPU's FP32 peak, measured by ``fma_peak.c`` (independent FMA chains on full-width vector
   registers, one set per thread, compiled here with ``gcc -O2 -march=native``) before and after the
   model timings (the host is shared, so the higher value is used), and torch's sgemm as a practical
-  reference;
+  reference; on CPUs with AVX512-BF16 also the bf16 dot-product peak (``fma_peak.c ... bf16``), the
+  peak of bf16 convolutions, which ``auto`` runs there;
 * the default model's FLOPs per pixel (``torch.utils.flop_counter`` on one tile of the inference
   network, BatchNorm folded) and, per backend, in-process time for the whole image, megapixels/s,
-  achieved GFLOP/s and their ratio to the peak; the same for ``auto`` at each ``--tiles`` size;
+  achieved GFLOP/s and their ratio to the peak; the same for ``auto`` at each ``--tiles`` size, and
+  for ``auto`` with every tensor on fresh pages (``fresh pages``: what prediction did before
+  ``runtime.reuse_freed_memory``), for a before/after from one run;
 * ``tem-ij predict`` as a whole process (start-up, reading, writing included) under ``/usr/bin/time -v``;
 * the random-forest peer (skimage multiscale features + sklearn RF, as in ``isbi_partial.py``);
 * the seam check: a 2048x2048 crop predicted with the smallest default tiling (4 overlaps) and as one tile.
@@ -24,6 +27,7 @@ Times are medians over ``--repeats`` runs. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -39,8 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def fma_peak(threads: int, workdir: Path) -> float | None:
-    """FP32 GFLOP/s of ``fma_peak.c`` with ``threads`` threads, or None without a C compiler."""
+def fma_peak(threads: int, workdir: Path, kind: str = "fp32") -> float | None:
+    """GFLOP/s of ``fma_peak.c`` with ``threads`` threads (``kind`` fp32 or bf16), or None without a C
+    compiler or, for bf16, without AVX512-BF16."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         return None
@@ -48,8 +53,21 @@ def fma_peak(threads: int, workdir: Path) -> float | None:
     if not exe.exists():
         cmd = [cc, "-O2", "-march=native", "-ffp-contract=fast", "-fopenmp", str(ROOT / "benchmarks" / "fma_peak.c")]
         subprocess.run(cmd + ["-o", str(exe)], check=True)
-    out = subprocess.run([str(exe), "200000000", str(threads)], capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[0])
+    out = subprocess.run([str(exe), "200000000", str(threads), kind], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[0]) or None
+
+
+@contextlib.contextmanager
+def fresh_pages():
+    """Prediction as before ``runtime.reuse_freed_memory``: inside, that block does nothing."""
+    from tem_ij_plugin import predict
+
+    keep = predict.reuse_freed_memory
+    predict.reuse_freed_memory = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        predict.reuse_freed_memory = keep
 
 
 def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -177,16 +195,19 @@ def main(argv=None) -> int:
         mp = big.size / 1e6
 
         peak_before = fma_peak(threads, work)
+        bf16_before = fma_peak(threads, work, "bf16")
         res["sgemm_gflops"] = round(sgemm_gflops(), 1)
         configs = [("auto", "auto", None)] + ([("onnx", "fp32", None)] if onnx_available() else [])
         configs += [("torch", "fp32", None), ("torch", "bf16", None)]
         configs += [("auto", "int8", None)] if onnx_available() else []
         configs += [("auto", "auto", tile) for tile in args.tiles]  # other tile sizes, same run
+        configs += [("auto", "auto", "fresh pages")]
         probe = np.ascontiguousarray(probe_crop(x))
         infer = fold_batchnorm(net)
         ref = None
         res["backends"] = {}
-        for backend, precision, tile in configs:
+        for backend, precision, variant in configs:
+            tile = variant if isinstance(variant, int) else None
             # bf16 runs unchecked here so that its speed and error are measured; `tem-ij predict` checks
             # it on the probe (precision_report) and falls back to fp32 when it fails.
             pred = make_predictor(
@@ -204,7 +225,8 @@ def main(argv=None) -> int:
             def run(pred=pred, out=out):
                 out["p"] = pred.plane(x)
 
-            t = median_time(run, args.repeats)
+            with fresh_pages() if variant == "fresh pages" else contextlib.nullcontext():
+                t = median_time(run, args.repeats)
             computed = computed_pixels(x.shape, pred, net.size_multiple)
             fl = flops_per_tile(infer, pred.tile)
             row = {
@@ -232,7 +254,8 @@ def main(argv=None) -> int:
                 whole = precision_report(ref, out["p"])
                 row["whole_image_vs_first"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in whole.items()}
             row["backend"] = pred.backend.name
-            res["backends"][f"{backend}-{precision}" + (f"-tile-{tile}" if tile else "")] = row
+            suffix = f"-tile-{tile}" if tile else ("-fresh-pages" if variant else "")
+            res["backends"][f"{backend}-{precision}{suffix}"] = row
             print(f"  {backend} {pred.precision}: {row}", flush=True)
         # The backend on a wider U-Net (32 base channels, random weights): convolutions with more channels
         # do more arithmetic per byte moved, which shows how much of the gap to the peak is the model's.
@@ -257,6 +280,12 @@ def main(argv=None) -> int:
         peak_after = fma_peak(threads, work)
         peaks = [p for p in (peak_before, peak_after) if p is not None]
         res["fp32_peak_gflops"] = {"before": peak_before, "after": peak_after, "used": max(peaks) if peaks else None}
+        bf16_peaks = [p for p in (bf16_before, fma_peak(threads, work, "bf16")) if p is not None]
+        if bf16_peaks:
+            res["bf16_peak_gflops"] = max(bf16_peaks)
+            for row in res["backends"].values():
+                if row["precision"] == "bf16":
+                    row["useful_fraction_of_bf16_peak"] = round(row["useful_gflop_per_s"] / max(bf16_peaks), 3)
         if peaks:
             for row in list(res["backends"].values()) + list(res.get("wide_unet_32", {}).values()):
                 row["fraction_of_fp32_peak"] = round(row["gflop_per_s"] / max(peaks), 3)
