@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 #: plane costs 30 % more per pixel (torch bf16, AMD EPYC, 2 cores; README, *Tile size on the CPU*).
 CPU_MAX_TILE = 2048
 #: Peak process memory per pixel of a CPU tile and per base channel of the network, rounded up from the
-#: default 16-channel model's growth from 1024- to 2048-pixel tiles: 15 bytes with torch bf16 (19 since
+#: default 16-channel model's growth from 1024- to 2048-pixel tiles: 15 bytes with torch bf16 (20 since
 #: freed memory is kept for reuse), 46 with onnxruntime fp32 (``benchmarks/predict_tiles.py``).
 TILE_BYTES_PER_PIXEL_CHANNEL = 48
 
@@ -178,7 +178,7 @@ class Predictor:
         -------
         ndarray of float32, shape (C, H, W)
         """
-        with reuse_freed_memory():
+        with reuse_freed_memory(enabled=self.device.type == "cpu"):
             return self._plane(image, on_batch, cancel, normalization)
 
     def _plane(self, image, on_batch, cancel, normalization) -> np.ndarray:
@@ -400,7 +400,8 @@ def predict_planes(
     pixels = 0
     done_before = n_planes - len(todo)
     # One block of reused memory over every plane: each plane's tensors reuse the last one's pages.
-    with reuse_freed_memory(), ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+    on_cpu = predictor.device.type == "cpu"
+    with reuse_freed_memory(enabled=on_cpu), ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending = None
         nxt = reader.submit(read, todo[0]) if todo else None
         try:
@@ -434,7 +435,7 @@ def predict_planes(
                 if pending is not None:
                     pending.result()  # surfaces a write error before more work is done
                 pending = writer.submit(sink, i, probs)
-                if k % RELEASE_EVERY_PLANES == RELEASE_EVERY_PLANES - 1:
+                if on_cpu and k % RELEASE_EVERY_PLANES == RELEASE_EVERY_PLANES - 1:
                     release_freed_memory()  # so that the peak does not creep up with the stack
             if pending is not None:
                 pending.result()

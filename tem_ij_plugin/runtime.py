@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import platform
 import threading
 from contextlib import nullcontext
@@ -120,6 +121,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _SETTLED_MMAP_THRESHOLD = 32 * 1024 * 1024
 _SETTLED_TRIM_THRESHOLD = 2 * _SETTLED_MMAP_THRESHOLD
 _DEFAULT_MMAP_MAX = 65536
+# A user who tuned glibc's allocator from the environment keeps their settings.
+_USER_TUNING = (
+    "GLIBC_TUNABLES",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+)
 _heap_lock = threading.Lock()
 _heap_users = 0
 
@@ -129,43 +138,57 @@ def _glibc():
     """The C library when it is glibc (whose allocator :func:`reuse_freed_memory` tunes), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
+    if any(name in os.environ for name in _USER_TUNING):
+        return None
     try:
-        return ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
 
 
 @contextlib.contextmanager
-def reuse_freed_memory():
+def reuse_freed_memory(enabled: bool = True):
     """Inside the block, freed memory (tensors, arrays) stays in the process for the next ones.
 
-    glibc gives every block over 32 MB its own mapping and unmaps it when freed, so each tile's
-    feature maps arrive on fresh pages the kernel must fault in and zero: 0.7 million page faults and
-    1.3 s of system time per 2048-px tile of the default model, which took 2.3 s, and 1.35 s without
-    them (bf16, 2-core AMD EPYC; README *Where a tile's time goes*). The block makes glibc serve large
-    blocks from its heap and keep what is freed; at the end of the outermost block (blocks may nest,
-    or overlap in threads) the kept memory goes back to the system. Elsewhere than glibc it does nothing.
+    glibc maps large blocks afresh and unmaps them when freed (on the main thread, blocks over its
+    threshold, at most 32 MB), so each tile's feature maps arrive on fresh pages the kernel must fault
+    in and zero: 0.7 million page faults and 1.3 s of system time per 2048-px tile of the default
+    model, which took 2.3 s, and 1.35 s without them (bf16, 2-core AMD EPYC; README *Where a tile's
+    time goes*). The block makes glibc serve large blocks from its heap and keep what is freed; at the
+    end of the outermost block (blocks may nest, or overlap in threads) the kept memory goes back to
+    the system, and glibc's thresholds stay at the values its own tuning reaches (32 MB, 64 MB).
+
+    The setting is the process's, but only the main thread's heap can grow without bound: another
+    thread's heap holds at most 64 MB, so larger tensors computed there still get fresh pages (a
+    3840x2920 plane took 7.0 s on a worker thread against 5.5 s on the main one). Nothing happens
+    when ``enabled`` is false, elsewhere than glibc, or where ``GLIBC_TUNABLES`` or a ``MALLOC_*_``
+    variable already tunes the allocator.
     """
     global _heap_users
-    libc = _glibc()
+    libc = _glibc() if enabled else None
     if libc is None:
         yield
         return
-    with _heap_lock:
-        _heap_users += 1
-        if _heap_users == 1:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    entered = False
     try:
+        with _heap_lock:
+            _heap_users += 1
+            entered = True
+            if _heap_users == 1:
+                libc.mallopt(_M_MMAP_MAX, 0)
+                libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
         yield
     finally:
         with _heap_lock:
-            _heap_users -= 1
-            if _heap_users == 0:
+            _heap_users -= entered
+            if entered and _heap_users == 0:
                 libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
                 libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
                 libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                release_freed_memory()
+                libc.malloc_trim(0)
 
 
 def release_freed_memory() -> None:

@@ -7,6 +7,7 @@ import resource
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import tifffile
 import torch
 from conftest import run_cli, sha256
 
+from tem_ij_plugin import runtime
 from tem_ij_plugin.apply import PredictJob
 from tem_ij_plugin.backends import onnx_available
 from tem_ij_plugin.errors import Cancelled, UserError
@@ -305,7 +307,26 @@ def test_available_memory_of_this_machine_is_positive():
     assert available_memory() > 0
 
 
+def _small_pages_only() -> bool:
+    """Whether large blocks fault in 4 KB pages here (transparent huge pages not forced on)."""
+    try:
+        return "[always]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return True
+
+
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+glibc_pages = pytest.mark.skipif(not (GLIBC and _small_pages_only()), reason="counts glibc's page faults in 4 KB pages")
+
+
+@pytest.fixture
+def untuned_glibc(monkeypatch):
+    """glibc as a process starts: none of the environment variables that make the block step aside."""
+    for name in runtime._USER_TUNING:
+        monkeypatch.delenv(name, raising=False)
+    runtime._glibc.cache_clear()
+    yield
+    runtime._glibc.cache_clear()
 
 
 def _faults_of_planes(pred, image, n=3) -> list:
@@ -319,22 +340,25 @@ def _faults_of_planes(pred, image, n=3) -> list:
 
 
 def _large_map_predictor():
-    # 16 channels of a 1024-px fp32 tile are 64 MB per feature map: what glibc maps afresh each time
-    net, _ = random_net(depth=2, base=16)
-    return make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=1024, overlap=64, batch_size=1, halo=8)
+    """A predictor whose feature maps glibc maps afresh each time (64 MB each), warmed up, and its image."""
+    net, _ = random_net(depth=2, base=16)  # 16 channels of a 1024-px fp32 tile
+    pred = make_predictor(net, torch.device("cpu"), "torch", "fp32", tile=1024, overlap=64, batch_size=1, halo=8)
+    image = np.random.default_rng(0).random((1024, 1024)).astype(np.float32)
+    pred.plane(image)  # one-time costs (thread pools, kernels) out of the counts
+    return pred, image
 
 
-@pytest.mark.skipif(not GLIBC, reason="the allocator tuned is glibc's")
-def test_planes_inside_one_block_reuse_the_first_planes_memory():
-    pred, image = _large_map_predictor(), np.random.default_rng(0).random((1024, 1024)).astype(np.float32)
+@glibc_pages
+def test_planes_inside_one_block_reuse_the_first_planes_memory(untuned_glibc):
+    pred, image = _large_map_predictor()
     with reuse_freed_memory():
         faults = _faults_of_planes(pred, image)
     assert faults[2] < 0.1 * faults[0]
 
 
-@pytest.mark.skipif(not GLIBC, reason="the allocator tuned is glibc's")
-def test_released_memory_must_be_faulted_in_again_inside_a_block():
-    pred, image = _large_map_predictor(), np.random.default_rng(0).random((1024, 1024)).astype(np.float32)
+@glibc_pages
+def test_released_memory_must_be_faulted_in_again_inside_a_block(untuned_glibc):
+    pred, image = _large_map_predictor()
     with reuse_freed_memory():
         first = _faults_of_planes(pred, image, n=2)[0]
         release_freed_memory()
@@ -342,11 +366,18 @@ def test_released_memory_must_be_faulted_in_again_inside_a_block():
     assert again > 0.5 * first
 
 
-@pytest.mark.skipif(not GLIBC, reason="the allocator tuned is glibc's")
-def test_memory_goes_back_to_the_system_after_each_block():
-    pred, image = _large_map_predictor(), np.random.default_rng(0).random((1024, 1024)).astype(np.float32)
+@glibc_pages
+def test_memory_goes_back_to_the_system_after_each_block(untuned_glibc):
+    pred, image = _large_map_predictor()
     faults = _faults_of_planes(pred, image)  # each plane() is a block of its own
     assert faults[2] > 0.5 * faults[0]
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator tuned is glibc's")
+def test_a_block_steps_aside_for_a_user_tuned_allocator(untuned_glibc, monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")
+    runtime._glibc.cache_clear()
+    assert runtime._glibc() is None
 
 
 def test_tiles_match_one_whole_tile():
