@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import logging
 import os
 import platform
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -149,7 +148,7 @@ def _glibc():
     return libc
 
 
-@contextlib.contextmanager
+@contextmanager
 def reuse_freed_memory(enabled: bool = True):
     """Inside the block, freed memory (tensors, arrays) stays in the process for the next ones.
 
