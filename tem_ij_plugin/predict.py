@@ -290,10 +290,11 @@ def make_predictor(
     precision : str
         ``auto``: bf16 autocast on CUDA (fp16 without bf16) and on CPUs that compute bf16 in hardware
         (AVX512-BF16, AMX), fp32 elsewhere. Or ``fp32``, ``bf16``, ``fp16``, ``int8`` (onnxruntime on
-        the CPU, calibrated on ``probe``: activation ranges from the image itself). Reduced precision (the
-        image and the logits keep fp32 precision) is checked on ``probe`` against fp32 and dropped unless it keeps
-        the class of 99.9 % of the pixels, each class's IoU at 0.99 or more, and changes a class only
-        where fp32's top-two margin was at most 0.1 (:func:`~tem_ij_plugin.backends.precision_report`).
+        the CPU, calibrated on ``probe``: activation ranges from the image itself). Reduced precision
+        (the image keeps its precision in the first convolution) is checked on ``probe`` against fp32
+        and dropped unless it keeps the class of 99.9 % of the pixels, each class's IoU at 0.99 or more,
+        and changes a class only where fp32's top-two margin was at most 0.1
+        (:func:`~tem_ij_plugin.backends.precision_report`).
     tile, overlap, batch_size : int, optional
         Tiling; defaults per device (:func:`default_tiling`), the overlap at least twice the
         effective receptive field radius.
