@@ -47,10 +47,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-#: The largest default CPU tile. 2048- and 3072-pixel tiles of the default model cost 9 % and 14 % more
-#: per computed pixel than 1024-pixel ones but compute 28 % and 34 % fewer on a 3840x2920 plane; 3072
-#: was within the noise of 2048 for 0.9 GB more, and a whole plane slower (6.49 s against 5.07 s; torch
-#: bf16, AMD EPYC, 2 cores; README, *Tile size on the CPU* and *Where a tile's time goes*).
+#: The largest default CPU tile. 2048- and 3072-pixel tiles of the default model cost 4-5 % and 17 %
+#: more per computed pixel than 1024-pixel ones but compute 28 % and 34 % fewer on a 3840x2920 plane;
+#: 3072 was no faster than 2048 for 0.7-1.5 GB more, and a whole plane slower (torch bf16, AMD EPYC,
+#: 2 cores; README, *Tile size on the CPU* to *The decoder without its upsampling*).
 CPU_MAX_TILE = 2048
 #: Peak process memory per pixel of a CPU tile and per base channel of the network, rounded up from the
 #: default 16-channel model's growth from 1024- to 2048-pixel tiles: 15 bytes with torch bf16 (20 since
