@@ -426,6 +426,8 @@ def predict_files(
     """
     from .apply import PredictJob, SharedModel
     from .errors import Cancelled
+    from .predict import RELEASE_EVERY_PLANES
+    from .runtime import release_freed_memory, resolve_device, reuse_freed_memory
 
     files = expand_images(list(images))
     out_dir = Path(out_dir)
@@ -435,24 +437,33 @@ def predict_files(
     except OSError as exc:
         raise UserError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
     shared, result = SharedModel(), BatchResult()
-    for i, (image, out) in enumerate(zip(files, outs), 1):
-        job = PredictJob(
-            model_path, image, out, kind=kind, resume=resume, overwrite=overwrite, inputs=files, shared=shared,
-            **options,
-        )  # fmt: skip
-        if resume and job.already_done():  # finished by the interrupted run, as the file itself records
-            result.skipped.append(out)
-            continue
-        if on_file is not None:
-            on_file(i, len(files), image)
-        try:
-            result.summaries.append(job.run(progress=progress, cancel=cancel))
-        except Cancelled:
-            raise Cancelled(
-                f"{len(result.written) + len(result.skipped)} of {len(files)} file(s) done, {job.planes_done} of "
-                f"{job.n_planes} plane(s) of {image.name}"
-            ) from None
-        result.written.append(out)
+    # The memory one file's prediction frees serves the next file's (on the CPU), handed back to the system
+    # as often as within a stack: each file's first tiles need not fault their pages in afresh.
+    on_cpu = resolve_device(options.get("device") or "auto").type == "cpu"
+    since_release = 0
+    with reuse_freed_memory(enabled=on_cpu):
+        for i, (image, out) in enumerate(zip(files, outs), 1):
+            job = PredictJob(
+                model_path, image, out, kind=kind, resume=resume, overwrite=overwrite, inputs=files, shared=shared,
+                **options,
+            )  # fmt: skip
+            if resume and job.already_done():  # finished by the interrupted run, as the file itself records
+                result.skipped.append(out)
+                continue
+            if on_file is not None:
+                on_file(i, len(files), image)
+            try:
+                result.summaries.append(job.run(progress=progress, cancel=cancel))
+            except Cancelled:
+                raise Cancelled(
+                    f"{len(result.written) + len(result.skipped)} of {len(files)} file(s) done, {job.planes_done} "
+                    f"of {job.n_planes} plane(s) of {image.name}"
+                ) from None
+            result.written.append(out)
+            since_release += job.n_planes
+            if on_cpu and since_release >= RELEASE_EVERY_PLANES:
+                release_freed_memory()
+                since_release = 0
     return result
 
 
