@@ -62,7 +62,7 @@ def _fused_convolution(dtype: torch.dtype):
 
     It is an internal operator of torch, so it is used only after it computed what the public operators
     do in ``dtype``, in each way :class:`_Conv` calls it, on a small case here (it raises, for one, in
-    bf16 on CPUs without AVX512-BF16 or AVX-NE-CONVERT, where the public operators still compute).
+    bf16 on CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, where the public operators still compute).
     """
     op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
     gen = torch.Generator().manual_seed(0)
