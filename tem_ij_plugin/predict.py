@@ -36,7 +36,7 @@ from .errors import Cancelled, UserError
 from .events import PredictEvent
 from .normalization import normalization_terms, normalize, sampled_range
 from .receptive import HALO_MASS, effective_receptive_field, fold_batchnorm
-from .runtime import autocast_context, available_memory, release_freed_memory, reuse_freed_memory
+from .runtime import PeriodicRelease, autocast_context, available_memory, reuse_freed_memory
 from .tiling import overlap_for_halo, pad_amounts, stitch, tile_specs, tile_window
 
 if TYPE_CHECKING:
@@ -356,9 +356,10 @@ def make_predictor(
     return Predictor(runner, net.n_classes, net.size_multiple, tile, overlap, batch_size, halo, device)
 
 
-#: How often a stack's prediction hands the memory it keeps for reuse back to the system. Each time
-#: costs one plane's page faults again; 400 planes of 2048x2048 ran at 2.74 MP/s with it and 2.71
-#: without, and peaked at 1.6 GB instead of 2.5 (README, *Where a tile's time goes*).
+#: How often a stack's (or a batch's) prediction hands the memory it keeps for reuse back to the system.
+#: Each time costs one plane's page faults again; 400 planes of 2048x2048 ran at 2.74 MP/s with it and
+#: 2.71 without, and peaked at 1.6 GB instead of 2.5 in that run, at 2.0 GB in a later one (README,
+#: *Where a tile's time goes* and *The decoder without its upsampling*).
 RELEASE_EVERY_PLANES = 16
 
 
@@ -403,6 +404,7 @@ def predict_planes(
     done_before = n_planes - len(todo)
     # One block of reused memory over every plane: each plane's tensors reuse the last one's pages.
     on_cpu = predictor.device.type == "cpu"
+    releases = PeriodicRelease(RELEASE_EVERY_PLANES, enabled=on_cpu)  # so that the peak does not creep up
     with reuse_freed_memory(enabled=on_cpu), ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending = None
         nxt = reader.submit(read, todo[0]) if todo else None
@@ -437,8 +439,7 @@ def predict_planes(
                 if pending is not None:
                     pending.result()  # surfaces a write error before more work is done
                 pending = writer.submit(sink, i, probs)
-                if on_cpu and k % RELEASE_EVERY_PLANES == RELEASE_EVERY_PLANES - 1:
-                    release_freed_memory()  # so that the peak does not creep up with the stack
+                releases.done()
             if pending is not None:
                 pending.result()
         except BaseException:

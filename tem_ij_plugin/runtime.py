@@ -193,11 +193,26 @@ def reuse_freed_memory(enabled: bool = True):
 def release_freed_memory() -> None:
     """Hand the memory that :func:`reuse_freed_memory` keeps back to the system now (glibc only).
 
-    Inside a long block the kept memory only grows: whenever frees come in another order (a writer
-    thread freeing the last plane while this one is computed) the heap's free holes land elsewhere,
-    and every page ever touched stays resident. Releasing now and then bounds that, for the cost of
-    faulting the pages in once more.
+    Inside a long block the kept memory only grows: the heap's layout drifts from plane to plane (its
+    free holes land elsewhere, also with an idle writer thread), and every page ever touched stays
+    resident. Releasing now and then bounds that, for the cost of faulting the pages in once more.
     """
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+class PeriodicRelease:
+    """Counts finished planes and calls :func:`release_freed_memory` after every ``every`` of them."""
+
+    def __init__(self, every: int, enabled: bool = True):
+        self.every, self.enabled, self.count = every, enabled, 0
+
+    def done(self, planes: int = 1) -> None:
+        """``planes`` more planes are finished."""
+        if not self.enabled:
+            return
+        self.count += planes
+        if self.count >= self.every:
+            release_freed_memory()
+            self.count = 0

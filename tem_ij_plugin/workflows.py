@@ -427,7 +427,7 @@ def predict_files(
     from .apply import PredictJob, SharedModel
     from .errors import Cancelled
     from .predict import RELEASE_EVERY_PLANES
-    from .runtime import release_freed_memory, resolve_device, reuse_freed_memory
+    from .runtime import PeriodicRelease, resolve_device, reuse_freed_memory
 
     files = expand_images(list(images))
     out_dir = Path(out_dir)
@@ -440,7 +440,7 @@ def predict_files(
     # The memory one file's prediction frees serves the next file's (on the CPU), handed back to the system
     # as often as within a stack: each file's first tiles need not fault their pages in afresh.
     on_cpu = resolve_device(options.get("device") or "auto").type == "cpu"
-    since_release = 0
+    releases = PeriodicRelease(RELEASE_EVERY_PLANES, enabled=on_cpu)
     with reuse_freed_memory(enabled=on_cpu):
         for i, (image, out) in enumerate(zip(files, outs), 1):
             job = PredictJob(
@@ -460,10 +460,7 @@ def predict_files(
                     f"of {job.n_planes} plane(s) of {image.name}"
                 ) from None
             result.written.append(out)
-            since_release += job.n_planes
-            if on_cpu and since_release >= RELEASE_EVERY_PLANES:
-                release_freed_memory()
-                since_release = 0
+            releases.done(job.n_planes)
     return result
 
 
