@@ -20,7 +20,11 @@ the broad uncertain areas that :mod:`tem_ij_plugin.focus` outlines), ``tta`` (fl
 suggestions) and, from the second count on, a committee of the chain's last two models (the previous
 round's model is free in a project): ``round_change`` (mean total-variation distance between their
 probabilities), ``round_flips`` (fraction of pixels whose class changed), ``round_mix_entropy`` (entropy
-of their mean) and ``entropy_plus_change``.
+of their mean) and ``entropy_plus_change``; and ``learnt_error``, the mean probability of an error under
+a logistic regression of per-pixel features (uncertainty, distance to a predicted boundary, image
+intensity and contrast), fitted on the pixels labelled since the previous model, which never saw
+them (:func:`error_model`). ``band_entropy`` is the mean entropy within 3 px of a predicted
+boundary.
 
 ``--focus`` adds the focus-region experiment: from the 2-patch model the next patches (the same ones
 as the chain's) are annotated *focus-first* (each polygon starts inside the patch's focus regions
@@ -31,7 +35,8 @@ mIoU (sections 15-29) at 4 and 8 patches, and the labelled pixels of both arms.
     python benchmarks/acquisition.py --focus --json benchmarks/results/acquisition.json
 
 Trained models are kept in ``--cache`` (reused when present), so a second run with other scores
-costs only the scoring.
+costs only the scoring; ``--keep-probs DIR`` also keeps each model's pool probabilities (float16),
+labels and candidates, so that new window scores can be tried without a network pass.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ from isbi_partial import DATA, load  # noqa: E402
 from label_gap import CLASSES, dense_score, truths  # noqa: E402
 
 SIZE, SECTIONS = 256, 15
-SCORES = ("entropy", "entropy_p90", "margin", "expected_error", "ambiguous", "focus")
+SCORES = ("entropy", "entropy_p90", "margin", "expected_error", "ambiguous", "focus", "band_entropy")
+BAND = 3  # px either side of a predicted class boundary: where the boundary errors are
 
 
 def pool_boxes() -> np.ndarray:
@@ -132,6 +138,7 @@ def window_stats(p: np.ndarray) -> dict:
     top = np.sort(p, 0)
     gap = top[-1] - top[-2]
     smooth = ndi.gaussian_filter(ent.astype(np.float32), 4.0).ravel()
+    band = ndi.binary_dilation(class_edges(p.argmax(0)), iterations=BAND)
     return {
         "entropy": float(ent.mean()),
         "entropy_p90": float(np.quantile(ent, 0.9)),
@@ -139,7 +146,21 @@ def window_stats(p: np.ndarray) -> dict:
         "expected_error": float((1 - top[-1]).mean()),
         "ambiguous": float((gap < 0.3).mean()),
         "focus": float(np.sort(smooth)[-len(smooth) // 10 :].mean()),
+        "band_entropy": float(ent[band].mean()) if band.any() else 0.0,
     }
+
+
+def class_edges(pred: np.ndarray) -> np.ndarray:
+    """Pixels of a class map (H, W) with a 4-neighbour of another class."""
+    edge = np.zeros(pred.shape, bool)
+    for axis in (0, 1):
+        change = np.diff(pred, axis=axis) != 0
+        lead = [slice(None)] * 2
+        lead[axis] = slice(1, None)
+        edge[tuple(lead)] |= change
+        lead[axis] = slice(None, -1)
+        edge[tuple(lead)] |= change
+    return edge
 
 
 def acquisition_metrics(scores: np.ndarray, errors: np.ndarray, top: np.ndarray | None = None) -> dict:
@@ -162,10 +183,66 @@ def committee_stats(p: np.ndarray, q: np.ndarray) -> dict:
     }
 
 
-def score_model(model, labels, images, truth, boxes, cand, seed, tta=True, previous=None) -> tuple:
+def pixel_features(p: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Features (F, H, W) of each pixel of a plane: from its probabilities (C, H, W) and its image.
+
+    Entropy, top-two margin, entropy smoothed at 4 and 16 px, distance to the nearest predicted class
+    boundary (up to 32 px), the standardised image, its local mean and contrast (8 px) and the
+    predicted class: what :func:`error_model` may learn the model's errors from.
+    """
+    from scipy import ndimage as ndi
+
+    ent = entropy(p)
+    top = np.sort(p, 0)
+    pred = p.argmax(0)
+    to_edge = np.minimum(ndi.distance_transform_edt(~class_edges(pred)), 32) / 32
+    im = (image - image.mean()) / (image.std() + 1e-6)
+    local = ndi.gaussian_filter(im, 8)
+    contrast = np.sqrt(np.maximum(ndi.gaussian_filter(im * im, 8) - local * local, 0))
+    smooth = [ndi.gaussian_filter(ent, sigma) for sigma in (4, 16)]
+    onehot = [pred == c for c in range(p.shape[0])]
+    return np.stack([ent, top[-1] - top[-2], *smooth, to_edge, im, local, contrast, *onehot]).astype(np.float32)
+
+
+def error_model(previous: np.ndarray, labels: np.ndarray, previous_labels: np.ndarray, images: np.ndarray):
+    """P(wrong | :func:`pixel_features`), learnt where the previous model met pixels it never trained on.
+
+    The pixels labelled since the previous model (in ``labels``, not in ``previous_labels``) were
+    held out from it; whether its ``previous`` probabilities (Z, C, H, W) got them wrong trains a
+    logistic regression. None when it got them all right or all wrong.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    new = (labels >= 0) & (previous_labels < 0)
+    x, wrong = [], []
+    for z in np.unique(np.nonzero(new)[0]):
+        x.append(pixel_features(previous[z], images[z].astype(np.float32))[:, new[z]].T)
+        wrong.append(previous[z].argmax(0)[new[z]] != labels[z][new[z]])
+    if not x or np.concatenate(wrong).all() or not np.concatenate(wrong).any():
+        return None
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(
+        np.concatenate(x), np.concatenate(wrong)
+    )
+
+
+def learnt_error(fitted, probs: np.ndarray, images: np.ndarray, cand: np.ndarray) -> list:
+    """Each candidate's mean P(wrong) under the :func:`error_model` ``fitted``."""
+    features, out = {}, []
+    for z, y0, x0, y1, x1 in cand:
+        if z not in features:
+            features[z] = pixel_features(probs[z], images[z].astype(np.float32))
+        window = features[z][:, y0:y1, x0:x1]
+        out.append(float(fitted.predict_proba(window.reshape(len(window), -1).T)[:, 1].mean()))
+    return out
+
+
+def score_model(model, labels, images, truth, boxes, cand, seed, tta=True, previous=None, previous_labels=None):
     """Every score's top-5 ratio and Spearman rho for one model, with the oracle's ratio.
 
-    ``previous``: the pool's probabilities from the chain's previous model (adds the committee scores).
+    ``previous``: the pool's probabilities from the chain's previous model (adds the committee scores),
+    ``previous_labels`` the labels it was trained on (adds ``learnt_error``, :func:`error_model`).
     Returns the row and the pool's probabilities.
     """
     import torch
@@ -191,6 +268,9 @@ def score_model(model, labels, images, truth, boxes, cand, seed, tta=True, previ
         if previous is not None:
             for name, v in committee_stats(p, previous[z, :, y0:y1, x0:x1]).items():
                 rows.setdefault(name, []).append(v)
+    fitted = None if previous_labels is None else error_model(previous, labels.labels, previous_labels, pool_img)
+    if fitted is not None:
+        rows["learnt_error"] = learnt_error(fitted, probs, pool_img, cand)
     net = fold_batchnorm(model.net).float()
     lo_hi = sampled_range(lambda i: pool_img[i], SECTIONS, model.normalization)
     if tta:  # three network passes per candidate: the most expensive score
@@ -248,19 +328,28 @@ def run(task, truth, images, seed, args) -> dict:
     for i in order[:n_max]:  # one annotation per patch, so that every count sees the same outlines
         shapes_by_patch.append(annotate(truth, boxes[[i]], classes, rng))
     test_img, test_truth = images[SECTIONS:], truth[SECTIONS:]
-    out, model, models, probs = {"counts": {}}, None, {}, None
+    out, model, models, probs, seen = {"counts": {}}, None, {}, None, None
     for k in sorted(args.counts):
         shapes = [s for group in shapes_by_patch[:k] for s in group]
         path = args.cache / f"{task}-s{seed}-k{k}-it{args.iterations}.model"
         model, labels = train_cached(path, images[:SECTIONS], shapes, classes, seed, args.iterations, model)
         models[k] = (model, labels, shapes)
         row, probs = score_model(
-            model, labels, images, truth, boxes, boxes[order[k:]], seed, tta=not args.no_tta, previous=probs
+            model, labels, images, truth, boxes, boxes[order[k:]], seed, not args.no_tta, probs, seen
         )
+        seen = labels.labels
         row["test_miou"] = dense_score(model.net, test_img, test_truth, model, len(classes))
         row["labelled_px"] = int((labels.labels >= 0).sum())
         out["counts"][str(k)] = row
         log_row(task, seed, k, row)
+        if args.keep_probs:  # for scores not thought of yet, without retraining or predicting again
+            args.keep_probs.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(
+                args.keep_probs / f"{task}-s{seed}-k{k}.npz",
+                probs=probs.astype(np.float16),
+                labels=labels.labels,
+                candidates=boxes[order[k:]],
+            )
     if args.focus and {2, 4, 8} <= set(args.counts):
         out["focus"] = focus_arm(task, truth, images, seed, args, boxes, order, models)
     return out
@@ -350,6 +439,7 @@ def main(argv=None) -> int:
     ap.add_argument("--append", action="store_true", help="add to the results already in --json (same args)")
     ap.add_argument("--report", type=Path, nargs="+", help="print the summary of these result files together")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/tem-ij-acquisition"))
+    ap.add_argument("--keep-probs", type=Path, help="keep each model's pool probabilities, labels and candidates here")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "acquisition.json")
     args = ap.parse_args(argv)
     args.counts = [int(c) for c in args.counts.split(",")]
