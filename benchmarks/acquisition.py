@@ -220,11 +220,12 @@ def error_model(previous: np.ndarray, labels: np.ndarray, previous_labels: np.nd
     for z in np.unique(np.nonzero(new)[0]):
         x.append(pixel_features(previous[z], images[z].astype(np.float32))[:, new[z]].T)
         wrong.append(previous[z].argmax(0)[new[z]] != labels[z][new[z]])
-    if not x or np.concatenate(wrong).all() or not np.concatenate(wrong).any():
+    if not x:
         return None
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(
-        np.concatenate(x), np.concatenate(wrong)
-    )
+    x, wrong = np.concatenate(x), np.concatenate(wrong)
+    if wrong.all() or not wrong.any():
+        return None
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x, wrong)
 
 
 def learnt_error(fitted, probs: np.ndarray, images: np.ndarray, cand: np.ndarray) -> list:
