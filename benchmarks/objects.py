@@ -16,7 +16,7 @@ at least 5000 px:
 
 ``--speed`` instead times ``find_objects`` on a synthetic 3840x2920 probability map read from disk,
 with the label image, the table and the ROIs written. ``--memory`` runs ``tem-ij objects`` on uint8
-probability stacks of 2048x2048 planes (``--planes``, default 4 and 40) under ``/usr/bin/time -v``,
+probability stacks of 2048x2048 planes (``--planes``, default 4 and 40) as a child process,
 with every output written, and reports the peak resident memory of each: flat means the same for
 both depths.
 
@@ -226,7 +226,7 @@ def memory(args) -> dict:
             probs = Path(tmp) / f"probs{n}.tif"
             write_probability_stack(probs, n)
             outs = [Path(tmp) / f"cells{n}.tif", Path(tmp) / f"cells{n}.csv", Path(tmp) / f"cells{n}.zip"]
-            wall, rss = time_and_peak_memory(
+            wall, rss, _ = time_and_peak_memory(
                 ["objects", str(probs), "--class", "cell", "-o", str(outs[0]), "--measure", str(outs[1]),
                  "--rois", str(outs[2])]
             )  # fmt: skip

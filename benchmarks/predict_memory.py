@@ -1,7 +1,7 @@
 """Peak memory of ``tem-ij predict`` on uint8 stacks of 2048x2048 sections: flat in the number of planes.
 
 Writes a synthetic Z stack (the same 2048x2048 section, shifted per plane) as an ImageJ TIFF and runs
-``/usr/bin/time -v tem-ij predict`` on it, reporting wall time and the maximum resident set size.
+``tem-ij predict`` on it as a child process, reporting wall time and its maximum resident set size.
 By default nothing is trained: a default-architecture model with random weights. Its tiles are not a
 trained model's: the overlap follows the model's effective receptive field, which is small for random
 weights (512-pixel tiles with 32 px overlap here, against 960 px and 240 px for a trained depth-5
@@ -10,6 +10,13 @@ to fp32. ``--model`` runs a trained model instead (``predict_speed.py --keep DIR
 what the memory and throughput of a user's run are.
 Float32 probabilities of 400 such planes (13 GB) exceed the ImageJ TIFF limit, so the default runs
 write BigTIFF (``.btf``) for every size.
+
+Separate runs of the same command differ in their peak by a few hundred MB (glibc's heap lands in a
+different layout each time; README, *The 400-plane stack*), which says nothing about growth with the
+stack. So each run also records its own peak so far (``VmHWM``) at every progress line of
+``tem-ij predict`` (one every 10 s): ``peak_by_plane``, and ``max_rss_mb_first_40`` (the peak at the
+last line reporting plane 40 or less) against the run's final ``max_rss_mb`` compares 40 planes with
+400 in one process.
 
 Usage::
 
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,15 +59,33 @@ def write_stack(path: Path, planes: int, size: int = 2048) -> None:
         )
 
 
-def time_and_peak_memory(argv: list) -> tuple[float, int]:
-    """Run ``tem-ij -q ARGV`` under ``/usr/bin/time -v``: (wall seconds, peak resident memory in kB)."""
-    cmd = ["/usr/bin/time", "-v", shutil.which("tem-ij"), "-q", *argv]
+def _peak_so_far_kb(pid: int) -> int | None:
+    """The process's peak resident memory so far (``VmHWM``, kB), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+    except OSError:
+        return None
+
+
+def time_and_peak_memory(argv: list) -> tuple[float, int, list]:
+    """Run ``tem-ij ARGV``: (wall seconds, peak resident kB, [(plane, peak kB so far)] per progress line)."""
+    cmd = [shutil.which("tem-ij"), *argv]  # not -q: its progress lines (stderr) say which plane it is on
     t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    timeline, lines = [], []
+    for line in proc.stderr:
+        lines.append(line)
+        found = re.search(r"plane (\d+)/\d+", line)
+        peak = _peak_so_far_kb(proc.pid) if found else None
+        if peak is not None:
+            timeline.append((int(found.group(1)), peak))
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
-    if res.returncode != 0:
-        raise RuntimeError(res.stderr)
-    return wall, next(int(x.split()[-1]) for x in res.stderr.splitlines() if "Maximum resident set size" in x)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError("".join(lines[-20:]))
+    return wall, usage.ru_maxrss, timeline  # ru_maxrss: kB on Linux
 
 
 def main(argv=None) -> int:
@@ -90,7 +117,9 @@ def main(argv=None) -> int:
             stack = work / f"stack{n}.tif"
             write_stack(stack, n)
             out = work / f"probs{n}{args.suffix}"
-            wall, rss = time_and_peak_memory(["predict", str(model), str(stack), "-o", str(out), *args.extra.split()])
+            argv = ["predict", str(model), str(stack), "-o", str(out), *args.extra.split()]
+            wall, rss, timeline = time_and_peak_memory(argv)
+            first_40 = [kb for plane, kb in timeline if plane <= 40]
             row = {
                 "planes": n,
                 "input_mb": round(stack.stat().st_size / 2**20),
@@ -99,9 +128,11 @@ def main(argv=None) -> int:
                 "wall_s": round(wall, 1),
                 "megapixels_per_s": round(n * 2048 * 2048 / 1e6 / wall, 2),
                 "max_rss_mb": round(rss / 1024),
+                "max_rss_mb_first_40": round(first_40[-1] / 1024) if first_40 else None,
+                "peak_by_plane": [[plane, round(kb / 1024)] for plane, kb in timeline],
             }
             rows.append(row)
-            print(row, flush=True)
+            print({k: v for k, v in row.items() if k != "peak_by_plane"}, flush=True)
             stack.unlink()
             if out.is_dir():
                 shutil.rmtree(out)
