@@ -29,7 +29,9 @@ boundary.
 ``--focus`` adds the focus-region experiment: from the 2-patch model the next patches (the same ones
 as the chain's) are annotated *focus-first* (each polygon starts inside the patch's focus regions
 while it can) instead of at random inside the patch, with the same budget per class; dense test
-mIoU (sections 15-29) at 4 and 8 patches, and the labelled pixels of both arms.
+mIoU (sections 15-29) at 4 and 8 patches, and the labelled pixels of both arms. ``--redraw`` annotates
+the same patches at random once more, from the focus arm's random stream: the difference between
+two random annotations of the same patches, against which the focus arm's difference is judged.
 
     python benchmarks/acquisition.py --tasks membrane --seeds 0 --counts 2,4
     python benchmarks/acquisition.py --focus --json benchmarks/results/acquisition.json
@@ -313,6 +315,21 @@ def focus_masks(model, labels, images, boxes) -> list:
     return masks
 
 
+def test_scores(model, images, truth, n_classes, uncorrected=False) -> dict:
+    """Dense test mIoU (sections 15-29); with ``uncorrected``, also with the prior correction taken out."""
+    import copy
+
+    from tem_ij_plugin.priors import shift_output_bias
+
+    out = {"test_miou": dense_score(model.net, images[SECTIONS:], truth[SECTIONS:], model, n_classes)}
+    correction = (model.last_round or {}).get("prior_correction")
+    if uncorrected and correction:
+        net = copy.deepcopy(model.net)
+        shift_output_bias(net, -np.asarray(correction["logit_shift"]))
+        out["test_miou_uncorrected"] = dense_score(net, images[SECTIONS:], truth[SECTIONS:], model, n_classes)
+    return out
+
+
 def run(task, truth, images, seed, args) -> dict:
     classes = CLASSES[task]
     boxes = pool_boxes()
@@ -322,7 +339,6 @@ def run(task, truth, images, seed, args) -> dict:
     rng = np.random.default_rng(seed)
     for i in order[:n_max]:  # one annotation per patch, so that every count sees the same outlines
         shapes_by_patch.append(annotate(truth, boxes[[i]], classes, rng))
-    test_img, test_truth = images[SECTIONS:], truth[SECTIONS:]
     out, model, models, probs, seen = {"counts": {}}, None, {}, None, None
     for k in sorted(args.counts):
         shapes = [s for group in shapes_by_patch[:k] for s in group]
@@ -333,7 +349,7 @@ def run(task, truth, images, seed, args) -> dict:
             model, labels, images, truth, boxes, boxes[order[k:]], seed, not args.no_tta, probs, seen
         )
         seen = labels.labels
-        row["test_miou"] = dense_score(model.net, test_img, test_truth, model, len(classes))
+        row.update(test_scores(model, images, truth, len(classes), args.uncorrected))
         row["labelled_px"] = int((labels.labels >= 0).sum())
         out["counts"][str(k)] = row
         log_row(task, seed, k, row)
@@ -345,25 +361,31 @@ def run(task, truth, images, seed, args) -> dict:
                 labels=labels.labels,
                 candidates=boxes[order[k:]],
             )
-    if args.focus and {2, 4, 8} <= set(args.counts):
-        out["focus"] = focus_arm(task, truth, images, seed, args, boxes, order, models)
+    for arm in ("focus", "redraw"):
+        if getattr(args, arm) and {2, 4, 8} <= set(args.counts):
+            out[arm] = focus_arm(task, truth, images, seed, args, boxes, order, models, focus=arm == "focus")
     return out
 
 
-def focus_arm(task, truth, images, seed, args, boxes, order, models) -> dict:
-    """Focus-first annotation of the chain's patches 3-4 and 5-8, from the 2-patch model on."""
+def focus_arm(task, truth, images, seed, args, boxes, order, models, focus=True) -> dict:
+    """Focus-first annotation of the chain's patches 3-4 and 5-8, from the 2-patch model on.
+
+    With ``focus`` false, the same patches annotated at random again from the focus arm's random
+    stream (the *redraw*): how far two random annotations of the same patches differ.
+    """
     classes = CLASSES[task]
     model, labels, shapes = models[2]
     rng = np.random.default_rng(seed + 1000)
-    out = {}
+    out, arm = {}, "focus" if focus else "redraw"
     for lo, hi in ((2, 4), (4, 8)):
         new_boxes = boxes[order[lo:hi]]
-        shapes = shapes + annotate(truth, new_boxes, classes, rng, focus_masks(model, labels, images, new_boxes))
-        path = args.cache / f"{task}-s{seed}-k{hi}-it{args.iterations}-focus.model"
+        masks = focus_masks(model, labels, images, new_boxes) if focus else None
+        shapes = shapes + annotate(truth, new_boxes, classes, rng, masks)
+        path = args.cache / f"{task}-s{seed}-k{hi}-it{args.iterations}-{arm}.model"
         model, labels = train_cached(path, images[:SECTIONS], shapes, classes, seed, args.iterations, model)
-        miou = dense_score(model.net, images[SECTIONS:], truth[SECTIONS:], model, len(classes))
-        out[str(hi)] = {"test_miou": miou, "labelled_px": int((labels.labels >= 0).sum())}
-        logging.info("%s seed %d: %d patches focus-first: mIoU %.4f", task, seed, hi, miou)
+        out[str(hi)] = test_scores(model, images, truth, len(classes), args.uncorrected)
+        out[str(hi)]["labelled_px"] = int((labels.labels >= 0).sum())
+        logging.info("%s seed %d: %d patches, %s: mIoU %.4f", task, seed, hi, arm, out[str(hi)]["test_miou"])
     return out
 
 
@@ -396,28 +418,43 @@ def summary(results: dict, counts) -> dict:
                 have = [r for r in rows if name in r["scores"]]  # tta may be left out (--no-tta)
                 entry["scores"][name] = {m: round(_mean(r["scores"][name][m] for r in have), 3) for m in metrics}
                 entry["scores"][name]["seeds"] = len(have)
-            entry["test_miou"] = round(_mean(r["test_miou"] for r in rows), 4)
+            for key in ("test_miou", "test_miou_uncorrected"):
+                if all(key in r for r in rows):
+                    entry[key] = round(_mean(r[key] for r in rows), 4)
             out.setdefault(task, {})[k] = entry
-        with_focus = [r for r in by_seed.values() if "focus" in r]
-        if with_focus:
-            out[task]["focus"] = {
-                k: {
-                    "focus_miou": round(_mean(r["focus"][k]["test_miou"] for r in with_focus), 4),
-                    "random_miou": round(_mean(r["counts"][k]["test_miou"] for r in with_focus), 4),
-                }
-                for k in ("4", "8")
-            }
+        for arm in ("focus", "redraw"):
+            with_arm = [r for r in by_seed.values() if arm in r]
+            if with_arm:
+                out[task][arm] = {k: _arm_means(with_arm, arm, k) for k in ("4", "8")}
+    return out
+
+
+def _arm_means(results: list, arm: str, k: str) -> dict:
+    """Mean test mIoU of ``arm`` and of the random chain at ``k`` patches (and without the prior correction)."""
+    out = {"seeds": len(results)}
+    for suffix in ("", "_uncorrected"):
+        key = "test_miou" + suffix
+        if all(key in r[arm][k] and key in r["counts"][k] for r in results):
+            out[f"{arm}_miou{suffix}"] = round(_mean(r[arm][k][key] for r in results), 4)
+            out[f"random_miou{suffix}"] = round(_mean(r["counts"][k][key] for r in results), 4)
     return out
 
 
 def print_table(summ: dict) -> None:
     for task, by_k in summ.items():
         for k, e in by_k.items():
-            if k == "focus":
+            if k in ("focus", "redraw"):
                 for n, f in e.items():
-                    print(f"{task} at {n} patches: focus-first {f['focus_miou']:.4f}, random {f['random_miou']:.4f}")
+                    line = f"{task} at {n} patches: {k} {f[k + '_miou']:.4f}, random {f['random_miou']:.4f}"
+                    if k + "_miou_uncorrected" in f:
+                        line += f" (uncorrected: {f[k + '_miou_uncorrected']:.4f}, {f['random_miou_uncorrected']:.4f})"
+                    print(line)
                 continue
-            print(f"{task}, {k} patches: oracle {e['oracle_ratio']:.2f}, target {e['target_ratio']:.2f}")
+            uncorrected = f", uncorrected {e['test_miou_uncorrected']:.4f}" if "test_miou_uncorrected" in e else ""
+            print(
+                f"{task}, {k} patches: test mIoU {e['test_miou']:.4f}{uncorrected}; "
+                f"oracle {e['oracle_ratio']:.2f}, target {e['target_ratio']:.2f}"
+            )
             for name, m in sorted(e["scores"].items(), key=lambda kv: -kv[1]["top5_ratio"]):
                 print(f"    {name:20s} top-5 ratio {m['top5_ratio']:5.2f}  rho {m['spearman']:+.2f}")
 
@@ -430,6 +467,8 @@ def main(argv=None) -> int:
     ap.add_argument("--counts", default="2,4,8")
     ap.add_argument("--iterations", type=int, default=200, help="training iterations per round")
     ap.add_argument("--focus", action="store_true", help="also run the focus-first annotator")
+    ap.add_argument("--redraw", action="store_true", help="also annotate the focus arm's patches at random again")
+    ap.add_argument("--uncorrected", action="store_true", help="also score every model without its prior correction")
     ap.add_argument("--no-tta", action="store_true", help="leave out the flip-disagreement score (the slowest)")
     ap.add_argument("--append", action="store_true", help="add to the results already in --json (same args)")
     ap.add_argument("--report", type=Path, nargs="+", help="print the summary of these result files together")
