@@ -32,6 +32,8 @@ while it can) instead of at random inside the patch, with the same budget per cl
 mIoU (sections 15-29) at 4 and 8 patches, and the labelled pixels of both arms. ``--redraw`` annotates
 the same patches at random once more, from the focus arm's random stream: the difference between
 two random annotations of the same patches, against which the focus arm's difference is judged.
+``--uncorrected`` also scores every model with its class-prior correction taken out
+(``test_miou_uncorrected``).
 
     python benchmarks/acquisition.py --tasks membrane --seeds 0 --counts 2,4
     python benchmarks/acquisition.py --focus --json benchmarks/results/acquisition.json
