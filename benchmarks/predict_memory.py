@@ -72,17 +72,17 @@ def time_and_peak_memory(argv: list) -> tuple[float, int, list]:
     """Run ``tem-ij ARGV``: (wall seconds, peak resident kB, [(plane, peak kB so far)] per progress line)."""
     cmd = [shutil.which("tem-ij"), *argv]  # not -q: its progress lines (stderr) say which plane it is on
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     timeline, lines = [], []
-    for line in proc.stderr:
-        lines.append(line)
-        found = re.search(r"plane (\d+)/\d+", line)
-        peak = _peak_so_far_kb(proc.pid) if found else None
-        if peak is not None:
-            timeline.append((int(found.group(1)), peak))
-    _, status, usage = os.wait4(proc.pid, 0)
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        for line in proc.stderr:
+            lines.append(line)
+            found = re.search(r"plane (\d+)/\d+", line)
+            peak = _peak_so_far_kb(proc.pid) if found else None
+            if peak is not None:
+                timeline.append((int(found.group(1)), peak))
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps it, with its resource usage
+        proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError("".join(lines[-20:]))
     return wall, usage.ru_maxrss, timeline  # ru_maxrss: kB on Linux
