@@ -154,7 +154,8 @@ def train_and_score(
 
     ``variants`` are scored from the same training: ``raw``, ``prior`` (Saerens prior correction
     estimated on the training image), ``prior1`` (one EM step: the mean posterior), ``tta`` (flip
-    test-time augmentation), and ``prior+tta`` / ``prior1+tta``. ``checkpoints`` > 0 follows the dense
+    test-time augmentation), ``prior+tta`` / ``prior1+tta``, and the shifts of
+    :func:`posthoc_scores` (``rel1``, ``trel``, ``tplane``). ``checkpoints`` > 0 follows the dense
     score of a few test sections every that many validations (it costs training time).
     """
     from tem_ij_plugin.config import Settings
@@ -189,6 +190,9 @@ def train_and_score(
     return out
 
 
+POSTHOC = ("rel1", "trel", "tplane")  # variants scored by shifting the raw network's test probabilities
+
+
 def score_variants(trainer, model, test_img, test_truth, variants) -> tuple:
     """Dense test mIoU of each variant of ``model`` (see :func:`train_and_score`), and the corrections."""
     nets, corrections = {"raw": model.net}, {}
@@ -196,11 +200,56 @@ def score_variants(trainer, model, test_img, test_truth, variants) -> tuple:
         if any(v.split("+")[0] == kind for v in variants):
             nets[kind], corrections[f"{kind}_correction"] = prior_corrected(trainer, model, iters)
     scores = {}
+    if any(v in POSTHOC for v in variants):
+        posthoc, corrections["reference"] = posthoc_scores(trainer, model, test_img, test_truth)
+        scores.update({v: posthoc[v] for v in variants if v in POSTHOC})
     for v in variants:
+        if v in POSTHOC:
+            continue
         net = nets[v.split("+")[0].replace("tta", "raw")]
         tta = "flips" if v.endswith("tta") else "off"
         scores[v] = dense_score(net, test_img, test_truth, model, len(trainer.classes), tta)
     return scores, corrections
+
+
+def posthoc_scores(trainer, model, test_img, test_truth) -> tuple:
+    """Test mIoU of prior shifts measured against the network's own mean posterior on its labelled pixels.
+
+    The reference is what the raw network predicts, on average, on the labelled pixels of its training
+    patches (each class weighted as in the loss), not the labelled mix itself: a network that
+    under-predicts a class there is not pushed further down. The image's priors are the mean posterior
+    of the training image (``rel1``), of the whole test stack (``trel``) or of each test plane
+    (``tplane``). The shift is added to the log-probabilities, which for a one-step network is exactly
+    a shift of its output bias.
+    """
+    import torch
+
+    from tem_ij_plugin.predict import predict_stack
+
+    if getattr(model.net, "steps", 1) != 1:
+        raise ValueError("post-hoc prior shifts need a one-step network (train.steps=1)")
+    n = len(trainer.classes)
+    run = lambda img: predict_stack(model.net, img, model.normalization, torch.device("cpu"))  # noqa: E731
+    train_probs, test_probs = run(trainer.image), run(test_img)
+    labels = trainer.labels.labels
+    inside = np.zeros(labels.shape, bool)
+    for p in trainer.train_p:
+        inside[p.z, p.y0 : p.y1, p.x0 : p.x1] = True
+    by_class = np.stack([train_probs.transpose(1, 0, 2, 3)[:, inside & (labels == c)].mean(axis=1) for c in range(n)])
+    reference = trainer.training_prior() @ by_class
+    log_p = np.log(np.clip(test_probs, 1e-30, None))
+
+    def score(image_prior):  # (C,) or (Z, C)
+        shift = np.log(image_prior) - np.log(reference)
+        shift = np.broadcast_to(shift, (len(test_img), n))[:, :, None, None]
+        return round(miou((log_p + shift).argmax(1), test_truth, n), 4)
+
+    scores = {
+        "rel1": score(train_probs.mean(axis=(0, 2, 3))),
+        "trel": score(test_probs.mean(axis=(0, 2, 3))),
+        "tplane": score(test_probs.mean(axis=(2, 3))),
+    }
+    return scores, [round(float(v), 5) for v in reference]
 
 
 def refit_scores(trainer, model, test_img, test_truth, fractions, variants, control=False) -> dict:
@@ -326,7 +375,9 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=None, help="training budget (default: config default, 10)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
     ap.add_argument(
-        "--variants", default="raw,prior", help="scores of each partial training: raw, prior, tta, prior+tta"
+        "--variants",
+        default="raw,prior",
+        help="scores of each partial training: raw, prior, prior1, tta, prior+tta, rel1, trel, tplane",
     )
     ap.add_argument(
         "--checkpoints",
