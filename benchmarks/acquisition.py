@@ -319,15 +319,12 @@ def focus_masks(model, labels, images, boxes) -> list:
 
 def test_scores(model, images, truth, n_classes, uncorrected=False) -> dict:
     """Dense test mIoU (sections 15-29); with ``uncorrected``, also with the prior correction taken out."""
-    import copy
-
-    from tem_ij_plugin.priors import shift_output_bias
+    from tem_ij_plugin.priors import without_correction
 
     out = {"test_miou": dense_score(model.net, images[SECTIONS:], truth[SECTIONS:], model, n_classes)}
     correction = (model.last_round or {}).get("prior_correction")
     if uncorrected and correction:
-        net = copy.deepcopy(model.net)
-        shift_output_bias(net, -np.asarray(correction["logit_shift"]))
+        net = without_correction(model.net, correction)
         out["test_miou_uncorrected"] = dense_score(net, images[SECTIONS:], truth[SECTIONS:], model, n_classes)
     return out
 

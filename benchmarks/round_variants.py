@@ -14,7 +14,6 @@ shares comes from the labels, not from the warm start.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
     from tem_ij_plugin.experiment import _ArmRun, _Setup
     from tem_ij_plugin.metrics import miou
     from tem_ij_plugin.predict import predict_stack
-    from tem_ij_plugin.priors import shift_output_bias
+    from tem_ij_plugin.priors import without_correction
     from tem_ij_plugin.suggest import candidate_boxes
     from tem_ij_plugin.train import train
 
@@ -93,11 +92,9 @@ def main(argv=None) -> int:
         row = {"patches": schedule[-1], "variant": variant, **score(model.net, model.normalization)}
         row["true"] = np.round(true_frac, 3).tolist()
         if variant == "warm":
-            shift = (model.last_round.get("prior_correction") or {}).get("logit_shift")
-            if shift is not None:
-                net = copy.deepcopy(model.net)
-                shift_output_bias(net, -np.asarray(shift))
-                row["without_prior_correction"] = score(net, model.normalization)
+            correction = model.last_round.get("prior_correction")
+            if correction is not None:
+                row["without_prior_correction"] = score(without_correction(model.net, correction), model.normalization)
             row["new_patches"] = [pool[i].tolist() for i in picks]
             row["new_patches_true_fraction"] = [
                 np.round(

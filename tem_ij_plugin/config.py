@@ -132,12 +132,13 @@ class TrainConfig(_Strict):
         description="What validation scores: mIoU on the labelled pixels of the held-out patches, or "
         "('band') on those plus their boundary band, each band pixel taken as the nearer outline's class.",
     )
-    prior_correction: Literal["off", "em", "mean"] = Field(
-        "mean",
-        description="After training, shift the output towards the class priors of the whole image "
-        "(Saerens et al. 2002): 'mean' takes one EM step (the mean posterior), 'em' iterates to the "
-        "maximum-likelihood priors (it over-corrected with the band term on: ISBI profiles 0.565 vs 0.658), "
-        "'off' keeps the labelled class mix.",
+    prior_correction: Literal["off", "em", "mean", "relative"] = Field(
+        "relative",
+        description="After training, shift the output towards the class priors of the training image (Saerens "
+        "et al. 2002), estimated by the network's mean posterior there: 'relative' measures it against the "
+        "network's own mean posterior on its labelled pixels (its bias cancels), 'mean' against the labelled "
+        "mix; 'em' iterates to the maximum-likelihood priors (it over-corrected with the band term on: ISBI "
+        "profiles 0.565 vs 0.658); 'off' keeps the labelled class mix.",
     )
     validation_patches: int | None = Field(
         None,

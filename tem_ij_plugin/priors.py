@@ -11,6 +11,15 @@ and the EM algorithm of Saerens et al. estimates ``prior_new`` from the unlabell
 image itself. For a softmax network the correction is a constant shift of the output logits,
 ``log(prior_new / prior_train)``, which :func:`shift_output_bias` folds into the output layer's bias,
 so prediction costs nothing more and every front end (and an exported model) sees the same model.
+
+A network also has a bias of its own: trained briefly or on few patches, it may predict a class on
+fewer of its labelled pixels than were labelled. Measured against the labelled mix, such a network's
+mean posterior on the image says the class is rarer than it is, and the correction pushes it further
+down. The default (``relative``) therefore measures the image's mean posterior against the network's
+own mean posterior on its labelled pixels (:func:`labelled_reference`), weighted as in the loss: for
+a network calibrated to the labelled mix the two are the same, and otherwise its bias cancels (the
+diagonal of black-box shift estimation; Lipton, Wang & Smola 2018). README *Class priors against
+the network's own reference*.
 """
 
 from __future__ import annotations
@@ -115,6 +124,16 @@ def shift_output_bias(net: RecurrentUNet, shift: ArrayLike) -> None:
         layer.bias.add_(torch.as_tensor(np.asarray(shift), dtype=layer.bias.dtype, device=layer.bias.device))
 
 
+def without_correction(net: RecurrentUNet, record: dict | None) -> RecurrentUNet:
+    """A copy of ``net`` with a round's prior correction (``record``, or None) taken out of its output bias."""
+    import copy
+
+    net = copy.deepcopy(net)
+    if record:
+        shift_output_bias(net, -np.asarray(record["logit_shift"]))
+    return net
+
+
 def sample_posteriors(
     predict: Callable[[np.ndarray], np.ndarray],
     image: np.ndarray,
@@ -200,3 +219,54 @@ def estimate_correction(
         "logit_shift": [round(float(v), 5) for v in logit_shift(prior, base)],
         "em_iterations": iterations,
     }
+
+
+def labelled_reference(
+    predict: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    norm: Callable[[np.ndarray], np.ndarray],
+    labels: np.ndarray,
+    patches: list,
+    train_prior: ArrayLike,
+    margin: int = 32,
+) -> np.ndarray:
+    """The network's mean posterior on the labelled pixels of ``patches``, classes mixed as in the loss.
+
+    A network calibrated to ``train_prior`` would give ``train_prior`` back; what it gives instead is
+    its own bias, which a prior shift measured against this reference cancels.
+
+    Parameters
+    ----------
+    predict : callable
+        Normalised 2-D array -> probabilities (C, H, W).
+    image : ndarray, shape (Z, Y, X)
+        The raw training image.
+    norm : callable
+        Raw crop -> normalised crop.
+    labels : ndarray, shape (Z, Y, X)
+        Class index per pixel, -1 where unlabelled.
+    patches : list of :class:`~tem_ij_plugin.patches.Patch`
+        The training patches (each predicted with ``margin`` pixels of context where the image has them).
+    train_prior : array-like, shape (C,)
+        How the loss weighs the classes (:func:`effective_training_prior`).
+    margin : int
+
+    Returns
+    -------
+    ndarray, shape (C,)
+        Sums to 1; every entry at least :data:`MIN_PRIOR`.
+    """
+    weight = np.asarray(train_prior, np.float64)
+    n = len(weight)
+    sums, counts = np.zeros((n, n)), np.zeros(n)
+    _, h, w = image.shape
+    for p in patches:
+        y0, x0, y1, x1 = max(0, p.y0 - margin), max(0, p.x0 - margin), min(h, p.y1 + margin), min(w, p.x1 + margin)
+        probs = predict(norm(image[p.z, y0:y1, x0:x1]))[:, p.y0 - y0 : p.y1 - y0, p.x0 - x0 : p.x1 - x0]
+        lab = labels[p.z, p.y0 : p.y1, p.x0 : p.x1]
+        for c in range(n):
+            inside = lab == c
+            counts[c] += inside.sum()
+            sums[c] += probs[:, inside].sum(axis=1)
+    by_class = sums / np.maximum(counts, 1)[:, None]  # row c: the mean posterior where class c is labelled
+    return _normalised(np.where(counts > 0, weight, 0.0) @ by_class)

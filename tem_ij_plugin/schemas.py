@@ -128,12 +128,23 @@ Priors = Annotated[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 class PriorCorrection(_Open):
     """The class-prior correction folded into a round's output bias (see :mod:`tem_ij_plugin.priors`)."""
 
-    method: Literal["em", "mean"]
+    method: Literal["em", "mean", "relative"]
     train_prior: Priors
     image_prior: Priors
     # Bounded by log(1 / MIN_PRIOR) ~ 6.9 either way; a warm start subtracts it from the bias.
     logit_shift: list[Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)]] = Field(max_length=MAX_CLASSES)
     em_iterations: Count | None = None
+    # What ``relative`` measures the image's priors against (priors.labelled_reference); a probability
+    # of 0 would make the shift infinite.
+    reference: list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] | None = Field(
+        None, max_length=MAX_CLASSES
+    )
+
+    @model_validator(mode="after")
+    def _has_reference(self):
+        if self.method == "relative" and (self.reference is None or len(self.reference) != len(self.logit_shift)):
+            raise ValueError("a 'relative' prior correction needs a reference prior for every class")
+        return self
 
 
 class Refit(_Open):

@@ -31,7 +31,7 @@ from .modelio import TrainedModel, build_network, software_versions
 from .normalization import DEFAULT_NORMALIZATION, normalization_range, normalize
 from .patches import Patch, annotated_patches, round_history, split
 from .predict import predict_plane
-from .priors import effective_training_prior, estimate_correction, shift_output_bias
+from .priors import effective_training_prior, estimate_correction, labelled_reference, shift_output_bias
 from .receptive import HALO_MASS, effective_receptive_field, fold_batchnorm
 from .runtime import autocast_context
 
@@ -673,16 +673,29 @@ class Trainer:
         """Whether the result is the warm start itself: nothing this round trained scored better."""
         return self.start_score is not None and self.best["iteration"] == 0
 
+    def labelled_reference(self, labelled_mix: np.ndarray) -> np.ndarray:
+        """The kept model's mean posterior on its labelled training pixels, classes weighted as in the loss."""
+        return labelled_reference(
+            lambda a: predict_plane(self.ema, a, self.dev, self.tc.precision),
+            self.image,
+            self.norm,
+            self.labels.labels,
+            self.train_p,
+            labelled_mix,
+        )
+
     def correct_priors(self) -> dict | None:
         """Shift the kept model's output towards the image's class priors (``train.prior_correction``)."""
         mode = self.tc.prior_correction
         if mode == "off":
             return None
+        labelled_mix = self.training_prior()
+        reference = self.labelled_reference(labelled_mix) if mode == "relative" else None
         rec = estimate_correction(
             self.ema,
             self.image,
             self.norm,
-            self.training_prior(),
+            labelled_mix if reference is None else reference,
             self.dev,
             self.tc.precision,
             self.tc.seed,
@@ -691,9 +704,13 @@ class Trainer:
         shift_output_bias(self.ema, rec["logit_shift"])
         log.info(
             "class priors: labelled mix %s, estimated on the image %s",
-            rec["train_prior"],
+            [round(float(v), 5) for v in labelled_mix],
             rec["image_prior"],
         )
+        if reference is not None:
+            rec["train_prior"] = [round(float(v), 5) for v in labelled_mix]
+            rec["reference"] = [round(float(v), 5) for v in reference]
+            log.info("class priors: the network's mean posterior on its labelled pixels %s", rec["reference"])
         return {"method": mode, **rec}
 
     def result(self, stop_reason: str, problem: str | None, elapsed: float) -> TrainResult:

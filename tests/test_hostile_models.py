@@ -233,6 +233,24 @@ HOSTILE_MODELS = [
         ["logit_shift"],
     ),
     (
+        "prior_relative_without_reference",
+        "predict",
+        last_round(prior_correction={**PRIOR, "method": "relative"}),
+        ["reference"],
+    ),
+    (
+        "prior_reference_zero",
+        "predict",
+        last_round(prior_correction={**PRIOR, "method": "relative", "reference": [0.0, 1.0]}),
+        ["reference"],
+    ),
+    (
+        "prior_reference_for_other_classes",
+        "predict",
+        last_round(prior_correction={**PRIOR, "method": "relative", "reference": [0.2, 0.3, 0.5]}),
+        ["reference"],
+    ),
+    (
         "refit_patches_not_boxes_as_init",
         "init",
         last_round(refit={"iterations": 2, "from_iteration": 4, "patches": [[0, 0]]}),

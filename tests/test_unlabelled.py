@@ -16,6 +16,7 @@ from tem_ij_plugin.priors import (
     effective_training_prior,
     em_priors,
     estimate_correction,
+    labelled_reference,
     logit_shift,
     shift_output_bias,
 )
@@ -212,6 +213,76 @@ def test_estimate_correction_on_a_network():
     rec = estimate_correction(net, image, lambda a: a, [0.5, 0.5], torch.device("cpu"), n_crops=3)
     assert sum(rec["image_prior"]) == pytest.approx(1.0, abs=1e-4)
     assert rec["em_iterations"] >= 1
+
+
+# -- class priors against the network's own reference ----------------------------------------------
+def test_labelled_reference_of_a_perfect_network_is_the_labelled_mix():
+    from tem_ij_plugin.patches import Patch
+
+    labels = np.full((1, 8, 8), -1, np.int16)
+    labels[0, :2] = 0
+    labels[0, 6:] = 1
+
+    def perfect(a):  # posteriors that are the labels themselves (class 0 where a < 0.5)
+        return np.stack([a < 0.5, a >= 0.5]).astype(np.float32)
+
+    image = (labels == 1).astype(np.float32)
+    ref = labelled_reference(perfect, image, lambda a: a, labels, [Patch(0, 0, 0, 8, 8)], [0.3, 0.7])
+    assert np.allclose(ref, [0.3, 0.7])
+
+
+def test_labelled_reference_shows_a_networks_bias():
+    from tem_ij_plugin.patches import Patch
+
+    labels = np.zeros((1, 8, 8), np.int16)
+    labels[0, 4:] = 1
+
+    def timid(_a):  # 0.8 / 0.2 everywhere, whatever the class
+        return np.stack([np.full((8, 8), 0.8), np.full((8, 8), 0.2)]).astype(np.float32)
+
+    ref = labelled_reference(
+        timid, np.zeros((1, 8, 8), np.float32), lambda a: a, labels, [Patch(0, 0, 0, 8, 8)], [0.5, 0.5]
+    )
+    assert np.allclose(ref, [0.8, 0.2])
+
+
+@pytest.fixture(scope="module")
+def relative(synthetic):
+    """A tiny training with the default class-prior correction, and its trainer."""
+    from tem_ij_plugin.train import Trainer
+
+    image, _, shapes = synthetic
+    s = tiny_settings(8)
+    assert s.train.prior_correction == "relative"
+    trainer = Trainer(image[None], rasterize(shapes, (1,) + image.shape), s, device="cpu")
+    return trainer, trainer.run().model
+
+
+def test_the_default_correction_records_a_reference(relative):
+    record = relative[1].last_round["prior_correction"]
+    assert sum(record["reference"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_default_correction_keeps_the_labelled_mix_on_record(relative):
+    trainer, model = relative
+    record = model.last_round["prior_correction"]
+    assert np.allclose(record["train_prior"], trainer.training_prior(), atol=1e-5)
+
+
+def test_the_default_shift_is_measured_against_the_reference(relative):
+    record = relative[1].last_round["prior_correction"]
+    expected = logit_shift(record["image_prior"], record["reference"])
+    assert np.allclose(record["logit_shift"], expected, atol=1e-4)
+
+
+def test_the_default_shift_is_in_the_saved_output_bias(relative, tmp_path):
+    from tem_ij_plugin.modelio import load_model, save_model
+
+    trainer, model = relative
+    save_model(tmp_path / "m.model", model)
+    saved = load_model(tmp_path / "m.model").net.unet.out.bias.detach()
+    shift = torch.tensor(model.last_round["prior_correction"]["logit_shift"])
+    assert torch.allclose(saved - trainer.best["state"]["unet.out.bias"], shift, atol=1e-5)
 
 
 # -- test-time augmentation -------------------------------------------------------------------------
