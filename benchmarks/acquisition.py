@@ -33,7 +33,9 @@ mIoU (sections 15-29) at 4 and 8 patches, and the labelled pixels of both arms. 
 the same patches at random once more, from the focus arm's random stream: the difference between
 two random annotations of the same patches, against which the focus arm's difference is judged.
 ``--uncorrected`` also scores every model with its class-prior correction taken out
-(``test_miou_uncorrected``).
+(``test_miou_uncorrected``), ``--relative`` with it estimated again against the network's own mean
+posterior on its labelled pixels, as the ``relative`` default does (``test_miou_relative``; the same
+annotations: models trained before that default came in are rescored, not retrained).
 
     python benchmarks/acquisition.py --tasks membrane --seeds 0 --counts 2,4
     python benchmarks/acquisition.py --focus --json benchmarks/results/acquisition.json
@@ -317,16 +319,46 @@ def focus_masks(model, labels, images, boxes) -> list:
     return masks
 
 
-def test_scores(model, images, truth, n_classes, uncorrected=False) -> dict:
-    """Dense test mIoU (sections 15-29); with ``uncorrected``, also with the prior correction taken out."""
+def test_scores(model, labels, images, truth, n_classes, seed, args) -> dict:
+    """Dense test mIoU (sections 15-29); also with the class-prior correction taken out (``--uncorrected``)
+    and estimated again against the network's own reference (``--relative``)."""
     from tem_ij_plugin.priors import without_correction
 
-    out = {"test_miou": dense_score(model.net, images[SECTIONS:], truth[SECTIONS:], model, n_classes)}
+    test_img, test_truth = images[SECTIONS:], truth[SECTIONS:]
+    out = {"test_miou": dense_score(model.net, test_img, test_truth, model, n_classes)}
     correction = (model.last_round or {}).get("prior_correction")
-    if uncorrected and correction:
+    if args.uncorrected and correction:
         net = without_correction(model.net, correction)
-        out["test_miou_uncorrected"] = dense_score(net, images[SECTIONS:], truth[SECTIONS:], model, n_classes)
+        out["test_miou_uncorrected"] = dense_score(net, test_img, test_truth, model, n_classes)
+    if args.relative and correction:
+        net = relative_corrected(model, correction, labels, images[:SECTIONS], seed)
+        out["test_miou_relative"] = dense_score(net, test_img, test_truth, model, n_classes)
     return out
+
+
+def relative_corrected(model, correction, labels, train_img, seed):
+    """``model``'s network with its class-prior correction estimated again as ``relative`` does (same labels)."""
+    import torch
+
+    from tem_ij_plugin.normalization import normalization_range, normalize
+    from tem_ij_plugin.patches import Patch
+    from tem_ij_plugin.predict import predict_plane
+    from tem_ij_plugin.priors import estimate_correction, labelled_reference, shift_output_bias, without_correction
+
+    net, dev = without_correction(model.net, correction), torch.device("cpu")
+    lo, hi = normalization_range(train_img)
+    patches = [Patch(*p) for p in model.last_round["train_patches"]]
+    reference = labelled_reference(
+        lambda a: predict_plane(net, a, dev),
+        train_img,
+        lambda a: normalize(a, lo, hi),
+        labels.labels,
+        patches,
+        correction["train_prior"],
+    )
+    rec = estimate_correction(net, train_img, lambda a: normalize(a, lo, hi), reference, dev, seed=seed, max_iter=1)
+    shift_output_bias(net, rec["logit_shift"])
+    return net
 
 
 def run(task, truth, images, seed, args) -> dict:
@@ -348,7 +380,7 @@ def run(task, truth, images, seed, args) -> dict:
             model, labels, images, truth, boxes, boxes[order[k:]], seed, not args.no_tta, probs, seen
         )
         seen = labels.labels
-        row.update(test_scores(model, images, truth, len(classes), args.uncorrected))
+        row.update(test_scores(model, labels, images, truth, len(classes), seed, args))
         row["labelled_px"] = int((labels.labels >= 0).sum())
         out["counts"][str(k)] = row
         log_row(task, seed, k, row)
@@ -382,7 +414,7 @@ def focus_arm(task, truth, images, seed, args, boxes, order, models, focus=True)
         shapes = shapes + annotate(truth, new_boxes, classes, rng, masks)
         path = args.cache / f"{task}-s{seed}-k{hi}-it{args.iterations}-{arm}.model"
         model, labels = train_cached(path, images[:SECTIONS], shapes, classes, seed, args.iterations, model)
-        out[str(hi)] = test_scores(model, images, truth, len(classes), args.uncorrected)
+        out[str(hi)] = test_scores(model, labels, images, truth, len(classes), seed, args)
         out[str(hi)]["labelled_px"] = int((labels.labels >= 0).sum())
         logging.info("%s seed %d: %d patches, %s: mIoU %.4f", task, seed, hi, arm, out[str(hi)]["test_miou"])
     return out
@@ -417,7 +449,7 @@ def summary(results: dict, counts) -> dict:
                 have = [r for r in rows if name in r["scores"]]  # tta may be left out (--no-tta)
                 entry["scores"][name] = {m: round(_mean(r["scores"][name][m] for r in have), 3) for m in metrics}
                 entry["scores"][name]["seeds"] = len(have)
-            for key in ("test_miou", "test_miou_uncorrected"):
+            for key in ("test_miou", "test_miou_uncorrected", "test_miou_relative"):
                 if all(key in r for r in rows):
                     entry[key] = round(_mean(r[key] for r in rows), 4)
             out.setdefault(task, {})[k] = entry
@@ -429,9 +461,9 @@ def summary(results: dict, counts) -> dict:
 
 
 def _arm_means(results: list, arm: str, k: str) -> dict:
-    """Mean test mIoU of ``arm`` and of the random chain at ``k`` patches (and without the prior correction)."""
+    """Mean test mIoU of ``arm`` and of the random chain at ``k`` patches (and with other prior corrections)."""
     out = {"seeds": len(results)}
-    for suffix in ("", "_uncorrected"):
+    for suffix in ("", "_uncorrected", "_relative"):
         key = "test_miou" + suffix
         if all(key in r[arm][k] and key in r["counts"][k] for r in results):
             out[f"{arm}_miou{suffix}"] = round(_mean(r[arm][k][key] for r in results), 4)
@@ -445,13 +477,16 @@ def print_table(summ: dict) -> None:
             if k in ("focus", "redraw"):
                 for n, f in e.items():
                     line = f"{task} at {n} patches: {k} {f[k + '_miou']:.4f}, random {f['random_miou']:.4f}"
-                    if k + "_miou_uncorrected" in f:
-                        line += f" (uncorrected: {f[k + '_miou_uncorrected']:.4f}, {f['random_miou_uncorrected']:.4f})"
+                    for other in ("uncorrected", "relative"):
+                        if f"{k}_miou_{other}" in f:
+                            line += f" ({other}: {f[f'{k}_miou_{other}']:.4f}, {f[f'random_miou_{other}']:.4f})"
                     print(line)
                 continue
-            uncorrected = f", uncorrected {e['test_miou_uncorrected']:.4f}" if "test_miou_uncorrected" in e else ""
+            others = "".join(
+                f", {o} {e[f'test_miou_{o}']:.4f}" for o in ("uncorrected", "relative") if f"test_miou_{o}" in e
+            )
             print(
-                f"{task}, {k} patches: test mIoU {e['test_miou']:.4f}{uncorrected}; "
+                f"{task}, {k} patches: test mIoU {e['test_miou']:.4f}{others}; "
                 f"oracle {e['oracle_ratio']:.2f}, target {e['target_ratio']:.2f}"
             )
             for name, m in sorted(e["scores"].items(), key=lambda kv: -kv[1]["top5_ratio"]):
@@ -468,6 +503,11 @@ def main(argv=None) -> int:
     ap.add_argument("--focus", action="store_true", help="also run the focus-first annotator")
     ap.add_argument("--redraw", action="store_true", help="also annotate the focus arm's patches at random again")
     ap.add_argument("--uncorrected", action="store_true", help="also score every model without its prior correction")
+    ap.add_argument(
+        "--relative",
+        action="store_true",
+        help="also score every model with its prior correction estimated again as 'relative' (the default) does",
+    )
     ap.add_argument("--no-tta", action="store_true", help="leave out the flip-disagreement score (the slowest)")
     ap.add_argument("--append", action="store_true", help="add to the results already in --json (same args)")
     ap.add_argument("--report", type=Path, nargs="+", help="print the summary of these result files together")
