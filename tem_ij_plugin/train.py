@@ -673,7 +673,7 @@ class Trainer:
         """Whether the result is the warm start itself: nothing this round trained scored better."""
         return self.start_score is not None and self.best["iteration"] == 0
 
-    def labelled_reference(self, labelled_mix: np.ndarray) -> np.ndarray:
+    def own_reference(self, labelled_mix: np.ndarray) -> np.ndarray:
         """The kept model's mean posterior on its labelled training pixels, classes weighted as in the loss."""
         return labelled_reference(
             lambda a: predict_plane(self.ema, a, self.dev, self.tc.precision),
@@ -690,7 +690,7 @@ class Trainer:
         if mode == "off":
             return None
         labelled_mix = self.training_prior()
-        reference = self.labelled_reference(labelled_mix) if mode == "relative" else None
+        reference = self.own_reference(labelled_mix) if mode == "relative" else None
         rec = estimate_correction(
             self.ema,
             self.image,

@@ -253,9 +253,14 @@ def relative(synthetic):
 
     image, _, shapes = synthetic
     s = tiny_settings(8)
-    assert s.train.prior_correction == "relative"
     trainer = Trainer(image[None], rasterize(shapes, (1,) + image.shape), s, device="cpu")
     return trainer, trainer.run().model
+
+
+def test_relative_is_the_default_correction():
+    from tem_ij_plugin.config import Settings
+
+    assert Settings().train.prior_correction == "relative"
 
 
 def test_the_default_correction_records_a_reference(relative):
