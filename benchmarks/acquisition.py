@@ -342,21 +342,21 @@ def relative_corrected(model, correction, labels, train_img, seed):
 
     from tem_ij_plugin.normalization import normalization_range, normalize
     from tem_ij_plugin.patches import Patch
-    from tem_ij_plugin.predict import predict_plane
-    from tem_ij_plugin.priors import estimate_correction, labelled_reference, shift_output_bias, without_correction
+    from tem_ij_plugin.priors import estimate_relative_correction, shift_output_bias, without_correction
 
-    net, dev = without_correction(model.net, correction), torch.device("cpu")
+    net = without_correction(model.net, correction)
     lo, hi = normalization_range(train_img)
     patches = [Patch(*p) for p in model.last_round["train_patches"]]
-    reference = labelled_reference(
-        lambda a: predict_plane(net, a, dev),
+    rec = estimate_relative_correction(
+        net,
         train_img,
         lambda a: normalize(a, lo, hi),
         labels.labels,
         patches,
         correction["train_prior"],
+        torch.device("cpu"),
+        seed=seed,
     )
-    rec = estimate_correction(net, train_img, lambda a: normalize(a, lo, hi), reference, dev, seed=seed, max_iter=1)
     shift_output_bias(net, rec["logit_shift"])
     return net
 

@@ -270,3 +270,36 @@ def labelled_reference(
             sums[c] += probs[:, inside].sum(axis=1)
     by_class = sums / np.maximum(counts, 1)[:, None]  # row c: the mean posterior where class c is labelled
     return _normalised(np.where(counts > 0, weight, 0.0) @ by_class)
+
+
+def estimate_relative_correction(
+    net: RecurrentUNet,
+    image: np.ndarray,
+    norm: Callable[[np.ndarray], np.ndarray],
+    labels: np.ndarray,
+    patches: list,
+    labelled_mix: ArrayLike,
+    device: torch.device,
+    precision: str = "fp32",
+    seed: int = 0,
+) -> dict:
+    """One EM step on ``image`` measured against the network's own reference (``relative``).
+
+    The parameters are those of :func:`labelled_reference` and :func:`estimate_correction`
+    (``labelled_mix`` is the loss-weighted labelled mix, :func:`effective_training_prior`).
+
+    Returns
+    -------
+    dict
+        As :func:`estimate_correction` (``train_prior`` is the labelled mix), with ``reference``, what
+        ``logit_shift`` is measured against.
+    """
+    from .predict import predict_plane
+
+    reference = labelled_reference(
+        lambda a: predict_plane(net, a, device, precision), image, norm, labels, patches, labelled_mix
+    )
+    rec = estimate_correction(net, image, norm, reference, device, precision, seed, max_iter=1)
+    rec["train_prior"] = [round(float(v), 5) for v in _normalised(np.asarray(labelled_mix, np.float64))]
+    rec["reference"] = [round(float(v), 5) for v in reference]
+    return rec

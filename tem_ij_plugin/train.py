@@ -31,7 +31,12 @@ from .modelio import TrainedModel, build_network, software_versions
 from .normalization import DEFAULT_NORMALIZATION, normalization_range, normalize
 from .patches import Patch, annotated_patches, round_history, split
 from .predict import predict_plane
-from .priors import effective_training_prior, estimate_correction, labelled_reference, shift_output_bias
+from .priors import (
+    effective_training_prior,
+    estimate_correction,
+    estimate_relative_correction,
+    shift_output_bias,
+)
 from .receptive import HALO_MASS, effective_receptive_field, fold_batchnorm
 from .runtime import autocast_context
 
@@ -673,43 +678,28 @@ class Trainer:
         """Whether the result is the warm start itself: nothing this round trained scored better."""
         return self.start_score is not None and self.best["iteration"] == 0
 
-    def own_reference(self, labelled_mix: np.ndarray) -> np.ndarray:
-        """The kept model's mean posterior on its labelled training pixels, classes weighted as in the loss."""
-        return labelled_reference(
-            lambda a: predict_plane(self.ema, a, self.dev, self.tc.precision),
-            self.image,
-            self.norm,
-            self.labels.labels,
-            self.train_p,
-            labelled_mix,
-        )
-
     def correct_priors(self) -> dict | None:
         """Shift the kept model's output towards the image's class priors (``train.prior_correction``)."""
         mode = self.tc.prior_correction
         if mode == "off":
             return None
         labelled_mix = self.training_prior()
-        reference = self.own_reference(labelled_mix) if mode == "relative" else None
-        rec = estimate_correction(
-            self.ema,
-            self.image,
-            self.norm,
-            labelled_mix if reference is None else reference,
-            self.dev,
-            self.tc.precision,
-            self.tc.seed,
-            max_iter=200 if mode == "em" else 1,
-        )
+        image, norm, dev, precision, seed = self.image, self.norm, self.dev, self.tc.precision, self.tc.seed
+        if mode == "relative":
+            labels = self.labels.labels
+            rec = estimate_relative_correction(
+                self.ema, image, norm, labels, self.train_p, labelled_mix, dev, precision, seed
+            )
+        else:
+            max_iter = 200 if mode == "em" else 1
+            rec = estimate_correction(self.ema, image, norm, labelled_mix, dev, precision, seed, max_iter=max_iter)
         shift_output_bias(self.ema, rec["logit_shift"])
         log.info(
             "class priors: labelled mix %s, estimated on the image %s",
             [round(float(v), 5) for v in labelled_mix],
             rec["image_prior"],
         )
-        if reference is not None:
-            rec["train_prior"] = [round(float(v), 5) for v in labelled_mix]
-            rec["reference"] = [round(float(v), 5) for v in reference]
+        if "reference" in rec:
             log.info("class priors: the network's mean posterior on its labelled pixels %s", rec["reference"])
         return {"method": mode, **rec}
 
