@@ -206,7 +206,7 @@ def _add_predict(sub, common) -> None:
     pr.add_argument(
         "--batch-size",
         type=int,
-        help="tiles per forward pass (default: 2 with onnxruntime, 1 with torch on CPU, 4 on GPU)",
+        help="tiles per forward pass (default: 4 on GPU; on CPU 1, or 2 with onnxruntime at tiles of 512 px or less)",
     )
     pr.add_argument("--resume", action="store_true", help="complete an interrupted prediction to the same output")
     pr.add_argument(
@@ -247,7 +247,10 @@ def _add_objects(sub, common) -> None:
     ob.add_argument("--rois", metavar="ZIP", help="outlines as an ImageJ RoiSet.zip")
     ob.add_argument("--image", help="with PROBS.tif: the image it was predicted from (intensity columns)")
     ob.add_argument(
-        "--min-area", type=int, help="smallest object in pixels (default: 1/1024 of the model's patch, 64 px at 256)"
+        "--min-area",
+        type=int,
+        help="smallest object in pixels (default: a quarter of the median annotated piece of the class, "
+        "never below 1/1024 of the model's patch, which applies alone with fewer than 5 pieces)",
     )
     ob.add_argument(
         "--split",
