@@ -35,7 +35,9 @@ two random annotations of the same patches, against which the focus arm's differ
 ``--uncorrected`` also scores every model with its class-prior correction taken out
 (``test_miou_uncorrected``), ``--relative`` with it estimated again against the network's own mean
 posterior on its labelled pixels, as the ``relative`` default does (``test_miou_relative``; the same
-annotations: models trained before that default came in are rescored, not retrained).
+annotations: models trained before that default came in are rescored, not retrained). ``--shifts
+rel1,bbse`` scores other class-prior corrections of the same networks after the fact
+(``test_miou_<name>``, :mod:`prior_shifts`).
 
     python benchmarks/acquisition.py --tasks membrane --seeds 0 --counts 2,4
     python benchmarks/acquisition.py --focus --json benchmarks/results/acquisition.json
@@ -61,10 +63,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from isbi_partial import DATA, load  # noqa: E402
 from label_gap import CLASSES, dense_score, truths  # noqa: E402
+from prior_shifts import METHODS, labelled_posteriors, shift_scores  # noqa: E402
 
 SIZE, SECTIONS = 256, 15
 SCORES = ("entropy", "entropy_p90", "margin", "expected_error", "ambiguous", "focus", "band_entropy")
 BAND = 3  # px either side of a predicted class boundary: where the boundary errors are
+OTHERS = ("uncorrected", "relative", *METHODS)  # test mIoU under other class-prior corrections
 
 
 def pool_boxes() -> np.ndarray:
@@ -333,7 +337,26 @@ def test_scores(model, labels, images, truth, n_classes, seed, args) -> dict:
     if args.relative and correction:
         net = relative_corrected(model, correction, labels, images[:SECTIONS], seed)
         out["test_miou_relative"] = dense_score(net, test_img, test_truth, model, n_classes)
+    if args.shifts and correction:
+        out.update(shifted_scores(model, correction, labels, images[:SECTIONS], test_img, test_truth, args.shifts))
     return out
+
+
+def shifted_scores(model, correction, labels, train_img, test_img, test_truth, wanted) -> dict:
+    """Test mIoU of ``model``'s raw network under each class-prior correction of ``wanted`` (post hoc)."""
+    import torch
+
+    from tem_ij_plugin.patches import Patch
+    from tem_ij_plugin.predict import predict_stack
+    from tem_ij_plugin.priors import without_correction
+
+    net = without_correction(model.net, correction)
+    run = lambda img: predict_stack(net, img, model.normalization, torch.device("cpu"))  # noqa: E731
+    train_probs, test_probs = run(train_img), run(test_img)
+    patches = [Patch(*p) for p in model.last_round["train_patches"]]
+    by_class = labelled_posteriors(train_probs, labels.labels, patches)
+    scores, _ = shift_scores(train_probs, test_probs, test_truth, by_class, correction["train_prior"], wanted)
+    return {f"test_miou_{name}": v for name, v in scores.items()}
 
 
 def relative_corrected(model, correction, labels, train_img, seed):
@@ -449,7 +472,7 @@ def summary(results: dict, counts) -> dict:
                 have = [r for r in rows if name in r["scores"]]  # tta may be left out (--no-tta)
                 entry["scores"][name] = {m: round(_mean(r["scores"][name][m] for r in have), 3) for m in metrics}
                 entry["scores"][name]["seeds"] = len(have)
-            for key in ("test_miou", "test_miou_uncorrected", "test_miou_relative"):
+            for key in ("test_miou", *(f"test_miou_{o}" for o in OTHERS)):
                 if all(key in r for r in rows):
                     entry[key] = round(_mean(r[key] for r in rows), 4)
             out.setdefault(task, {})[k] = entry
@@ -463,7 +486,7 @@ def summary(results: dict, counts) -> dict:
 def _arm_means(results: list, arm: str, k: str) -> dict:
     """Mean test mIoU of ``arm`` and of the random chain at ``k`` patches (and with other prior corrections)."""
     out = {"seeds": len(results)}
-    for suffix in ("", "_uncorrected", "_relative"):
+    for suffix in ("", *(f"_{o}" for o in OTHERS)):
         key = "test_miou" + suffix
         if all(key in r[arm][k] and key in r["counts"][k] for r in results):
             out[f"{arm}_miou{suffix}"] = round(_mean(r[arm][k][key] for r in results), 4)
@@ -477,14 +500,12 @@ def print_table(summ: dict) -> None:
             if k in ("focus", "redraw"):
                 for n, f in e.items():
                     line = f"{task} at {n} patches: {k} {f[k + '_miou']:.4f}, random {f['random_miou']:.4f}"
-                    for other in ("uncorrected", "relative"):
+                    for other in OTHERS:
                         if f"{k}_miou_{other}" in f:
                             line += f" ({other}: {f[f'{k}_miou_{other}']:.4f}, {f[f'random_miou_{other}']:.4f})"
                     print(line)
                 continue
-            others = "".join(
-                f", {o} {e[f'test_miou_{o}']:.4f}" for o in ("uncorrected", "relative") if f"test_miou_{o}" in e
-            )
+            others = "".join(f", {o} {e[f'test_miou_{o}']:.4f}" for o in OTHERS if f"test_miou_{o}" in e)
             print(
                 f"{task}, {k} patches: test mIoU {e['test_miou']:.4f}{others}; "
                 f"oracle {e['oracle_ratio']:.2f}, target {e['target_ratio']:.2f}"
@@ -508,6 +529,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="also score every model with its prior correction estimated again as 'relative' (the default) does",
     )
+    ap.add_argument(
+        "--shifts",
+        default="",
+        metavar="A,B",
+        help="also score these class-prior corrections after the fact: " + ", ".join(METHODS),
+    )
     ap.add_argument("--no-tta", action="store_true", help="leave out the flip-disagreement score (the slowest)")
     ap.add_argument("--append", action="store_true", help="add to the results already in --json (same args)")
     ap.add_argument("--report", type=Path, nargs="+", help="print the summary of these result files together")
@@ -516,6 +543,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "acquisition.json")
     args = ap.parse_args(argv)
     args.counts = [int(c) for c in args.counts.split(",")]
+    args.shifts = [m for m in args.shifts.split(",") if m]
+    if set(args.shifts) - set(METHODS):
+        ap.error(f"--shifts: choose from {', '.join(METHODS)}")
     if args.report:
         merged: dict = {}
         for path in args.report:  # seeds of one task from several runs side by side

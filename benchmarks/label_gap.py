@@ -44,6 +44,7 @@ from isbi_partial import (  # noqa: E402
     partial_labels,
     rf_peer,
 )
+from prior_shifts import METHODS, labelled_posteriors, shift_scores  # noqa: E402
 
 CLASSES = {
     "membrane": ["background", "cell"],
@@ -149,16 +150,19 @@ def train_and_score(
     checkpoints=0,
     refits=(),
     refit_control=False,
+    save_to=None,
 ) -> dict:
     """Train the default network on ``labels``; its dense test mIoU and what its trainer validated.
 
     ``variants`` are scored from the same training: ``raw``, ``prior`` (Saerens prior correction
     estimated on the training image), ``prior1`` (one EM step: the mean posterior), ``tta`` (flip
-    test-time augmentation), ``prior+tta`` / ``prior1+tta``, and the shifts of
-    :func:`posthoc_scores` (``rel1``, ``trel``, ``tplane``). ``checkpoints`` > 0 follows the dense
-    score of a few test sections every that many validations (it costs training time).
+    test-time augmentation), ``prior+tta`` / ``prior1+tta``, and the post-hoc shifts of
+    :mod:`prior_shifts` (``rel1``, ``bbse``, ...). ``checkpoints`` > 0 follows the dense
+    score of a few test sections every that many validations (it costs training time). ``save_to``:
+    a path for the trained, uncorrected model (to score further variants later without training).
     """
     from tem_ij_plugin.config import Settings
+    from tem_ij_plugin.modelio import save_model
     from tem_ij_plugin.train import Trainer
 
     s = apply_overrides(Settings(), overrides)
@@ -170,6 +174,8 @@ def train_and_score(
     trainer = Trainer(train_img, labels, s, device="cpu")
     rows, record = _checkpoint_recorder(trainer, test_img, test_truth, checkpoints) if checkpoints else ([], None)
     res = trainer.run(progress=record)
+    if save_to is not None:
+        save_model(save_to, res.model)
     rnd = res.model.last_round
     out = {
         "best_val": None if rnd["best_score"] is None else round(rnd["best_score"], 4),
@@ -190,7 +196,27 @@ def train_and_score(
     return out
 
 
-POSTHOC = ("rel1", "trel", "tplane")  # variants scored by shifting the raw network's test probabilities
+def rescore(train_img, labels, test_img, test_truth, seed, overrides, variants, path) -> dict:
+    """:func:`train_and_score` on a model it saved (``--save-models``): the variants, no training."""
+    from tem_ij_plugin.config import Settings
+    from tem_ij_plugin.modelio import load_model
+    from tem_ij_plugin.train import Trainer
+
+    s = apply_overrides(Settings(), overrides)
+    s.train.seed = seed
+    trainer = Trainer(train_img, labels, s, device="cpu")  # the same split and class weights, untrained
+    model = load_model(path)
+    rnd = model.last_round
+    if "prior_correction" in rnd:
+        raise ValueError(f"{path} was saved with a prior correction; rescoring needs the raw network")
+    out = {"best_val": rnd["best_score"], "iterations": rnd["iterations"], "rescored": str(path)}
+    out["variants"], corrections = score_variants(trainer, model, test_img, test_truth, variants)
+    out.update(corrections)
+    out["miou"] = out["variants"][variants[0]]
+    return out
+
+
+POSTHOC = METHODS  # variants scored by shifting the raw network's test probabilities
 
 
 def score_variants(trainer, model, test_img, test_truth, variants) -> tuple:
@@ -201,8 +227,9 @@ def score_variants(trainer, model, test_img, test_truth, variants) -> tuple:
             nets[kind], corrections[f"{kind}_correction"] = prior_corrected(trainer, model, iters)
     scores = {}
     if any(v in POSTHOC for v in variants):
-        posthoc, corrections["reference"] = posthoc_scores(trainer, model, test_img, test_truth)
-        scores.update({v: posthoc[v] for v in variants if v in POSTHOC})
+        wanted = [v for v in variants if v in POSTHOC]
+        posthoc, corrections["reference"] = posthoc_scores(trainer, model, test_img, test_truth, wanted)
+        scores.update(posthoc)
     for v in variants:
         if v in POSTHOC:
             continue
@@ -212,44 +239,18 @@ def score_variants(trainer, model, test_img, test_truth, variants) -> tuple:
     return scores, corrections
 
 
-def posthoc_scores(trainer, model, test_img, test_truth) -> tuple:
-    """Test mIoU of prior shifts measured against the network's own mean posterior on its labelled pixels.
-
-    The reference is what the raw network predicts, on average, on the labelled pixels of its training
-    patches (each class weighted as in the loss), not the labelled mix itself: a network that
-    under-predicts a class there is not pushed further down. The image's priors are the mean posterior
-    of the training image (``rel1``), of the whole test stack (``trel``) or of each test plane
-    (``tplane``). The shift is added to the log-probabilities, which for a one-step network is exactly
-    a shift of its output bias.
-    """
+def posthoc_scores(trainer, model, test_img, test_truth, wanted) -> tuple:
+    """Test mIoU of the class-prior corrections ``wanted`` (:mod:`prior_shifts`), and the reference."""
     import torch
 
     from tem_ij_plugin.predict import predict_stack
 
     if getattr(model.net, "steps", 1) != 1:
         raise ValueError("post-hoc prior shifts need a one-step network (train.steps=1)")
-    n = len(trainer.classes)
     run = lambda img: predict_stack(model.net, img, model.normalization, torch.device("cpu"))  # noqa: E731
     train_probs, test_probs = run(trainer.image), run(test_img)
-    labels = trainer.labels.labels
-    inside = np.zeros(labels.shape, bool)
-    for p in trainer.train_p:
-        inside[p.z, p.y0 : p.y1, p.x0 : p.x1] = True
-    by_class = np.stack([train_probs.transpose(1, 0, 2, 3)[:, inside & (labels == c)].mean(axis=1) for c in range(n)])
-    reference = trainer.training_prior() @ by_class
-    log_p = np.log(np.clip(test_probs, 1e-30, None))
-
-    def score(image_prior):  # (C,) or (Z, C)
-        shift = np.log(image_prior) - np.log(reference)
-        shift = np.broadcast_to(shift, (len(test_img), n))[:, :, None, None]
-        return round(miou((log_p + shift).argmax(1), test_truth, n), 4)
-
-    scores = {
-        "rel1": score(train_probs.mean(axis=(0, 2, 3))),
-        "trel": score(test_probs.mean(axis=(0, 2, 3))),
-        "tplane": score(test_probs.mean(axis=(2, 3))),
-    }
-    return scores, [round(float(v), 5) for v in reference]
+    by_class = labelled_posteriors(train_probs, trainer.labels.labels, trainer.train_p)
+    return shift_scores(train_probs, test_probs, test_truth, by_class, trainer.training_prior(), wanted)
 
 
 def refit_scores(trainer, model, test_img, test_truth, fractions, variants, control=False) -> dict:
@@ -312,6 +313,8 @@ def run_task(
     checkpoints=0,
     refits=(),
     refit_control=False,
+    save_dir=None,
+    rescoring=False,
 ) -> dict:
     classes = CLASSES[task]
     train_img, test_img, test_truth = images[:15], images[15:], truth[15:]
@@ -320,9 +323,23 @@ def run_task(
     if "rf" in arms:
         pred, *_ = rf_peer(train_img, lab.labels, test_img, seed)
         row["rf"] = {"miou": round(miou(pred, test_truth, len(classes)), 4)}
-    if "partial" in arms:
+    saved = None if save_dir is None else save_dir / f"{task}_s{seed}_partial.model"
+    if "partial" in arms and rescoring:
+        row["partial"] = rescore(train_img, lab, test_img, test_truth, seed, overrides, variants, saved)
+    elif "partial" in arms:
         row["partial"] = train_and_score(
-            train_img, lab, test_img, test_truth, minutes, seed, overrides, variants, checkpoints, refits, refit_control
+            train_img,
+            lab,
+            test_img,
+            test_truth,
+            minutes,
+            seed,
+            overrides,
+            variants,
+            checkpoints,
+            refits,
+            refit_control,
+            saved,
         )
     if "dense" in arms:
         row["dense"] = train_and_score(
@@ -377,7 +394,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--variants",
         default="raw,prior",
-        help="scores of each partial training: raw, prior, prior1, tta, prior+tta, rel1, trel, tplane",
+        help="scores of each partial training: raw, prior, prior1, tta, prior+tta; post hoc: " + ", ".join(POSTHOC),
     )
     ap.add_argument(
         "--checkpoints",
@@ -397,6 +414,14 @@ def main(argv=None) -> int:
         action="store_true",
         help="with --refit: also continue on the training patches alone as long (more steps, no more labels)",
     )
+    ap.add_argument("--save-models", type=Path, default=None, metavar="DIR", help="keep the partial arm's models here")
+    ap.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="score the variants of the partial arm's models saved in DIR by --save-models (no training)",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "label_gap.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -404,6 +429,10 @@ def main(argv=None) -> int:
         print(f"SKIP: ISBI 2012 data not found at {args.data}")
         return 0
     arms = args.arms.split(",")
+    if args.rescore is not None and args.save_models is not None:
+        ap.error("--rescore reads models that --save-models wrote: give one of them")
+    if args.save_models is not None:
+        args.save_models.mkdir(parents=True, exist_ok=True)
     images = load(args.data)[0]
     all_truths = truths(args.data, images.shape)
     variants = tuple(args.variants.split(","))
@@ -423,6 +452,8 @@ def main(argv=None) -> int:
                 args.checkpoints,
                 refits,
                 args.refit_control,
+                args.save_models or args.rescore,
+                args.rescore is not None,
             )
             results["tasks"].setdefault(task, {})[str(seed)] = row
             args.json.parent.mkdir(parents=True, exist_ok=True)
