@@ -18,7 +18,9 @@ Tasks: ``membrane`` (cell interior vs membrane), ``profiles`` (large profiles vs
     python benchmarks/label_gap.py --minutes 2 --seeds 0            # a short look (about 20 min on 2 cores)
     python benchmarks/label_gap.py --seeds 0,1,2                   # the full table (hours on 2 cores)
 
-Prints a table (mean and spread over seeds) and writes JSON (``--json``).
+Prints a table (mean and spread over seeds) and writes JSON (``--json``). ``--save-models DIR`` keeps
+the partial arm's trained (uncorrected) models; ``--rescore DIR`` scores more variants of them later,
+without training (same tasks, seeds and ``--set``).
 """
 
 from __future__ import annotations
