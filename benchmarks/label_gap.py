@@ -211,7 +211,8 @@ def rescore(train_img, labels, test_img, test_truth, seed, overrides, variants, 
     rnd = model.last_round
     if "prior_correction" in rnd:
         raise ValueError(f"{path} was saved with a prior correction; rescoring needs the raw network")
-    out = {"best_val": rnd["best_score"], "iterations": rnd["iterations"], "rescored": str(path)}
+    best = rnd["best_score"]
+    out = {"best_val": None if best is None else round(best, 4), "iterations": rnd["iterations"], "rescored": str(path)}
     out["variants"], corrections = score_variants(trainer, model, test_img, test_truth, variants)
     out.update(corrections)
     out["miou"] = out["variants"][variants[0]]
