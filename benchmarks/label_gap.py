@@ -317,7 +317,7 @@ def run_task(
     refits=(),
     refit_control=False,
     save_dir=None,
-    rescoring=False,
+    rescore_dir=None,
 ) -> dict:
     classes = CLASSES[task]
     train_img, test_img, test_truth = images[:15], images[15:], truth[15:]
@@ -326,9 +326,9 @@ def run_task(
     if "rf" in arms:
         pred, *_ = rf_peer(train_img, lab.labels, test_img, seed)
         row["rf"] = {"miou": round(miou(pred, test_truth, len(classes)), 4)}
-    saved = None if save_dir is None else save_dir / f"{task}_s{seed}_partial.model"
-    if "partial" in arms and rescoring:
-        row["partial"] = rescore(train_img, lab, test_img, test_truth, seed, overrides, variants, saved)
+    name = f"{task}_s{seed}_partial.model"
+    if "partial" in arms and rescore_dir is not None:
+        row["partial"] = rescore(train_img, lab, test_img, test_truth, seed, overrides, variants, rescore_dir / name)
     elif "partial" in arms:
         row["partial"] = train_and_score(
             train_img,
@@ -342,7 +342,7 @@ def run_task(
             checkpoints,
             refits,
             refit_control,
-            saved,
+            None if save_dir is None else save_dir / name,
         )
     if "dense" in arms:
         row["dense"] = train_and_score(
@@ -455,8 +455,8 @@ def main(argv=None) -> int:
                 args.checkpoints,
                 refits,
                 args.refit_control,
-                args.save_models or args.rescore,
-                args.rescore is not None,
+                args.save_models,
+                args.rescore,
             )
             results["tasks"].setdefault(task, {})[str(seed)] = row
             args.json.parent.mkdir(parents=True, exist_ok=True)

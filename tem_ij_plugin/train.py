@@ -696,7 +696,7 @@ class Trainer:
         shift_output_bias(self.ema, rec["logit_shift"])
         log.info(
             "class priors: labelled mix %s, estimated on the image %s",
-            [round(float(v), 5) for v in labelled_mix],
+            rec["train_prior"],
             rec["image_prior"],
         )
         if "reference" in rec:
