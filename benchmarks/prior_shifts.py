@@ -7,6 +7,11 @@ predicting again. Used by ``label_gap.py`` (full trainings) and ``acquisition.py
 * ``rel1`` (the shipped ``relative`` correction): the image's mean posterior against the network's own
   mean posterior on its labelled training pixels (classes weighted as in the loss);
 * ``rel1h``: half of ``rel1``'s shift;
+* ``relem``: Saerens' EM run to convergence (not one step) against the same reference, on every
+  4th pixel in y and x of the training image;
+* ``relplane``: ``rel1`` shrunk per class by how much the training planes agree on it: the centred
+  per-plane shifts have mean ``m`` and variance ``v`` over the planes, and the shift is ``rel1``'s
+  times ``m**2 / (m**2 + v)`` (a class whose mix varies from plane to plane gets less);
 * ``bbse``: black-box shift estimation with soft confusions (Lipton et al. 2018), against the labelled
   mix the loss saw (:func:`bbse_prior`);
 * ``trel`` / ``tplane``: as ``rel1``, with the mean posterior of the whole test stack / of each test
@@ -22,9 +27,10 @@ import itertools
 import numpy as np
 
 from tem_ij_plugin.metrics import miou
+from tem_ij_plugin.priors import em_priors
 
 SHIFTS = np.linspace(-2.0, 2.0, 21)  # the grid ``toracle`` searches, per class
-METHODS = ("rel1", "rel1h", "bbse", "trel", "tplane", "toracle")
+METHODS = ("rel1", "rel1h", "relem", "relplane", "bbse", "trel", "tplane", "toracle")
 
 
 def labelled_posteriors(probs: np.ndarray, labels: np.ndarray, patches) -> np.ndarray:
@@ -50,6 +56,14 @@ def bbse_prior(image_mean: np.ndarray, by_class: np.ndarray, floor: float = 0.01
     q, *_ = np.linalg.lstsq(by_class.T, image_mean, rcond=None)
     q = np.clip(q, floor, None)
     return q / q.sum()
+
+
+def plane_agreement(train_probs: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per class, ``m**2 / (m**2 + v)`` of the centred per-plane shifts against ``reference`` (see the module)."""
+    per_plane = np.log(train_probs.mean(axis=(2, 3), dtype=np.float64)) - np.log(reference)
+    per_plane -= per_plane.mean(axis=1, keepdims=True)
+    m, v = per_plane.mean(axis=0), per_plane.var(axis=0)
+    return m**2 / np.maximum(m**2 + v, 1e-12)
 
 
 def shift_scores(train_probs, test_probs, test_truth, by_class, train_prior, wanted) -> tuple:
@@ -80,9 +94,13 @@ def shift_scores(train_probs, test_probs, test_truth, by_class, train_prior, wan
         return shifted(np.log(image_prior) - np.log(reference))
 
     image_mean = train_probs.mean(axis=(0, 2, 3))
+    rel1 = np.log(image_mean) - np.log(reference)
+    every_4th = train_probs[:, :, ::4, ::4].transpose(0, 2, 3, 1).reshape(-1, n)  # EM needs pixels, not all
     methods = {
-        "rel1": lambda: score(image_mean),
+        "rel1": lambda: shifted(rel1),
         "rel1h": lambda: score(np.sqrt(image_mean * reference)),
+        "relem": lambda: score(em_priors(every_4th, reference)[0]),
+        "relplane": lambda: shifted(plane_agreement(train_probs, reference) * (rel1 - rel1.mean())),
         "bbse": lambda: shifted(np.log(bbse_prior(image_mean, by_class)) - np.log(train_prior)),
         "trel": lambda: score(test_probs.mean(axis=(0, 2, 3))),
         "tplane": lambda: score(test_probs.mean(axis=(2, 3))),
