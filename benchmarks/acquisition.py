@@ -32,12 +32,17 @@ while it can) instead of at random inside the patch, with the same budget per cl
 mIoU (sections 15-29) at 4 and 8 patches, and the labelled pixels of both arms. ``--redraw`` annotates
 the same patches at random once more, from the focus arm's random stream: the difference between
 two random annotations of the same patches, against which the focus arm's difference is judged.
+``--spread`` adds a third arm, focus-first on *spread* focus (:func:`spread_focus`): disks around up to
+8 peaks of the smoothed uncertainty at least 64 px apart, as much of the window as the focus regions
+(10 %) but spread over its uncertain places instead of its few most uncertain areas.
 ``--uncorrected`` also scores every model with its class-prior correction taken out
 (``test_miou_uncorrected``), ``--relative`` with it estimated again against the network's own mean
 posterior on its labelled pixels, as the ``relative`` default does (``test_miou_relative``; the same
 annotations: models trained before that default came in are rescored, not retrained). ``--shifts
 rel1,bbse`` scores other class-prior corrections of the same networks after the fact
-(``test_miou_<name>``, :mod:`prior_shifts`).
+(``test_miou_<name>``, :mod:`prior_shifts`). ``--as-shipped`` scores the chain's models, candidates
+and test sections, with the correction the shipped default gives them, where they were trained (and
+cached) under another one.
 
     python benchmarks/acquisition.py --tasks membrane --seeds 0 --counts 2,4
     python benchmarks/acquisition.py --focus --json benchmarks/results/acquisition.json
@@ -66,6 +71,7 @@ from label_gap import CLASSES, dense_score, truths  # noqa: E402
 from prior_shifts import METHODS, labelled_posteriors, shift_scores  # noqa: E402
 
 SIZE, SECTIONS = 256, 15
+ARMS = ("focus", "redraw", "spread")  # the annotation arms from the 2-patch model on (--focus, --redraw, --spread)
 SCORES = ("entropy", "entropy_p90", "margin", "expected_error", "ambiguous", "focus", "band_entropy")
 BAND = 3  # px either side of a predicted class boundary: where the boundary errors are
 OTHERS = ("uncorrected", "relative", *METHODS)  # test mIoU under other class-prior corrections
@@ -304,8 +310,34 @@ def score_model(model, labels, images, truth, boxes, cand, seed, tta=True, previ
     return row, probs
 
 
-def focus_masks(model, labels, images, boxes) -> list:
-    """The union of each box's focus regions (calibrated entropy of ``model``) as plane masks."""
+def spread_focus(uncertainty, points=8, radius=16, spacing=64, sigma=4.0, relative=0.5, floor=0.05):
+    """Disks of ``radius`` px around up to ``points`` peaks of the smoothed ``uncertainty`` (bool mask).
+
+    Peaks are taken greedily, each at least ``spacing`` px from those before (non-maximum
+    suppression), and only while they reach ``relative`` of the window's peak and ``floor``, as
+    :func:`tem_ij_plugin.focus.focus_mask` does.
+    """
+    from tem_ij_plugin.focus import smoothed
+
+    u = smoothed(uncertainty, sigma)
+    limit = max(relative * float(u.max()), floor)
+    yy, xx = np.indices(u.shape)
+    free, mask = np.ones(u.shape, bool), np.zeros(u.shape, bool)
+    for _ in range(points):
+        y, x = np.unravel_index(np.argmax(np.where(free, u, -np.inf)), u.shape)
+        if not free[y, x] or u[y, x] < limit:
+            break
+        d2 = (yy - y) ** 2 + (xx - x) ** 2
+        mask |= d2 <= radius**2
+        free &= d2 > spacing**2
+    return mask
+
+
+def focus_masks(model, labels, images, boxes, spread=False) -> list:
+    """The union of each box's focus regions (calibrated entropy of ``model``) as plane masks.
+
+    With ``spread``, :func:`spread_focus` of each box instead.
+    """
     import torch
     from skimage.draw import polygon2mask
 
@@ -317,6 +349,10 @@ def focus_masks(model, labels, images, boxes) -> list:
     masks = []
     for z, y0, x0, y1, x1 in boxes:
         mask = np.zeros(images.shape[1:], bool)
+        if spread:
+            mask[y0:y1, x0:x1] = spread_focus(entropy(tempered(probs[z, :, y0:y1, x0:x1], t)))
+            masks.append(mask)
+            continue
         for r in focus_regions(entropy(tempered(probs[z, :, y0:y1, x0:x1], t)), origin=(y0, x0)):
             mask |= polygon2mask(mask.shape, r.polygon[:, ::-1] + 0.5)  # corners -> centres, (y, x)
         masks.append(mask)
@@ -335,7 +371,7 @@ def test_scores(model, labels, images, truth, n_classes, seed, args) -> dict:
         net = without_correction(model.net, correction)
         out["test_miou_uncorrected"] = dense_score(net, test_img, test_truth, model, n_classes)
     if args.relative and correction:
-        net = relative_corrected(model, correction, labels, images[:SECTIONS], seed)
+        net, _ = relative_corrected(model, correction, labels, images[:SECTIONS], seed)
         out["test_miou_relative"] = dense_score(net, test_img, test_truth, model, n_classes)
     if args.shifts and correction:
         out.update(shifted_scores(model, correction, labels, images[:SECTIONS], test_img, test_truth, args.shifts))
@@ -360,7 +396,8 @@ def shifted_scores(model, correction, labels, train_img, test_img, test_truth, w
 
 
 def relative_corrected(model, correction, labels, train_img, seed):
-    """``model``'s network with its class-prior correction estimated again as ``relative`` does (same labels)."""
+    """``model``'s network with its class-prior correction estimated again as ``relative`` does (same labels),
+    and the correction's record."""
     import torch
 
     from tem_ij_plugin.normalization import normalization_range, normalize
@@ -381,7 +418,23 @@ def relative_corrected(model, correction, labels, train_img, seed):
         seed=seed,
     )
     shift_output_bias(net, rec["logit_shift"])
-    return net
+    return net, rec
+
+
+def as_shipped(model, labels, train_img, seed):
+    """``model`` corrected as the shipped default (``relative``) does, network and record (a copy), if it
+    was trained under another class-prior correction; else ``model`` itself."""
+    import copy
+
+    from tem_ij_plugin.modelio import TrainedModel
+
+    correction = (model.last_round or {}).get("prior_correction")
+    if not correction or correction.get("method") == "relative":
+        return model
+    net, rec = relative_corrected(model, correction, labels, train_img, seed)
+    meta = copy.deepcopy(model.meta)
+    meta["history"]["rounds"][-1]["prior_correction"] = {"method": "relative", **rec}
+    return TrainedModel(net, meta)
 
 
 def run(task, truth, images, seed, args) -> dict:
@@ -399,11 +452,12 @@ def run(task, truth, images, seed, args) -> dict:
         path = args.cache / f"{task}-s{seed}-k{k}-it{args.iterations}.model"
         model, labels = train_cached(path, images[:SECTIONS], shapes, classes, seed, args.iterations, model)
         models[k] = (model, labels, shapes)
+        scored = as_shipped(model, labels, images[:SECTIONS], seed) if args.as_shipped else model
         row, probs = score_model(
-            model, labels, images, truth, boxes, boxes[order[k:]], seed, not args.no_tta, probs, seen
+            scored, labels, images, truth, boxes, boxes[order[k:]], seed, not args.no_tta, probs, seen
         )
         seen = labels.labels
-        row.update(test_scores(model, labels, images, truth, len(classes), seed, args))
+        row.update(test_scores(scored, labels, images, truth, len(classes), seed, args))
         row["labelled_px"] = int((labels.labels >= 0).sum())
         out["counts"][str(k)] = row
         log_row(task, seed, k, row)
@@ -415,25 +469,26 @@ def run(task, truth, images, seed, args) -> dict:
                 labels=labels.labels,
                 candidates=boxes[order[k:]],
             )
-    for arm in ("focus", "redraw"):
+    for arm in ARMS:
         if getattr(args, arm) and {2, 4, 8} <= set(args.counts):
-            out[arm] = focus_arm(task, truth, images, seed, args, boxes, order, models, focus=arm == "focus")
+            out[arm] = focus_arm(task, truth, images, seed, args, boxes, order, models, arm)
     return out
 
 
-def focus_arm(task, truth, images, seed, args, boxes, order, models, focus=True) -> dict:
+def focus_arm(task, truth, images, seed, args, boxes, order, models, arm="focus") -> dict:
     """Focus-first annotation of the chain's patches 3-4 and 5-8, from the 2-patch model on.
 
-    With ``focus`` false, the same patches annotated at random again from the focus arm's random
-    stream (the *redraw*): how far two random annotations of the same patches differ.
+    ``arm`` is one of :data:`ARMS`: ``focus`` (the focus regions), ``spread`` (:func:`spread_focus`) or
+    ``redraw``, the same patches annotated at random again from the focus arm's random stream: how far
+    two random annotations of the same patches differ.
     """
     classes = CLASSES[task]
     model, labels, shapes = models[2]
     rng = np.random.default_rng(seed + 1000)
-    out, arm = {}, "focus" if focus else "redraw"
+    out = {}
     for lo, hi in ((2, 4), (4, 8)):
         new_boxes = boxes[order[lo:hi]]
-        masks = focus_masks(model, labels, images, new_boxes) if focus else None
+        masks = None if arm == "redraw" else focus_masks(model, labels, images, new_boxes, spread=arm == "spread")
         shapes = shapes + annotate(truth, new_boxes, classes, rng, masks)
         path = args.cache / f"{task}-s{seed}-k{hi}-it{args.iterations}-{arm}.model"
         model, labels = train_cached(path, images[:SECTIONS], shapes, classes, seed, args.iterations, model)
@@ -476,7 +531,7 @@ def summary(results: dict, counts) -> dict:
                 if all(key in r for r in rows):
                     entry[key] = round(_mean(r[key] for r in rows), 4)
             out.setdefault(task, {})[k] = entry
-        for arm in ("focus", "redraw"):
+        for arm in ARMS:
             with_arm = [r for r in by_seed.values() if arm in r]
             if with_arm:
                 out[task][arm] = {k: _arm_means(with_arm, arm, k) for k in ("4", "8")}
@@ -497,7 +552,7 @@ def _arm_means(results: list, arm: str, k: str) -> dict:
 def print_table(summ: dict) -> None:
     for task, by_k in summ.items():
         for k, e in by_k.items():
-            if k in ("focus", "redraw"):
+            if k in ARMS:
                 for n, f in e.items():
                     line = f"{task} at {n} patches: {k} {f[k + '_miou']:.4f}, random {f['random_miou']:.4f}"
                     for other in OTHERS:
@@ -523,6 +578,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=200, help="training iterations per round")
     ap.add_argument("--focus", action="store_true", help="also run the focus-first annotator")
     ap.add_argument("--redraw", action="store_true", help="also annotate the focus arm's patches at random again")
+    ap.add_argument("--spread", action="store_true", help="also run the focus-first annotator on spread focus")
     ap.add_argument("--uncorrected", action="store_true", help="also score every model without its prior correction")
     ap.add_argument(
         "--relative",
@@ -534,6 +590,12 @@ def main(argv=None) -> int:
         default="",
         metavar="A,B",
         help="also score these class-prior corrections after the fact: " + ", ".join(METHODS),
+    )
+    ap.add_argument(
+        "--as-shipped",
+        action="store_true",
+        help="score the chain's models (candidates and test) with the class-prior correction the default "
+        "('relative') gives them, where they were trained under another one",
     )
     ap.add_argument("--no-tta", action="store_true", help="leave out the flip-disagreement score (the slowest)")
     ap.add_argument("--append", action="store_true", help="add to the results already in --json (same args)")
