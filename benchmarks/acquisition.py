@@ -349,12 +349,12 @@ def focus_masks(model, labels, images, boxes, spread=False) -> list:
     masks = []
     for z, y0, x0, y1, x1 in boxes:
         mask = np.zeros(images.shape[1:], bool)
+        u = entropy(tempered(probs[z, :, y0:y1, x0:x1], t))
         if spread:
-            mask[y0:y1, x0:x1] = spread_focus(entropy(tempered(probs[z, :, y0:y1, x0:x1], t)))
-            masks.append(mask)
-            continue
-        for r in focus_regions(entropy(tempered(probs[z, :, y0:y1, x0:x1], t)), origin=(y0, x0)):
-            mask |= polygon2mask(mask.shape, r.polygon[:, ::-1] + 0.5)  # corners -> centres, (y, x)
+            mask[y0:y1, x0:x1] = spread_focus(u)
+        else:
+            for r in focus_regions(u, origin=(y0, x0)):
+                mask |= polygon2mask(mask.shape, r.polygon[:, ::-1] + 0.5)  # corners -> centres, (y, x)
         masks.append(mask)
     return masks
 
