@@ -66,6 +66,11 @@ def plane_agreement(train_probs: np.ndarray, reference: np.ndarray) -> np.ndarra
     return m**2 / np.maximum(m**2 + v, 1e-12)
 
 
+def every_4th_pixel(probs: np.ndarray) -> np.ndarray:
+    """Every 4th pixel in y and x of ``probs`` (Z, C, Y, X) as rows (N, C): EM needs pixels, not all of them."""
+    return probs[:, :, ::4, ::4].transpose(0, 2, 3, 1).reshape(-1, probs.shape[1])
+
+
 def shift_scores(train_probs, test_probs, test_truth, by_class, train_prior, wanted) -> tuple:
     """Test mIoU of each correction in ``wanted`` (see the module), and the ``rel1`` reference.
 
@@ -95,11 +100,10 @@ def shift_scores(train_probs, test_probs, test_truth, by_class, train_prior, wan
 
     image_mean = train_probs.mean(axis=(0, 2, 3))
     rel1 = np.log(image_mean) - np.log(reference)
-    every_4th = train_probs[:, :, ::4, ::4].transpose(0, 2, 3, 1).reshape(-1, n)  # EM needs pixels, not all
     methods = {
         "rel1": lambda: shifted(rel1),
         "rel1h": lambda: score(np.sqrt(image_mean * reference)),
-        "relem": lambda: score(em_priors(every_4th, reference)[0]),
+        "relem": lambda: score(em_priors(every_4th_pixel(train_probs), reference)[0]),
         "relplane": lambda: shifted(plane_agreement(train_probs, reference) * (rel1 - rel1.mean())),
         "bbse": lambda: shifted(np.log(bbse_prior(image_mean, by_class)) - np.log(train_prior)),
         "trel": lambda: score(test_probs.mean(axis=(0, 2, 3))),
